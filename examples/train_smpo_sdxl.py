@@ -1,0 +1,18 @@
+#!/usr/bin/env python
+"""SmPO / Diffusion-DPO fine-tuning of an SDXL UNet (LoRA or full).
+
+    accelerate launch examples/train_smpo_sdxl.py \
+        --pretrained_model_name_or_path stabilityai/stable-diffusion-xl-base-1.0 \
+        --dataset_name ./pickapic-labelled --train_method lora --output_dir smpo-sdxl-lora
+
+    python examples/train_smpo_sdxl.py --demo      # tiny in-process model, generated data, ~2 minutes on CPU
+
+All flags: `python examples/train_smpo_sdxl.py --help` (they are the fields of `smpo_diffusers.SmPOConfig`).
+"""
+
+import sys
+
+from smpo_diffusers.cli import train_main
+
+if __name__ == "__main__":
+    train_main(sys.argv[1:], family="sdxl")

@@ -1,0 +1,261 @@
+"""`SmPOConfig`: every training option, its default and its validation.
+
+``transformers.HfArgumentParser(SmPOConfig)`` turns the fields into ``--flags``. Flag names follow
+diffusers' Diffusion-DPO training examples where the concept exists there. Defaults that depend on the
+model family (SD 1.x/2.x vs SDXL) are ``None`` here and resolved by :meth:`SmPOConfig.resolve_model_defaults`
+once the model has been inspected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+
+__all__ = ["SmPOConfig", "SDXL_DEFAULTS", "SD_DEFAULTS", "PICKSCORE_REWARD_SCALE"]
+
+PICKSCORE_REWARD_SCALE = 0.28201571106910706 - 0.11543526500463486
+"""``r_max - r_min`` of raw PickScore cosine similarities (the reference script's constants)."""
+
+SDXL_DEFAULTS = {"beta_dpo": 5000.0, "num_inversion_steps": 10, "resolution": 1024}
+SD_DEFAULTS = {"beta_dpo": 2000.0, "num_inversion_steps": 5, "resolution": 512}
+
+_CHOICES = {
+    "train_method": ("lora", "full"),
+    "loss_type": ("smpo", "dpo"),
+    "inversion_model": ("policy", "reference"),
+    "inversion_grid": ("exact", "reference"),
+    "noise_source": ("inversion", "random"),
+    "tie_policy": ("drop", "keep"),
+    "mixed_precision": (None, "no", "fp16", "bf16"),
+    "lr_scheduler": ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+                     "constant_with_warmup", "piecewise_constant"),
+}
+
+# Fields that never reach training_config.json, model cards or tracker configs.
+SECRET_FIELDS = ("hub_token",)
+
+
+def _help(text: str, **extra) -> dict:
+    return {"help": text, **extra}
+
+
+@dataclass
+class SmPOConfig:
+    """Options of an SmPO (or Diffusion-DPO baseline) fine-tuning run. See the README for a tour."""
+
+    # ---------------------------------------------------------------- model
+    pretrained_model_name_or_path: str | None = field(
+        default=None, metadata=_help("Diffusers pipeline folder or Hub id (SD 1.x/2.x or SDXL).")
+    )
+    pretrained_vae_model_name_or_path: str | None = field(
+        default=None, metadata=_help("A separate VAE (e.g. an fp16-safe SDXL VAE); its folder or Hub id.")
+    )
+    revision: str | None = field(default=None, metadata=_help("Model revision (branch, tag or commit)."))
+    variant: str | None = field(default=None, metadata=_help("Weights variant to load, e.g. 'fp16'."))
+    cache_dir: str | None = field(default=None, metadata=_help("Where downloaded models/datasets are cached."))
+
+    # ---------------------------------------------------------------- data
+    dataset_name: str | None = field(
+        default=None,
+        metadata=_help("Preference set: Hub id, `save_to_disk` folder (e.g. from examples/label_rewards.py) "
+                       "or local parquet/json/csv files in the Pick-a-Pic v2 layout."),
+    )
+    dataset_split_name: str = field(default="train", metadata=_help("Split to train on."))
+    max_train_samples: int | None = field(
+        default=None, metadata=_help("Keep this many pairs (after filtering), chosen with --seed.")
+    )
+    resolution: int | None = field(
+        default=None, metadata=_help("Training resolution in pixels (default: 1024 SDXL, 512 SD).")
+    )
+    random_crop: bool = field(default=False, metadata=_help("Random instead of centre crop (same box for both images)."))
+    no_hflip: bool = field(default=False, metadata=_help("Disable random horizontal flips (same flip for both images)."))
+    dataloader_num_workers: int = field(default=0, metadata=_help("Data-loading worker processes."))
+    proportion_empty_prompts: float = field(
+        default=0.2, metadata=_help("Fraction of prompts replaced by '' (the paper's recipe; inversion uses it too).")
+    )
+    tie_policy: str = field(
+        default="drop", metadata=_help("Human ties (label_0 == 0.5): 'drop' them, or 'keep' them.")
+    )
+
+    # ---------------------------------------------------------------- optimisation
+    train_batch_size: int = field(default=1, metadata=_help("Pairs per device per micro-batch."))
+    gradient_accumulation_steps: int = field(default=1, metadata=_help("Micro-batches per optimiser update."))
+    max_train_steps: int | None = field(
+        default=None, metadata=_help("Optimiser updates to run; overrides --num_train_epochs.")
+    )
+    num_train_epochs: int = field(default=1, metadata=_help("Epochs, when --max_train_steps is not given."))
+    learning_rate: float = field(default=1e-5, metadata=_help("Peak learning rate."))
+    scale_lr: bool = field(
+        default=False, metadata=_help("Multiply the learning rate by batch size x accumulation x processes.")
+    )
+    lr_scheduler: str = field(default="constant", metadata=_help("diffusers.optimization schedule name."))
+    lr_warmup_steps: int = field(default=0, metadata=_help("Warm-up updates."))
+    use_8bit_adam: bool = field(default=False, metadata=_help("bitsandbytes AdamW8bit (CUDA only)."))
+    use_adafactor: bool = field(default=False, metadata=_help("transformers Adafactor (the reference SDXL choice)."))
+    adam_beta1: float = field(default=0.9, metadata=_help("Adam beta1."))
+    adam_beta2: float = field(default=0.999, metadata=_help("Adam beta2."))
+    adam_weight_decay: float = field(default=1e-2, metadata=_help("Decoupled weight decay."))
+    adam_epsilon: float = field(default=1e-8, metadata=_help("Adam epsilon."))
+    max_grad_norm: float = field(default=1.0, metadata=_help("Gradient clipping norm (0 disables clipping)."))
+    mixed_precision: str | None = field(
+        default=None, metadata=_help("'no', 'fp16' or 'bf16'; default: the `accelerate config` setting.")
+    )
+    gradient_checkpointing: bool = field(default=False, metadata=_help("Trade compute for UNet activation memory."))
+    allow_tf32: bool = field(default=False, metadata=_help("Allow TF32 matmuls on Ampere+ GPUs."))
+    seed: int = field(default=0, metadata=_help("Seed for data order, augmentation, timesteps and noise."))
+
+    # ---------------------------------------------------------------- the method
+    train_method: str = field(default="lora", metadata=_help("'lora' adapters or the 'full' UNet."))
+    rank: int = field(default=8, metadata=_help("LoRA rank."))
+    lora_alpha: int | None = field(default=None, metadata=_help("LoRA alpha (default: the rank)."))
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["to_k", "to_q", "to_v", "to_out.0"],
+        metadata=_help("UNet module names that get LoRA adapters."),
+    )
+    loss_type: str = field(
+        default="smpo", metadata=_help("'smpo' (reward-smoothed labels) or 'dpo' (hard labels, γ = 1).")
+    )
+    beta_dpo: float | None = field(default=None, metadata=_help("β of the DPO objective (default 5000 SDXL, 2000 SD)."))
+    gamma: float = field(default=10.0, metadata=_help("SmPO smoothing scale γ."))
+    reward_columns: list[str] | None = field(
+        default=None,
+        metadata=_help("The two reward columns; default: 'reward_0 reward_1', or the reference script's "
+                       "'ps_score_0 ps_score_1' when those are the ones present."),
+    )
+    reward_scale: float | None = field(
+        default=None,
+        metadata=_help("Reward normalising scale s in p = σ((r_w - r_l)/s); default: the labelled dataset's "
+                       "reward_stats.json, else the PickScore constant."),
+    )
+    num_inversion_steps: int | None = field(
+        default=None, metadata=_help("Inversion grid density N over [0, T) (default 10 SDXL, 5 SD).")
+    )
+    num_renoise_steps: int = field(default=1, metadata=_help("ReNoise iterations K per inversion step (0 = DDIM)."))
+    inversion_model: str = field(
+        default="policy", metadata=_help("Which UNet inverts: the 'policy' (paper) or the 'reference'.")
+    )
+    inversion_grid: str = field(
+        default="exact", metadata=_help("'exact' per-sample levels, or the 'reference' script's fixed grid.")
+    )
+    noise_source: str = field(
+        default="inversion", metadata=_help("'inversion' (SmPO) or 'random' (Diffusion-DPO forward noising).")
+    )
+
+    # ---------------------------------------------------------------- outputs, logging, checkpoints
+    output_dir: str = field(default="smpo-model", metadata=_help("Where weights, checkpoints and logs go."))
+    logging_dir: str = field(default="logs", metadata=_help("Tracker folder, relative to --output_dir."))
+    report_to: str = field(
+        default="tensorboard", metadata=_help("'tensorboard', 'wandb', 'all' or 'none' (no trackers).")
+    )
+    checkpointing_steps: int = field(default=500, metadata=_help("Save a resumable checkpoint every N updates."))
+    checkpoints_total_limit: int | None = field(default=None, metadata=_help("Keep at most this many checkpoints."))
+    resume_from_checkpoint: str | None = field(
+        default=None, metadata=_help("'latest' or a checkpoint folder to resume from.")
+    )
+    validation_prompts: list[str] | None = field(
+        default=None, metadata=_help("Prompts rendered with fixed seeds during and after training.")
+    )
+    validation_steps: int | None = field(
+        default=None, metadata=_help("Render the validation prompts every N updates (always at the end).")
+    )
+    validation_num_inference_steps: int = field(default=25, metadata=_help("Sampler steps for validation images."))
+    save_full_pipeline: bool = field(
+        default=False, metadata=_help("Also save a complete pipeline folder (full-UNet training).")
+    )
+    push_to_hub: bool = field(default=False, metadata=_help("Upload the final output to the Hugging Face Hub."))
+    hub_model_id: str | None = field(default=None, metadata=_help("Hub repository id (default: output folder name)."))
+
+    def __post_init__(self):
+        for name, choices in _CHOICES.items():
+            value = getattr(self, name)
+            if value not in choices:
+                shown = ", ".join(repr(c) for c in choices if c is not None)
+                raise ValueError(f"--{name} {value!r} is not supported; choose one of {shown}.")
+        for name in ("train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "checkpointing_steps",
+                     "rank", "validation_num_inference_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}.")
+        for name in ("max_train_steps", "max_train_samples", "validation_steps", "checkpoints_total_limit",
+                     "num_inversion_steps", "lora_alpha"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name} must be >= 1 when given, got {value}.")
+        for name in ("learning_rate", "gamma"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"--{name} must be a positive number, got {value}.")
+        for name in ("beta_dpo", "reward_scale"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ValueError(f"--{name} must be a positive number, got {value}.")
+        if self.num_renoise_steps < 0:
+            raise ValueError(f"--num_renoise_steps must be >= 0 (0 = plain DDIM inversion), got {self.num_renoise_steps}.")
+        if not 0.0 <= self.proportion_empty_prompts <= 1.0:
+            raise ValueError(f"--proportion_empty_prompts must be in [0, 1], got {self.proportion_empty_prompts}.")
+        if self.max_grad_norm < 0 or self.lr_warmup_steps < 0 or self.dataloader_num_workers < 0:
+            raise ValueError("--max_grad_norm, --lr_warmup_steps and --dataloader_num_workers must be >= 0.")
+        if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
+            raise ValueError(
+                f"--resolution {self.resolution} must be a positive multiple of 8 (the VAE downsampling factor "
+                "of SD/SDXL); use e.g. 512 or 1024."
+            )
+        if self.reward_columns is not None and (
+                len(self.reward_columns) != 2 or self.reward_columns[0] == self.reward_columns[1]):
+            raise ValueError(
+                f"--reward_columns needs two distinct column names (image 0, image 1), got {self.reward_columns}; "
+                "e.g. --reward_columns reward_0 reward_1"
+            )
+        if self.use_8bit_adam and self.use_adafactor:
+            raise ValueError("--use_8bit_adam and --use_adafactor are mutually exclusive; pick one optimiser.")
+        if self.noise_source == "random" and self.inversion_model != "policy":
+            raise ValueError(
+                "--inversion_model only applies to --noise_source inversion; drop it or use --noise_source inversion."
+            )
+        if self.noise_source == "random" and self.inversion_grid != "exact":
+            raise ValueError(
+                "--inversion_grid only applies to --noise_source inversion; drop it or use --noise_source inversion."
+            )
+        if self.loss_type == "dpo" and self.reward_scale is not None:
+            raise ValueError("--reward_scale is only used by --loss_type smpo; drop it for --loss_type dpo.")
+        if self.train_method == "full" and self.lora_alpha is not None:
+            raise ValueError("--lora_alpha only applies to --train_method lora.")
+        if self.validation_steps is not None and not self.validation_prompts:
+            raise ValueError("--validation_steps needs --validation_prompts.")
+        if self.save_full_pipeline and self.train_method != "full":
+            raise ValueError(
+                "--save_full_pipeline applies to --train_method full; LoRA runs save adapter weights that "
+                "load_lora_weights() applies to the base pipeline."
+            )
+        if self.resume_from_checkpoint not in (None, "latest") and not os.path.isdir(self.resume_from_checkpoint):
+            raise ValueError(
+                f"--resume_from_checkpoint {self.resume_from_checkpoint!r} is not a folder; pass 'latest' or the "
+                "path of a checkpoint-N folder."
+            )
+
+    # ------------------------------------------------------------------
+    def resolve_model_defaults(self, is_sdxl: bool) -> "SmPOConfig":
+        """Fill the model-family defaults (β, N, resolution) left as ``None``; returns ``self``."""
+        defaults = SDXL_DEFAULTS if is_sdxl else SD_DEFAULTS
+        for name, value in defaults.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        return self
+
+    @property
+    def lora_alpha_value(self) -> int:
+        return self.lora_alpha if self.lora_alpha is not None else self.rank
+
+    def to_dict(self) -> dict:
+        """A JSON-safe dict of the options (secrets never included)."""
+        data = dataclasses.asdict(self)
+        for name in SECRET_FIELDS:
+            data.pop(name, None)
+        return data
+
+    def save(self, path: str) -> None:
+        """Write :meth:`to_dict` as JSON."""
+        with open(path, "w", encoding="utf-8") as handle:
+            json.dump(self.to_dict(), handle, indent=2, sort_keys=True)

@@ -1,0 +1,272 @@
+"""Loading SD 1.x/2.x and SDXL parts, prompt encoding, LoRA/full set-up and "the reference" handle.
+
+Latent conventions: VAE latents are scaled by ``vae.config.scaling_factor`` (the level the UNet is trained at);
+``encode_images`` returns them in fp32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass, field
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+
+from .schedulers import InversionScheduler
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DiffusionParts",
+    "PromptEmbeddings",
+    "ReferenceModel",
+    "add_lora_adapters",
+    "encode_images",
+    "encode_prompts",
+    "inversion_scheduler_from_config",
+    "load_diffusion_parts",
+    "lora_state_dict",
+    "load_lora_state_into_unet",
+    "sdxl_time_ids",
+]
+
+SUPPORTED_PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+@dataclass
+class DiffusionParts:
+    """The components a training run needs. ``text_encoders``/``tokenizers`` hold one (SD) or two (SDXL)."""
+
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoders: list
+    tokenizers: list
+    scheduler: InversionScheduler
+    is_sdxl: bool
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler.config.prediction_type
+
+
+def inversion_scheduler_from_config(scheduler_config: dict) -> InversionScheduler:
+    """Build the :class:`InversionScheduler` from a model's scheduler config, refusing configs that would be
+    silently misread (missing ``clip_sample``/``set_alpha_to_one`` fall back to DDIM class defaults that are
+    wrong for latent diffusion) or prediction types SmPO does not train."""
+    config = dict(scheduler_config)
+    defaulted = set(config.get("_use_default_values", []))
+    missing = [key for key in ("clip_sample", "set_alpha_to_one") if key not in config or key in defaulted]
+    if missing:
+        raise ValueError(
+            f"The model's scheduler config lacks {', '.join(missing)}; without them DDIM would clip latents to "
+            "±1 and/or start inversion from ā = 1. Add them to scheduler/scheduler_config.json "
+            '(real SD/SDXL configs use "clip_sample": false, "set_alpha_to_one": false).'
+        )
+    prediction_type = config.get("prediction_type", "epsilon")
+    if prediction_type not in SUPPORTED_PREDICTION_TYPES:
+        raise ValueError(
+            f"prediction_type {prediction_type!r} is not supported for training; SmPO trains "
+            f"{' or '.join(SUPPORTED_PREDICTION_TYPES)} models."
+        )
+    config.pop("_use_default_values", None)
+    return InversionScheduler.from_config(config)
+
+
+def _is_sdxl(unet, text_encoders) -> bool:
+    return getattr(unet.config, "addition_embed_type", None) == "text_time" and len(text_encoders) == 2
+
+
+def load_diffusion_parts(config, components: dict | None = None) -> DiffusionParts:
+    """Load the parts with ordinary ``from_pretrained`` calls, or take them from ``components`` (pipeline
+    keyword names: ``unet``, ``vae``, ``text_encoder``, ``text_encoder_2``, ``tokenizer``, ``tokenizer_2``,
+    ``scheduler``). SD vs SDXL is detected from the UNet (``addition_embed_type="text_time"``) and the
+    presence of a second text encoder."""
+    if components is not None:
+        parts = dict(components)
+        scheduler_config = parts["scheduler"].config
+    else:
+        from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+
+        path = config.pretrained_model_name_or_path
+        if path is None:
+            raise ValueError("--pretrained_model_name_or_path is required (a diffusers pipeline folder or Hub id).")
+        common = {"revision": config.revision, "cache_dir": config.cache_dir}
+        parts = {}
+        scheduler_config = InversionScheduler.load_config(path, subfolder="scheduler", **common)
+        parts["unet"] = UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=config.variant, **common)
+        vae_path = config.pretrained_vae_model_name_or_path
+        parts["vae"] = (
+            AutoencoderKL.from_pretrained(vae_path, cache_dir=config.cache_dir)
+            if vae_path
+            else AutoencoderKL.from_pretrained(path, subfolder="vae", variant=config.variant, **common)
+        )
+        parts["tokenizer"] = AutoTokenizer.from_pretrained(path, subfolder="tokenizer", **common)
+        parts["text_encoder"] = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", variant=config.variant,
+                                                              **common)
+        if getattr(parts["unet"].config, "addition_embed_type", None) == "text_time":
+            parts["tokenizer_2"] = AutoTokenizer.from_pretrained(path, subfolder="tokenizer_2", **common)
+            parts["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(
+                path, subfolder="text_encoder_2", variant=config.variant, **common
+            )
+    text_encoders = [parts["text_encoder"]] + ([parts["text_encoder_2"]] if parts.get("text_encoder_2") else [])
+    tokenizers = [parts["tokenizer"]] + ([parts["tokenizer_2"]] if parts.get("tokenizer_2") else [])
+    if getattr(parts["unet"].config, "addition_embed_type", None) == "text_time" and len(text_encoders) != 2:
+        raise ValueError("The UNet expects SDXL added conditions but the model has no text_encoder_2/tokenizer_2.")
+    scheduler_dict = dict(scheduler_config)
+    return DiffusionParts(
+        unet=parts["unet"],
+        vae=parts["vae"],
+        text_encoders=text_encoders,
+        tokenizers=tokenizers,
+        scheduler=inversion_scheduler_from_config(scheduler_dict),
+        is_sdxl=_is_sdxl(parts["unet"], text_encoders),
+    )
+
+
+# ---------------------------------------------------------------------------- encoding
+@dataclass
+class PromptEmbeddings:
+    """``hidden``: ``(B, L, D)`` cross-attention states; ``pooled``: ``(B, D2)`` SDXL pooled text embeds or None."""
+
+    hidden: torch.Tensor
+    pooled: torch.Tensor | None
+
+
+class _TruncationWarning:
+    warned = False
+
+
+def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
+    """Token ids ``(B, model_max_length)``; over-long captions are truncated with one warning per process."""
+    max_length = tokenizer.model_max_length
+    encoded = tokenizer(list(captions), padding="max_length", max_length=max_length, truncation=True,
+                        return_overflowing_tokens=False, return_length=False, return_tensors="pt")
+    if not _TruncationWarning.warned:
+        full = tokenizer(list(captions), truncation=False, padding=False)["input_ids"]
+        too_long = sum(len(ids) > max_length for ids in full)
+        if too_long:
+            logger.warning("%d caption(s) exceed the tokenizer limit of %d tokens and were truncated "
+                           "(this warning is shown once).", too_long, max_length)
+            _TruncationWarning.warned = True
+    return encoded.input_ids
+
+
+@torch.no_grad()
+def encode_prompts(parts: DiffusionParts, captions: list[str], device, dtype=None) -> PromptEmbeddings:
+    """Encode captions as the model family does: SD uses the last hidden state of its text encoder; SDXL
+    concatenates the penultimate hidden states of both encoders and pools with the second one."""
+    if not parts.is_sdxl:
+        ids = tokenize(parts.tokenizers[0], captions).to(device)
+        hidden = parts.text_encoders[0](ids)[0]
+        return PromptEmbeddings(hidden=hidden.to(dtype) if dtype else hidden, pooled=None)
+    hiddens, pooled = [], None
+    for tokenizer, encoder in zip(parts.tokenizers, parts.text_encoders):
+        ids = tokenize(tokenizer, captions).to(device)
+        out = encoder(ids, output_hidden_states=True)
+        hiddens.append(out.hidden_states[-2])
+        pooled = out[0]  # CLIPTextModelWithProjection: text_embeds
+    hidden = torch.cat(hiddens, dim=-1)
+    if dtype is not None:
+        hidden, pooled = hidden.to(dtype), pooled.to(dtype)
+    return PromptEmbeddings(hidden=hidden, pooled=pooled)
+
+
+def sdxl_time_ids(original_sizes: torch.Tensor, crop_top_lefts: torch.Tensor, resolution: int) -> torch.Tensor:
+    """SDXL micro-conditioning ``(N, 6)``: (orig_h, orig_w, crop_top, crop_left, target_h, target_w) per image."""
+    target = torch.tensor([resolution, resolution], dtype=original_sizes.dtype).expand(original_sizes.shape[0], 2)
+    return torch.cat([original_sizes, crop_top_lefts, target], dim=1)
+
+
+@torch.no_grad()
+def encode_images(vae: AutoencoderKL, pixel_values: torch.Tensor, generator: torch.Generator | None = None):
+    """``(N, 3, H, W)`` pixels in [-1, 1] -> scaled latents ``(N, C, H/f, W/f)`` in fp32 (sampled with ``generator``)."""
+    pixel_values = pixel_values.to(device=vae.device, dtype=vae.dtype)
+    dist = vae.encode(pixel_values).latent_dist
+    noise = torch.randn(dist.mean.shape, generator=generator, dtype=torch.float32).to(dist.mean.device)
+    latents = dist.mean.float() + dist.std.float() * noise
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return (latents - shift) * vae.config.scaling_factor
+
+
+# ---------------------------------------------------------------------------- LoRA
+def add_lora_adapters(unet, rank: int, alpha: int, target_modules: list[str]) -> None:
+    """Attach LoRA adapters through ``peft.LoraConfig`` + ``unet.add_adapter`` (gaussian init: starts at B = 0)."""
+    from peft import LoraConfig
+
+    names = {name.rsplit(".", 1)[-1] for name, _ in unet.named_modules()} | {name for name, _ in unet.named_modules()}
+    unknown = [t for t in target_modules if t not in names and not any(n.endswith("." + t) for n in names)]
+    if unknown:
+        raise ValueError(
+            f"--lora_target_modules {unknown} match no UNet module; typical choices: to_q to_k to_v to_out.0 "
+            "(attention) and proj_in proj_out ff.net.0.proj ff.net.2."
+        )
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=target_modules))
+
+
+def lora_state_dict(unet) -> dict:
+    """The UNet's LoRA weights in diffusers format (keys without the ``unet.`` prefix)."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+
+
+def save_lora(path: str, unet, is_sdxl: bool) -> None:
+    """Write ``pytorch_lora_weights.safetensors`` loadable by the pipeline's ``load_lora_weights``."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    pipeline_class = StableDiffusionXLPipeline if is_sdxl else StableDiffusionPipeline
+    pipeline_class.save_lora_weights(path, unet_lora_layers=lora_state_dict(unet), safe_serialization=True)
+
+
+def load_lora_state_into_unet(unet, path: str) -> None:
+    """Load ``path/pytorch_lora_weights.safetensors`` (as written by :func:`save_lora`) into existing adapters."""
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    state = load_file(os.path.join(path, "pytorch_lora_weights.safetensors"))
+    state = {key[len("unet."):]: value for key, value in state.items() if key.startswith("unet.")}
+    result = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(state), adapter_name="default")
+    unexpected = getattr(result, "unexpected_keys", None)
+    if unexpected:
+        raise ValueError(f"LoRA checkpoint at {path} does not match the model: unexpected keys {unexpected[:5]}")
+
+
+# ---------------------------------------------------------------------------- the reference
+class ReferenceModel:
+    """The frozen reference UNet, whichever way it is realised.
+
+    * LoRA: the policy UNet itself with its adapters disabled (one UNet in memory).
+    * full: a frozen copy of the initial UNet, in the weight dtype.
+
+    ``with reference.active(policy_unet) as unet:`` yields the module to call; ``policy_unet`` must be the
+    unwrapped model (not the DDP wrapper) so toggling adapters acts on the real modules.
+    """
+
+    def __init__(self, frozen_unet=None):
+        self.frozen_unet = frozen_unet
+        if frozen_unet is not None:
+            frozen_unet.requires_grad_(False).eval()
+
+    @property
+    def is_adapter_toggle(self) -> bool:
+        return self.frozen_unet is None
+
+    @contextlib.contextmanager
+    def active(self, policy_unet):
+        if self.frozen_unet is not None:
+            yield self.frozen_unet
+            return
+        policy_unet.disable_adapters()
+        try:
+            yield policy_unet
+        finally:
+            policy_unet.enable_adapters()

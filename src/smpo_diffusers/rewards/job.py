@@ -1,0 +1,372 @@
+"""Resumable, shardable labelling of a whole preference set (the logic behind ``label_rewards.py``).
+
+Layout of ``output_dir`` after :func:`label_dataset`::
+
+    output_dir/                     the labelled set: ``datasets.load_from_disk(output_dir)``
+    output_dir/reward_stats.json    :func:`compute_reward_statistics` of the labelled set
+    output_dir/labeling_summary.json  counts, timing and throughput of the run
+    output_dir/.shards/shard-XXXXX/   the reward columns of pairs [XXXXX*K, (XXXXX+1)*K), each with
+                                      its settings fingerprint (``labeling_fingerprint.json``)
+
+The set is cut into contiguous shards of ``shard_size`` (K) pairs. Each labelled shard holds only
+``reward_0``, ``reward_1``, ``label_valid``; it is written under a temporary name and moved into
+place with ``os.replace``, so a shard folder is either complete or absent. A rerun skips every
+shard whose fingerprint (reward model, model/processor paths, dtype, dataset name/split/
+fingerprint/size, shard bounds) matches and scores the rest; at the end the shards are concatenated
+and joined column-wise to the source rows.
+
+Multi-GPU: under ``accelerate launch`` each process (``PartialState``) labels the shards with
+``index % num_processes == process_index`` on its own device; after a barrier the main process
+assembles and saves; after a second barrier every process returns the same summary.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from .base import EnsembleRewardModel, RewardModel
+from .images import UnreadableImageError, load_image
+from .labeling import CAPTION_COLUMN, IMAGE_COLUMNS, RewardLabeler, reward_features, summarize_labels
+from .registry import load_reward_model
+from .statistics import REWARD_COLUMNS, VALID_COLUMN, compute_reward_statistics, save_reward_statistics
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["LabelingArguments", "label_dataset", "load_preference_dataset"]
+
+SHARDS_DIRNAME = ".shards"
+SUMMARY_FILENAME = "labeling_summary.json"
+FINGERPRINT_FILENAME = "labeling_fingerprint.json"
+CALIBRATION_FILENAME = "ensemble_calibration.json"
+_FORMAT_VERSION = 1
+_SAVED_DATASET_MARKERS = ("state.json", "dataset_info.json", "dataset_dict.json")
+_FILE_BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv"}
+
+
+@dataclass
+class LabelingArguments:
+    """Command-line arguments of ``examples/label_rewards.py`` (parse with ``transformers.HfArgumentParser``)."""
+
+    dataset_name: str = field(
+        metadata={"help": "Hub dataset id, a save_to_disk folder, or local .parquet/.json/.jsonl/.csv file(s)."}
+    )
+    output_dir: str = field(metadata={"help": "Where the labelled dataset (save_to_disk) and JSON files go."})
+    dataset_split_name: str = field(default="train", metadata={"help": "Split to label."})
+    reward_model: str = field(
+        default="pickscore",
+        metadata={
+            "help": "pickscore | clip | hpsv2 | imagereward | aesthetic | 'module:function' | a comma-separated "
+            "list of these for a z-score-normalised ensemble."
+        },
+    )
+    reward_model_name_or_path: Optional[str] = field(
+        default=None, metadata={"help": "Reward checkpoint (Hub id or folder); comma-separated for ensembles."}
+    )
+    reward_processor_name_or_path: Optional[str] = field(
+        default=None, metadata={"help": "Processor; defaults to the model path if given, else the backend default."}
+    )
+    batch_size: int = field(default=16, metadata={"help": "Pairs per map batch (2x images per scoring call)."})
+    max_samples: Optional[int] = field(default=None, metadata={"help": "Label only the first N pairs."})
+    shard_size: int = field(default=1000, metadata={"help": "Pairs per resumable shard."})
+    fp16: bool = field(default=False, metadata={"help": "Run the reward model in float16 (CUDA only)."})
+    cache_dir: Optional[str] = field(default=None, metadata={"help": "Cache folder for datasets and models."})
+    ensemble_calibration_pairs: int = field(
+        default=256,
+        metadata={"help": "Ensembles only: the first N readable pairs estimate each member's mean/std."},
+    )
+
+    def __post_init__(self):
+        for name in ("batch_size", "shard_size", "ensemble_calibration_pairs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}.")
+        if self.max_samples is not None and self.max_samples < 1:
+            raise ValueError(f"--max_samples must be >= 1, got {self.max_samples}.")
+
+
+def load_preference_dataset(dataset_name: str, split: str = "train", cache_dir: str | None = None):
+    """Load one split: a ``save_to_disk`` folder -> ``load_from_disk``; a ``.parquet``/``.json``/
+    ``.jsonl``/``.csv`` path (globs allowed) -> ``load_dataset(<format>, data_files=...)``; anything
+    else -> ``load_dataset(dataset_name, split=split)`` (Hub id or folder of data files)."""
+    import datasets
+
+    if os.path.isdir(dataset_name) and any(
+        os.path.isfile(os.path.join(dataset_name, marker)) for marker in _SAVED_DATASET_MARKERS
+    ):
+        loaded = datasets.load_from_disk(dataset_name)
+        if isinstance(loaded, datasets.DatasetDict):
+            if split not in loaded:
+                raise ValueError(f"{dataset_name} has splits {sorted(loaded)}, not {split!r}; set --dataset_split_name.")
+            loaded = loaded[split]
+        return loaded
+    builder = _FILE_BUILDERS.get(os.path.splitext(dataset_name)[1].lower())
+    if builder is not None:
+        return datasets.load_dataset(builder, data_files={split: dataset_name}, split=split, cache_dir=cache_dir)
+    return datasets.load_dataset(dataset_name, split=split, cache_dir=cache_dir)
+
+
+def _prepare_source(dataset, max_samples: int | None):
+    missing = [c for c in (CAPTION_COLUMN, *IMAGE_COLUMNS) if c not in dataset.column_names]
+    if missing:
+        raise ValueError(
+            f"The dataset lacks column(s) {missing} (has {dataset.column_names}); a preference set needs "
+            f"{CAPTION_COLUMN!r}, {IMAGE_COLUMNS[0]!r} and {IMAGE_COLUMNS[1]!r}."
+        )
+    old = [c for c in (*REWARD_COLUMNS, VALID_COLUMN) if c in dataset.column_names]
+    if old:
+        logger.warning("The dataset already has %s; they are replaced by the new labels.", old)
+        dataset = dataset.remove_columns(old)
+    if max_samples is not None and max_samples < len(dataset):
+        dataset = dataset.select(range(max_samples))
+    if len(dataset) == 0:
+        raise ValueError("The dataset split is empty; nothing to label.")
+    return dataset
+
+
+def _scoring_view(dataset):
+    """Only caption and image columns, with ``datasets.Image`` columns left undecoded so that a
+    corrupted image reaches the labeler (and is counted) instead of failing inside ``datasets``."""
+    import datasets
+
+    view = dataset.select_columns([CAPTION_COLUMN, *IMAGE_COLUMNS])
+    for column in IMAGE_COLUMNS:
+        feature = view.features[column]
+        if isinstance(feature, datasets.Image) and feature.decode:
+            view = view.cast_column(column, datasets.Image(decode=False))
+    return view
+
+
+def _shard_bounds(num_pairs: int, shard_size: int) -> list[tuple[int, int]]:
+    return [(start, min(start + shard_size, num_pairs)) for start in range(0, num_pairs, shard_size)]
+
+
+def _shard_path(shards_dir: str, index: int) -> str:
+    return os.path.join(shards_dir, f"shard-{index:05d}")
+
+
+def _normalised(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, sort_keys=True))
+
+
+def _read_json(path: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except (OSError, ValueError):
+        return None
+
+
+def _write_json(path: str, obj: Any) -> None:
+    temporary = f"{path}.tmp-{os.getpid()}"
+    with open(temporary, "w", encoding="utf-8") as handle:
+        json.dump(obj, handle, indent=2, sort_keys=True)
+        handle.write("\n")
+    os.replace(temporary, path)
+
+
+def _shard_is_done(path: str, fingerprint: dict) -> bool:
+    return os.path.isdir(path) and _read_json(os.path.join(path, FINGERPRINT_FILENAME)) == _normalised(fingerprint)
+
+
+def _save_shard(labelled, path: str, fingerprint: dict) -> None:
+    """Write the shard under a temporary name, then move it into place (complete or absent)."""
+    temporary = f"{path}.tmp-{os.getpid()}"
+    shutil.rmtree(temporary, ignore_errors=True)
+    labelled.save_to_disk(temporary)
+    _write_json(os.path.join(temporary, FINGERPRINT_FILENAME), fingerprint)
+    if os.path.exists(path):  # a shard from other settings: set it aside, then drop it
+        stale = f"{path}.stale-{os.getpid()}"
+        os.replace(path, stale)
+        shutil.rmtree(stale, ignore_errors=True)
+    os.replace(temporary, path)
+
+
+def _remove_leftovers(shards_dir: str, owned: set[int]) -> None:
+    """Delete temporary/stale folders of interrupted writes for the shards this process owns."""
+    if not os.path.isdir(shards_dir):
+        return
+    pattern = re.compile(r"^shard-(\d+)\.(tmp|stale)-\d+$")
+    for entry in os.listdir(shards_dir):
+        match = pattern.match(entry)
+        if match and int(match.group(1)) in owned:
+            shutil.rmtree(os.path.join(shards_dir, entry), ignore_errors=True)
+
+
+def _dataset_identity(dataset_name: str) -> str:
+    return os.path.abspath(dataset_name) if os.path.exists(dataset_name) else dataset_name
+
+
+def _resolve_dtype(args: LabelingArguments, device: torch.device) -> torch.dtype:
+    if not args.fp16:
+        return torch.float32
+    if device.type != "cuda":
+        logger.warning("--fp16 needs CUDA; running the reward model in float32 on %s.", device)
+        return torch.float32
+    return torch.float16
+
+
+def _calibration_sample(view, num_pairs: int) -> tuple[list, list[str]]:
+    images, prompts = [], []
+    for row in view:
+        if len(prompts) >= 2 * num_pairs:
+            break
+        caption = row[CAPTION_COLUMN]
+        if not isinstance(caption, str):
+            continue
+        try:
+            pair = [load_image(row[column]) for column in IMAGE_COLUMNS]
+        except UnreadableImageError:
+            continue
+        images.extend(pair)
+        prompts.extend([caption, caption])
+    return images, prompts
+
+
+def _calibrate_ensemble(model: EnsembleRewardModel, view, args, settings: dict, shards_dir: str, state) -> None:
+    """Main process estimates member statistics (or reuses those of an interrupted run with the same
+    settings, stored in ``.shards/ensemble_calibration.json``); every process then loads them."""
+    path = os.path.join(shards_dir, CALIBRATION_FILENAME)
+    if state.is_main_process:
+        stored = _read_json(path)
+        if not (stored and stored.get("settings") == _normalised(settings)):
+            images, prompts = _calibration_sample(view, args.ensemble_calibration_pairs)
+            statistics = model.calibrate(images, prompts)
+            _write_json(path, {"settings": settings, "statistics": statistics, "num_images": len(images)})
+    state.wait_for_everyone()
+    model.set_statistics(_read_json(path)["statistics"])
+
+
+def label_dataset(args: LabelingArguments, reward_model: RewardModel | None = None) -> dict[str, Any]:
+    """Label ``args.dataset_name`` into ``args.output_dir`` (see the module docstring for the layout).
+
+    Args:
+        args: the run's settings.
+        reward_model: an already built model to use instead of ``load_reward_model(args.reward_model,
+            ...)`` (its ``name`` then identifies it in the fingerprint and statistics).
+
+    Returns:
+        The summary also written to ``output_dir/labeling_summary.json``: ``num_pairs``,
+        ``num_valid_pairs``, ``num_invalid_pairs`` (unreadable pairs; the trainer skips them),
+        ``num_shards``, ``num_shards_scored``, ``num_shards_resumed``, ``pairs_scored``,
+        ``elapsed_seconds``, ``pairs_per_second`` (``pairs_scored / elapsed_seconds`` of this run),
+        ``reward_model``, ``dataset_name``, ``dataset_split_name``, ``dataset_path``,
+        ``statistics_path``, ``num_processes``.
+    """
+    import datasets
+    from accelerate import PartialState
+
+    state = PartialState()
+    started = time.perf_counter()
+    output_dir = os.path.abspath(args.output_dir)
+    if os.path.exists(args.dataset_name) and os.path.abspath(args.dataset_name) == output_dir:
+        raise ValueError("--output_dir must differ from --dataset_name (the source would be overwritten).")
+    shards_dir = os.path.join(output_dir, SHARDS_DIRNAME)
+
+    with state.main_process_first():
+        source = load_preference_dataset(args.dataset_name, args.dataset_split_name, args.cache_dir)
+    source_fingerprint = getattr(source, "_fingerprint", None)
+    source = _prepare_source(source, args.max_samples)
+    view = _scoring_view(source)
+
+    if reward_model is None:
+        reward_model = load_reward_model(
+            args.reward_model, args.reward_model_name_or_path, args.reward_processor_name_or_path,
+            device=state.device, dtype=_resolve_dtype(args, state.device), cache_dir=args.cache_dir,
+            max_batch_size=2 * args.batch_size,
+        )
+    elif state.num_processes > 1:
+        reward_model.to(state.device)
+
+    settings = {
+        "format_version": _FORMAT_VERSION,
+        "reward_model": reward_model.name,
+        "reward_model_name_or_path": args.reward_model_name_or_path,
+        "reward_processor_name_or_path": args.reward_processor_name_or_path,
+        "fp16": bool(args.fp16 and state.device.type == "cuda"),
+        "dataset_name": _dataset_identity(args.dataset_name),
+        "dataset_split_name": args.dataset_split_name,
+        "dataset_fingerprint": source_fingerprint,
+        "num_pairs": len(source),
+        "shard_size": args.shard_size,
+    }
+    if isinstance(reward_model, EnsembleRewardModel):
+        settings["ensemble_calibration_pairs"] = args.ensemble_calibration_pairs
+    os.makedirs(shards_dir, exist_ok=True)
+    if isinstance(reward_model, EnsembleRewardModel):
+        _calibrate_ensemble(reward_model, view, args, settings, shards_dir, state)
+
+    bounds = _shard_bounds(len(source), args.shard_size)
+    owned = {i for i in range(len(bounds)) if i % state.num_processes == state.process_index}
+    _remove_leftovers(shards_dir, owned)
+    labeler = RewardLabeler(reward_model)
+    report = {"pairs_scored": 0, "shards_scored": 0, "shards_resumed": 0}
+    for index in sorted(owned):
+        start, stop = bounds[index]
+        fingerprint = {**settings, "shard_index": index, "start": start, "stop": stop}
+        path = _shard_path(shards_dir, index)
+        if _shard_is_done(path, fingerprint):
+            report["shards_resumed"] += 1
+            continue
+        labelled = view.select(range(start, stop)).map(
+            labeler, batched=True, batch_size=args.batch_size, remove_columns=view.column_names,
+            features=reward_features(), keep_in_memory=True, load_from_cache_file=False,
+            new_fingerprint=datasets.fingerprint.Hasher.hash(_normalised(fingerprint)),
+            desc=f"Scoring shard {index + 1}/{len(bounds)}",
+        )
+        _save_shard(labelled, path, fingerprint)
+        report["pairs_scored"] += stop - start
+        report["shards_scored"] += 1
+    _write_json(os.path.join(shards_dir, f"run-rank-{state.process_index:05d}-of-{state.num_processes:05d}.json"), report)
+    state.wait_for_everyone()
+
+    summary_path = os.path.join(output_dir, SUMMARY_FILENAME)
+    if state.is_main_process:
+        rewards = datasets.concatenate_datasets(
+            [datasets.load_from_disk(_shard_path(shards_dir, i)) for i in range(len(bounds))]
+        )
+        if len(rewards) != len(source):
+            raise RuntimeError(f"Shards hold {len(rewards)} rows but the dataset has {len(source)}.")
+        labelled = datasets.concatenate_datasets([source, rewards], axis=1)
+        labelled.save_to_disk(output_dir)
+        statistics = compute_reward_statistics(labelled, reward_model=reward_model.name)
+        if isinstance(reward_model, EnsembleRewardModel):
+            statistics["ensemble_member_statistics"] = reward_model.statistics
+        statistics_path = save_reward_statistics(output_dir, statistics)
+        reports = [
+            _read_json(os.path.join(shards_dir, f"run-rank-{rank:05d}-of-{state.num_processes:05d}.json"))
+            for rank in range(state.num_processes)
+        ]
+        elapsed = time.perf_counter() - started
+        pairs_scored = sum(r["pairs_scored"] for r in reports)
+        summary = {
+            **summarize_labels(labelled),
+            "num_shards": len(bounds),
+            "num_shards_scored": sum(r["shards_scored"] for r in reports),
+            "num_shards_resumed": sum(r["shards_resumed"] for r in reports),
+            "pairs_scored": pairs_scored,
+            "elapsed_seconds": elapsed,
+            "pairs_per_second": pairs_scored / elapsed if elapsed > 0 else None,
+            "reward_model": reward_model.name,
+            "dataset_name": args.dataset_name,
+            "dataset_split_name": args.dataset_split_name,
+            "dataset_path": output_dir,
+            "statistics_path": statistics_path,
+            "num_processes": state.num_processes,
+            "arguments": asdict(args),
+        }
+        _write_json(summary_path, summary)
+        if summary["num_invalid_pairs"]:
+            logger.warning(
+                "%d of %d pairs had unreadable images or captions: NaN rewards, label_valid=False (skipped in training).",
+                summary["num_invalid_pairs"], summary["num_pairs"],
+            )
+    state.wait_for_everyone()
+    return _read_json(summary_path)

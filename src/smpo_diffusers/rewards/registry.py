@@ -1,0 +1,148 @@
+"""Name -> backend registry and the :func:`load_reward_model` factory behind ``--reward_model``."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Callable, Sequence
+
+import torch
+
+from .base import CallableRewardModel, EnsembleRewardModel, RewardModel
+from .clip import CLIPScoreRewardModel, PickScoreRewardModel
+from .optional import AestheticRewardModel, HPSv2RewardModel, ImageRewardRewardModel
+
+__all__ = ["available_reward_models", "load_reward_model", "register_reward_model", "resolve_dtype"]
+
+RewardFactory = Callable[..., RewardModel]
+"""``factory(model_name_or_path, processor_name_or_path, *, device, dtype, cache_dir, max_batch_size)``."""
+
+_REGISTRY: dict[str, RewardFactory] = {
+    "pickscore": PickScoreRewardModel.from_pretrained,
+    "clip": CLIPScoreRewardModel.from_pretrained,
+    "hpsv2": HPSv2RewardModel.from_pretrained,
+    "imagereward": ImageRewardRewardModel.from_pretrained,
+    "aesthetic": AestheticRewardModel.from_pretrained,
+}
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}
+
+
+def register_reward_model(name: str, factory: RewardFactory, overwrite: bool = False) -> None:
+    """Make ``load_reward_model(name, ...)`` (and ``--reward_model name``) call ``factory``."""
+    key = name.lower()
+    if "," in key or ":" in key:
+        raise ValueError(f"Reward model names cannot contain ',' or ':', got {name!r}.")
+    if key in _REGISTRY and not overwrite:
+        raise ValueError(f"Reward model {name!r} is already registered; pass overwrite=True to replace it.")
+    _REGISTRY[key] = factory
+
+
+def available_reward_models() -> list[str]:
+    """Registered backend names (optional backends are listed even when their package is missing)."""
+    return sorted(_REGISTRY)
+
+
+def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """``None``/a ``torch.dtype``/one of float32|fp32|float16|fp16|half|bfloat16|bf16 -> torch dtype."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise ValueError(f"Unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}.") from None
+
+
+def _import_object(spec: str):
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise ValueError(f"Expected 'package.module:attribute', got {spec!r}.")
+    obj = importlib.import_module(module_name)
+    for part in attribute.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def load_reward_model(
+    name: str | Sequence[str] | Callable,
+    model_name_or_path: str | Sequence[str | None] | None = None,
+    processor_name_or_path: str | Sequence[str | None] | None = None,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | str | None = None,
+    cache_dir: str | None = None,
+    max_batch_size: int | None = 64,
+    ensemble_weights: Sequence[float] | None = None,
+) -> RewardModel:
+    """Build a reward model from a name.
+
+    Args:
+        name: a registered backend (:func:`available_reward_models`: ``pickscore``, ``clip``,
+            ``hpsv2``, ``imagereward``, ``aesthetic``, case-insensitive); a ``"module:attribute"``
+            import path to a :class:`RewardModel` instance or to a callable
+            ``fn(images, prompts) -> N scores``; a callable itself; or a list of such names (or one
+            comma-separated string, e.g. ``"pickscore,clip"``) for an uncalibrated
+            :class:`EnsembleRewardModel` (call its ``calibrate`` before scoring).
+        model_name_or_path: Hub id or local folder of the checkpoint; None uses the backend default.
+            For an ensemble, a list (or comma-separated string) aligned with the names; empty
+            entries use defaults.
+        processor_name_or_path: defaults to ``model_name_or_path`` when that is given, else to the
+            backend's default processor. Ensembles: aligned list as above.
+        device: defaults to ``"cuda"`` when available, else ``"cpu"``.
+        dtype: weights' dtype (``torch.float16`` for fp16 inference on CUDA); default float32.
+        cache_dir: ``from_pretrained`` cache folder.
+        max_batch_size: images per forward pass (:meth:`RewardModel.score` chunks by it).
+        ensemble_weights: member weights of an ensemble (default equal).
+    """
+    dtype = resolve_dtype(dtype)
+    if isinstance(name, str) and "," in name:
+        name = [part.strip() for part in name.split(",")]
+    if not isinstance(name, str) and not callable(name):
+        names = list(name)
+        paths = _aligned(model_name_or_path, len(names), "model_name_or_path")
+        processors = _aligned(processor_name_or_path, len(names), "processor_name_or_path")
+        members = [
+            load_reward_model(
+                member, path, processor, device=device, dtype=dtype, cache_dir=cache_dir,
+                max_batch_size=max_batch_size,
+            )
+            for member, path, processor in zip(names, paths, processors)
+        ]
+        return EnsembleRewardModel(members, weights=ensemble_weights)
+    if ensemble_weights is not None:
+        raise ValueError("ensemble_weights is only used with several reward models.")
+    if callable(name) or ":" in name:
+        if model_name_or_path is not None or processor_name_or_path is not None:
+            raise ValueError("A callable reward model takes no model or processor path.")
+        label = name if isinstance(name, str) else None
+        obj = _import_object(name) if isinstance(name, str) else name
+        if isinstance(obj, RewardModel):
+            return obj
+        if not callable(obj):
+            raise TypeError(f"{name!r} is neither a RewardModel nor a callable.")
+        out_device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        return CallableRewardModel(obj, name=label, device=out_device, max_batch_size=max_batch_size)
+    key = name.lower()
+    if key not in _REGISTRY:
+        raise ValueError(
+            f"Unknown reward model {name!r}. Available: {', '.join(available_reward_models())}, a "
+            "'module:function' import path, or a comma-separated list for an ensemble."
+        )
+    return _REGISTRY[key](
+        model_name_or_path or None, processor_name_or_path or None, device=device, dtype=dtype,
+        cache_dir=cache_dir, max_batch_size=max_batch_size,
+    )
+
+
+def _aligned(value, count: int, what: str) -> list:
+    if value is None:
+        return [None] * count
+    if isinstance(value, str):
+        value = [part.strip() for part in value.split(",")]
+    value = [v or None for v in value]
+    if len(value) != count:
+        raise ValueError(f"{what} has {len(value)} entries but {count} reward models were named; align them.")
+    return value

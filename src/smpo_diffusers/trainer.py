@@ -1,0 +1,658 @@
+"""`SmPOTrainer`: the training loop. It orchestrates; the formulas live in `losses.py` and `schedulers/`.
+
+One step, as data (see `shared/docs/architecture.md`)::
+
+    pixel pairs [winner, loser], captions, p            (data.py)
+    -> x0 latents (2B) and prompt embeddings            (models.py)
+    -> one t per pair, shared by its two images
+    -> x~_t, τ_t by ReNoise inversion (or x_t, ε by random noising for the Diffusion-DPO baseline)
+    -> policy prediction with grad, reference prediction without
+    -> per-image errors -> smpo_loss(...)               (losses.py)
+    -> backward, clip, optimiser step, LR schedule; log; checkpoint; validate
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import re
+import shutil
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration
+
+from .config import PICKSCORE_REWARD_SCALE, SmPOConfig
+from .data import (
+    PairTransform,
+    PreferencePairDataset,
+    collate_preference_batch,
+    load_preference_dataset,
+    prepare_preference_pairs,
+    resolve_reward_columns,
+    validate_preference_columns,
+)
+from .losses import per_sample_mse, smpo_loss
+from .models import (
+    ReferenceModel,
+    add_lora_adapters,
+    encode_images,
+    encode_prompts,
+    load_diffusion_parts,
+    load_lora_state_into_unet,
+    save_lora,
+    sdxl_time_ids,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["SmPOTrainer", "StepOutput", "EpochShuffleSampler"]
+
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+TRAINER_STATE_NAME = "trainer_state.json"
+
+
+class EpochShuffleSampler(torch.utils.data.Sampler):
+    """A permutation of ``range(n)`` that depends only on ``(seed, epoch)``, so data order survives resumes."""
+
+    def __init__(self, num_samples: int, seed: int):
+        self.num_samples, self.seed, self.epoch = num_samples, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, self.epoch]).generate_state(1)[0]))
+        return iter(torch.randperm(self.num_samples, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+def _step_generator(*keys: int) -> torch.Generator:
+    """A CPU generator seeded from integer keys (seed, epoch, batch, rank): the same keys give the same draws."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0]))
+
+
+@dataclass
+class StepOutput:
+    """What one micro-batch produced. ``loss`` has a graph; the rest are detached ``(B,)`` tensors or counts."""
+
+    loss: torch.Tensor
+    implicit_accuracy: torch.Tensor
+    reward_margin: torch.Tensor
+    weight: torch.Tensor
+    policy_err_w: torch.Tensor
+    policy_err_l: torch.Tensor
+    ref_err_w: torch.Tensor
+    ref_err_l: torch.Tensor
+    inversion_residual: torch.Tensor
+    timesteps: torch.Tensor
+    unet_evaluations: dict
+
+    def metrics(self) -> dict:
+        residual = self.inversion_residual[torch.isfinite(self.inversion_residual)]
+        return {
+            "loss": self.loss.detach().item(),
+            "implicit_acc": self.implicit_accuracy.mean().item(),
+            "reward_margin": self.reward_margin.mean().item(),
+            "preference_weight": self.weight.mean().item(),
+            "policy_err_w": self.policy_err_w.mean().item(),
+            "policy_err_l": self.policy_err_l.mean().item(),
+            "ref_err_w": self.ref_err_w.mean().item(),
+            "ref_err_l": self.ref_err_l.mean().item(),
+            **({"inversion_residual": residual.mean().item()} if residual.numel() else {}),
+        }
+
+
+class SmPOTrainer:
+    """Fine-tune an SD 1.x/2.x or SDXL UNet (LoRA or full) with SmPO or the Diffusion-DPO baseline.
+
+    Args:
+        config: the run's :class:`SmPOConfig`.
+        dataset: a Pick-a-Pic-layout ``datasets.Dataset`` (default: load ``config.dataset_name``).
+        pipeline_components: pipeline keyword components (default: ``from_pretrained`` of
+            ``config.pretrained_model_name_or_path``).
+        accelerator: an ``accelerate.Accelerator`` (default: built from the config).
+        reward_statistics: the labelling run's statistics dict (default: ``reward_stats.json`` beside a
+            ``save_to_disk`` dataset), used for the reward scale unless ``--reward_scale`` is given.
+    """
+
+    def __init__(self, config: SmPOConfig, *, dataset=None, pipeline_components: dict | None = None,
+                 accelerator: Accelerator | None = None, reward_statistics: dict | None = None):
+        self.config = config
+        self._check_output_dir_writable()
+        self.accelerator = accelerator or self._make_accelerator()
+        self.skipped = {"nonfinite_updates": 0, "undecodable_pairs": 0, "empty_batches": 0}
+        self.unet_evaluations = {"inversion": 0, "policy": 0, "reference": 0}
+        self.last_metrics: dict = {}
+
+        # Data is checked before any model is loaded.
+        raw = dataset if dataset is not None else self._load_dataset()
+        self.reward_columns = resolve_reward_columns(raw, loss_type=config.loss_type,
+                                                     reward_columns=config.reward_columns)
+        validate_preference_columns(raw, loss_type=config.loss_type, reward_columns=self.reward_columns)
+        self.reward_scale, self.reward_scale_source = self._resolve_reward_scale(reward_statistics)
+        self.pairs, self.pair_statistics = prepare_preference_pairs(
+            raw, loss_type=config.loss_type, reward_columns=self.reward_columns, reward_scale=self.reward_scale,
+            tie_policy=config.tie_policy, max_train_samples=config.max_train_samples, seed=config.seed,
+        )
+        logger.info("preference pairs: %s", self.pair_statistics.summary())
+
+        self.parts = load_diffusion_parts(config, pipeline_components)
+        config.resolve_model_defaults(self.parts.is_sdxl)
+        factor = self.parts.vae_scale_factor * 2 ** (len(self.parts.unet.config.block_out_channels) - 1)
+        if config.resolution % factor:
+            raise ValueError(
+                f"--resolution {config.resolution} must be divisible by {factor} (VAE factor "
+                f"{self.parts.vae_scale_factor} x UNet downsampling) for this model; e.g. "
+                f"{max(factor, config.resolution // factor * factor)}."
+            )
+        self._setup_models()
+        self._setup_data()
+        self._setup_optimization()
+
+    # ------------------------------------------------------------------ set-up
+    def _check_output_dir_writable(self) -> None:
+        out = self.config.output_dir
+        try:
+            os.makedirs(out, exist_ok=True)
+            probe = os.path.join(out, f".write-test-{os.getpid()}")
+            with open(probe, "w") as handle:
+                handle.write("ok")
+            os.remove(probe)
+        except OSError as error:
+            raise OSError(f"--output_dir {out!r} is not writable ({error}); choose a writable folder.") from error
+
+    def _make_accelerator(self) -> Accelerator:
+        config = self.config
+        log_with = None
+        if config.report_to != "none":
+            from accelerate.utils import is_tensorboard_available, is_wandb_available
+
+            wanted = ["tensorboard", "wandb"] if config.report_to == "all" else [config.report_to]
+            available = {"tensorboard": is_tensorboard_available(), "wandb": is_wandb_available()}
+            for name in wanted:
+                if name not in available:
+                    raise ValueError(f"--report_to {name!r} is not supported; use tensorboard, wandb, all or none.")
+                if not available[name]:
+                    raise ImportError(f"--report_to {name} needs `pip install {name}` (or use --report_to none).")
+            log_with = wanted
+        project_config = ProjectConfiguration(
+            project_dir=config.output_dir, logging_dir=os.path.join(config.output_dir, config.logging_dir)
+        )
+        return Accelerator(gradient_accumulation_steps=config.gradient_accumulation_steps,
+                           mixed_precision=config.mixed_precision, log_with=log_with, project_config=project_config)
+
+    def _load_dataset(self):
+        if self.config.dataset_name is None:
+            raise ValueError("--dataset_name is required (a Hub id, a save_to_disk folder or local data files).")
+        return load_preference_dataset(self.config.dataset_name, self.config.dataset_split_name,
+                                       cache_dir=self.config.cache_dir)
+
+    def _resolve_reward_scale(self, reward_statistics: dict | None) -> tuple[float | None, str]:
+        config = self.config
+        if config.loss_type != "smpo":
+            return None, "unused (dpo)"
+        if config.reward_scale is not None:
+            return float(config.reward_scale), "--reward_scale"
+        from .rewards import load_reward_statistics, reward_scale_from_statistics
+
+        source = "reward_statistics argument"
+        if reward_statistics is None and config.dataset_name and os.path.isdir(str(config.dataset_name)):
+            reward_statistics = load_reward_statistics(config.dataset_name)
+            source = f"{config.dataset_name}/reward_stats.json"
+        if reward_statistics is not None:
+            return reward_scale_from_statistics(reward_statistics), source
+        logger.warning("No reward statistics found; using the PickScore scale %.4f. Pass --reward_scale for "
+                       "other reward models.", PICKSCORE_REWARD_SCALE)
+        return PICKSCORE_REWARD_SCALE, "PickScore default"
+
+    def _setup_models(self) -> None:
+        config, parts, accelerator = self.config, self.parts, self.accelerator
+        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision,
+                                                                                 torch.float32)
+        if config.allow_tf32 and torch.cuda.is_available():
+            torch.backends.cuda.matmul.allow_tf32 = True
+        device = accelerator.device
+        # The SDXL VAE overflows in fp16; keep it fp32 unless a separate (fp16-safe) VAE is given.
+        vae_dtype = torch.float32 if parts.is_sdxl and not config.pretrained_vae_model_name_or_path else self.weight_dtype
+        parts.vae.requires_grad_(False).to(device, dtype=vae_dtype).eval()
+        for encoder in parts.text_encoders:
+            encoder.requires_grad_(False).to(device, dtype=self.weight_dtype).eval()
+        unet = parts.unet
+        if config.train_method == "lora":
+            unet.requires_grad_(False)
+            unet.to(device, dtype=self.weight_dtype)
+            add_lora_adapters(unet, config.rank, config.lora_alpha_value, config.lora_target_modules)
+            from diffusers.training_utils import cast_training_params
+
+            cast_training_params(unet, dtype=torch.float32)  # trainable adapters stay fp32 under fp16/bf16
+            self.reference = ReferenceModel(None)
+        else:
+            self.reference = ReferenceModel(copy.deepcopy(unet).to(device, dtype=self.weight_dtype))
+            unet.requires_grad_(True).to(device, dtype=torch.float32)
+        unet.train()
+        if config.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        self.unet = unet
+
+    def _setup_data(self) -> None:
+        config = self.config
+        transform = PairTransform(config.resolution, random_crop=config.random_crop, hflip=not config.no_hflip)
+        self.train_dataset = PreferencePairDataset(self.pairs, transform, seed=config.seed,
+                                                   proportion_empty_prompts=config.proportion_empty_prompts)
+        self.sampler = EpochShuffleSampler(len(self.train_dataset), config.seed)
+        self.train_dataloader = torch.utils.data.DataLoader(
+            self.train_dataset, batch_size=config.train_batch_size, sampler=self.sampler,
+            collate_fn=collate_preference_batch, num_workers=config.dataloader_num_workers,
+        )
+
+    def _make_optimizer(self, params, lr: float):
+        config = self.config
+        if config.use_8bit_adam:
+            if not torch.cuda.is_available():
+                raise RuntimeError("--use_8bit_adam needs a CUDA GPU (bitsandbytes); drop it on CPU.")
+            try:
+                import bitsandbytes as bnb
+            except ImportError as error:
+                raise ImportError("--use_8bit_adam needs `pip install smpo-diffusers[bnb]` (bitsandbytes).") from error
+            return bnb.optim.AdamW8bit(params, lr=lr, betas=(config.adam_beta1, config.adam_beta2),
+                                       weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
+        if config.use_adafactor:
+            from transformers.optimization import Adafactor
+
+            return Adafactor(params, lr=lr, scale_parameter=False, relative_step=False, warmup_init=False,
+                             weight_decay=config.adam_weight_decay)
+        return torch.optim.AdamW(params, lr=lr, betas=(config.adam_beta1, config.adam_beta2),
+                                 weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
+
+    def _setup_optimization(self) -> None:
+        from diffusers.optimization import get_scheduler
+
+        config, accelerator = self.config, self.accelerator
+        lr = config.learning_rate
+        if config.scale_lr:
+            lr *= config.train_batch_size * config.gradient_accumulation_steps * accelerator.num_processes
+        self.learning_rate = lr
+        self.trainable_params = [p for p in self.unet.parameters() if p.requires_grad]
+        self.optimizer = self._make_optimizer(self.trainable_params, lr)
+        batches_per_epoch = math.ceil(len(self.train_dataset) / config.train_batch_size / accelerator.num_processes)
+        updates_per_epoch = math.ceil(batches_per_epoch / config.gradient_accumulation_steps)
+        self.max_train_steps = config.max_train_steps or config.num_train_epochs * updates_per_epoch
+        self.lr_scheduler = get_scheduler(
+            config.lr_scheduler, optimizer=self.optimizer,
+            num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
+            num_training_steps=self.max_train_steps * accelerator.num_processes,
+        )
+        self.unet, self.optimizer, self.train_dataloader, self.lr_scheduler = accelerator.prepare(
+            self.unet, self.optimizer, self.train_dataloader, self.lr_scheduler
+        )
+        updates_per_epoch = math.ceil(len(self.train_dataloader) / config.gradient_accumulation_steps)
+        self.num_train_epochs = math.ceil(self.max_train_steps / updates_per_epoch)
+        accelerator.register_save_state_pre_hook(self._save_state_hook)
+        accelerator.register_load_state_pre_hook(self._load_state_hook)
+
+    @property
+    def unwrapped_unet(self):
+        return self.accelerator.unwrap_model(self.unet)
+
+    # ------------------------------------------------------------------ checkpoint hooks
+    def _save_state_hook(self, models, weights, output_dir):
+        if self.accelerator.is_main_process:
+            for model in models:
+                unwrapped = self.accelerator.unwrap_model(model)
+                if self.config.train_method == "lora":
+                    save_lora(output_dir, unwrapped, self.parts.is_sdxl)
+                else:
+                    unwrapped.save_pretrained(os.path.join(output_dir, "unet"), safe_serialization=True)
+                if weights:
+                    weights.pop()
+
+    def _load_state_hook(self, models, input_dir):
+        while models:
+            model = self.accelerator.unwrap_model(models.pop())
+            if self.config.train_method == "lora":
+                load_lora_state_into_unet(model, input_dir)
+            else:
+                from diffusers import UNet2DConditionModel
+
+                loaded = UNet2DConditionModel.from_pretrained(input_dir, subfolder="unet")
+                model.load_state_dict(loaded.state_dict())
+                del loaded
+
+    # ------------------------------------------------------------------ one step
+    def _unet_call(self, unet, latents, timesteps, conditioning):
+        return unet(latents.to(self.weight_dtype), timesteps, encoder_hidden_states=conditioning["encoder_hidden_states"],
+                    added_cond_kwargs=conditioning.get("added_cond_kwargs")).sample
+
+    def compute_loss(self, batch: dict, generator: torch.Generator) -> StepOutput:
+        """Loss and diagnostics for one micro-batch of ``B`` pairs (images ordered winners first, then losers)."""
+        config, parts, device = self.config, self.parts, self.accelerator.device
+        scheduler = parts.scheduler
+        pixels = batch["pixel_values"]
+        num_pairs = pixels.shape[0]
+        x0 = encode_images(parts.vae, torch.cat([pixels[:, 0], pixels[:, 1]]), generator)
+        prompts = encode_prompts(parts, batch["captions"], device, dtype=self.weight_dtype)
+        conditioning = {"encoder_hidden_states": prompts.hidden.repeat(2, 1, 1)}
+        if parts.is_sdxl:
+            sizes, crops = batch["original_sizes"], batch["crop_top_lefts"]
+            time_ids = sdxl_time_ids(torch.cat([sizes[:, 0], sizes[:, 1]]), torch.cat([crops[:, 0], crops[:, 1]]),
+                                     config.resolution)
+            conditioning["added_cond_kwargs"] = {"text_embeds": prompts.pooled.repeat(2, 1),
+                                                 "time_ids": time_ids.to(device, dtype=self.weight_dtype)}
+        # One timestep per pair, shared by its two images.
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (num_pairs,), generator=generator)
+        timesteps = timesteps.repeat(2).to(device)
+
+        if config.noise_source == "random":
+            noise = torch.randn(x0[:num_pairs].shape, generator=generator).to(device).repeat(2, 1, 1, 1)
+            noisy = scheduler.add_noise(x0, noise, timesteps)
+            residual = torch.full((num_pairs,), math.nan)
+            inversion_evaluations = 0
+        else:
+            inversion = self._invert(x0, timesteps, conditioning)
+            noisy, noise = inversion.latents, inversion.epsilon
+            residual = inversion.renoise_residual[:num_pairs].cpu()
+            inversion_evaluations = inversion.num_model_evaluations
+        target = noise if parts.prediction_type == "epsilon" else scheduler.get_velocity(x0, noise, timesteps)
+
+        policy_err = per_sample_mse(self._unet_call(self.unet, noisy, timesteps, conditioning), target)
+        with torch.no_grad(), self.accelerator.autocast(), self.reference.active(self.unwrapped_unet) as reference:
+            ref_err = per_sample_mse(self._unet_call(reference, noisy, timesteps, conditioning), target)
+
+        if config.loss_type == "smpo":
+            prob_w, gamma = batch["prob_w"].to(device), config.gamma
+        else:  # Diffusion-DPO: hard labels (p = 1; 0.5 for kept human ties) and γ = 1
+            prob_w, gamma = batch["prob_w"].to(device), 1.0
+        out = smpo_loss(policy_err[:num_pairs], policy_err[num_pairs:], ref_err[:num_pairs], ref_err[num_pairs:],
+                        prob_w, config.beta_dpo, gamma)
+        return StepOutput(
+            loss=out.loss, implicit_accuracy=out.implicit_accuracy, reward_margin=out.reward_margin,
+            weight=out.weight, policy_err_w=policy_err[:num_pairs].detach(),
+            policy_err_l=policy_err[num_pairs:].detach(), ref_err_w=ref_err[:num_pairs],
+            ref_err_l=ref_err[num_pairs:], inversion_residual=residual, timesteps=timesteps[:num_pairs].cpu(),
+            unet_evaluations={"inversion": inversion_evaluations, "policy": 2 * num_pairs,
+                              "reference": 2 * num_pairs},
+        )
+
+    def _invert(self, x0, timesteps, conditioning):
+        """ReNoise-invert ``x0`` to ``timesteps`` with the policy (default) or the reference, no autograd."""
+        config = self.config
+        invert_kwargs = dict(num_inversion_steps=config.num_inversion_steps, num_renoise_steps=config.num_renoise_steps,
+                             grid=config.inversion_grid, prediction_type=self.parts.prediction_type,
+                             model_kwargs=conditioning)
+
+        def invert_with(unet):
+            def model_fn(latents, level, encoder_hidden_states, added_cond_kwargs=None):
+                return self._unet_call(unet, latents, level, {"encoder_hidden_states": encoder_hidden_states,
+                                                              "added_cond_kwargs": added_cond_kwargs})
+
+            return self.parts.scheduler.invert(model_fn, x0, timesteps, **invert_kwargs)
+
+        with self.accelerator.autocast():
+            if config.inversion_model == "reference":
+                with self.reference.active(self.unwrapped_unet) as reference:
+                    return invert_with(reference)
+            return invert_with(self.unwrapped_unet)
+
+    # ------------------------------------------------------------------ loop
+    def train(self) -> dict:
+        """Run the configured number of updates; saves the model at the end. Returns the final metrics."""
+        from tqdm.auto import tqdm
+
+        config, accelerator = self.config, self.accelerator
+        if accelerator.is_main_process:
+            self._clean_partial_checkpoints()
+            accelerator.init_trackers("smpo", config=self._tracker_config())
+        global_step, first_epoch, resume_batch = self._maybe_resume()
+        progress = tqdm(range(self.max_train_steps), initial=global_step, desc="updates",
+                        disable=not accelerator.is_local_main_process)
+        window: list[dict] = []
+        done = global_step >= self.max_train_steps
+        for epoch in range(first_epoch, self.num_train_epochs):
+            if done:
+                break
+            self.sampler.set_epoch(epoch)
+            self.train_dataset.set_epoch(epoch)
+            start = resume_batch if epoch == first_epoch else 0
+            loader = accelerator.skip_first_batches(self.train_dataloader, start) if start else self.train_dataloader
+            for batch_index, batch in enumerate(loader, start=start):
+                generator = _step_generator(config.seed, epoch, batch_index, accelerator.process_index)
+                self.skipped["undecodable_pairs"] += int(batch.get("num_skipped", 0)) if batch else 0
+                with accelerator.accumulate(self.unet):
+                    step = self._micro_step(batch, generator)
+                    if step is not None:
+                        window.append(step.metrics())
+                if not accelerator.sync_gradients:
+                    continue
+                global_step += 1
+                progress.update(1)
+                logs = self._average(window) | {"lr": self.lr_scheduler.get_last_lr()[0]}
+                window = []
+                self.last_metrics = logs
+                progress.set_postfix(loss=f"{logs.get('loss', float('nan')):.4f}",
+                                     acc=f"{logs.get('implicit_acc', float('nan')):.2f}")
+                accelerator.log(logs, step=global_step)
+                if global_step % config.checkpointing_steps == 0:
+                    self.save_checkpoint(global_step, epoch, batch_index + 1)
+                if config.validation_steps and global_step % config.validation_steps == 0:
+                    self.log_validation(global_step)
+                if global_step >= self.max_train_steps:
+                    done = True
+                    break
+        progress.close()
+        accelerator.wait_for_everyone()
+        self.global_step = global_step
+        self.save_model(config.output_dir)
+        if config.validation_prompts:
+            self.log_validation(global_step, final=True)
+        accelerator.end_training()
+        return self.last_metrics
+
+    def _micro_step(self, batch, generator) -> StepOutput | None:
+        accelerator = self.accelerator
+        if batch is None or batch.get("pixel_values") is None:
+            self.skipped["empty_batches"] += 1
+            return None
+        step = self.compute_loss(batch, generator)
+        for stage, count in step.unet_evaluations.items():
+            self.unet_evaluations[stage] += count
+        accelerator.backward(step.loss)
+        if accelerator.sync_gradients:
+            max_norm = self.config.max_grad_norm if self.config.max_grad_norm > 0 else float("inf")
+            grad_norm = accelerator.clip_grad_norm_(self.trainable_params, max_norm)
+            if not torch.isfinite(torch.as_tensor(grad_norm)).item() or not torch.isfinite(step.loss).item():
+                self.skipped["nonfinite_updates"] += 1
+                logger.warning("non-finite loss or gradient: update skipped (%d so far)",
+                               self.skipped["nonfinite_updates"])
+                self.optimizer.zero_grad(set_to_none=True)
+                return step
+        self.optimizer.step()
+        if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
+            self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return step
+
+    @staticmethod
+    def _average(window: list[dict]) -> dict:
+        keys = {key for entry in window for key in entry}
+        return {key: float(np.mean([entry[key] for entry in window if key in entry])) for key in sorted(keys)}
+
+    def _tracker_config(self) -> dict:
+        flat = {}
+        for key, value in self.config.to_dict().items():
+            flat[key] = value if isinstance(value, (int, float, str, bool)) or value is None else str(value)
+        return {k: v for k, v in flat.items() if v is not None}
+
+    # ------------------------------------------------------------------ checkpoints
+    def _checkpoints(self) -> list[tuple[int, str]]:
+        out = self.config.output_dir
+        found = []
+        for name in os.listdir(out) if os.path.isdir(out) else []:
+            match = CHECKPOINT_PATTERN.match(name)
+            path = os.path.join(out, name)
+            if match and os.path.isfile(os.path.join(path, TRAINER_STATE_NAME)):
+                found.append((int(match.group(1)), path))
+        return sorted(found)
+
+    def _clean_partial_checkpoints(self) -> None:
+        out = self.config.output_dir
+        for name in os.listdir(out):
+            if name.startswith(".checkpoint-") and name.endswith(".tmp"):
+                logger.warning("removing incomplete checkpoint %s left by an interrupted save", name)
+                shutil.rmtree(os.path.join(out, name), ignore_errors=True)
+
+    def save_checkpoint(self, global_step: int, epoch: int, next_batch: int) -> str:
+        """Write ``checkpoint-N`` atomically: everything goes to a hidden temporary folder that is renamed when
+        complete, so a checkpoint is never visible (or picked by ``latest``) half-written."""
+        config, accelerator = self.config, self.accelerator
+        final = os.path.join(config.output_dir, f"checkpoint-{global_step}")
+        partial = os.path.join(config.output_dir, f".checkpoint-{global_step}.tmp")
+        if accelerator.is_main_process:
+            shutil.rmtree(partial, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(partial)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            state = {"global_step": global_step, "epoch": epoch, "next_batch": next_batch,
+                     "unet_evaluations": self.unet_evaluations, "skipped": self.skipped}
+            with open(os.path.join(partial, TRAINER_STATE_NAME), "w") as handle:
+                json.dump(state, handle, indent=2)
+                handle.flush()
+                os.fsync(handle.fileno())
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            os.rename(partial, final)
+            if config.checkpoints_total_limit is not None:
+                for _, old in self._checkpoints()[:-config.checkpoints_total_limit]:
+                    shutil.rmtree(old, ignore_errors=True)
+            logger.info("saved %s", final)
+        accelerator.wait_for_everyone()
+        return final
+
+    def _maybe_resume(self) -> tuple[int, int, int]:
+        choice = self.config.resume_from_checkpoint
+        if choice is None:
+            return 0, 0, 0
+        if choice == "latest":
+            found = self._checkpoints()
+            if not found:
+                logger.info("no complete checkpoint in %s; starting from scratch", self.config.output_dir)
+                return 0, 0, 0
+            path = found[-1][1]
+        else:
+            path = choice
+            if not os.path.isfile(os.path.join(path, TRAINER_STATE_NAME)):
+                raise ValueError(f"{path} is not a complete SmPO checkpoint (no {TRAINER_STATE_NAME}).")
+        self.accelerator.load_state(path)
+        with open(os.path.join(path, TRAINER_STATE_NAME)) as handle:
+            state = json.load(handle)
+        self.unet_evaluations = dict(state.get("unet_evaluations", self.unet_evaluations))
+        self.skipped = dict(state.get("skipped", self.skipped))
+        epoch, next_batch = state["epoch"], state["next_batch"]
+        if next_batch >= len(self.train_dataloader):
+            epoch, next_batch = epoch + 1, 0
+        logger.info("resumed from %s at update %d", path, state["global_step"])
+        return state["global_step"], epoch, next_batch
+
+    # ------------------------------------------------------------------ outputs
+    def build_pipeline(self):
+        """A diffusers pipeline around the current (unwrapped) UNet, for validation or saving."""
+        from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+        parts = self.parts
+        scheduler = DDIMScheduler.from_config(parts.scheduler.config)
+        common = dict(vae=parts.vae, unet=self.unwrapped_unet, scheduler=scheduler)
+        if parts.is_sdxl:
+            return StableDiffusionXLPipeline(text_encoder=parts.text_encoders[0], text_encoder_2=parts.text_encoders[1],
+                                             tokenizer=parts.tokenizers[0], tokenizer_2=parts.tokenizers[1],
+                                             add_watermarker=False, **common)
+        return StableDiffusionPipeline(text_encoder=parts.text_encoders[0], tokenizer=parts.tokenizers[0],
+                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+                                       **common)
+
+    def log_validation(self, global_step: int, final: bool = False):
+        """Render ``--validation_prompts`` with fixed seeds; save a PNG grid and log it. Main process only."""
+        config, accelerator = self.config, self.accelerator
+        if not config.validation_prompts or not accelerator.is_main_process:
+            return None
+        pipeline = self.build_pipeline()
+        pipeline.set_progress_bar_config(disable=True)
+        was_training = self.unet.training
+        self.unet.eval()
+        images = []
+        with torch.no_grad(), accelerator.autocast():
+            for index, prompt in enumerate(config.validation_prompts):
+                generator = torch.Generator(device="cpu").manual_seed(config.seed + index)
+                images.append(pipeline(prompt, num_inference_steps=config.validation_num_inference_steps,
+                                       height=config.resolution, width=config.resolution,
+                                       generator=generator).images[0])
+        self.unet.train(was_training)
+        grid = image_grid(images)
+        name = "validation.png" if final else f"validation-step{global_step}.png"
+        path = os.path.join(config.output_dir, name)
+        grid.save(path)
+        for tracker in accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.writer.add_images("validation", np.stack([np.asarray(i) for i in images]), global_step,
+                                          dataformats="NHWC")
+            elif tracker.name == "wandb":
+                import wandb
+
+                tracker.log({"validation": [wandb.Image(i, caption=p) for i, p in
+                                            zip(images, config.validation_prompts)]}, step=global_step)
+        return path
+
+    def save_model(self, output_dir: str | None = None) -> None:
+        """Write diffusers-loadable weights (LoRA safetensors or ``unet/``), ``training_config.json`` and
+        ``training_metrics.json``. Main process only; safetensors only."""
+        output_dir = output_dir or self.config.output_dir
+        accelerator = self.accelerator
+        accelerator.wait_for_everyone()
+        if not accelerator.is_main_process:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        unet = self.unwrapped_unet
+        if self.config.train_method == "lora":
+            save_lora(output_dir, unet, self.parts.is_sdxl)
+        elif self.config.save_full_pipeline:
+            self.build_pipeline().save_pretrained(output_dir, safe_serialization=True)
+        else:
+            unet.save_pretrained(os.path.join(output_dir, "unet"), safe_serialization=True)
+        summary = self.config.to_dict() | {
+            "model_family": "sdxl" if self.parts.is_sdxl else "sd",
+            "prediction_type": self.parts.prediction_type,
+            "reward_columns": list(self.reward_columns) if self.reward_columns else None,
+            "reward_scale": self.reward_scale,
+            "reward_scale_source": self.reward_scale_source,
+            "effective_batch_size": self.config.train_batch_size * self.config.gradient_accumulation_steps
+            * accelerator.num_processes,
+            "num_processes": accelerator.num_processes,
+            "mixed_precision": accelerator.mixed_precision,
+            "pairs": self.pair_statistics.as_dict(),
+        }
+        with open(os.path.join(output_dir, "training_config.json"), "w") as handle:
+            json.dump(summary, handle, indent=2, sort_keys=True, default=str)
+        metrics = {"global_step": getattr(self, "global_step", None), "final_metrics": self.last_metrics,
+                   "unet_evaluations": self.unet_evaluations, "skipped": self.skipped}
+        with open(os.path.join(output_dir, "training_metrics.json"), "w") as handle:
+            json.dump(metrics, handle, indent=2, sort_keys=True)
+
+
+def image_grid(images: list, columns: int | None = None):
+    """Paste equally sized PIL images into one grid image (row-major)."""
+    from PIL import Image
+
+    columns = columns or len(images)
+    rows = math.ceil(len(images) / columns)
+    width, height = images[0].size
+    grid = Image.new("RGB", (columns * width, rows * height), "white")
+    for index, image in enumerate(images):
+        grid.paste(image, ((index % columns) * width, (index // columns) * height))
+    return grid

@@ -1,0 +1,693 @@
+"""Tests of smpo_diffusers.rewards: backends, labelling callback, statistics, CLI job and resume."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import math
+import os
+import sys
+import types
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageFile
+
+from smpo_diffusers import rewards as R
+from smpo_diffusers.testing import make_preference_dataset, tiny_clip_model
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ----------------------------------------------------------------------------- fixtures / helpers
+
+
+@pytest.fixture(scope="module")
+def clip_parts():
+    """The in-process tiny CLIP model/processor (hand computations use these)."""
+    model, processor = tiny_clip_model(seed=0)
+    return model.eval(), processor
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory, clip_parts):
+    path = tmp_path_factory.mktemp("tiny_clip")
+    model, processor = clip_parts
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def pickscore(clip_dir):
+    return R.load_reward_model("pickscore", clip_dir, device="cpu")
+
+
+def decoded(dataset, column):
+    return [Image.open(io.BytesIO(b)).convert("RGB") for b in dataset[column]]
+
+
+def embedding(output):
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+def hand_cosine(model, processor, images, prompts):
+    with torch.no_grad():
+        pixels = processor(images=images, return_tensors="pt")["pixel_values"]
+        image = embedding(model.get_image_features(pixel_values=pixels))
+        rows = []
+        for prompt in prompts:
+            tokens = processor(text=[prompt], return_tensors="pt")
+            rows.append(embedding(model.get_text_features(**tokens))[0])
+        text = torch.stack(rows)
+    image = image / image.norm(dim=-1, keepdim=True)
+    text = text / text.norm(dim=-1, keepdim=True)
+    return (image * text).sum(-1)
+
+
+def corrupt(dataset, row, column):
+    """Copy of ``dataset`` with ``dataset[row][column]`` truncated to half its bytes."""
+    rows = dataset.to_dict()
+    data = rows[column][row]
+    rows[column][row] = data[: len(data) // 2]
+    return datasets.Dataset.from_dict(rows, features=dataset.features)
+
+
+def mean_pixel(images, prompts):
+    """Deterministic toy reward: mean RGB value in [0, 1] plus a small prompt-length term."""
+    return [float(np.asarray(im, dtype=np.float64).mean() / 255.0 + 0.001 * len(p)) for im, p in zip(images, prompts)]
+
+
+class CountingScorer:
+    """Callable reward counting its calls and images; raises ``RuntimeError`` on call ``fail_on_call``."""
+
+    def __init__(self, fail_on_call=None):
+        self.calls = 0
+        self.images = 0
+        self.fail_on_call = fail_on_call
+
+    def __call__(self, images, prompts):
+        self.calls += 1
+        if self.fail_on_call is not None and self.calls == self.fail_on_call:
+            raise RuntimeError("simulated interruption")
+        self.images += len(images)
+        return mean_pixel(images, prompts)
+
+
+def png_bytes(image):
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+# ----------------------------------------------------------------------------- CLIP backends
+
+
+def test_pickscore_loaded_by_path_equals_hand_cosine(pickscore, clip_parts):
+    dataset = make_preference_dataset(num_pairs=6, seed=1)
+    images = decoded(dataset, "jpg_0") + decoded(dataset, "jpg_1")
+    prompts = list(dataset["caption"]) * 2
+    scores = pickscore.score(images, prompts)
+    expected = hand_cosine(*clip_parts, images, prompts)
+    assert scores.shape == (12,) and scores.dtype == torch.float32
+    assert scores.device.type == "cpu" and not scores.requires_grad
+    torch.testing.assert_close(scores, expected, atol=1e-5, rtol=0)
+    assert pickscore.name == "pickscore" and float(scores.std()) > 0
+
+
+def test_scores_are_batch_invariant(clip_dir):
+    dataset = make_preference_dataset(num_pairs=5, seed=2)
+    images = decoded(dataset, "jpg_0")
+    prompts = ["a red circle", "a blue square on a big dark green background", "a cat", "", "a red circle"]
+    model = R.load_reward_model("pickscore", clip_dir, device="cpu", max_batch_size=2)
+    together = model.score(images, prompts)
+    one_by_one = torch.cat([model.score([im], [p]) for im, p in zip(images, prompts)])
+    torch.testing.assert_close(together, one_by_one, atol=1e-5, rtol=0)
+
+
+def test_clip_score_is_100_times_clamped_cosine(clip_dir, pickscore):
+    dataset = make_preference_dataset(num_pairs=8, seed=3)
+    images, prompts = decoded(dataset, "jpg_0"), list(dataset["caption"])
+    clip = R.load_reward_model("clip", clip_dir, device="cpu")
+    cosine = pickscore.score(images, prompts)
+    assert clip.name == "clip"
+    torch.testing.assert_close(clip.score(images, prompts), 100 * cosine.clamp(min=0), atol=1e-4, rtol=0)
+
+
+def test_fp16_dtype_is_honoured(clip_dir, pickscore):
+    dataset = make_preference_dataset(num_pairs=4, seed=4)
+    images, prompts = decoded(dataset, "jpg_0"), list(dataset["caption"])
+    half = R.load_reward_model("pickscore", clip_dir, device="cpu", dtype="float16")
+    assert half.dtype == torch.float16
+    scores = half.score(images, prompts)
+    assert scores.dtype == torch.float32
+    torch.testing.assert_close(scores, pickscore.score(images, prompts), atol=2e-2, rtol=0)
+
+
+def test_score_rejects_mismatched_inputs(pickscore):
+    image = Image.new("RGB", (32, 32))
+    with pytest.raises(ValueError, match="one prompt per image"):
+        pickscore.score([image, image], ["a"])
+    with pytest.raises(TypeError, match="strings"):
+        pickscore.score([image], [None])
+    assert pickscore.score([], []).shape == (0,)
+
+
+def test_clip_reward_rejects_non_clip_models(clip_parts):
+    with pytest.raises(TypeError, match="get_image_features"):
+        R.CLIPRewardModel(torch.nn.Linear(2, 2), clip_parts[1])
+
+
+# ----------------------------------------------------------------------------- registry, callables, optional
+
+
+def test_registry_lists_backends_and_rejects_unknown_names():
+    assert {"pickscore", "clip", "hpsv2", "imagereward", "aesthetic"} <= set(R.available_reward_models())
+    with pytest.raises(ValueError, match="Unknown reward model 'nope'.*pickscore"):
+        R.load_reward_model("nope")
+    with pytest.raises(ValueError, match="Unknown dtype"):
+        R.load_reward_model("pickscore", dtype="int8")
+
+
+def test_register_reward_model(clip_dir):
+    R.register_reward_model("toy-mean", lambda path, processor, **kw: R.CallableRewardModel(mean_pixel, name="toy-mean"))
+    try:
+        model = R.load_reward_model("TOY-MEAN")
+        assert model.name == "toy-mean"
+        with pytest.raises(ValueError, match="already registered"):
+            R.register_reward_model("toy-mean", lambda *a, **k: None)
+    finally:
+        R.registry._REGISTRY.pop("toy-mean")
+
+
+def test_callable_backend(tmp_path, monkeypatch):
+    images = [Image.new("RGB", (4, 4), (v, v, v)) for v in (0, 51, 255)]
+    prompts = ["a", "bb", "ccc"]
+    expected = torch.tensor(mean_pixel(images, prompts), dtype=torch.float32)
+
+    direct = R.load_reward_model(mean_pixel, device="cpu")
+    assert isinstance(direct, R.CallableRewardModel) and direct.name == "mean_pixel"
+    torch.testing.assert_close(direct.score(images, prompts), expected)
+
+    (tmp_path / "my_rewards.py").write_text(
+        "import numpy as np\n"
+        "def brightness(images, prompts):\n"
+        "    return np.array([[np.asarray(i, dtype=float).mean() / 255 + 0.001 * len(p)] for i, p in zip(images, prompts)])\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    imported = R.load_reward_model("my_rewards:brightness", device="cpu")
+    assert imported.name == "my_rewards:brightness"
+    torch.testing.assert_close(imported.score(images, prompts), expected)  # (N, 1) output accepted
+
+    wrong = R.CallableRewardModel(lambda ims, ps: [0.0] * (len(ims) + 1))
+    with pytest.raises(ValueError, match="expected \\(3,\\)"):
+        wrong.score(images, prompts)
+    with pytest.raises(ValueError, match="no model or processor path"):
+        R.load_reward_model(mean_pixel, "some/path")
+
+
+@pytest.mark.parametrize(
+    "name, module, pip_package",
+    [
+        ("hpsv2", "hpsv2", "hpsv2"),
+        ("imagereward", "ImageReward", "image-reward"),
+        ("aesthetic", "aesthetics_predictor", "simple-aesthetics-predictor"),
+    ],
+)
+def test_optional_backend_missing_package_names_pip_package(monkeypatch, name, module, pip_package):
+    monkeypatch.setitem(sys.modules, module, None)  # makes `import module` raise ImportError
+    if name == "hpsv2":
+        monkeypatch.setitem(sys.modules, "hpsv2.src.open_clip", None)
+    with pytest.raises(ImportError, match=f"pip install {pip_package}"):
+        R.load_reward_model(name, device="cpu")
+
+
+class _FakeOpenClip(torch.nn.Module):
+    """Stand-in for HPSv2's OpenCLIP model: linear image and text encoders."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.visual = torch.nn.Linear(3 * 4 * 4, 8)
+        self.text = torch.nn.Embedding(50, 8)
+
+    def encode_image(self, pixels):
+        return self.visual(pixels.flatten(1))
+
+    def encode_text(self, tokens):
+        return self.text(tokens).mean(1)
+
+
+def _fake_preprocess(image):
+    return torch.from_numpy(np.asarray(image.resize((4, 4)), dtype=np.float32)).permute(2, 0, 1) / 255
+
+
+def _fake_tokenizer(prompts):
+    return torch.tensor([[len(p) % 50, (len(p) * 7) % 50] for p in prompts])
+
+
+def test_hpsv2_backend_wiring_with_a_stand_in_package(monkeypatch, tmp_path):
+    open_clip = types.ModuleType("hpsv2.src.open_clip")
+    trained = _FakeOpenClip()
+    with torch.no_grad():
+        trained.visual.weight.mul_(3)  # the checkpoint differs from the fresh model
+    checkpoint = tmp_path / "hps.pt"
+    torch.save({"state_dict": trained.state_dict()}, checkpoint)
+    open_clip.create_model_and_transforms = lambda name, pretrained, **kw: (_FakeOpenClip(), None, _fake_preprocess)
+    open_clip.get_tokenizer = lambda name: _fake_tokenizer
+    monkeypatch.setitem(sys.modules, "hpsv2", types.ModuleType("hpsv2"))
+    monkeypatch.setitem(sys.modules, "hpsv2.src", types.ModuleType("hpsv2.src"))
+    monkeypatch.setitem(sys.modules, "hpsv2.src.open_clip", open_clip)
+
+    model = R.load_reward_model("hpsv2", str(checkpoint), device="cpu")
+    images = [Image.new("RGB", (8, 8), c) for c in ((255, 0, 0), (0, 0, 255))]
+    prompts = ["red", "a blue one"]
+    with torch.no_grad():
+        image = trained.encode_image(torch.stack([_fake_preprocess(i) for i in images]))
+        text = trained.encode_text(_fake_tokenizer(prompts))
+    expected = torch.nn.functional.cosine_similarity(image, text)
+    torch.testing.assert_close(model.score(images, prompts), expected, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="own preprocessing"):
+        R.load_reward_model("hpsv2", str(checkpoint), "a/processor", device="cpu")
+    with pytest.raises(ValueError, match="checkpoint file or one of"):
+        R.load_reward_model("hpsv2", "v9", device="cpu")
+
+
+def test_imagereward_backend_wiring_with_a_stand_in_package(monkeypatch):
+    class Tokens(dict):
+        __getattr__ = dict.__getitem__
+
+        def to(self, device):
+            return self
+
+    class Blip(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.visual = torch.nn.Linear(3, 6)
+            self.embed = torch.nn.Embedding(40, 6)
+
+        def tokenizer(self, prompts, padding, truncation, max_length, return_tensors):
+            ids = torch.tensor([[len(p) % 40] * max_length for p in prompts])
+            return Tokens(input_ids=ids, attention_mask=torch.ones_like(ids))
+
+        def visual_encoder(self, pixels):  # (N, 3, 4, 4) -> (N, 16, 6) "patch" embeddings
+            return self.visual(pixels.flatten(2).transpose(1, 2))
+
+        def text_encoder(self, ids, attention_mask, encoder_hidden_states, encoder_attention_mask, return_dict):
+            hidden = self.embed(ids) + encoder_hidden_states.mean(1, keepdim=True)
+            return types.SimpleNamespace(last_hidden_state=hidden)
+
+    class FakeImageReward(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.blip = Blip()
+            self.mlp = torch.nn.Linear(6, 1)
+            self.preprocess = _fake_preprocess
+            self.mean, self.std = 0.25, 2.0
+
+    package = types.ModuleType("ImageReward")
+    fake = FakeImageReward()
+    package.load = lambda name, device, download_root: fake
+    monkeypatch.setitem(sys.modules, "ImageReward", package)
+
+    model = R.load_reward_model("imagereward", device="cpu")
+    images = [Image.new("RGB", (8, 8), c) for c in ((255, 0, 0), (10, 200, 30), (0, 0, 255))]
+    prompts = ["red", "green!", "a blue one"]
+    expected = []
+    with torch.no_grad():
+        for image, prompt in zip(images, prompts):  # one pair at a time, as the package's own loop does
+            tokens = fake.blip.tokenizer([prompt], "max_length", True, 35, "pt")
+            embeds = fake.blip.visual_encoder(_fake_preprocess(image)[None])
+            hidden = fake.blip.text_encoder(tokens.input_ids, None, embeds, None, True).last_hidden_state
+            expected.append((fake.mlp(hidden[:, 0]).item() - 0.25) / 2.0)
+    torch.testing.assert_close(model.score(images, prompts), torch.tensor(expected), atol=1e-6, rtol=0)
+
+
+def test_aesthetic_backend_wiring_with_a_stand_in_package(monkeypatch, clip_dir):
+    class MeanPixelPredictor(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.tensor(2.0))
+
+        @classmethod
+        def from_pretrained(cls, path, cache_dir=None):
+            assert path == clip_dir
+            return cls()
+
+        def forward(self, pixel_values):
+            return types.SimpleNamespace(logits=self.scale * pixel_values.mean(dim=(1, 2, 3))[:, None])
+
+    package = types.ModuleType("aesthetics_predictor")
+    package.AestheticsPredictorV2Linear = MeanPixelPredictor
+    monkeypatch.setitem(sys.modules, "aesthetics_predictor", package)
+
+    model = R.load_reward_model("aesthetic", clip_dir, device="cpu")  # processor defaults to the model path
+    images = [Image.new("RGB", (40, 32), c) for c in ((255, 0, 0), (0, 0, 255))]
+    pixels = model.processor(images=images, return_tensors="pt")["pixel_values"]
+    expected = 2.0 * pixels.mean(dim=(1, 2, 3))
+    torch.testing.assert_close(model.score(images, ["x", "ignored"]), expected)
+    assert R.AestheticRewardModel.predictor_class_name("org/aesthetics-predictor-v1-vit") == "AestheticsPredictorV1"
+    assert R.AestheticRewardModel.predictor_class_name("org/x-v2-reluMSE") == "AestheticsPredictorV2ReLU"
+
+
+# ----------------------------------------------------------------------------- ensemble
+
+
+def test_ensemble_z_score_normalisation():
+    bright = R.CallableRewardModel(mean_pixel, name="bright")
+    scaled = R.CallableRewardModel(lambda ims, ps: [10 * v + 3 for v in mean_pixel(ims, ps)], name="scaled")
+    dark = R.CallableRewardModel(lambda ims, ps: [-v for v in mean_pixel(ims, ps)], name="dark")
+    images = [Image.new("RGB", (4, 4), (v, v // 2, 0)) for v in (0, 40, 90, 160, 250)]
+    prompts = ["p"] * 5
+    raw = np.array([mean_pixel(images, prompts)], dtype=np.float64)[0]
+
+    ensemble = R.EnsembleRewardModel([bright, scaled, dark], weights=[1.0, 1.0, 2.0])
+    assert ensemble.name == "bright+scaled+dark"
+    with pytest.raises(RuntimeError, match="calibrate"):
+        ensemble.score(images, prompts)
+    stats = ensemble.calibrate(images, prompts)
+    assert stats[1]["mean"] == pytest.approx(10 * raw.mean() + 3)
+    assert stats[1]["std"] == pytest.approx(10 * raw.std(), rel=1e-6)
+    z = (raw - raw.mean()) / raw.std()
+    expected = (z + z + 2 * (-z)) / 4  # scaled member has the same z-scores as bright; dark flips them
+    np.testing.assert_allclose(ensemble.score(images, prompts).numpy(), expected, atol=1e-5)
+    # Fixed statistics: scoring one pair alone gives the same value as in the batch.
+    np.testing.assert_allclose(ensemble.score(images[:1], prompts[:1]).numpy(), expected[:1], atol=1e-5)
+
+    explicit = R.EnsembleRewardModel([bright, scaled], statistics=[{"mean": 0.5, "std": 0.25}, {"mean": 8.0, "std": 2.5}])
+    want = ((raw - 0.5) / 0.25 + (10 * raw + 3 - 8.0) / 2.5) / 2
+    np.testing.assert_allclose(explicit.score(images, prompts).numpy(), want, atol=1e-5)
+    with pytest.raises(ValueError, match="std must be finite and > 0"):
+        ensemble.calibrate([images[0]] * 3, prompts[:3])
+    with pytest.raises(ValueError, match="at least 2"):
+        R.EnsembleRewardModel([bright])
+
+
+def test_factory_builds_an_uncalibrated_ensemble(clip_dir):
+    ensemble = R.load_reward_model("pickscore, clip", f"{clip_dir},{clip_dir}", device="cpu")
+    assert isinstance(ensemble, R.EnsembleRewardModel)
+    assert [m.name for m in ensemble.models] == ["pickscore", "clip"] and ensemble.statistics is None
+    with pytest.raises(ValueError, match="align"):
+        R.load_reward_model(["pickscore", "clip"], [clip_dir], device="cpu")
+
+
+# ----------------------------------------------------------------------------- images and labelling
+
+
+def test_load_image_handles_modes_containers_and_corruption(tmp_path, monkeypatch):
+    rgba = Image.new("RGBA", (6, 6), (255, 0, 0, 255))
+    rgba.putpixel((0, 0), (0, 0, 0, 0))  # fully transparent pixel -> white background
+    palette = Image.new("P", (6, 6), 1)
+    palette.putpalette([0, 0, 0, 0, 200, 0] + [0] * 762)
+    cases = {
+        "rgba": png_bytes(rgba),
+        "grey": png_bytes(Image.new("L", (6, 6), 77)),
+        "grey_alpha": png_bytes(Image.new("LA", (6, 6), (77, 255))),
+        "palette": png_bytes(palette),
+        "grey16": png_bytes(Image.new("I;16", (6, 6), 100)),
+    }
+    cmyk = io.BytesIO()
+    Image.new("CMYK", (6, 6), (0, 255, 255, 0)).save(cmyk, format="JPEG")
+    cases["cmyk"] = cmyk.getvalue()
+    for name, data in cases.items():
+        image = R.load_image(data)
+        assert image.mode == "RGB" and image.size == (6, 6), name
+    decoded_rgba = R.load_image(cases["rgba"])
+    assert decoded_rgba.getpixel((0, 0)) == (255, 255, 255) and decoded_rgba.getpixel((1, 1)) == (255, 0, 0)
+    assert R.load_image(cases["grey"]).getpixel((2, 2)) == (77, 77, 77)
+    assert R.load_image(cases["palette"]).getpixel((2, 2)) == (0, 200, 0)
+
+    path = tmp_path / "img.png"
+    path.write_bytes(cases["grey"])
+    assert R.load_image({"bytes": None, "path": str(path)}).getpixel((0, 0)) == (77, 77, 77)
+    assert R.load_image({"bytes": cases["rgba"], "path": None}).mode == "RGB"
+    assert R.load_image(Image.new("LA", (3, 3))).mode == "RGB"
+
+    jpeg = make_preference_dataset(num_pairs=1)[0]["jpg_0"]
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)  # a library might have set this
+    for bad in (jpeg[: len(jpeg) // 2], jpeg[: int(len(jpeg) * 0.8)], b"not an image", b"", None, {"bytes": None, "path": str(tmp_path / "gone.png")}):
+        with pytest.raises(R.UnreadableImageError):
+            R.load_image(bad)
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True  # restored
+    with pytest.raises(TypeError, match="Unsupported image cell"):
+        R.load_image(12)
+
+
+def test_labeler_marks_corrupted_pairs_and_keeps_ties(pickscore):
+    dataset = make_preference_dataset(num_pairs=8, seed=5, tie_fraction=0.25)
+    ties = [i for i, label in enumerate(dataset["label_0"]) if label == 0.5]
+    bad_row = next(i for i in range(8) if i not in ties)
+    broken = corrupt(dataset, bad_row, "jpg_1")
+    labeler = R.RewardLabeler(pickscore)
+
+    labelled = broken.map(labeler, batched=True, batch_size=4)
+
+    assert labelled.features["reward_0"] == datasets.Value("float32")
+    assert labelled.features["label_valid"] == datasets.Value("bool")
+    assert labelled.column_names[:5] == dataset.column_names
+    valid = np.array(labelled["label_valid"])
+    r0, r1 = np.array(labelled["reward_0"]), np.array(labelled["reward_1"])
+    assert not valid[bad_row] and np.isnan(r0[bad_row]) and np.isnan(r1[bad_row])
+    others = [i for i in range(8) if i != bad_row]
+    assert valid[others].all() and np.isfinite(r0[others]).all() and np.isfinite(r1[others]).all()
+    assert ties and all(valid[t] for t in ties)
+    expected0 = pickscore.score(decoded(dataset, "jpg_0"), dataset["caption"]).numpy()
+    expected1 = pickscore.score(decoded(dataset, "jpg_1"), dataset["caption"]).numpy()
+    np.testing.assert_allclose(r0[others], expected0[others], atol=1e-5)
+    np.testing.assert_allclose(r1[others], expected1[others], atol=1e-5)
+    assert labeler.num_score_calls == 2 and labeler.num_pairs == 8 and labeler.num_invalid_pairs == 1
+    assert R.summarize_labels(labelled) == {"num_pairs": 8, "num_valid_pairs": 7, "num_invalid_pairs": 1}
+
+
+def test_labeler_makes_one_scoring_call_per_batch_and_chunks_inside():
+    scorer = CountingScorer()
+    model = R.CallableRewardModel(scorer, max_batch_size=3)
+    labeler = R.RewardLabeler(model)
+    dataset = make_preference_dataset(num_pairs=8, seed=6)
+    labelled = dataset.map(labeler, batched=True, batch_size=4, with_rank=True)  # rank ignored without CUDA
+    assert labeler.num_score_calls == 2  # one per map batch of 4 pairs (8 images)
+    assert scorer.calls == 2 * 3 and scorer.images == 16  # each batch chunked into 3 + 3 + 2 images
+    expected = mean_pixel(decoded(dataset, "jpg_1"), dataset["caption"])
+    np.testing.assert_allclose(labelled["reward_1"], expected, rtol=1e-6)
+
+
+def test_labeler_accepts_rgba_greyscale_and_pil_cells(pickscore):
+    rows = {
+        "caption": ["a red circle", "a gray square", "a blue diamond"],
+        "jpg_0": [png_bytes(Image.new("RGBA", (20, 20), (255, 0, 0, 128))), png_bytes(Image.new("L", (32, 32), 90)),
+                  png_bytes(Image.new("P", (32, 32), 3))],
+        "jpg_1": [png_bytes(Image.new("LA", (32, 32), (30, 200))), png_bytes(Image.new("1", (32, 32), 1)),
+                  png_bytes(Image.new("RGB", (32, 48), (0, 0, 255)))],
+    }
+    labelled = datasets.Dataset.from_dict(rows).map(R.RewardLabeler(pickscore), batched=True, batch_size=3)
+    assert all(labelled["label_valid"]) and np.isfinite(labelled["reward_0"]).all()
+
+    as_image_feature = datasets.Dataset.from_dict(rows).cast_column("jpg_0", datasets.Image())  # PIL cells
+    assert as_image_feature.map(R.RewardLabeler(pickscore), batched=True)["label_valid"] == [True] * 3
+    with pytest.raises(KeyError, match="jpg_1"):
+        R.RewardLabeler(pickscore)({"caption": ["x"], "jpg_0": [rows["jpg_0"][0]]})
+    with pytest.raises(TypeError, match="CallableRewardModel"):
+        R.RewardLabeler(mean_pixel)
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def test_statistics_match_numpy_and_round_trip_json(tmp_path, pickscore):
+    dataset = corrupt(make_preference_dataset(num_pairs=10, seed=7), 2, "jpg_0")
+    labelled = dataset.map(R.RewardLabeler(pickscore), batched=True, batch_size=5)
+
+    stats = R.compute_reward_statistics(labelled, reward_model="pickscore")
+
+    valid = np.array(labelled["label_valid"])
+    values = np.concatenate([np.array(labelled["reward_0"], dtype=np.float32)[valid],
+                             np.array(labelled["reward_1"], dtype=np.float32)[valid]]).astype(np.float64)
+    assert stats["reward_model"] == "pickscore"
+    assert stats["num_pairs"] == 10 and stats["num_valid_pairs"] == 9 and stats["count"] == 18
+    assert stats["min"] == values.min() and stats["max"] == values.max()
+    assert stats["mean"] == values.mean() and stats["std"] == values.std()
+    assert stats["suggested_scale"] == values.max() - values.min()
+
+    folder = tmp_path / "labelled"
+    labelled.save_to_disk(str(folder))
+    path = R.save_reward_statistics(folder, stats)
+    assert path == str(folder / "reward_stats.json")
+    assert json.loads((folder / "reward_stats.json").read_text()) == stats
+    assert R.load_reward_statistics(folder) == stats
+    assert R.load_reward_statistics(str(folder / "reward_stats.json")) == stats
+    assert R.reward_scale_from_statistics(stats) == values.max() - values.min()
+    assert R.load_reward_statistics(tmp_path / "nowhere") is None
+    (tmp_path / "bad.json").write_text('{"min": 0}')
+    with pytest.raises(ValueError, match="not a reward statistics file"):
+        R.load_reward_statistics(tmp_path / "bad.json")
+    assert datasets.load_from_disk(str(folder)).num_rows == 10  # the JSON does not disturb the dataset
+
+
+def test_statistics_from_columns_and_scale_errors():
+    columns = {"reward_0": [0.2, np.nan, 0.2], "reward_1": [0.2, np.nan, 0.2], "label_valid": [True, False, True]}
+    stats = R.compute_reward_statistics(columns, reward_model="toy")
+    assert stats["count"] == 4 and stats["suggested_scale"] == 0.0
+    with pytest.raises(ValueError, match="all rewards are equal.*--reward_scale"):
+        R.reward_scale_from_statistics(stats)
+    none_valid = R.compute_reward_statistics({**columns, "label_valid": [False] * 3})
+    assert none_valid["count"] == 0 and none_valid["min"] is None
+    with pytest.raises(ValueError, match="no valid rewards"):
+        R.reward_scale_from_statistics(none_valid)
+    with pytest.raises(ValueError, match="inconsistent"):
+        R.compute_reward_statistics({**columns, "label_valid": [True, True, True]})
+    with pytest.raises(ValueError, match="lack"):
+        R.save_reward_statistics("unused.json", {"min": 0})
+
+
+def test_pickscore_constants():
+    assert R.PICKSCORE_MIN == 0.11543526500463486 and R.PICKSCORE_MAX == 0.28201571106910706
+    assert R.PICKSCORE_SCALE == R.PICKSCORE_MAX - R.PICKSCORE_MIN
+    stats = {"suggested_scale": R.PICKSCORE_SCALE}
+    assert R.reward_scale_from_statistics(stats) == pytest.approx(0.16658044606447220)
+
+
+# ----------------------------------------------------------------------------- CLI job
+
+
+@pytest.fixture()
+def saved_dataset(tmp_path):
+    dataset = corrupt(make_preference_dataset(num_pairs=10, seed=8), 4, "jpg_1")
+    path = tmp_path / "source"
+    dataset.save_to_disk(str(path))
+    return str(path)
+
+
+def _run_example(argv):
+    spec = importlib.util.spec_from_file_location("label_rewards", os.path.join(REPO_ROOT, "examples", "label_rewards.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(argv)
+
+
+def test_cli_labels_a_saved_dataset_end_to_end(tmp_path, saved_dataset, clip_dir, pickscore, capsys):
+    output = tmp_path / "out"
+    summary = _run_example([
+        "--dataset_name", saved_dataset, "--reward_model", "pickscore", "--reward_model_name_or_path", clip_dir,
+        "--output_dir", str(output), "--batch_size", "4", "--shard_size", "6", "--fp16",  # fp16 falls back on CPU
+    ])
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["num_pairs"] == 10 and printed["num_invalid_pairs"] == 1
+
+    labelled = datasets.load_from_disk(str(output))
+    source = datasets.load_from_disk(saved_dataset)
+    assert labelled.column_names == source.column_names + ["reward_0", "reward_1", "label_valid"]
+    assert labelled["caption"] == source["caption"] and labelled["jpg_0"] == source["jpg_0"]
+    assert labelled["label_valid"] == [i != 4 for i in range(10)]
+    expected = pickscore.score(decoded(make_preference_dataset(num_pairs=10, seed=8), "jpg_0"), source["caption"])
+    keep = [i for i in range(10) if i != 4]
+    np.testing.assert_allclose(np.array(labelled["reward_0"])[keep], expected.numpy()[keep], atol=1e-5)
+
+    stats = R.load_reward_statistics(str(output))
+    assert stats == R.compute_reward_statistics(labelled, reward_model="pickscore") and stats["count"] == 18
+    on_disk = json.loads((output / "labeling_summary.json").read_text())
+    assert on_disk == summary
+    assert summary["num_valid_pairs"] == 9 and summary["num_shards"] == 2 and summary["num_shards_scored"] == 2
+    assert summary["pairs_scored"] == 10 and summary["pairs_per_second"] > 0
+    assert summary["statistics_path"] == str(output / "reward_stats.json")
+    assert summary["arguments"]["fp16"] is True
+    fingerprint = json.loads((output / ".shards" / "shard-00000" / "labeling_fingerprint.json").read_text())
+    assert fingerprint["fp16"] is False and fingerprint["reward_model_name_or_path"] == clip_dir
+
+
+def test_cli_ensemble_run_stores_member_statistics(tmp_path, saved_dataset, clip_dir):
+    args = R.LabelingArguments(
+        dataset_name=saved_dataset, output_dir=str(tmp_path / "ens"), reward_model="pickscore,clip",
+        reward_model_name_or_path=f"{clip_dir},{clip_dir}", batch_size=5, ensemble_calibration_pairs=4,
+    )
+    summary = R.label_dataset(args)
+    stats = R.load_reward_statistics(args.output_dir)
+    assert summary["reward_model"] == "pickscore+clip" == stats["reward_model"]
+    members = stats["ensemble_member_statistics"]
+    assert [m["name"] for m in members] == ["pickscore", "clip"] and all(m["std"] > 0 for m in members)
+    calibration = json.loads((tmp_path / "ens" / ".shards" / "ensemble_calibration.json").read_text())
+    assert calibration["num_images"] == 8 and calibration["statistics"] == members
+
+
+def test_labeling_arguments_validate_and_parse():
+    from transformers import HfArgumentParser
+
+    (args,) = HfArgumentParser(R.LabelingArguments).parse_args_into_dataclasses(
+        args=["--dataset_name", "d", "--output_dir", "o", "--max_samples", "3", "--reward_model", "clip"]
+    )
+    assert (args.max_samples, args.reward_model, args.batch_size, args.shard_size, args.fp16) == (3, "clip", 16, 1000, False)
+    with pytest.raises(ValueError, match="--shard_size must be >= 1"):
+        R.LabelingArguments(dataset_name="d", output_dir="o", shard_size=0)
+
+
+def test_load_preference_dataset_detects_formats(tmp_path):
+    dataset = make_preference_dataset(num_pairs=3, seed=9)
+    parquet = tmp_path / "pairs.parquet"
+    dataset.to_parquet(str(parquet))
+    assert R.load_preference_dataset(str(parquet))["caption"] == dataset["caption"]
+    jsonl = tmp_path / "pairs.jsonl"
+    jsonl.write_text("".join(json.dumps({"caption": c}) + "\n" for c in dataset["caption"]))
+    assert R.load_preference_dataset(str(jsonl), split="test")["caption"] == dataset["caption"]
+    folder = tmp_path / "dict"
+    datasets.DatasetDict({"validation": dataset}).save_to_disk(str(folder))
+    assert R.load_preference_dataset(str(folder), split="validation").num_rows == 3
+    with pytest.raises(ValueError, match="not 'train'"):
+        R.load_preference_dataset(str(folder))
+
+
+def test_label_dataset_rejects_bad_inputs(tmp_path, saved_dataset):
+    model = R.CallableRewardModel(mean_pixel)
+    with pytest.raises(ValueError, match="must differ"):
+        R.label_dataset(R.LabelingArguments(dataset_name=saved_dataset, output_dir=saved_dataset), reward_model=model)
+    no_images = tmp_path / "no_images"
+    datasets.Dataset.from_dict({"caption": ["a"]}).save_to_disk(str(no_images))
+    with pytest.raises(ValueError, match="lacks column"):
+        R.label_dataset(R.LabelingArguments(dataset_name=str(no_images), output_dir=str(tmp_path / "o")), reward_model=model)
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+def _columns(path):
+    table = datasets.load_from_disk(str(path))
+    return {name: table[name][:] for name in table.column_names}
+
+
+def test_interrupted_run_resumes_without_rescoring(tmp_path, saved_dataset):
+    def args(out, **extra):
+        return R.LabelingArguments(dataset_name=saved_dataset, output_dir=str(out), batch_size=3, shard_size=3, **extra)
+
+    reference_scorer = CountingScorer()
+    R.label_dataset(args(tmp_path / "uninterrupted"), reward_model=R.CallableRewardModel(reference_scorer, name="toy"))
+    assert reference_scorer.calls == 4  # shards of 3, 3, 3, 1 pairs: one call each
+
+    failing = CountingScorer(fail_on_call=3)  # dies while scoring the 3rd shard
+    with pytest.raises(RuntimeError, match="simulated interruption"):
+        R.label_dataset(args(tmp_path / "resumed"), reward_model=R.CallableRewardModel(failing, name="toy"))
+    shards = tmp_path / "resumed" / ".shards"
+    assert sorted(p.name for p in shards.iterdir() if p.name.startswith("shard-")) == ["shard-00000", "shard-00001"]
+
+    resumed_scorer = CountingScorer()
+    summary = R.label_dataset(args(tmp_path / "resumed"), reward_model=R.CallableRewardModel(resumed_scorer, name="toy"))
+    assert resumed_scorer.calls == 2 and resumed_scorer.images == 2 * (3 + 1)  # only shards 2 and 3
+    assert summary["num_shards_resumed"] == 2 and summary["num_shards_scored"] == 2 and summary["pairs_scored"] == 4
+
+    resumed, reference = _columns(tmp_path / "resumed"), _columns(tmp_path / "uninterrupted")
+    assert resumed.keys() == reference.keys()
+    for name in resumed:
+        if name.startswith("reward_"):
+            np.testing.assert_array_equal(np.array(resumed[name]), np.array(reference[name]))  # NaN == NaN here
+        else:
+            assert resumed[name] == reference[name], name
+
+    idle = CountingScorer()
+    again = R.label_dataset(args(tmp_path / "resumed"), reward_model=R.CallableRewardModel(idle, name="toy"))
+    assert idle.calls == 0 and again["num_shards_resumed"] == 4 and again["pairs_scored"] == 0
+
+    renamed = CountingScorer()  # other settings (reward model name) -> nothing is reused
+    R.label_dataset(args(tmp_path / "resumed"), reward_model=R.CallableRewardModel(renamed, name="other"))
+    assert renamed.calls == 4
+    assert not [p for p in shards.iterdir() if ".tmp-" in p.name or ".stale-" in p.name]
