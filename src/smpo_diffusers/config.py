@@ -197,11 +197,8 @@ class SmPOConfig:
             raise ValueError(f"--proportion_empty_prompts must be in [0, 1], got {self.proportion_empty_prompts}.")
         if self.max_grad_norm < 0 or self.lr_warmup_steps < 0 or self.dataloader_num_workers < 0:
             raise ValueError("--max_grad_norm, --lr_warmup_steps and --dataloader_num_workers must be >= 0.")
-        if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
-            raise ValueError(
-                f"--resolution {self.resolution} must be a positive multiple of 8 (the VAE downsampling factor "
-                "of SD/SDXL); use e.g. 512 or 1024."
-            )
+        if self.resolution is not None and self.resolution < 8:
+            raise ValueError(f"--resolution must be at least 8 pixels, got {self.resolution}; use e.g. 512 or 1024.")
         if self.reward_columns is not None and (
                 len(self.reward_columns) != 2 or self.reward_columns[0] == self.reward_columns[1]):
             raise ValueError(

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration
+from accelerate.utils import ProjectConfiguration, set_seed
 
 from .config import PICKSCORE_REWARD_SCALE, SmPOConfig
 from .data import (
@@ -144,14 +144,14 @@ class SmPOTrainer:
         )
         logger.info("preference pairs: %s", self.pair_statistics.summary())
 
+        set_seed(config.seed)  # LoRA initialisation and anything else drawing from the global RNGs
         self.parts = load_diffusion_parts(config, pipeline_components)
         config.resolve_model_defaults(self.parts.is_sdxl)
-        factor = self.parts.vae_scale_factor * 2 ** (len(self.parts.unet.config.block_out_channels) - 1)
+        factor = self.parts.vae_scale_factor
         if config.resolution % factor:
             raise ValueError(
-                f"--resolution {config.resolution} must be divisible by {factor} (VAE factor "
-                f"{self.parts.vae_scale_factor} x UNet downsampling) for this model; e.g. "
-                f"{max(factor, config.resolution // factor * factor)}."
+                f"--resolution {config.resolution} must be divisible by the VAE downsampling factor {factor} of "
+                f"this model; e.g. --resolution {max(factor, config.resolution // factor * factor)}."
             )
         self._setup_models()
         self._setup_data()
@@ -418,10 +418,11 @@ class SmPOTrainer:
         for epoch in range(first_epoch, self.num_train_epochs):
             if done:
                 break
-            self.sampler.set_epoch(epoch)
-            self.train_dataset.set_epoch(epoch)
             start = resume_batch if epoch == first_epoch else 0
             loader = accelerator.skip_first_batches(self.train_dataloader, start) if start else self.train_dataloader
+            # accelerate's loaders pass this on to our sampler and dataset (data order and augmentation);
+            # a loader would otherwise use its own iteration count, which restarts at 0 after a resume.
+            loader.set_epoch(epoch)
             for batch_index, batch in enumerate(loader, start=start):
                 generator = _step_generator(config.seed, epoch, batch_index, accelerator.process_index)
                 self.skipped["undecodable_pairs"] += int(batch.get("num_skipped", 0)) if batch else 0

@@ -50,8 +50,11 @@ class RewardLabeler:
         reward_model: the :class:`RewardModel` that scores ``(image, caption)``.
 
     Call as ``labeler(batch)`` or, with ``map(..., with_rank=True)``, ``labeler(batch, rank)``: when
-    CUDA is available a rank moves the model to ``cuda:{rank % torch.cuda.device_count()}`` (one
-    process per GPU with ``num_proc``); without CUDA the rank is ignored.
+    CUDA is available a rank moves the model to ``cuda:{rank % torch.cuda.device_count()}``; without
+    CUDA the rank is ignored. For one process per GPU, build the model on the CPU and call
+    ``map(labeler, batched=True, with_rank=True, num_proc=torch.cuda.device_count())``: each worker
+    moves its own copy (CUDA must not be initialised in the parent before it forks).
+    ``examples/label_rewards.py`` under ``accelerate launch`` is the resumable alternative.
 
     Counters (this process only): ``num_pairs``, ``num_invalid_pairs``, ``num_score_calls``.
     """

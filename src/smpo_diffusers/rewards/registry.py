@@ -80,7 +80,7 @@ def load_reward_model(
     """Build a reward model from a name.
 
     Args:
-        name: a registered backend (:func:`available_reward_models`: ``pickscore``, ``clip``,
+        name: a :class:`RewardModel` (returned as is); a registered backend (:func:`available_reward_models`: ``pickscore``, ``clip``,
             ``hpsv2``, ``imagereward``, ``aesthetic``, case-insensitive); a ``"module:attribute"``
             import path to a :class:`RewardModel` instance or to a callable
             ``fn(images, prompts) -> N scores``; a callable itself; or a list of such names (or one
@@ -98,6 +98,8 @@ def load_reward_model(
         ensemble_weights: member weights of an ensemble (default equal).
     """
     dtype = resolve_dtype(dtype)
+    if isinstance(name, RewardModel):
+        return name
     if isinstance(name, str) and "," in name:
         name = [part.strip() for part in name.split(",")]
     if not isinstance(name, str) and not callable(name):

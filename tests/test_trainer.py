@@ -1,0 +1,231 @@
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+from safetensors.torch import load_file
+
+from smpo_diffusers import SmPOConfig, SmPOTrainer
+from smpo_diffusers.testing import save_tiny_pipeline
+
+
+def make_config(tmp_path, model, data, **overrides):
+    options = dict(pretrained_model_name_or_path=model, dataset_name=data, output_dir=str(tmp_path / "out"),
+                   resolution=32, train_batch_size=2, max_train_steps=2, report_to="none", learning_rate=1e-3,
+                   checkpointing_steps=1000, proportion_empty_prompts=0.2, seed=0)
+    options.update(overrides)
+    return SmPOConfig(**options)
+
+
+def lora_weights(path):
+    return load_file(os.path.join(path, "pytorch_lora_weights.safetensors"))
+
+
+def test_sdxl_lora_trains_saves_and_loads_into_the_pipeline(tmp_path, demo_inputs):
+    model, data = demo_inputs["sdxl"]
+    config = make_config(tmp_path, model, data, validation_prompts=["a red circle on a blue background"],
+                         validation_num_inference_steps=2)
+    trainer = SmPOTrainer(config)
+    # One UNet in memory: the reference is the policy with adapters disabled.
+    assert trainer.reference.frozen_unet is None
+    unets = [m for m in vars(trainer).values() if isinstance(m, UNet2DConditionModel)]
+    assert len(unets) <= 1 and trainer.parts.unet is trainer.unwrapped_unet
+    trainable = [p for p in trainer.unwrapped_unet.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+    assert sum(p.numel() for p in trainable) < 0.2 * sum(p.numel() for p in trainer.unwrapped_unet.parameters())
+    metrics = trainer.train()
+    assert np.isfinite(metrics["loss"]) and 0 <= metrics["implicit_acc"] <= 1
+    out = config.output_dir
+    for name in ("pytorch_lora_weights.safetensors", "training_config.json", "training_metrics.json",
+                 "validation.png"):
+        assert os.path.isfile(os.path.join(out, name)), name
+    saved = json.load(open(os.path.join(out, "training_config.json")))
+    assert saved["model_family"] == "sdxl" and saved["reward_scale_source"].endswith("reward_stats.json")
+    assert saved["num_inversion_steps"] == 10 and saved["beta_dpo"] == 5000.0
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(model)
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = dict(prompt="a red circle", num_inference_steps=2, height=32, width=32, output_type="np")
+    before = pipe(generator=torch.Generator().manual_seed(0), **kwargs).images
+    pipe.load_lora_weights(out)
+    after = pipe(generator=torch.Generator().manual_seed(0), **kwargs).images
+    assert np.abs(before - after).max() > 1e-4
+
+
+def test_sd_full_unet_with_reference_inversion_and_full_pipeline(tmp_path, demo_inputs):
+    model, data = demo_inputs["sd"]
+    config = make_config(tmp_path, model, data, train_method="full", inversion_model="reference",
+                         learning_rate=1e-4, save_full_pipeline=True, use_adafactor=True)
+    trainer = SmPOTrainer(config)
+    assert trainer.reference.frozen_unet is not None
+    assert not any(p.requires_grad for p in trainer.reference.frozen_unet.parameters())
+    initial = {k: v.clone() for k, v in trainer.reference.frozen_unet.state_dict().items()}
+    trainer.train()
+    # the reference stays frozen while the policy moves
+    assert all(torch.equal(v, trainer.reference.frozen_unet.state_dict()[k]) for k, v in initial.items())
+    unet = UNet2DConditionModel.from_pretrained(config.output_dir, subfolder="unet")
+    moved = max((unet.state_dict()[k] - v).abs().max().item() for k, v in initial.items())
+    assert moved > 0
+    pipe = StableDiffusionPipeline.from_pretrained(config.output_dir, safety_checker=None)
+    image = pipe("a red circle", num_inference_steps=2, height=32, width=32, output_type="np").images
+    assert image.shape == (1, 32, 32, 3)
+    assert trainer.parts.is_sdxl is False and config.num_inversion_steps == 5 and config.beta_dpo == 2000.0
+
+
+@pytest.mark.parametrize("loss_type,noise_source,grid,renoise", [
+    ("smpo", "inversion", "exact", 1),
+    ("smpo", "inversion", "reference", 1),
+    ("smpo", "inversion", "exact", 0),
+    ("smpo", "random", "exact", 1),
+    ("dpo", "inversion", "exact", 1),
+    ("dpo", "random", "exact", 1),
+])
+def test_modes_count_unet_evaluations_and_use_the_right_labels(tmp_path, demo_inputs, loss_type, noise_source,
+                                                               grid, renoise):
+    model, data = demo_inputs["sdxl"]
+    config = make_config(tmp_path, model, data, loss_type=loss_type, noise_source=noise_source,
+                         inversion_grid=grid, num_renoise_steps=renoise, max_train_steps=1)
+    trainer = SmPOTrainer(config)
+    calls = []
+    handle = trainer.unwrapped_unet.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    batch = next(iter(trainer.train_dataloader))
+    step = trainer.compute_loss(batch, torch.Generator().manual_seed(0))
+    handle.remove()
+    pairs = batch["pixel_values"].shape[0]
+    t = step.timesteps
+    if noise_source == "random":
+        expected_inversion = 0
+    else:
+        steps = trainer.parts.scheduler.inversion_schedule(t.repeat(2), config.num_inversion_steps, grid)[1]
+        expected_inversion = int(steps.sum()) * (renoise + 1)
+    assert step.unet_evaluations == {"inversion": expected_inversion, "policy": 2 * pairs, "reference": 2 * pairs}
+    # The policy is the only UNet; every sample-evaluation goes through it (LoRA: adapters toggled).
+    assert sum(calls) == expected_inversion + 4 * pairs
+    if loss_type == "smpo":
+        torch.testing.assert_close(step.weight, 10 * (2 * batch["prob_w"] - 1))
+        assert torch.all(batch["prob_w"] >= 0.5)
+    else:
+        assert torch.all(step.weight == 1.0)
+    # At initialisation LoRA is a no-op: policy and reference errors agree, loss is log 2.
+    torch.testing.assert_close(step.policy_err_w, step.ref_err_w)
+    assert step.loss.item() == pytest.approx(np.log(2), abs=1e-6)
+
+
+def test_v_prediction_trains_on_the_velocity_of_the_inverted_latent(tmp_path, demo_inputs):
+    model = save_tiny_pipeline(str(tmp_path / "vpred"), kind="sd", prediction_type="v_prediction")
+    _, data = demo_inputs["sd"]
+    config = make_config(tmp_path, model, data, max_train_steps=1)
+    trainer = SmPOTrainer(config)
+    assert trainer.parts.prediction_type == "v_prediction"
+    scheduler = trainer.parts.scheduler
+    seen = {}
+    original = scheduler.get_velocity
+
+    def spy(sample, noise, timesteps):
+        seen["args"] = (sample, noise, timesteps)
+        return original(sample, noise, timesteps)
+
+    scheduler.get_velocity = spy
+    batch = next(iter(trainer.train_dataloader))
+    step = trainer.compute_loss(batch, torch.Generator().manual_seed(0))
+    x0, noise, t = seen["args"]
+    assert x0.shape[0] == 2 * batch["pixel_values"].shape[0] and torch.equal(t[: len(step.timesteps)], step.timesteps)
+    assert torch.isfinite(step.loss)
+    metrics = trainer.train()
+    assert np.isfinite(metrics["loss"])
+
+
+def run_with_interrupt(config, stop_after_checkpoint=None):
+    class Interrupted(Exception):
+        pass
+
+    class InterruptingTrainer(SmPOTrainer):
+        def save_checkpoint(self, global_step, epoch, next_batch):
+            path = super().save_checkpoint(global_step, epoch, next_batch)
+            if stop_after_checkpoint is not None and global_step == stop_after_checkpoint:
+                raise Interrupted
+            return path
+
+    trainer = InterruptingTrainer(config)
+    try:
+        trainer.train()
+    except Interrupted:
+        return None
+    return trainer
+
+
+def test_resume_mid_epoch_equals_an_uninterrupted_run(tmp_path, demo_inputs):
+    model, data = demo_inputs["sdxl"]
+    common = dict(max_train_steps=5, gradient_accumulation_steps=2, checkpointing_steps=2, train_batch_size=2,
+                  random_crop=True, lr_scheduler="cosine", lr_warmup_steps=1)
+    full = make_config(tmp_path / "a", model, data, **common)
+    run_with_interrupt(full)
+    interrupted = make_config(tmp_path / "b", model, data, **common)
+    assert run_with_interrupt(interrupted, stop_after_checkpoint=2) is None
+    assert sorted(os.listdir(interrupted.output_dir)).count("checkpoint-2") == 1
+    resumed = make_config(tmp_path / "b", model, data, resume_from_checkpoint="latest", **common)
+    trainer = run_with_interrupt(resumed)
+    assert trainer.global_step == 5
+    a, b = lora_weights(full.output_dir), lora_weights(resumed.output_dir)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    # 7 pairs per epoch at batch 2 -> 4 micro-batches; 5 updates x 2 micro-batches crosses epochs.
+    assert trainer.num_train_epochs >= 2
+
+
+def test_checkpoint_limit_and_partial_checkpoints_are_ignored(tmp_path, demo_inputs):
+    model, data = demo_inputs["sdxl"]
+    config = make_config(tmp_path, model, data, max_train_steps=3, checkpointing_steps=1, checkpoints_total_limit=2)
+    os.makedirs(os.path.join(config.output_dir, ".checkpoint-7.tmp"))
+    os.makedirs(os.path.join(config.output_dir, "checkpoint-9"))  # no trainer_state.json: incomplete
+    trainer = SmPOTrainer(config)
+    trainer.train()
+    names = sorted(n for n in os.listdir(config.output_dir) if n.startswith("checkpoint-"))
+    assert names == ["checkpoint-2", "checkpoint-3", "checkpoint-9"]
+    assert not os.path.exists(os.path.join(config.output_dir, ".checkpoint-7.tmp"))
+    assert [step for step, _ in trainer._checkpoints()] == [2, 3]
+    ckpt = os.path.join(config.output_dir, "checkpoint-3")
+    assert os.path.isfile(os.path.join(ckpt, "pytorch_lora_weights.safetensors"))
+    assert not any(name.endswith((".bin", ".pt", ".pkl")) and "model" in name for name in os.listdir(ckpt))
+
+
+def test_reward_scale_sources(tmp_path, demo_inputs):
+    model, data = demo_inputs["sdxl"]
+    stats = json.load(open(os.path.join(data, "reward_stats.json")))
+    trainer = SmPOTrainer(make_config(tmp_path, model, data))
+    assert trainer.reward_scale == pytest.approx(stats["suggested_scale"])
+    trainer = SmPOTrainer(make_config(tmp_path, model, data, reward_scale=0.05))
+    assert trainer.reward_scale == 0.05 and trainer.reward_scale_source == "--reward_scale"
+    assert trainer.pairs["prob_w"][0] != pytest.approx(0.5)
+
+
+def test_missing_reward_columns_fail_before_any_model_is_loaded(tmp_path, demo_inputs):
+    from smpo_diffusers.testing import make_preference_dataset
+
+    raw = make_preference_dataset(num_pairs=4, seed=1)
+    config = SmPOConfig(pretrained_model_name_or_path=str(tmp_path / "does-not-exist"), output_dir=str(tmp_path / "o"),
+                        report_to="none")
+    with pytest.raises(ValueError, match="label_rewards.py"):
+        SmPOTrainer(config, dataset=raw)
+    config = SmPOConfig(pretrained_model_name_or_path=str(tmp_path / "does-not-exist"), output_dir=str(tmp_path / "o"),
+                        report_to="none", reward_columns=["ps_score_0", "ps_score_1"])
+    with pytest.raises(ValueError, match="ps_score_0"):
+        SmPOTrainer(config, dataset=raw)
+
+
+def test_reference_script_reward_column_names_work(tmp_path, demo_inputs):
+    from datasets import load_from_disk
+
+    model, data = demo_inputs["sdxl"]
+    renamed = load_from_disk(data).rename_columns({"reward_0": "ps_score_0", "reward_1": "ps_score_1"})
+    trainer = SmPOTrainer(make_config(tmp_path, model, None, reward_scale=0.1), dataset=renamed)
+    assert trainer.reward_columns == ("ps_score_0", "ps_score_1")
+
+
+def test_bad_resolution_for_the_model(tmp_path, demo_inputs):
+    model, data = demo_inputs["sdxl"]
+    with pytest.raises(ValueError, match="--resolution 30 must be divisible by the VAE downsampling factor 4"):
+        SmPOTrainer(make_config(tmp_path, model, data, resolution=30))
