@@ -40,17 +40,32 @@ def small_clip_model(seed: int = 0):
     from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
     tokenizer = tiny_clip_tokenizer()
-    common = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
-                  projection_dim=256, hidden_act="quick_gelu")
-    text_config = dict(common, vocab_size=len(tokenizer), max_position_embeddings=77,
-                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                       pad_token_id=tokenizer.pad_token_id)
+    common = dict(
+        hidden_size=256,
+        intermediate_size=1024,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        projection_dim=256,
+        hidden_act="quick_gelu",
+    )
+    text_config = dict(
+        common,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=77,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     vision_config = dict(common, image_size=224, patch_size=32, num_channels=3)
     torch.manual_seed(seed)
-    model = CLIPModel(CLIPConfig(text_config=text_config, vision_config=vision_config, projection_dim=256)).eval()
+    model = CLIPModel(
+        CLIPConfig(text_config=text_config, vision_config=vision_config, projection_dim=256)
+    ).eval()
     image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224},
-        image_mean=list(OPENAI_CLIP_MEAN), image_std=list(OPENAI_CLIP_STD),
+        size={"shortest_edge": 224},
+        crop_size={"height": 224, "width": 224},
+        image_mean=list(OPENAI_CLIP_MEAN),
+        image_std=list(OPENAI_CLIP_STD),
     )
     return model, CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
@@ -66,22 +81,42 @@ def naive_scores(model, processor, dataset, device) -> np.ndarray:
         for row, example in enumerate(dataset):
             for side, column in enumerate(("jpg_0", "jpg_1")):
                 image = Image.open(io.BytesIO(example[column])).convert("RGB")
-                inputs = processor(text=[example["caption"]], images=[image], return_tensors="pt", padding=True,
-                                   truncation=True, max_length=77)
-                image_embeds = _embedding(model.get_image_features(pixel_values=inputs["pixel_values"].to(device)))
-                text_embeds = _embedding(model.get_text_features(input_ids=inputs["input_ids"].to(device),
-                                                                 attention_mask=inputs["attention_mask"].to(device)))
+                inputs = processor(
+                    text=[example["caption"]],
+                    images=[image],
+                    return_tensors="pt",
+                    padding=True,
+                    truncation=True,
+                    max_length=77,
+                )
+                image_embeds = _embedding(
+                    model.get_image_features(pixel_values=inputs["pixel_values"].to(device))
+                )
+                text_embeds = _embedding(
+                    model.get_text_features(
+                        input_ids=inputs["input_ids"].to(device),
+                        attention_mask=inputs["attention_mask"].to(device),
+                    )
+                )
                 image_embeds = image_embeds / image_embeds.norm(dim=-1, keepdim=True)
                 text_embeds = text_embeds / text_embeds.norm(dim=-1, keepdim=True)
                 scores[row, side] = float((image_embeds * text_embeds).sum())
     return scores
 
 
-def batched_scores(model, processor, dataset, batch_size: int, run: int) -> np.ndarray:
-    labeler = RewardLabeler(PickScoreRewardModel(model, processor, max_batch_size=2 * batch_size))
+def batched_scores(model, processor, dataset, batch_size: int, run: int, threads: int = 1) -> np.ndarray:
+    reward_model = PickScoreRewardModel(
+        model, processor, max_batch_size=2 * batch_size, preprocess_threads=threads
+    )
+    labeler = RewardLabeler(reward_model)
     labelled = dataset.map(
-        labeler, batched=True, batch_size=batch_size, remove_columns=dataset.column_names,
-        keep_in_memory=True, load_from_cache_file=False, new_fingerprint=f"bench-{run}-{time.time_ns()}",
+        labeler,
+        batched=True,
+        batch_size=batch_size,
+        remove_columns=dataset.column_names,
+        keep_in_memory=True,
+        load_from_cache_file=False,
+        new_fingerprint=f"bench-{run}-{time.time_ns()}",
     )
     return np.stack([np.asarray(labelled["reward_0"]), np.asarray(labelled["reward_1"])], axis=1)
 
@@ -89,34 +124,48 @@ def batched_scores(model, processor, dataset, batch_size: int, run: int) -> np.n
 def measure(name, model, processor, image_size, args):
     device = torch.device(args.device)
     model = model.to(device)
-    dataset = make_preference_dataset(num_pairs=args.num_pairs, seed=0, image_size=image_size, tie_fraction=0.0)
+    dataset = make_preference_dataset(
+        num_pairs=args.num_pairs, seed=0, image_size=image_size, tie_fraction=0.0
+    )
     warmup = dataset.select(range(min(4, len(dataset))))
     naive_scores(model, processor, warmup, device)
-    batched_scores(model, processor, warmup, args.batch_size, -1)
+    batched_scores(model, processor, warmup, args.batch_size, -1, args.preprocess_threads)
     naive_times, batched_times = [], []
     for run in range(args.repeats):  # interleave so both see the same machine load
         start = time.perf_counter()
         naive = naive_scores(model, processor, dataset, device)
         naive_times.append(time.perf_counter() - start)
         start = time.perf_counter()
-        batched = batched_scores(model, processor, dataset, args.batch_size, run)
+        batched = batched_scores(model, processor, dataset, args.batch_size, run, args.preprocess_threads)
         batched_times.append(time.perf_counter() - start)
     max_diff = float(np.abs(naive - batched).max())
     naive_rate = args.num_pairs / statistics.median(naive_times)
     batched_rate = args.num_pairs / statistics.median(batched_times)
     return {
-        "model": name, "image_size": image_size, "naive": naive_rate, "batched": batched_rate,
-        "ratio": batched_rate / naive_rate, "max_abs_diff": max_diff, "agree": max_diff <= args.tolerance,
+        "model": name,
+        "image_size": image_size,
+        "naive": naive_rate,
+        "batched": batched_rate,
+        "ratio": batched_rate / naive_rate,
+        "max_abs_diff": max_diff,
+        "agree": max_diff <= args.tolerance,
     }
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--num_pairs", type=int, default=64)
     parser.add_argument("--batch_size", type=int, default=16, help="pairs per map batch")
     parser.add_argument("--repeats", type=int, default=3, help="timed repetitions (median reported)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--tolerance", type=float, default=1e-4, help="max |naive - batched| score difference")
+    parser.add_argument(
+        "--preprocess_threads", type=int, default=1, help="decode/preprocess threads of the batched path"
+    )
+    parser.add_argument(
+        "--tolerance", type=float, default=1e-4, help="max |naive - batched| score difference"
+    )
     parser.add_argument("--results", default=DEFAULT_RESULTS, help="markdown file to write ('' to skip)")
     args = parser.parse_args(argv)
 
@@ -124,7 +173,8 @@ def main(argv=None):
 
     datasets.disable_progress_bars()
     command = "OMP_NUM_THREADS={} python {}".format(
-        os.environ.get("OMP_NUM_THREADS", "<unset>"), " ".join(["benchmarks/label_throughput.py", *sys.argv[1:]])
+        os.environ.get("OMP_NUM_THREADS", "<unset>"),
+        " ".join(["benchmarks/label_throughput.py", *sys.argv[1:]]),
     )
     rows = [
         measure("tiny (32 px, hidden 32)", *tiny_clip_model(seed=0), 32, args),
@@ -134,12 +184,15 @@ def main(argv=None):
         f"Command: `{command}`\n\n"
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs visible, torch {torch.__version__}, "
         f"torch threads {torch.get_num_threads()}, device {args.device}; {args.num_pairs} pairs "
-        f"({2 * args.num_pairs} images), map batch {args.batch_size} pairs, median of {args.repeats} runs.\n\n"
+        f"({2 * args.num_pairs} images), map batch {args.batch_size} pairs, "
+        f"median of {args.repeats} runs; batched path with {args.preprocess_threads} preprocessing "
+        "thread(s), naive loop single-threaded.\n\n"
         "| random CLIP | images | naive pairs/s | batched pairs/s | speed-up | max abs score diff | agree |\n"
         "|---|---|---|---|---|---|---|\n"
     )
     table = "".join(
-        f"| {r['model']} | {r['image_size']} px | {r['naive']:.1f} | {r['batched']:.1f} | {r['ratio']:.2f}x | "
+        f"| {r['model']} | {r['image_size']} px | {r['naive']:.1f} | {r['batched']:.1f} | "
+        f"{r['ratio']:.2f}x | "
         f"{r['max_abs_diff']:.2e} | {'yes' if r['agree'] else 'NO'} |\n"
         for r in rows
     )

@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
-import math
 import os
 import sys
 import types
@@ -78,7 +77,10 @@ def corrupt(dataset, row, column):
 
 def mean_pixel(images, prompts):
     """Deterministic toy reward: mean RGB value in [0, 1] plus a small prompt-length term."""
-    return [float(np.asarray(im, dtype=np.float64).mean() / 255.0 + 0.001 * len(p)) for im, p in zip(images, prompts)]
+    return [
+        float(np.asarray(im, dtype=np.float64).mean() / 255.0 + 0.001 * len(p))
+        for im, p in zip(images, prompts)
+    ]
 
 
 class CountingScorer:
@@ -128,6 +130,22 @@ def test_scores_are_batch_invariant(clip_dir):
     torch.testing.assert_close(together, one_by_one, atol=1e-5, rtol=0)
 
 
+def test_preprocess_threads_do_not_change_scores(clip_dir, pickscore):
+    dataset = make_preference_dataset(num_pairs=7, seed=10)
+    threaded = R.load_reward_model("pickscore", clip_dir, device="cpu", preprocess_threads=3)
+    assert threaded.preprocess_threads == 3
+    labelled = {
+        threads: dataset.map(R.RewardLabeler(model), batched=True, batch_size=7)
+        for threads, model in ((1, pickscore), (3, threaded))
+    }
+    for column in ("reward_0", "reward_1", "label_valid"):
+        assert labelled[1][column][:] == labelled[3][column][:]
+    assert R.base.split_contiguous(list(range(7)), 3) == [[0, 1], [2, 3, 4], [5, 6]]
+    assert R.base.map_in_threads(lambda x: x * x, range(5), threads=4) == [0, 1, 4, 9, 16]
+    with pytest.raises(ValueError, match="preprocess_threads must be >= 1"):
+        R.CallableRewardModel(mean_pixel, preprocess_threads=0)
+
+
 def test_clip_score_is_100_times_clamped_cosine(clip_dir, pickscore):
     dataset = make_preference_dataset(num_pairs=8, seed=3)
     images, prompts = decoded(dataset, "jpg_0"), list(dataset["caption"])
@@ -173,7 +191,9 @@ def test_registry_lists_backends_and_rejects_unknown_names():
 
 
 def test_register_reward_model(clip_dir):
-    R.register_reward_model("toy-mean", lambda path, processor, **kw: R.CallableRewardModel(mean_pixel, name="toy-mean"))
+    R.register_reward_model(
+        "toy-mean", lambda path, processor, **kw: R.CallableRewardModel(mean_pixel, name="toy-mean")
+    )
     try:
         model = R.load_reward_model("TOY-MEAN")
         assert model.name == "toy-mean"
@@ -190,12 +210,14 @@ def test_callable_backend(tmp_path, monkeypatch):
 
     direct = R.load_reward_model(mean_pixel, device="cpu")
     assert isinstance(direct, R.CallableRewardModel) and direct.name == "mean_pixel"
+    assert R.load_reward_model(direct) is direct
     torch.testing.assert_close(direct.score(images, prompts), expected)
 
     (tmp_path / "my_rewards.py").write_text(
         "import numpy as np\n"
         "def brightness(images, prompts):\n"
-        "    return np.array([[np.asarray(i, dtype=float).mean() / 255 + 0.001 * len(p)] for i, p in zip(images, prompts)])\n"
+        "    return np.array([[np.asarray(i, dtype=float).mean() / 255 + 0.001 * len(p)]\n"
+        "                     for i, p in zip(images, prompts)])\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     imported = R.load_reward_model("my_rewards:brightness", device="cpu")
@@ -256,7 +278,11 @@ def test_hpsv2_backend_wiring_with_a_stand_in_package(monkeypatch, tmp_path):
         trained.visual.weight.mul_(3)  # the checkpoint differs from the fresh model
     checkpoint = tmp_path / "hps.pt"
     torch.save({"state_dict": trained.state_dict()}, checkpoint)
-    open_clip.create_model_and_transforms = lambda name, pretrained, **kw: (_FakeOpenClip(), None, _fake_preprocess)
+    open_clip.create_model_and_transforms = lambda name, pretrained, **kw: (
+        _FakeOpenClip(),
+        None,
+        _fake_preprocess,
+    )
     open_clip.get_tokenizer = lambda name: _fake_tokenizer
     monkeypatch.setitem(sys.modules, "hpsv2", types.ModuleType("hpsv2"))
     monkeypatch.setitem(sys.modules, "hpsv2.src", types.ModuleType("hpsv2.src"))
@@ -296,7 +322,9 @@ def test_imagereward_backend_wiring_with_a_stand_in_package(monkeypatch):
         def visual_encoder(self, pixels):  # (N, 3, 4, 4) -> (N, 16, 6) "patch" embeddings
             return self.visual(pixels.flatten(2).transpose(1, 2))
 
-        def text_encoder(self, ids, attention_mask, encoder_hidden_states, encoder_attention_mask, return_dict):
+        def text_encoder(
+            self, ids, attention_mask, encoder_hidden_states, encoder_attention_mask, return_dict
+        ):
             hidden = self.embed(ids) + encoder_hidden_states.mean(1, keepdim=True)
             return types.SimpleNamespace(last_hidden_state=hidden)
 
@@ -350,7 +378,10 @@ def test_aesthetic_backend_wiring_with_a_stand_in_package(monkeypatch, clip_dir)
     pixels = model.processor(images=images, return_tensors="pt")["pixel_values"]
     expected = 2.0 * pixels.mean(dim=(1, 2, 3))
     torch.testing.assert_close(model.score(images, ["x", "ignored"]), expected)
-    assert R.AestheticRewardModel.predictor_class_name("org/aesthetics-predictor-v1-vit") == "AestheticsPredictorV1"
+    assert (
+        R.AestheticRewardModel.predictor_class_name("org/aesthetics-predictor-v1-vit")
+        == "AestheticsPredictorV1"
+    )
     assert R.AestheticRewardModel.predictor_class_name("org/x-v2-reluMSE") == "AestheticsPredictorV2ReLU"
 
 
@@ -378,7 +409,9 @@ def test_ensemble_z_score_normalisation():
     # Fixed statistics: scoring one pair alone gives the same value as in the batch.
     np.testing.assert_allclose(ensemble.score(images[:1], prompts[:1]).numpy(), expected[:1], atol=1e-5)
 
-    explicit = R.EnsembleRewardModel([bright, scaled], statistics=[{"mean": 0.5, "std": 0.25}, {"mean": 8.0, "std": 2.5}])
+    explicit = R.EnsembleRewardModel(
+        [bright, scaled], statistics=[{"mean": 0.5, "std": 0.25}, {"mean": 8.0, "std": 2.5}]
+    )
     want = ((raw - 0.5) / 0.25 + (10 * raw + 3 - 8.0) / 2.5) / 2
     np.testing.assert_allclose(explicit.score(images, prompts).numpy(), want, atol=1e-5)
     with pytest.raises(ValueError, match="std must be finite and > 0"):
@@ -429,10 +462,27 @@ def test_load_image_handles_modes_containers_and_corruption(tmp_path, monkeypatc
 
     jpeg = make_preference_dataset(num_pairs=1)[0]["jpg_0"]
     monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)  # a library might have set this
-    for bad in (jpeg[: len(jpeg) // 2], jpeg[: int(len(jpeg) * 0.8)], b"not an image", b"", None, {"bytes": None, "path": str(tmp_path / "gone.png")}):
+    for bad in (
+        jpeg[: len(jpeg) // 2],
+        jpeg[: int(len(jpeg) * 0.8)],
+        b"not an image",
+        b"",
+        None,
+        {"bytes": None, "path": str(tmp_path / "gone.png")},
+    ):
         with pytest.raises(R.UnreadableImageError):
             R.load_image(bad)
     assert ImageFile.LOAD_TRUNCATED_IMAGES is True  # restored
+    truncated = [jpeg[: int(len(jpeg) * 0.8)]] * 16 + [jpeg] * 16  # concurrent decoding keeps strictness
+
+    def outcome(data):
+        try:
+            return R.load_image(data).mode
+        except R.UnreadableImageError:
+            return "unreadable"
+
+    assert R.base.map_in_threads(outcome, truncated, threads=8) == ["unreadable"] * 16 + ["RGB"] * 16
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True
     with pytest.raises(TypeError, match="Unsupported image cell"):
         R.load_image(12)
 
@@ -475,13 +525,37 @@ def test_labeler_makes_one_scoring_call_per_batch_and_chunks_inside():
     np.testing.assert_allclose(labelled["reward_1"], expected, rtol=1e-6)
 
 
+def test_labeler_marks_non_finite_scores_invalid():
+    def nan_for_dark(images, prompts):
+        return [float("nan") if np.asarray(im).mean() < 60 else 1.0 for im in images]
+
+    rows = {
+        "caption": ["bright", "dark", "bright"],
+        "jpg_0": [
+            png_bytes(Image.new("RGB", (8, 8), v)) for v in ((200, 200, 200), (10, 10, 10), (150, 90, 90))
+        ],
+        "jpg_1": [png_bytes(Image.new("RGB", (8, 8), (255, 255, 255)))] * 3,
+    }
+    labeler = R.RewardLabeler(R.CallableRewardModel(nan_for_dark))
+    labelled = datasets.Dataset.from_dict(rows).map(labeler, batched=True)
+    assert labelled["label_valid"] == [True, False, True]
+    assert np.isnan(labelled["reward_0"][1]) and np.isnan(labelled["reward_1"][1])  # both sides blanked
+    assert labeler.num_invalid_pairs == 1
+
+
 def test_labeler_accepts_rgba_greyscale_and_pil_cells(pickscore):
     rows = {
         "caption": ["a red circle", "a gray square", "a blue diamond"],
-        "jpg_0": [png_bytes(Image.new("RGBA", (20, 20), (255, 0, 0, 128))), png_bytes(Image.new("L", (32, 32), 90)),
-                  png_bytes(Image.new("P", (32, 32), 3))],
-        "jpg_1": [png_bytes(Image.new("LA", (32, 32), (30, 200))), png_bytes(Image.new("1", (32, 32), 1)),
-                  png_bytes(Image.new("RGB", (32, 48), (0, 0, 255)))],
+        "jpg_0": [
+            png_bytes(Image.new("RGBA", (20, 20), (255, 0, 0, 128))),
+            png_bytes(Image.new("L", (32, 32), 90)),
+            png_bytes(Image.new("P", (32, 32), 3)),
+        ],
+        "jpg_1": [
+            png_bytes(Image.new("LA", (32, 32), (30, 200))),
+            png_bytes(Image.new("1", (32, 32), 1)),
+            png_bytes(Image.new("RGB", (32, 48), (0, 0, 255))),
+        ],
     }
     labelled = datasets.Dataset.from_dict(rows).map(R.RewardLabeler(pickscore), batched=True, batch_size=3)
     assert all(labelled["label_valid"]) and np.isfinite(labelled["reward_0"]).all()
@@ -504,8 +578,12 @@ def test_statistics_match_numpy_and_round_trip_json(tmp_path, pickscore):
     stats = R.compute_reward_statistics(labelled, reward_model="pickscore")
 
     valid = np.array(labelled["label_valid"])
-    values = np.concatenate([np.array(labelled["reward_0"], dtype=np.float32)[valid],
-                             np.array(labelled["reward_1"], dtype=np.float32)[valid]]).astype(np.float64)
+    values = np.concatenate(
+        [
+            np.array(labelled["reward_0"], dtype=np.float32)[valid],
+            np.array(labelled["reward_1"], dtype=np.float32)[valid],
+        ]
+    ).astype(np.float64)
     assert stats["reward_model"] == "pickscore"
     assert stats["num_pairs"] == 10 and stats["num_valid_pairs"] == 9 and stats["count"] == 18
     assert stats["min"] == values.min() and stats["max"] == values.max()
@@ -528,7 +606,11 @@ def test_statistics_match_numpy_and_round_trip_json(tmp_path, pickscore):
 
 
 def test_statistics_from_columns_and_scale_errors():
-    columns = {"reward_0": [0.2, np.nan, 0.2], "reward_1": [0.2, np.nan, 0.2], "label_valid": [True, False, True]}
+    columns = {
+        "reward_0": [0.2, np.nan, 0.2],
+        "reward_1": [0.2, np.nan, 0.2],
+        "label_valid": [True, False, True],
+    }
     stats = R.compute_reward_statistics(columns, reward_model="toy")
     assert stats["count"] == 4 and stats["suggested_scale"] == 0.0
     with pytest.raises(ValueError, match="all rewards are equal.*--reward_scale"):
@@ -562,7 +644,9 @@ def saved_dataset(tmp_path):
 
 
 def _run_example(argv):
-    spec = importlib.util.spec_from_file_location("label_rewards", os.path.join(REPO_ROOT, "examples", "label_rewards.py"))
+    spec = importlib.util.spec_from_file_location(
+        "label_rewards", os.path.join(REPO_ROOT, "examples", "label_rewards.py")
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.main(argv)
@@ -570,10 +654,23 @@ def _run_example(argv):
 
 def test_cli_labels_a_saved_dataset_end_to_end(tmp_path, saved_dataset, clip_dir, pickscore, capsys):
     output = tmp_path / "out"
-    summary = _run_example([
-        "--dataset_name", saved_dataset, "--reward_model", "pickscore", "--reward_model_name_or_path", clip_dir,
-        "--output_dir", str(output), "--batch_size", "4", "--shard_size", "6", "--fp16",  # fp16 falls back on CPU
-    ])
+    summary = _run_example(
+        [
+            "--dataset_name",
+            saved_dataset,
+            "--reward_model",
+            "pickscore",
+            "--reward_model_name_or_path",
+            clip_dir,
+            "--output_dir",
+            str(output),
+            "--batch_size",
+            "4",
+            "--shard_size",
+            "6",
+            "--fp16",  # fp16 falls back on CPU
+        ]
+    )
     printed = json.loads(capsys.readouterr().out)
     assert printed["num_pairs"] == 10 and printed["num_invalid_pairs"] == 1
 
@@ -582,7 +679,9 @@ def test_cli_labels_a_saved_dataset_end_to_end(tmp_path, saved_dataset, clip_dir
     assert labelled.column_names == source.column_names + ["reward_0", "reward_1", "label_valid"]
     assert labelled["caption"] == source["caption"] and labelled["jpg_0"] == source["jpg_0"]
     assert labelled["label_valid"] == [i != 4 for i in range(10)]
-    expected = pickscore.score(decoded(make_preference_dataset(num_pairs=10, seed=8), "jpg_0"), source["caption"])
+    expected = pickscore.score(
+        decoded(make_preference_dataset(num_pairs=10, seed=8), "jpg_0"), source["caption"]
+    )
     keep = [i for i in range(10) if i != 4]
     np.testing.assert_allclose(np.array(labelled["reward_0"])[keep], expected.numpy()[keep], atol=1e-5)
 
@@ -590,7 +689,9 @@ def test_cli_labels_a_saved_dataset_end_to_end(tmp_path, saved_dataset, clip_dir
     assert stats == R.compute_reward_statistics(labelled, reward_model="pickscore") and stats["count"] == 18
     on_disk = json.loads((output / "labeling_summary.json").read_text())
     assert on_disk == summary
-    assert summary["num_valid_pairs"] == 9 and summary["num_shards"] == 2 and summary["num_shards_scored"] == 2
+    assert (
+        summary["num_valid_pairs"] == 9 and summary["num_shards"] == 2 and summary["num_shards_scored"] == 2
+    )
     assert summary["pairs_scored"] == 10 and summary["pairs_per_second"] > 0
     assert summary["statistics_path"] == str(output / "reward_stats.json")
     assert summary["arguments"]["fp16"] is True
@@ -600,8 +701,12 @@ def test_cli_labels_a_saved_dataset_end_to_end(tmp_path, saved_dataset, clip_dir
 
 def test_cli_ensemble_run_stores_member_statistics(tmp_path, saved_dataset, clip_dir):
     args = R.LabelingArguments(
-        dataset_name=saved_dataset, output_dir=str(tmp_path / "ens"), reward_model="pickscore,clip",
-        reward_model_name_or_path=f"{clip_dir},{clip_dir}", batch_size=5, ensemble_calibration_pairs=4,
+        dataset_name=saved_dataset,
+        output_dir=str(tmp_path / "ens"),
+        reward_model="pickscore,clip",
+        reward_model_name_or_path=f"{clip_dir},{clip_dir}",
+        batch_size=5,
+        ensemble_calibration_pairs=4,
     )
     summary = R.label_dataset(args)
     stats = R.load_reward_statistics(args.output_dir)
@@ -618,7 +723,8 @@ def test_labeling_arguments_validate_and_parse():
     (args,) = HfArgumentParser(R.LabelingArguments).parse_args_into_dataclasses(
         args=["--dataset_name", "d", "--output_dir", "o", "--max_samples", "3", "--reward_model", "clip"]
     )
-    assert (args.max_samples, args.reward_model, args.batch_size, args.shard_size, args.fp16) == (3, "clip", 16, 1000, False)
+    assert (args.max_samples, args.reward_model, args.reward_model_name_or_path) == (3, "clip", None)
+    assert (args.batch_size, args.shard_size, args.preprocess_threads, args.fp16) == (16, 1000, 4, False)
     with pytest.raises(ValueError, match="--shard_size must be >= 1"):
         R.LabelingArguments(dataset_name="d", output_dir="o", shard_size=0)
 
@@ -641,11 +747,16 @@ def test_load_preference_dataset_detects_formats(tmp_path):
 def test_label_dataset_rejects_bad_inputs(tmp_path, saved_dataset):
     model = R.CallableRewardModel(mean_pixel)
     with pytest.raises(ValueError, match="must differ"):
-        R.label_dataset(R.LabelingArguments(dataset_name=saved_dataset, output_dir=saved_dataset), reward_model=model)
+        R.label_dataset(
+            R.LabelingArguments(dataset_name=saved_dataset, output_dir=saved_dataset), reward_model=model
+        )
     no_images = tmp_path / "no_images"
     datasets.Dataset.from_dict({"caption": ["a"]}).save_to_disk(str(no_images))
     with pytest.raises(ValueError, match="lacks column"):
-        R.label_dataset(R.LabelingArguments(dataset_name=str(no_images), output_dir=str(tmp_path / "o")), reward_model=model)
+        R.label_dataset(
+            R.LabelingArguments(dataset_name=str(no_images), output_dir=str(tmp_path / "o")),
+            reward_model=model,
+        )
 
 
 # ----------------------------------------------------------------------------- resume
@@ -658,28 +769,43 @@ def _columns(path):
 
 def test_interrupted_run_resumes_without_rescoring(tmp_path, saved_dataset):
     def args(out, **extra):
-        return R.LabelingArguments(dataset_name=saved_dataset, output_dir=str(out), batch_size=3, shard_size=3, **extra)
+        return R.LabelingArguments(
+            dataset_name=saved_dataset, output_dir=str(out), batch_size=3, shard_size=3, **extra
+        )
 
     reference_scorer = CountingScorer()
-    R.label_dataset(args(tmp_path / "uninterrupted"), reward_model=R.CallableRewardModel(reference_scorer, name="toy"))
+    R.label_dataset(
+        args(tmp_path / "uninterrupted"), reward_model=R.CallableRewardModel(reference_scorer, name="toy")
+    )
     assert reference_scorer.calls == 4  # shards of 3, 3, 3, 1 pairs: one call each
 
     failing = CountingScorer(fail_on_call=3)  # dies while scoring the 3rd shard
     with pytest.raises(RuntimeError, match="simulated interruption"):
         R.label_dataset(args(tmp_path / "resumed"), reward_model=R.CallableRewardModel(failing, name="toy"))
     shards = tmp_path / "resumed" / ".shards"
-    assert sorted(p.name for p in shards.iterdir() if p.name.startswith("shard-")) == ["shard-00000", "shard-00001"]
+    assert sorted(p.name for p in shards.iterdir() if p.name.startswith("shard-")) == [
+        "shard-00000",
+        "shard-00001",
+    ]
 
     resumed_scorer = CountingScorer()
-    summary = R.label_dataset(args(tmp_path / "resumed"), reward_model=R.CallableRewardModel(resumed_scorer, name="toy"))
+    summary = R.label_dataset(
+        args(tmp_path / "resumed"), reward_model=R.CallableRewardModel(resumed_scorer, name="toy")
+    )
     assert resumed_scorer.calls == 2 and resumed_scorer.images == 2 * (3 + 1)  # only shards 2 and 3
-    assert summary["num_shards_resumed"] == 2 and summary["num_shards_scored"] == 2 and summary["pairs_scored"] == 4
+    assert (
+        summary["num_shards_resumed"] == 2
+        and summary["num_shards_scored"] == 2
+        and summary["pairs_scored"] == 4
+    )
 
     resumed, reference = _columns(tmp_path / "resumed"), _columns(tmp_path / "uninterrupted")
     assert resumed.keys() == reference.keys()
     for name in resumed:
         if name.startswith("reward_"):
-            np.testing.assert_array_equal(np.array(resumed[name]), np.array(reference[name]))  # NaN == NaN here
+            np.testing.assert_array_equal(
+                np.array(resumed[name]), np.array(reference[name])
+            )  # NaN == NaN here
         else:
             assert resumed[name] == reference[name], name
 

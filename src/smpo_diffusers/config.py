@@ -167,6 +167,7 @@ class SmPOConfig:
     )
     push_to_hub: bool = field(default=False, metadata=_help("Upload the final output to the Hugging Face Hub."))
     hub_model_id: str | None = field(default=None, metadata=_help("Hub repository id (default: output folder name)."))
+    hub_private: bool = field(default=False, metadata=_help("Create the Hub repository as private."))
 
     def __post_init__(self):
         for name, choices in _CHOICES.items():
@@ -226,6 +227,8 @@ class SmPOConfig:
                 "--save_full_pipeline applies to --train_method full; LoRA runs save adapter weights that "
                 "load_lora_weights() applies to the base pipeline."
             )
+        if (self.hub_model_id is not None or self.hub_private) and not self.push_to_hub:
+            raise ValueError("--hub_model_id/--hub_private only apply with --push_to_hub; add --push_to_hub or drop them.")
         if self.resume_from_checkpoint not in (None, "latest") and not os.path.isdir(self.resume_from_checkpoint):
             raise ValueError(
                 f"--resume_from_checkpoint {self.resume_from_checkpoint!r} is not a folder; pass 'latest' or the "

@@ -106,7 +106,7 @@ class StepOutput:
             "policy_err_l": self.policy_err_l.mean().item(),
             "ref_err_w": self.ref_err_w.mean().item(),
             "ref_err_l": self.ref_err_l.mean().item(),
-            **({"inversion_residual": residual.mean().item()} if residual.numel() else {}),
+            "inversion_residual": residual.mean().item() if residual.numel() else math.nan,
         }
 
 
@@ -186,8 +186,12 @@ class SmPOTrainer:
         project_config = ProjectConfiguration(
             project_dir=config.output_dir, logging_dir=os.path.join(config.output_dir, config.logging_dir)
         )
+        # `accelerate launch --multi_gpu` on a machine without GPUs starts several processes; accelerate only
+        # joins them into one (gloo) group when told to use the CPU, otherwise each would train alone.
+        multi_process_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
         return Accelerator(gradient_accumulation_steps=config.gradient_accumulation_steps,
-                           mixed_precision=config.mixed_precision, log_with=log_with, project_config=project_config)
+                           mixed_precision=config.mixed_precision, log_with=log_with, project_config=project_config,
+                           cpu=multi_process_cpu)
 
     def _load_dataset(self):
         if self.config.dataset_name is None:
@@ -434,7 +438,7 @@ class SmPOTrainer:
                     continue
                 global_step += 1
                 progress.update(1)
-                logs = self._average(window) | {"lr": self.lr_scheduler.get_last_lr()[0]}
+                logs = self._reduce_metrics(self._average(window)) | {"lr": self.lr_scheduler.get_last_lr()[0]}
                 window = []
                 self.last_metrics = logs
                 progress.set_postfix(loss=f"{logs.get('loss', float('nan')):.4f}",
@@ -484,6 +488,15 @@ class SmPOTrainer:
     def _average(window: list[dict]) -> dict:
         keys = {key for entry in window for key in entry}
         return {key: float(np.mean([entry[key] for entry in window if key in entry])) for key in sorted(keys)}
+
+    def _reduce_metrics(self, logs: dict) -> dict:
+        """Average the update's metrics over processes (one small all-reduce); keys must match on all ranks."""
+        if self.accelerator.num_processes == 1 or not logs:
+            return logs
+        keys = sorted(logs)
+        values = torch.tensor([logs[k] for k in keys], dtype=torch.float64, device=self.accelerator.device)
+        values = self.accelerator.reduce(values, reduction="mean")
+        return dict(zip(keys, values.tolist()))
 
     def _tracker_config(self) -> dict:
         flat = {}

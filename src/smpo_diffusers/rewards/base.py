@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import abc
 import math
-from typing import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -12,7 +13,28 @@ from PIL import Image
 
 from .images import to_rgb
 
-__all__ = ["CallableRewardModel", "EnsembleRewardModel", "RewardModel"]
+__all__ = ["CallableRewardModel", "EnsembleRewardModel", "RewardModel", "map_in_threads", "split_contiguous"]
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
+
+
+def split_contiguous(items: Sequence[_T], parts: int) -> list[list[_T]]:
+    """Split ``items`` into at most ``parts`` contiguous, non-empty, near-equal groups (order kept)."""
+    items = list(items)
+    parts = max(1, min(parts, len(items)))
+    bounds = [round(i * len(items) / parts) for i in range(parts + 1)]
+    return [items[bounds[i] : bounds[i + 1]] for i in range(parts)]
+
+
+def map_in_threads(fn: Callable[[_T], _R], items: Sequence[_T], threads: int) -> list[_R]:
+    """``[fn(x) for x in items]``, run in up to ``threads`` threads (PIL decoding/resizing and numpy
+    release the GIL, so CPU image work scales with threads). Results keep the input order."""
+    items = list(items)
+    if threads <= 1 or len(items) <= 1:
+        return [fn(item) for item in items]
+    with ThreadPoolExecutor(max_workers=min(threads, len(items))) as pool:
+        return list(pool.map(fn, items))
 
 
 class RewardModel(abc.ABC):
@@ -21,14 +43,31 @@ class RewardModel(abc.ABC):
     Subclasses implement :meth:`_score_batch` for one chunk of at most ``max_batch_size`` pairs;
     :meth:`score` checks inputs, converts images to RGB, chunks, disables autograd and concatenates.
     Higher scores mean "more preferred". ``name`` identifies the backend in statistics and logs.
+    ``preprocess_threads`` is how many threads the backend (and :class:`RewardLabeler`, for decoding)
+    may use for CPU image work; it never changes the scores.
     """
 
-    def __init__(self, name: str, device: torch.device | str = "cpu", max_batch_size: int | None = 64):
+    def __init__(
+        self,
+        name: str,
+        device: torch.device | str = "cpu",
+        max_batch_size: int | None = 64,
+        preprocess_threads: int = 1,
+    ):
         if max_batch_size is not None and max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1 or None (no chunking), got {max_batch_size}.")
+        if preprocess_threads < 1:
+            raise ValueError(f"preprocess_threads must be >= 1, got {preprocess_threads}.")
         self.name = name
         self._device = torch.device(device)
         self.max_batch_size = max_batch_size
+        self.preprocess_threads = preprocess_threads
+
+    def _preprocess(self, fn: Callable[[list], torch.Tensor], images: list) -> torch.Tensor:
+        """``fn(images)`` for a batch-preprocessing ``fn`` (images -> stacked tensor), computed on
+        contiguous groups in ``preprocess_threads`` threads and concatenated (same result)."""
+        groups = split_contiguous(images, self.preprocess_threads)
+        return torch.cat(map_in_threads(fn, groups, self.preprocess_threads))
 
     @property
     def device(self) -> torch.device:
@@ -54,7 +93,9 @@ class RewardModel(abc.ABC):
         images = list(images)
         prompts = list(prompts)
         if len(images) != len(prompts):
-            raise ValueError(f"score() got {len(images)} images but {len(prompts)} prompts; pass one prompt per image.")
+            raise ValueError(
+                f"score() got {len(images)} images but {len(prompts)} prompts; pass one prompt per image."
+            )
         for prompt in prompts:
             if not isinstance(prompt, str):
                 raise TypeError(f"prompts must be strings, got {type(prompt).__name__}.")
@@ -86,7 +127,8 @@ class RewardModel(abc.ABC):
 class CallableRewardModel(RewardModel):
     """Wrap ``fn(images, prompts) -> N scores`` (list, numpy array or tensor) as a reward model.
 
-    ``max_batch_size=None`` (default) hands every ``score`` call to ``fn`` in one piece.
+    ``max_batch_size=None`` (default) hands every ``score`` call to ``fn`` in one piece;
+    ``preprocess_threads`` only sets the labeler's decoding threads (``fn`` does its own work).
     """
 
     def __init__(
@@ -95,10 +137,13 @@ class CallableRewardModel(RewardModel):
         name: str | None = None,
         device: torch.device | str = "cpu",
         max_batch_size: int | None = None,
+        preprocess_threads: int = 1,
     ):
         if not callable(fn):
             raise TypeError(f"fn must be callable, got {type(fn).__name__}.")
-        super().__init__(name or getattr(fn, "__name__", "callable"), device, max_batch_size)
+        super().__init__(
+            name or getattr(fn, "__name__", "callable"), device, max_batch_size, preprocess_threads
+        )
         self.fn = fn
 
     def _score_batch(self, images, prompts):
@@ -136,11 +181,21 @@ class EnsembleRewardModel(RewardModel):
         if weights is None:
             weights = [1.0] * len(models)
         weights = [float(w) for w in weights]
-        if len(weights) != len(models) or any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
+        if (
+            len(weights) != len(models)
+            or any(not math.isfinite(w) or w < 0 for w in weights)
+            or sum(weights) <= 0
+        ):
             raise ValueError(
-                f"weights must be {len(models)} finite non-negative numbers with a positive sum, got {weights}."
+                f"weights must be {len(models)} finite non-negative numbers with a positive sum, "
+                f"got {weights}."
             )
-        super().__init__(name or "+".join(m.name for m in models), models[0].device, max_batch_size=None)
+        super().__init__(
+            name or "+".join(m.name for m in models),
+            models[0].device,
+            max_batch_size=None,
+            preprocess_threads=max(m.preprocess_threads for m in models),
+        )
         self.models = models
         self.weights = weights
         self.statistics: list[dict] | None = None
@@ -156,7 +211,9 @@ class EnsembleRewardModel(RewardModel):
         """Set per-member ``{"mean": float, "std": float}`` (std finite and > 0)."""
         statistics = [dict(s) for s in statistics]
         if len(statistics) != len(self.models):
-            raise ValueError(f"Expected {len(self.models)} statistics entries (one per member), got {len(statistics)}.")
+            raise ValueError(
+                f"Expected {len(self.models)} statistics entries (one per member), got {len(statistics)}."
+            )
         for model, stats in zip(self.models, statistics):
             mean, std = float(stats["mean"]), float(stats["std"])
             if not (math.isfinite(mean) and math.isfinite(std) and std > 0):

@@ -52,6 +52,7 @@ class CLIPRewardModel(RewardModel):
             call tokenises (e.g. ``CLIPProcessor``).
         name: backend name recorded in statistics.
         max_batch_size: images per forward pass.
+        preprocess_threads: threads for the processor's CPU image work (identical results).
 
     Each chunk encodes every distinct prompt once (a pair's two images share their caption).
     Prompts longer than the text model's positions are truncated.
@@ -61,7 +62,14 @@ class CLIPRewardModel(RewardModel):
     default_model_name_or_path: str | None = None
     default_processor_name_or_path: str | None = None
 
-    def __init__(self, model, processor, name: str | None = None, max_batch_size: int | None = 64):
+    def __init__(
+        self,
+        model,
+        processor,
+        name: str | None = None,
+        max_batch_size: int | None = 64,
+        preprocess_threads: int = 1,
+    ):
         for method in ("get_image_features", "get_text_features"):
             if not callable(getattr(model, method, None)):
                 raise TypeError(
@@ -69,7 +77,7 @@ class CLIPRewardModel(RewardModel):
                     "encoder such as transformers.CLIPModel."
                 )
         parameter = next(model.parameters())
-        super().__init__(name or self.default_name, parameter.device, max_batch_size)
+        super().__init__(name or self.default_name, parameter.device, max_batch_size, preprocess_threads)
         self.model = model.eval()
         self.processor = processor
         self.max_text_length = self._max_text_length(model, processor)
@@ -96,6 +104,7 @@ class CLIPRewardModel(RewardModel):
         dtype: torch.dtype | None = None,
         cache_dir: str | None = None,
         max_batch_size: int | None = 64,
+        preprocess_threads: int = 1,
         name: str | None = None,
     ) -> "CLIPRewardModel":
         """Load with ``AutoModel``/``AutoProcessor.from_pretrained``.
@@ -112,11 +121,15 @@ class CLIPRewardModel(RewardModel):
             raise ValueError(f"{cls.__name__} needs model_name_or_path (it has no default checkpoint).")
         processor_name_or_path = processor_name_or_path or model_name_or_path
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        logger.info("Loading reward model %s (processor %s) on %s", model_name_or_path, processor_name_or_path, device)
+        logger.info(
+            "Loading reward model %s (processor %s) on %s", model_name_or_path, processor_name_or_path, device
+        )
         model = AutoModel.from_pretrained(model_name_or_path, cache_dir=cache_dir)
         processor = AutoProcessor.from_pretrained(processor_name_or_path, cache_dir=cache_dir)
         model = model.to(device=device, dtype=dtype or torch.float32)
-        return cls(model, processor, name=name, max_batch_size=max_batch_size)
+        return cls(
+            model, processor, name=name, max_batch_size=max_batch_size, preprocess_threads=preprocess_threads
+        )
 
     def to(self, device):
         self.model.to(device)
@@ -128,7 +141,9 @@ class CLIPRewardModel(RewardModel):
 
     def embed_images(self, images) -> torch.Tensor:
         """Unit-norm image embeddings, ``(N, D)`` float32 on :attr:`device`."""
-        pixel_values = self.processor(images=images, return_tensors="pt")["pixel_values"]
+        pixel_values = self._preprocess(
+            lambda group: self.processor(images=group, return_tensors="pt")["pixel_values"], images
+        )
         pixel_values = pixel_values.to(device=self.device, dtype=self.dtype)
         features = clip_embedding(self.model.get_image_features(pixel_values=pixel_values)).float()
         return torch.nn.functional.normalize(features, dim=-1)
@@ -136,7 +151,11 @@ class CLIPRewardModel(RewardModel):
     def embed_prompts(self, prompts) -> torch.Tensor:
         """Unit-norm text embeddings, ``(N, D)`` float32 on :attr:`device`."""
         tokens = self.processor(
-            text=list(prompts), padding=True, truncation=True, max_length=self.max_text_length, return_tensors="pt"
+            text=list(prompts),
+            padding=True,
+            truncation=True,
+            max_length=self.max_text_length,
+            return_tensors="pt",
         )
         features = self.model.get_text_features(
             input_ids=tokens["input_ids"].to(self.device),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import threading
 from typing import Any
 
 from PIL import Image, ImageFile
@@ -26,19 +27,32 @@ class UnreadableImageError(ValueError):
     """The cell holds no decodable image (missing, truncated or corrupted data)."""
 
 
+_strict_lock = threading.Lock()
+_strict_depth = 0
+_saved_truncation_flag = False
+
+
 @contextlib.contextmanager
 def _strict_truncation():
-    """Make PIL raise on truncated files for the duration of the block.
+    """Make PIL raise on truncated files while any thread is inside this block.
 
     ``ImageFile.LOAD_TRUNCATED_IMAGES = True`` (set globally by some libraries) would silently
-    decode a truncated file with grey padding; a corrupted image must never get a reward.
+    decode a truncated file with grey padding; a corrupted image must never get a reward. The flag
+    is process-global, so nested/concurrent blocks share one save/restore (restored by the last exit).
     """
-    previous = ImageFile.LOAD_TRUNCATED_IMAGES
-    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    global _strict_depth, _saved_truncation_flag
+    with _strict_lock:
+        if _strict_depth == 0:
+            _saved_truncation_flag = ImageFile.LOAD_TRUNCATED_IMAGES
+        _strict_depth += 1
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
         yield
     finally:
-        ImageFile.LOAD_TRUNCATED_IMAGES = previous
+        with _strict_lock:
+            _strict_depth -= 1
+            if _strict_depth == 0:
+                ImageFile.LOAD_TRUNCATED_IMAGES = _saved_truncation_flag
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -54,29 +54,39 @@ _FILE_BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".cs
 
 @dataclass
 class LabelingArguments:
-    """Command-line arguments of ``examples/label_rewards.py`` (parse with ``transformers.HfArgumentParser``)."""
+    """Arguments of ``examples/label_rewards.py`` (parse with ``transformers.HfArgumentParser``)."""
 
     dataset_name: str = field(
-        metadata={"help": "Hub dataset id, a save_to_disk folder, or local .parquet/.json/.jsonl/.csv file(s)."}
+        metadata={
+            "help": "Hub dataset id, a save_to_disk folder, or local .parquet/.json/.jsonl/.csv file(s)."
+        }
     )
     output_dir: str = field(metadata={"help": "Where the labelled dataset (save_to_disk) and JSON files go."})
     dataset_split_name: str = field(default="train", metadata={"help": "Split to label."})
     reward_model: str = field(
         default="pickscore",
         metadata={
-            "help": "pickscore | clip | hpsv2 | imagereward | aesthetic | 'module:function' | a comma-separated "
-            "list of these for a z-score-normalised ensemble."
+            "help": "pickscore | clip | hpsv2 | imagereward | aesthetic | 'module:function' | a "
+            "comma-separated list of these for a z-score-normalised ensemble."
         },
     )
     reward_model_name_or_path: Optional[str] = field(
-        default=None, metadata={"help": "Reward checkpoint (Hub id or folder); comma-separated for ensembles."}
+        default=None,
+        metadata={"help": "Reward checkpoint (Hub id or folder); comma-separated for ensembles."},
     )
     reward_processor_name_or_path: Optional[str] = field(
-        default=None, metadata={"help": "Processor; defaults to the model path if given, else the backend default."}
+        default=None,
+        metadata={"help": "Processor; defaults to the model path if given, else the backend default."},
     )
-    batch_size: int = field(default=16, metadata={"help": "Pairs per map batch (2x images per scoring call)."})
+    batch_size: int = field(
+        default=16, metadata={"help": "Pairs per map batch (2x images per scoring call)."}
+    )
     max_samples: Optional[int] = field(default=None, metadata={"help": "Label only the first N pairs."})
     shard_size: int = field(default=1000, metadata={"help": "Pairs per resumable shard."})
+    preprocess_threads: int = field(
+        default=4,
+        metadata={"help": "Threads per process for image decoding and preprocessing (same scores)."},
+    )
     fp16: bool = field(default=False, metadata={"help": "Run the reward model in float16 (CUDA only)."})
     cache_dir: Optional[str] = field(default=None, metadata={"help": "Cache folder for datasets and models."})
     ensemble_calibration_pairs: int = field(
@@ -85,7 +95,7 @@ class LabelingArguments:
     )
 
     def __post_init__(self):
-        for name in ("batch_size", "shard_size", "ensemble_calibration_pairs"):
+        for name in ("batch_size", "shard_size", "preprocess_threads", "ensemble_calibration_pairs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}.")
         if self.max_samples is not None and self.max_samples < 1:
@@ -104,12 +114,16 @@ def load_preference_dataset(dataset_name: str, split: str = "train", cache_dir: 
         loaded = datasets.load_from_disk(dataset_name)
         if isinstance(loaded, datasets.DatasetDict):
             if split not in loaded:
-                raise ValueError(f"{dataset_name} has splits {sorted(loaded)}, not {split!r}; set --dataset_split_name.")
+                raise ValueError(
+                    f"{dataset_name} has splits {sorted(loaded)}, not {split!r}; set --dataset_split_name."
+                )
             loaded = loaded[split]
         return loaded
     builder = _FILE_BUILDERS.get(os.path.splitext(dataset_name)[1].lower())
     if builder is not None:
-        return datasets.load_dataset(builder, data_files={split: dataset_name}, split=split, cache_dir=cache_dir)
+        return datasets.load_dataset(
+            builder, data_files={split: dataset_name}, split=split, cache_dir=cache_dir
+        )
     return datasets.load_dataset(dataset_name, split=split, cache_dir=cache_dir)
 
 
@@ -173,7 +187,9 @@ def _write_json(path: str, obj: Any) -> None:
 
 
 def _shard_is_done(path: str, fingerprint: dict) -> bool:
-    return os.path.isdir(path) and _read_json(os.path.join(path, FINGERPRINT_FILENAME)) == _normalised(fingerprint)
+    return os.path.isdir(path) and _read_json(os.path.join(path, FINGERPRINT_FILENAME)) == _normalised(
+        fingerprint
+    )
 
 
 def _save_shard(labelled, path: str, fingerprint: dict) -> None:
@@ -230,7 +246,9 @@ def _calibration_sample(view, num_pairs: int) -> tuple[list, list[str]]:
     return images, prompts
 
 
-def _calibrate_ensemble(model: EnsembleRewardModel, view, args, settings: dict, shards_dir: str, state) -> None:
+def _calibrate_ensemble(
+    model: EnsembleRewardModel, view, args, settings: dict, shards_dir: str, state
+) -> None:
     """Main process estimates member statistics (or reuses those of an interrupted run with the same
     settings, stored in ``.shards/ensemble_calibration.json``); every process then loads them."""
     path = os.path.join(shards_dir, CALIBRATION_FILENAME)
@@ -278,9 +296,14 @@ def label_dataset(args: LabelingArguments, reward_model: RewardModel | None = No
 
     if reward_model is None:
         reward_model = load_reward_model(
-            args.reward_model, args.reward_model_name_or_path, args.reward_processor_name_or_path,
-            device=state.device, dtype=_resolve_dtype(args, state.device), cache_dir=args.cache_dir,
+            args.reward_model,
+            args.reward_model_name_or_path,
+            args.reward_processor_name_or_path,
+            device=state.device,
+            dtype=_resolve_dtype(args, state.device),
+            cache_dir=args.cache_dir,
             max_batch_size=2 * args.batch_size,
+            preprocess_threads=args.preprocess_threads,
         )
     elif state.num_processes > 1:
         reward_model.to(state.device)
@@ -316,15 +339,23 @@ def label_dataset(args: LabelingArguments, reward_model: RewardModel | None = No
             report["shards_resumed"] += 1
             continue
         labelled = view.select(range(start, stop)).map(
-            labeler, batched=True, batch_size=args.batch_size, remove_columns=view.column_names,
-            features=reward_features(), keep_in_memory=True, load_from_cache_file=False,
+            labeler,
+            batched=True,
+            batch_size=args.batch_size,
+            remove_columns=view.column_names,
+            features=reward_features(),
+            keep_in_memory=True,
+            load_from_cache_file=False,
             new_fingerprint=datasets.fingerprint.Hasher.hash(_normalised(fingerprint)),
             desc=f"Scoring shard {index + 1}/{len(bounds)}",
         )
         _save_shard(labelled, path, fingerprint)
         report["pairs_scored"] += stop - start
         report["shards_scored"] += 1
-    _write_json(os.path.join(shards_dir, f"run-rank-{state.process_index:05d}-of-{state.num_processes:05d}.json"), report)
+    _write_json(
+        os.path.join(shards_dir, f"run-rank-{state.process_index:05d}-of-{state.num_processes:05d}.json"),
+        report,
+    )
     state.wait_for_everyone()
 
     summary_path = os.path.join(output_dir, SUMMARY_FILENAME)
@@ -365,8 +396,10 @@ def label_dataset(args: LabelingArguments, reward_model: RewardModel | None = No
         _write_json(summary_path, summary)
         if summary["num_invalid_pairs"]:
             logger.warning(
-                "%d of %d pairs had unreadable images or captions: NaN rewards, label_valid=False (skipped in training).",
-                summary["num_invalid_pairs"], summary["num_pairs"],
+                "%d of %d pairs had unreadable images or captions: NaN rewards, label_valid=False "
+                "(skipped in training).",
+                summary["num_invalid_pairs"],
+                summary["num_pairs"],
             )
     state.wait_for_everyone()
     return _read_json(summary_path)

@@ -17,7 +17,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from .base import RewardModel
+from .base import RewardModel, map_in_threads
 from .images import UnreadableImageError, load_image
 from .statistics import REWARD_COLUMNS, VALID_COLUMN
 
@@ -55,6 +55,8 @@ class RewardLabeler:
     ``map(labeler, batched=True, with_rank=True, num_proc=torch.cuda.device_count())``: each worker
     moves its own copy (CUDA must not be initialised in the parent before it forks).
     ``examples/label_rewards.py`` under ``accelerate launch`` is the resumable alternative.
+
+    Images are decoded in ``reward_model.preprocess_threads`` threads.
 
     Counters (this process only): ``num_pairs``, ``num_invalid_pairs``, ``num_score_calls``.
     """
@@ -94,23 +96,30 @@ class RewardLabeler:
             )
         self._select_device(rank)
         captions = batch[CAPTION_COLUMN]
+        # Read the columns here: datasets' LazyBatch formats on first access and is not thread-safe.
+        image_cells = [batch[column] for column in IMAGE_COLUMNS]
         size = len(captions)
         rewards = np.full((2, size), np.nan, dtype=np.float32)
         valid = np.zeros(size, dtype=bool)
 
-        rows, images, prompts = [], [], []
-        for row, caption in enumerate(captions):
+        def decode(row: int):
+            caption = captions[row]
             if not isinstance(caption, str):
-                self._report(f"caption is {type(caption).__name__}, not a string")
-                continue
+                return f"caption is {type(caption).__name__}, not a string"
             try:
-                pair = [load_image(batch[column][row]) for column in IMAGE_COLUMNS]
+                return [load_image(cells[row]) for cells in image_cells]
             except UnreadableImageError as error:
-                self._report(f"{error} (caption {caption[:60]!r})")
+                return f"{error} (caption {caption[:60]!r})"
+
+        rows, images, prompts = [], [], []
+        decoded = map_in_threads(decode, range(size), self.reward_model.preprocess_threads)
+        for row, pair in enumerate(decoded):
+            if isinstance(pair, str):
+                self._report(pair)
                 continue
             rows.append(row)
             images.extend(pair)
-            prompts.extend([caption, caption])
+            prompts.extend([captions[row], captions[row]])
 
         if rows:
             scores = self.reward_model.score(images, prompts).detach().float().cpu().numpy()
@@ -136,4 +145,3 @@ def summarize_labels(dataset) -> dict[str, int]:
         "num_valid_pairs": int(valid.sum()),
         "num_invalid_pairs": int((~valid).sum()),
     }
-

@@ -33,7 +33,8 @@ def import_optional(module: str, pip_package: str, backend: str):
     except ImportError as error:
         raise ImportError(
             f"The {backend!r} reward model needs the optional package {pip_package!r}, which could not be "
-            f"imported ({error}). Install it with `pip install {pip_package}` or choose another --reward_model."
+            f"imported ({error}). Install it with `pip install {pip_package}` or choose another "
+            "--reward_model."
         ) from error
 
 
@@ -43,7 +44,9 @@ def _resolve_device(device) -> torch.device:
 
 def _no_processor(backend: str, processor_name_or_path) -> None:
     if processor_name_or_path is not None:
-        raise ValueError(f"The {backend!r} reward model has its own preprocessing; do not pass a processor path.")
+        raise ValueError(
+            f"The {backend!r} reward model has its own preprocessing; do not pass a processor path."
+        )
 
 
 class HPSv2RewardModel(RewardModel):
@@ -56,16 +59,26 @@ class HPSv2RewardModel(RewardModel):
     default_name = "hpsv2"
     checkpoint_files = {"v2.0": "HPS_v2_compressed.pt", "v2.1": "HPS_v2.1_compressed.pt"}
 
-    def __init__(self, model, preprocess, tokenizer, name: str | None = None, max_batch_size: int | None = 64):
-        super().__init__(name or self.default_name, next(model.parameters()).device, max_batch_size)
+    def __init__(self, model, preprocess, tokenizer, name=None, max_batch_size=64, preprocess_threads=1):
+        super().__init__(
+            name or self.default_name, next(model.parameters()).device, max_batch_size, preprocess_threads
+        )
         self.model = model.eval()
         self.preprocess = preprocess
         self.tokenizer = tokenizer
 
     @classmethod
     def from_pretrained(
-        cls, model_name_or_path=None, processor_name_or_path=None, *, device=None, dtype=None, cache_dir=None,
-        max_batch_size=64, name=None,
+        cls,
+        model_name_or_path=None,
+        processor_name_or_path=None,
+        *,
+        device=None,
+        dtype=None,
+        cache_dir=None,
+        max_batch_size=64,
+        preprocess_threads=1,
+        name=None,
     ):
         _no_processor("hpsv2", processor_name_or_path)
         open_clip = import_optional("hpsv2.src.open_clip", "hpsv2", "hpsv2")
@@ -73,7 +86,8 @@ class HPSv2RewardModel(RewardModel):
         if not os.path.isfile(checkpoint):
             if checkpoint not in cls.checkpoint_files:
                 raise ValueError(
-                    f"HPSv2 model_name_or_path must be a checkpoint file or one of {sorted(cls.checkpoint_files)}, "
+                    "HPSv2 model_name_or_path must be a checkpoint file or one of "
+                    f"{sorted(cls.checkpoint_files)}, "
                     f"got {checkpoint!r}."
                 )
             import huggingface_hub
@@ -82,15 +96,36 @@ class HPSv2RewardModel(RewardModel):
                 "xswu/HPSv2", cls.checkpoint_files[checkpoint], cache_dir=cache_dir
             )
         model, _, preprocess = open_clip.create_model_and_transforms(
-            "ViT-H-14", None, precision="amp", device="cpu", jit=False, force_quick_gelu=False,
-            force_custom_text=False, force_patch_dropout=False, force_image_size=None, pretrained_image=False,
-            image_mean=None, image_std=None, light_augmentation=True, aug_cfg={}, output_dict=True,
-            with_score_predictor=False, with_region_predictor=False,
+            "ViT-H-14",
+            None,
+            precision="amp",
+            device="cpu",
+            jit=False,
+            force_quick_gelu=False,
+            force_custom_text=False,
+            force_patch_dropout=False,
+            force_image_size=None,
+            pretrained_image=False,
+            image_mean=None,
+            image_std=None,
+            light_augmentation=True,
+            aug_cfg={},
+            output_dict=True,
+            with_score_predictor=False,
+            with_region_predictor=False,
         )
         state = torch.load(checkpoint, map_location="cpu")
         model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
         model = model.to(device=_resolve_device(device), dtype=dtype or torch.float32)
-        return cls(model, preprocess, open_clip.get_tokenizer("ViT-H-14"), name=name, max_batch_size=max_batch_size)
+        tokenizer = open_clip.get_tokenizer("ViT-H-14")
+        return cls(
+            model,
+            preprocess,
+            tokenizer,
+            name=name,
+            max_batch_size=max_batch_size,
+            preprocess_threads=preprocess_threads,
+        )
 
     def to(self, device):
         self.model.to(device)
@@ -98,7 +133,8 @@ class HPSv2RewardModel(RewardModel):
 
     def _score_batch(self, images, prompts):
         dtype = next(self.model.parameters()).dtype
-        pixels = torch.stack([self.preprocess(image) for image in images]).to(self.device, dtype)
+        pixels = self._preprocess(lambda group: torch.stack([self.preprocess(i) for i in group]), images)
+        pixels = pixels.to(self.device, dtype)
         tokens = self.tokenizer(list(prompts)).to(self.device)
         image_features = torch.nn.functional.normalize(self.model.encode_image(pixels).float(), dim=-1)
         text_features = torch.nn.functional.normalize(self.model.encode_text(tokens).float(), dim=-1)
@@ -112,21 +148,33 @@ class ImageRewardRewardModel(RewardModel):
     default_name = "imagereward"
     text_length = 35  # ImageReward's tokenizer length
 
-    def __init__(self, model, name: str | None = None, max_batch_size: int | None = 64):
-        super().__init__(name or self.default_name, next(model.parameters()).device, max_batch_size)
+    def __init__(self, model, name=None, max_batch_size=64, preprocess_threads=1):
+        super().__init__(
+            name or self.default_name, next(model.parameters()).device, max_batch_size, preprocess_threads
+        )
         self.model = model.eval()
 
     @classmethod
     def from_pretrained(
-        cls, model_name_or_path=None, processor_name_or_path=None, *, device=None, dtype=None, cache_dir=None,
-        max_batch_size=64, name=None,
+        cls,
+        model_name_or_path=None,
+        processor_name_or_path=None,
+        *,
+        device=None,
+        dtype=None,
+        cache_dir=None,
+        max_batch_size=64,
+        preprocess_threads=1,
+        name=None,
     ):
         _no_processor("imagereward", processor_name_or_path)
         package = import_optional("ImageReward", "image-reward", "imagereward")
         device = _resolve_device(device)
-        model = package.load(model_name_or_path or "ImageReward-v1.0", device=str(device), download_root=cache_dir)
+        model = package.load(
+            model_name_or_path or "ImageReward-v1.0", device=str(device), download_root=cache_dir
+        )
         model = model.to(device=device, dtype=dtype or torch.float32)
-        return cls(model, name=name, max_batch_size=max_batch_size)
+        return cls(model, name=name, max_batch_size=max_batch_size, preprocess_threads=preprocess_threads)
 
     def to(self, device):
         self.model.to(device)
@@ -136,15 +184,25 @@ class ImageRewardRewardModel(RewardModel):
     def _score_batch(self, images, prompts):
         blip = self.model.blip
         dtype = next(self.model.parameters()).dtype
-        pixels = torch.stack([self.model.preprocess(image) for image in images]).to(self.device, dtype)
+        pixels = self._preprocess(
+            lambda group: torch.stack([self.model.preprocess(i) for i in group]), images
+        )
+        pixels = pixels.to(self.device, dtype)
         tokens = blip.tokenizer(
-            list(prompts), padding="max_length", truncation=True, max_length=self.text_length, return_tensors="pt"
+            list(prompts),
+            padding="max_length",
+            truncation=True,
+            max_length=self.text_length,
+            return_tensors="pt",
         ).to(self.device)
         image_embeds = blip.visual_encoder(pixels)
         image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=self.device)
         text = blip.text_encoder(
-            tokens.input_ids, attention_mask=tokens.attention_mask, encoder_hidden_states=image_embeds,
-            encoder_attention_mask=image_mask, return_dict=True,
+            tokens.input_ids,
+            attention_mask=tokens.attention_mask,
+            encoder_hidden_states=image_embeds,
+            encoder_attention_mask=image_mask,
+            return_dict=True,
         )
         raw = self.model.mlp(text.last_hidden_state[:, 0, :]).float()[:, 0]
         return (raw - self.model.mean) / self.model.std
@@ -162,8 +220,10 @@ class AestheticRewardModel(RewardModel):
     default_name = "aesthetic"
     default_model_name_or_path = "shunk031/aesthetics-predictor-v2-sac-logos-ava1-l14-linearMSE"
 
-    def __init__(self, model, processor, name: str | None = None, max_batch_size: int | None = 64):
-        super().__init__(name or self.default_name, next(model.parameters()).device, max_batch_size)
+    def __init__(self, model, processor, name=None, max_batch_size=64, preprocess_threads=1):
+        super().__init__(
+            name or self.default_name, next(model.parameters()).device, max_batch_size, preprocess_threads
+        )
         self.model = model.eval()
         self.processor = processor
 
@@ -178,8 +238,16 @@ class AestheticRewardModel(RewardModel):
 
     @classmethod
     def from_pretrained(
-        cls, model_name_or_path=None, processor_name_or_path=None, *, device=None, dtype=None, cache_dir=None,
-        max_batch_size=64, name=None,
+        cls,
+        model_name_or_path=None,
+        processor_name_or_path=None,
+        *,
+        device=None,
+        dtype=None,
+        cache_dir=None,
+        max_batch_size=64,
+        preprocess_threads=1,
+        name=None,
     ):
         package = import_optional("aesthetics_predictor", "simple-aesthetics-predictor", "aesthetic")
         from transformers import CLIPProcessor
@@ -193,9 +261,13 @@ class AestheticRewardModel(RewardModel):
                 "`pip install -U simple-aesthetics-predictor`."
             )
         model = predictor_class.from_pretrained(model_name_or_path, cache_dir=cache_dir)
-        processor = CLIPProcessor.from_pretrained(processor_name_or_path or model_name_or_path, cache_dir=cache_dir)
+        processor = CLIPProcessor.from_pretrained(
+            processor_name_or_path or model_name_or_path, cache_dir=cache_dir
+        )
         model = model.to(device=_resolve_device(device), dtype=dtype or torch.float32)
-        return cls(model, processor, name=name, max_batch_size=max_batch_size)
+        return cls(
+            model, processor, name=name, max_batch_size=max_batch_size, preprocess_threads=preprocess_threads
+        )
 
     def to(self, device):
         self.model.to(device)
@@ -203,6 +275,9 @@ class AestheticRewardModel(RewardModel):
 
     def _score_batch(self, images, prompts):
         dtype = next(self.model.parameters()).dtype
-        pixels = self.processor(images=images, return_tensors="pt")["pixel_values"].to(self.device, dtype)
+        pixels = self._preprocess(
+            lambda group: self.processor(images=group, return_tensors="pt")["pixel_values"], images
+        )
+        pixels = pixels.to(self.device, dtype)
         logits = self.model(pixel_values=pixels).logits
         return logits.float().reshape(len(images))

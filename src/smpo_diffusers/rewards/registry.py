@@ -14,7 +14,8 @@ from .optional import AestheticRewardModel, HPSv2RewardModel, ImageRewardRewardM
 __all__ = ["available_reward_models", "load_reward_model", "register_reward_model", "resolve_dtype"]
 
 RewardFactory = Callable[..., RewardModel]
-"""``factory(model_name_or_path, processor_name_or_path, *, device, dtype, cache_dir, max_batch_size)``."""
+"""``factory(model_name_or_path, processor_name_or_path, *, device, dtype, cache_dir, max_batch_size,
+preprocess_threads)`` -> :class:`RewardModel`."""
 
 _REGISTRY: dict[str, RewardFactory] = {
     "pickscore": PickScoreRewardModel.from_pretrained,
@@ -25,9 +26,13 @@ _REGISTRY: dict[str, RewardFactory] = {
 }
 
 _DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
 }
 
 
@@ -75,12 +80,14 @@ def load_reward_model(
     dtype: torch.dtype | str | None = None,
     cache_dir: str | None = None,
     max_batch_size: int | None = 64,
+    preprocess_threads: int = 1,
     ensemble_weights: Sequence[float] | None = None,
 ) -> RewardModel:
     """Build a reward model from a name.
 
     Args:
-        name: a :class:`RewardModel` (returned as is); a registered backend (:func:`available_reward_models`: ``pickscore``, ``clip``,
+        name: a :class:`RewardModel` (returned as is); a registered backend
+            (:func:`available_reward_models`: ``pickscore``, ``clip``,
             ``hpsv2``, ``imagereward``, ``aesthetic``, case-insensitive); a ``"module:attribute"``
             import path to a :class:`RewardModel` instance or to a callable
             ``fn(images, prompts) -> N scores``; a callable itself; or a list of such names (or one
@@ -95,6 +102,7 @@ def load_reward_model(
         dtype: weights' dtype (``torch.float16`` for fp16 inference on CUDA); default float32.
         cache_dir: ``from_pretrained`` cache folder.
         max_batch_size: images per forward pass (:meth:`RewardModel.score` chunks by it).
+        preprocess_threads: threads for CPU image decoding/preprocessing (same scores, faster).
         ensemble_weights: member weights of an ensemble (default equal).
     """
     dtype = resolve_dtype(dtype)
@@ -108,8 +116,14 @@ def load_reward_model(
         processors = _aligned(processor_name_or_path, len(names), "processor_name_or_path")
         members = [
             load_reward_model(
-                member, path, processor, device=device, dtype=dtype, cache_dir=cache_dir,
+                member,
+                path,
+                processor,
+                device=device,
+                dtype=dtype,
+                cache_dir=cache_dir,
                 max_batch_size=max_batch_size,
+                preprocess_threads=preprocess_threads,
             )
             for member, path, processor in zip(names, paths, processors)
         ]
@@ -126,7 +140,13 @@ def load_reward_model(
         if not callable(obj):
             raise TypeError(f"{name!r} is neither a RewardModel nor a callable.")
         out_device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        return CallableRewardModel(obj, name=label, device=out_device, max_batch_size=max_batch_size)
+        return CallableRewardModel(
+            obj,
+            name=label,
+            device=out_device,
+            max_batch_size=max_batch_size,
+            preprocess_threads=preprocess_threads,
+        )
     key = name.lower()
     if key not in _REGISTRY:
         raise ValueError(
@@ -134,8 +154,13 @@ def load_reward_model(
             "'module:function' import path, or a comma-separated list for an ensemble."
         )
     return _REGISTRY[key](
-        model_name_or_path or None, processor_name_or_path or None, device=device, dtype=dtype,
-        cache_dir=cache_dir, max_batch_size=max_batch_size,
+        model_name_or_path or None,
+        processor_name_or_path or None,
+        device=device,
+        dtype=dtype,
+        cache_dir=cache_dir,
+        max_batch_size=max_batch_size,
+        preprocess_threads=preprocess_threads,
     )
 
 

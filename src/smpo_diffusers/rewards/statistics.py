@@ -75,7 +75,9 @@ def compute_reward_statistics(dataset_or_columns, reward_model: str | None = Non
         raise ValueError("reward_0, reward_1 and label_valid must have the same length.")
     values = np.concatenate([r[valid] for r in rewards])
     if not np.isfinite(values).all():
-        raise ValueError("Some pairs marked label_valid=True have non-finite rewards; the labelled data is inconsistent.")
+        raise ValueError(
+            "Some pairs marked label_valid=True have non-finite rewards; the labelled data is inconsistent."
+        )
     stats: dict[str, Any] = {
         "reward_model": reward_model,
         "num_pairs": int(valid.size),
@@ -126,7 +128,11 @@ def load_reward_statistics(dataset_path: str | os.PathLike) -> dict[str, Any] | 
         return None
     with open(target, encoding="utf-8") as handle:
         stats = json.load(handle)
-    missing = [key for key in _REQUIRED_KEYS if key not in stats] if isinstance(stats, dict) else list(_REQUIRED_KEYS)
+    missing = (
+        [key for key in _REQUIRED_KEYS if key not in stats]
+        if isinstance(stats, dict)
+        else list(_REQUIRED_KEYS)
+    )
     if missing:
         raise ValueError(f"{target} is not a reward statistics file (missing {missing}).")
     return stats
@@ -141,7 +147,8 @@ def reward_scale_from_statistics(stats: Mapping[str, Any]) -> float:
     if scale is None or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
         raise ValueError(
             f"Cannot derive a reward scale from these statistics (suggested_scale={scale!r}, "
-            f"min={stats.get('min')!r}, max={stats.get('max')!r}, count={stats.get('count')!r}): the labelled "
+            f"min={stats.get('min')!r}, max={stats.get('max')!r}, count={stats.get('count')!r}): "
+            "the labelled "
             "data has no valid rewards or all rewards are equal. Check the reward model and the images, or "
             "pass --reward_scale explicitly."
         )

@@ -1,0 +1,41 @@
+#!/usr/bin/env python
+"""Regenerate the shipped toy world (``src/smpo_diffusers/toy_assets``): train the tiny VAE and UNet from
+scratch, seeded, on one CPU thread, and save the StableDiffusionPipeline folder.
+
+    OMP_NUM_THREADS=1 python examples/toy/build_toy_world.py            # rewrites the shipped folder
+    python examples/toy/build_toy_world.py --output_dir /tmp/toy --unet_steps 200   # a quick look
+"""
+
+import argparse
+import json
+import logging
+
+import torch
+
+from smpo_diffusers.toy import TOY_ASSETS_DIR, build_toy_world, colour_accuracy, load_toy_pipeline, toy_captions
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output_dir", default=str(TOY_ASSETS_DIR), help="Pipeline folder to write.")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--vae_steps", type=int, default=300)
+    parser.add_argument("--unet_steps", type=int, default=1200)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 reproduces the shipped weights).")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.set_num_threads(args.threads)
+    info = build_toy_world(args.output_dir, seed=args.seed, vae_steps=args.vae_steps, unet_steps=args.unet_steps)
+    pipeline = load_toy_pipeline(args.output_dir)
+    captions = toy_captions()
+    generator = torch.Generator().manual_seed(args.seed)
+    images = pipeline(captions, num_inference_steps=info["num_inference_steps"],
+                      guidance_scale=info["guidance_scale"], height=32, width=32, generator=generator).images
+    info["colour_accuracy"] = colour_accuracy(images, captions)
+    with open(f"{args.output_dir}/toy_world.json", "w") as handle:
+        json.dump(info, handle, indent=2)
+    print(json.dumps({k: v for k, v in info.items() if k != "heldout_captions"}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

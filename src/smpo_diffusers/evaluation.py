@@ -1,0 +1,329 @@
+"""Generate, score, compare: does the aligned model beat its base?
+
+``evaluate(base_model, aligned_model, prompts, reward_names)`` renders every prompt with both models from
+the same seeds, scores both sets with each reward backend, and writes
+
+* ``results.json`` - per-image scores and, per reward: mean and standard error of each model, the
+  paired difference, and the win rate of aligned over base with a 95 % **Wilson score** interval
+  (ties count half a win);
+* ``results.md`` - the same as a markdown table;
+* ``grid.png`` - base images on the top row(s), aligned images under them, same prompt/seed per column.
+
+The statistics helpers (:func:`mean_and_stderr`, :func:`wilson_interval`, :func:`win_rate`,
+:func:`compare_scores`) are pure functions on score arrays.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Sequence
+
+import numpy as np
+import torch
+
+__all__ = [
+    "BUILTIN_PROMPT_SETS",
+    "compare_scores",
+    "evaluate",
+    "format_results_table",
+    "generate_images",
+    "image_drift",
+    "load_pipeline",
+    "mean_and_stderr",
+    "read_prompts",
+    "resolve_reward_models",
+    "save_comparison_grid",
+    "score_images",
+    "wilson_interval",
+    "win_rate",
+]
+
+Z_95 = 1.959963984540054
+"""Two-sided 95 % standard-normal quantile."""
+
+BUILTIN_PROMPT_SETS = ("toy-heldout", "toy-train", "toy-all")
+"""Prompt-list names :func:`read_prompts` understands besides files and datasets."""
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def mean_and_stderr(values: Sequence[float]) -> tuple[float, float]:
+    """Sample mean and its standard error ``std(ddof=1) / sqrt(n)``; the error is NaN for fewer than 2 values."""
+    array = np.asarray(values, dtype=np.float64)
+    if array.size == 0:
+        raise ValueError("mean_and_stderr needs at least one value.")
+    if not np.isfinite(array).all():
+        raise ValueError("mean_and_stderr got non-finite values; drop unscorable images first.")
+    stderr = float(array.std(ddof=1) / math.sqrt(array.size)) if array.size > 1 else math.nan
+    return float(array.mean()), stderr
+
+
+def wilson_interval(successes: float, trials: int, z: float = Z_95) -> tuple[float, float]:
+    """Wilson score interval ``(low, high)`` for a proportion ``successes / trials`` (successes may be
+    fractional, e.g. ties counted as half)."""
+    if trials < 1:
+        raise ValueError(f"wilson_interval needs trials >= 1, got {trials}.")
+    if not 0 <= successes <= trials:
+        raise ValueError(f"successes must lie in [0, trials={trials}], got {successes}.")
+    p = successes / trials
+    denominator = 1.0 + z * z / trials
+    centre = (p + z * z / (2 * trials)) / denominator
+    half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / denominator
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def win_rate(aligned: Sequence[float], base: Sequence[float], tie_tolerance: float = 0.0) -> dict:
+    """How often ``aligned[i]`` beats ``base[i]`` (paired by prompt and seed).
+
+    A pair within ``tie_tolerance`` is a tie and counts half a win. Returns ``wins``, ``ties``,
+    ``losses``, ``n``, ``rate = (wins + ties / 2) / n`` and its 95 % Wilson interval ``ci_low``, ``ci_high``."""
+    aligned, base = np.asarray(aligned, dtype=np.float64), np.asarray(base, dtype=np.float64)
+    if aligned.shape != base.shape or aligned.ndim != 1 or aligned.size == 0:
+        raise ValueError(f"win_rate needs two equal-length, non-empty score lists, got {aligned.shape} and {base.shape}.")
+    difference = aligned - base
+    ties = int((np.abs(difference) <= tie_tolerance).sum())
+    wins = int((difference > tie_tolerance).sum())
+    losses = int(difference.size - wins - ties)
+    successes = wins + 0.5 * ties
+    low, high = wilson_interval(successes, difference.size)
+    return {"wins": wins, "ties": ties, "losses": losses, "n": int(difference.size),
+            "rate": successes / difference.size, "ci_low": low, "ci_high": high}
+
+
+def compare_scores(base: Sequence[float], aligned: Sequence[float]) -> dict:
+    """Summary of paired scores: ``base``/``aligned`` ``{mean, stderr}``, ``difference`` (aligned - base,
+    paired) ``{mean, stderr}`` and ``win_rate`` (see :func:`win_rate`)."""
+    base_mean, base_se = mean_and_stderr(base)
+    aligned_mean, aligned_se = mean_and_stderr(aligned)
+    diff_mean, diff_se = mean_and_stderr(np.asarray(aligned, dtype=np.float64) - np.asarray(base, dtype=np.float64))
+    return {"base": {"mean": base_mean, "stderr": base_se}, "aligned": {"mean": aligned_mean, "stderr": aligned_se},
+            "difference": {"mean": diff_mean, "stderr": diff_se}, "win_rate": win_rate(aligned, base)}
+
+
+def image_drift(base_images, aligned_images) -> float:
+    """Mean absolute pixel difference (channels in 0..1) between images generated from the same seeds."""
+    if len(base_images) != len(aligned_images) or not base_images:
+        raise ValueError("image_drift needs two equal-length, non-empty image lists.")
+    total = 0.0
+    for first, second in zip(base_images, aligned_images):
+        a = np.asarray(first.convert("RGB"), dtype=np.float32) / 255.0
+        b = np.asarray(second.convert("RGB"), dtype=np.float32) / 255.0
+        if a.shape != b.shape:
+            raise ValueError(f"image sizes differ: {a.shape} vs {b.shape}.")
+        total += float(np.abs(a - b).mean())
+    return total / len(base_images)
+
+
+# ----------------------------------------------------------------------------- models and prompts
+
+
+def load_pipeline(base_model: str, aligned_model: str | None = None, *, device: str | torch.device = "cpu",
+                  dtype: torch.dtype = torch.float32):
+    """Load the base pipeline (any diffusers SD/SDXL folder or Hub id) and apply ``aligned_model``:
+
+    * a folder or file with LoRA weights (``pytorch_lora_weights.safetensors``) -> ``load_lora_weights``;
+    * a folder with ``unet/`` (a full-UNet run) -> that UNet replaces the base one;
+    * a folder with ``model_index.json`` -> loaded as a pipeline of its own.
+
+    Returns the pipeline on ``device`` with its progress bar disabled."""
+    from diffusers import DiffusionPipeline, UNet2DConditionModel
+
+    if aligned_model is not None and os.path.isfile(os.path.join(aligned_model, "model_index.json")):
+        pipeline = DiffusionPipeline.from_pretrained(aligned_model, torch_dtype=dtype)
+    else:
+        pipeline = DiffusionPipeline.from_pretrained(base_model, torch_dtype=dtype)
+        if aligned_model is not None:
+            lora_file = aligned_model if aligned_model.endswith(".safetensors") else os.path.join(
+                aligned_model, "pytorch_lora_weights.safetensors")
+            if os.path.isfile(lora_file):
+                pipeline.load_lora_weights(os.path.dirname(lora_file) or ".", weight_name=os.path.basename(lora_file))
+            elif os.path.isfile(os.path.join(aligned_model, "unet", "config.json")):
+                pipeline.unet = UNet2DConditionModel.from_pretrained(aligned_model, subfolder="unet", torch_dtype=dtype)
+            else:
+                raise FileNotFoundError(
+                    f"{aligned_model!r} holds neither pytorch_lora_weights.safetensors, a unet/ folder nor a "
+                    "pipeline (model_index.json); pass the --output_dir of a training run."
+                )
+    if hasattr(pipeline, "safety_checker"):
+        pipeline.safety_checker = None
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline.to(device)
+
+
+def read_prompts(source: str, column: str = "caption", split: str = "train", limit: int | None = None) -> list[str]:
+    """Prompts from a built-in set (:data:`BUILTIN_PROMPT_SETS`), a text file (one prompt a line, blank lines
+    skipped), or a dataset's ``column`` (a ``save_to_disk`` folder, or a parquet/json/csv file); unique prompts
+    keep their first-seen order. ``limit`` keeps the first ``limit``."""
+    if source in BUILTIN_PROMPT_SETS:
+        from .toy import toy_caption_split, toy_captions
+
+        training, heldout = toy_caption_split()
+        prompts = {"toy-heldout": heldout, "toy-train": training, "toy-all": toy_captions()}[source]
+    elif os.path.isfile(source) and source.endswith(".txt"):
+        with open(source, encoding="utf-8") as handle:
+            prompts = [line.strip() for line in handle if line.strip()]
+    elif os.path.exists(source):
+        from .rewards import load_preference_dataset
+
+        dataset = load_preference_dataset(source, split)
+        if column not in dataset.column_names:
+            raise ValueError(f"{source!r} has no column {column!r} (columns: {dataset.column_names}); pass --prompt_column.")
+        prompts = list(dict.fromkeys(p for p in dataset[column] if isinstance(p, str) and p.strip()))
+    else:
+        raise FileNotFoundError(
+            f"prompts {source!r}: not a built-in set ({', '.join(BUILTIN_PROMPT_SETS)}), a .txt file or a dataset path."
+        )
+    if limit is not None:
+        prompts = prompts[:limit]
+    if not prompts:
+        raise ValueError(f"no prompts found in {source!r}.")
+    return prompts
+
+
+def resolve_reward_models(names: Sequence[str], device: str | torch.device | None = None) -> list:
+    """Reward models for ``names``: ``"toy"`` is :class:`~smpo_diffusers.toy.ToyRewardModel`; any other name goes
+    through :func:`smpo_diffusers.rewards.load_reward_model` (registry names, ``module:function`` paths)."""
+    from .rewards import load_reward_model
+    from .toy import ToyRewardModel
+
+    models = []
+    for name in names:
+        models.append(ToyRewardModel() if name == "toy" else load_reward_model(name, device=device))
+    if not models:
+        raise ValueError("name at least one reward model, e.g. --reward_models toy")
+    return models
+
+
+# ----------------------------------------------------------------------------- generation and scoring
+
+
+def generate_images(pipeline, prompts: Sequence[str], seeds: Sequence[int], *, num_inference_steps: int = 20,
+                    guidance_scale: float = 3.0, height: int | None = None, width: int | None = None,
+                    batch_size: int = 64, progress: bool = False, desc: str = "generating") -> list:
+    """Render ``prompts[i]`` from ``torch.Generator().manual_seed(seeds[i])`` (CPU generator, so the initial
+    noise is the same on every device and for every model). Returns ``len(prompts)`` PIL images."""
+    from tqdm.auto import tqdm
+
+    prompts, seeds = list(prompts), [int(s) for s in seeds]
+    if len(prompts) != len(seeds):
+        raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds; pass one seed per prompt.")
+    images = []
+    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress):
+        chunk = slice(start, start + batch_size)
+        generators = [torch.Generator().manual_seed(seed) for seed in seeds[chunk]]
+        with torch.no_grad():
+            images.extend(pipeline(list(prompts[chunk]), num_inference_steps=num_inference_steps,
+                                   guidance_scale=guidance_scale, height=height, width=width,
+                                   generator=generators).images)
+    return images
+
+
+def score_images(reward_models, images, prompts) -> dict[str, np.ndarray]:
+    """``{reward name: float64 scores (N,)}``; raises if a reward model returns non-finite scores."""
+    scores = {}
+    for model in reward_models:
+        values = model.score(images, prompts).detach().cpu().double().numpy()
+        if not np.isfinite(values).all():
+            raise ValueError(f"reward model {model.name!r} returned non-finite scores.")
+        scores[model.name] = values
+    return scores
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def save_comparison_grid(base_images, aligned_images, path: str, columns: int = 16, scale: int = 2):
+    """Save a PNG: for each block of ``columns`` samples, a row of base images above the aligned ones.
+    Images are upscaled by ``scale`` (nearest) and separated by a 2 px white gap between blocks."""
+    from PIL import Image
+
+    if len(base_images) != len(aligned_images) or not base_images:
+        raise ValueError("save_comparison_grid needs two equal-length, non-empty image lists.")
+    width, height = base_images[0].size
+    width, height = width * scale, height * scale
+    columns = min(columns, len(base_images))
+    blocks = math.ceil(len(base_images) / columns)
+    gap = 2
+    grid = Image.new("RGB", (columns * width, blocks * (2 * height + gap)), "white")
+    for index, (base, aligned) in enumerate(zip(base_images, aligned_images)):
+        x, top = (index % columns) * width, (index // columns) * (2 * height + gap)
+        grid.paste(base.convert("RGB").resize((width, height), Image.NEAREST), (x, top))
+        grid.paste(aligned.convert("RGB").resize((width, height), Image.NEAREST), (x, top + height))
+    grid.save(path)
+    return path
+
+
+def _fmt(mean: float, stderr: float, digits: int = 4) -> str:
+    return f"{mean:.{digits}f} ± {stderr:.{digits}f}" if math.isfinite(stderr) else f"{mean:.{digits}f}"
+
+
+def format_results_table(results: dict) -> str:
+    """Markdown table of :func:`evaluate`'s ``results`` (one row per reward)."""
+    names = results["models"]
+    lines = [
+        f"| reward | {names['base']} (mean ± s.e.) | {names['aligned']} (mean ± s.e.) | difference (paired) | "
+        "win rate aligned > base [95 % Wilson] |",
+        "|---|---|---|---|---|",
+    ]
+    for reward, summary in results["rewards"].items():
+        rate = summary["win_rate"]
+        lines.append(
+            f"| {reward} | {_fmt(**summary['base'])} | {_fmt(**summary['aligned'])} | {_fmt(**summary['difference'])} "
+            f"| {rate['rate']:.3f} [{rate['ci_low']:.3f}, {rate['ci_high']:.3f}] "
+            f"({rate['wins']}W/{rate['ties']}T/{rate['losses']}L) |"
+        )
+    lines.append("")
+    lines.append(f"{results['num_samples']} samples ({results['num_prompts']} prompts x {results['seeds_per_prompt']} "
+                 f"seeds), {results['num_inference_steps']} steps, guidance {results['guidance_scale']}; "
+                 f"mean absolute pixel drift from base {results['pixel_drift']:.4f}. Ties count half a win.")
+    return "\n".join(lines) + "\n"
+
+
+def evaluate(base_model: str, aligned_model: str, prompts: Sequence[str], *, output_dir: str,
+             reward_names: Sequence[str] = ("toy",), seeds_per_prompt: int = 1, seed: int = 0,
+             num_inference_steps: int = 20, guidance_scale: float = 3.0, resolution: int | None = None,
+             batch_size: int = 64, device: str | torch.device = "cpu", progress: bool = True,
+             model_names: tuple[str, str] = ("base", "aligned"), grid_columns: int = 16) -> dict:
+    """Render ``prompts`` with the base and the aligned model from the same seeds, score, compare, write files.
+
+    Sample ``j`` of prompt ``i`` uses seed ``seed + j * len(prompts) + i``. ``aligned_model`` is anything
+    :func:`load_pipeline` accepts. Writes ``results.json``, ``results.md`` and ``grid.png`` in ``output_dir``
+    and returns the results dict (``rewards[name]`` as in :func:`compare_scores`, plus ``scores``)."""
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("evaluate needs at least one prompt.")
+    if seeds_per_prompt < 1:
+        raise ValueError(f"seeds_per_prompt must be >= 1, got {seeds_per_prompt}.")
+    os.makedirs(output_dir, exist_ok=True)
+    all_prompts = prompts * seeds_per_prompt
+    seeds = [seed + index for index in range(len(all_prompts))]
+    reward_models = resolve_reward_models(reward_names, device=device)
+    common = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, height=resolution,
+                  width=resolution, batch_size=batch_size, progress=progress)
+    base_images = generate_images(load_pipeline(base_model, device=device), all_prompts, seeds,
+                                  desc=f"{model_names[0]} images", **common)
+    aligned_images = generate_images(load_pipeline(base_model, aligned_model, device=device), all_prompts, seeds,
+                                     desc=f"{model_names[1]} images", **common)
+    base_scores = score_images(reward_models, base_images, all_prompts)
+    aligned_scores = score_images(reward_models, aligned_images, all_prompts)
+    results = {
+        "base_model": str(base_model), "aligned_model": str(aligned_model),
+        "models": {"base": model_names[0], "aligned": model_names[1]},
+        "num_prompts": len(prompts), "seeds_per_prompt": seeds_per_prompt, "num_samples": len(all_prompts),
+        "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, "seed": seed,
+        "interval": "95% Wilson score interval; ties count half a win",
+        "pixel_drift": image_drift(base_images, aligned_images),
+        "rewards": {name: compare_scores(base_scores[name], aligned_scores[name]) for name in base_scores},
+        "scores": {"prompts": all_prompts, "seeds": seeds,
+                   "base": {k: v.tolist() for k, v in base_scores.items()},
+                   "aligned": {k: v.tolist() for k, v in aligned_scores.items()}},
+    }
+    with open(os.path.join(output_dir, "results.json"), "w") as handle:
+        json.dump(results, handle, indent=2)
+    with open(os.path.join(output_dir, "results.md"), "w") as handle:
+        handle.write(format_results_table(results))
+    save_comparison_grid(base_images, aligned_images, os.path.join(output_dir, "grid.png"), columns=grid_columns)
+    return results

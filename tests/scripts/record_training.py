@@ -1,0 +1,48 @@
+"""Run SmPO training under `accelerate launch` and record, per rank, what that rank trained on.
+
+Usage: accelerate launch ... tests/scripts/record_training.py RECORD_DIR [SmPOConfig flags]
+Writes RECORD_DIR/rank{R}.json with the pair indices of every micro-batch and a digest of the final
+trainable weights as that rank holds them. Everything else is the ordinary library code path.
+"""
+
+import hashlib
+import json
+import logging
+import os
+import sys
+
+import torch
+
+from smpo_diffusers.cli import parse_training_args
+from smpo_diffusers.trainer import SmPOTrainer
+
+
+class RecordingTrainer(SmPOTrainer):
+    seen: list
+
+    def compute_loss(self, batch, generator):
+        self.seen.append(batch["indices"].tolist())
+        return super().compute_loss(batch, generator)
+
+
+def main():
+    logging.basicConfig(level=logging.INFO)
+    record_dir, argv = sys.argv[1], sys.argv[2:]
+    config, _ = parse_training_args(argv)
+    trainer = RecordingTrainer(config)
+    trainer.seen = []
+    trainer.train()
+    digest = hashlib.sha256()
+    for name, param in sorted(trainer.unwrapped_unet.named_parameters()):
+        if param.requires_grad:
+            digest.update(name.encode())
+            digest.update(param.detach().cpu().contiguous().numpy().tobytes())
+    record = {"rank": trainer.accelerator.process_index, "num_processes": trainer.accelerator.num_processes,
+              "seen": trainer.seen, "weights_sha256": digest.hexdigest(), "global_step": trainer.global_step}
+    os.makedirs(record_dir, exist_ok=True)
+    with open(os.path.join(record_dir, f"rank{record['rank']}.json"), "w") as handle:
+        json.dump(record, handle)
+
+
+if __name__ == "__main__":
+    main()

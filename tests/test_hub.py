@@ -1,0 +1,561 @@
+"""Model card and push_to_hub, driven through the real huggingface_hub client against a loopback stub Hub.
+
+The stub (``StubHub``) implements the four endpoints huggingface_hub 2.4 calls for ``create_repo`` +
+``upload_folder``: ``POST /api/repos/create``, ``POST /api/validate-yaml``,
+``POST /api/models/{repo}/preupload/{rev}`` (answers "regular" for every file, so contents travel in the
+commit payload and no Xet/LFS storage is needed) and ``POST /api/models/{repo}/commit/{rev}`` (ndjson).
+It checks the bearer token, records every request and keeps the committed files.
+"""
+
+import base64
+import hashlib
+import json
+import logging
+import os
+import re
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
+
+import numpy as np
+import pytest
+import yaml
+from huggingface_hub import HfApi, ModelCard
+from huggingface_hub import constants as hf_constants
+from huggingface_hub.errors import HfHubHTTPError
+from PIL import Image
+from safetensors.numpy import save_file
+
+from smpo_diffusers import hub
+from smpo_diffusers.config import SmPOConfig
+from smpo_diffusers.hub import (
+    HubAuthenticationError,
+    HubUploadError,
+    check_hub_credentials,
+    create_model_card,
+    push_main,
+    push_to_hub,
+    redact,
+    redacted_logging,
+)
+
+TOKEN = f"hf_TestToken{uuid.uuid4().hex}"
+SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
+SD_BASE = "runwayml/stable-diffusion-v1-5"
+PICKAPIC = "yuvalkirstain/pickapic_v2"
+LORA_RELEASE = {"README.md", "pytorch_lora_weights.safetensors", "training_config.json", "training_metrics.json",
+                "validation.png"}
+
+
+# ---------------------------------------------------------------------------- the stub Hub
+class StubHub:
+    """A tiny loopback Hub: see the module docstring. ``fail[route] = status`` makes a route answer that status."""
+
+    def __init__(self, token: str, namespace: str = "stub-user"):
+        self.token, self.namespace = token, namespace
+        self.requests: list[dict] = []
+        self.repos: dict[str, dict] = {}
+        self.fail: dict[str, int] = {}
+        self.lock = threading.Lock()
+        stub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                stub.handle(self)
+
+            do_GET = do_PUT = do_DELETE = do_HEAD = do_POST
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def start(self):
+        self.thread.start()
+        return self
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=5)
+
+    def routes(self) -> list[str]:
+        return [r["route"] for r in self.requests]
+
+    # -- request handling
+    def handle(self, request):
+        url = urlsplit(request.path)
+        body = request.rfile.read(int(request.headers.get("Content-Length") or 0))
+        route, repo = self._route(request.command, url.path)
+        with self.lock:
+            self.requests.append({"method": request.command, "path": url.path, "route": route, "repo": repo,
+                                  "headers": {k.lower(): v for k, v in request.headers.items()}, "body": body})
+        if request.headers.get("Authorization") != f"Bearer {self.token}":
+            return self._send(request, 401, {"error": "Invalid credentials in Authorization header"})
+        if route in self.fail:
+            return self._send(request, self.fail[route], {"error": f"stub failure on {route}"})
+        if route == "create":
+            payload = json.loads(body)
+            repo_id = f"{payload.get('organization') or self.namespace}/{payload['name']}"
+            exists = repo_id in self.repos
+            self.repos.setdefault(repo_id, {"files": {}, "commits": [], "visibility": payload.get("visibility")})
+            answer = {"url": f"{self.endpoint}/{repo_id}", "name": repo_id, "id": uuid.uuid4().hex}
+            return self._send(request, 409 if exists else 200,
+                              {"error": "You already created this model repo", **answer} if exists else answer)
+        if route == "validate-yaml":
+            content = json.loads(body)["content"]
+            match = re.match(r"^---\n(.*?)\n---\n", content, re.S)
+            if not match:
+                return self._send(request, 200, {"errors": [], "warnings": [{"message": "empty or missing yaml"}]})
+            try:
+                assert isinstance(yaml.safe_load(match.group(1)), dict)
+            except (AssertionError, yaml.YAMLError) as error:
+                return self._send(request, 400, {"errors": [{"message": f"bad metadata: {error!r}"}]})
+            return self._send(request, 200, {"errors": [], "warnings": []})
+        if route in ("preupload", "commit") and repo not in self.repos:
+            return self._send(request, 404, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"})
+        if route == "preupload":
+            files = json.loads(body)["files"]
+            return self._send(request, 200, {"files": [
+                {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False, "oid": None} for f in files]})
+        if route == "commit":
+            lines = [json.loads(line) for line in body.decode().splitlines() if line.strip()]
+            header, operations = lines[0], lines[1:]
+            assert header["key"] == "header"
+            if any(op["key"] != "file" for op in operations):
+                return self._send(request, 400, {"error": "stub accepts regular files only"})
+            state = self.repos[repo]
+            for op in operations:
+                state["files"][op["value"]["path"]] = base64.b64decode(op["value"]["content"])
+            oid = hashlib.sha1(body).hexdigest()
+            state["commits"].append({"summary": header["value"]["summary"],
+                                     "paths": [op["value"]["path"] for op in operations]})
+            return self._send(request, 200, {"commitUrl": f"{self.endpoint}/{repo}/commit/{oid}", "commitOid": oid,
+                                             "success": True})
+        return self._send(request, 404, {"error": f"stub does not implement {request.command} {url.path}"})
+
+    @staticmethod
+    def _route(method: str, path: str) -> tuple[str, str | None]:
+        if method == "POST" and path == "/api/repos/create":
+            return "create", None
+        if method == "POST" and path == "/api/validate-yaml":
+            return "validate-yaml", None
+        match = re.fullmatch(r"/api/models/([^/]+/[^/]+)/(preupload|commit)/[^/]+", path)
+        if method == "POST" and match:
+            return match.group(2), match.group(1)
+        return f"unknown {method} {path}", None
+
+    @staticmethod
+    def _send(request, status: int, payload: dict, headers: dict | None = None):
+        data = json.dumps(payload).encode()
+        request.send_response(status)
+        request.send_header("Content-Type", "application/json")
+        request.send_header("Content-Length", str(len(data)))
+        for key, value in (headers or {}).items():
+            request.send_header(key, value)
+        request.end_headers()
+        request.wfile.write(data)
+
+
+@pytest.fixture(autouse=True)
+def isolated_credentials(monkeypatch, tmp_path):
+    """No real login can leak in: no token variables, the token file points into tmp_path."""
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(hf_constants, "HF_TOKEN_PATH", str(tmp_path / "hf-home" / "token"))
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)  # conftest sets HF_HUB_OFFLINE=1 for the suite
+
+
+@pytest.fixture
+def stub_hub():
+    stub = StubHub(TOKEN).start()
+    yield stub
+    stub.stop()
+
+
+# ---------------------------------------------------------------------------- realistic output folders
+def write_output_folder(folder, *, family="sdxl", layout="lora", validation=True, checkpoints=True,
+                        **config_overrides):
+    """An output folder shaped like SmPOTrainer.save_model's (+ final validation, checkpoints, tracker logs)."""
+    os.makedirs(folder, exist_ok=True)
+    options = dict(pretrained_model_name_or_path=SDXL_BASE if family == "sdxl" else SD_BASE,
+                   dataset_name=PICKAPIC, output_dir=str(folder), max_train_steps=2000, learning_rate=1e-5,
+                   train_batch_size=2, gradient_accumulation_steps=4,
+                   train_method="lora" if layout == "lora" else "full",
+                   validation_prompts=["a cat | wearing a hat", "a lighthouse at dusk"] if validation else None)
+    options.update(config_overrides)
+    config = SmPOConfig(**options).resolve_model_defaults(is_sdxl=family == "sdxl")
+    summary = config.to_dict() | {
+        "model_family": family, "prediction_type": "epsilon", "reward_columns": ["reward_0", "reward_1"],
+        "reward_scale": 0.16658, "reward_scale_source": f"{config.dataset_name}/reward_stats.json",
+        "effective_batch_size": 16, "num_processes": 2, "mixed_precision": "bf16",
+        "pairs": {"total": 100, "kept": 90, "dropped_ties": 6, "dropped_invalid": 4, "dropped_nonfinite": 0,
+                  "kept_ties": 0, "mean_prob_w": 0.61, "dropped_by_max_samples": 0, "reward_disagreements": 3,
+                  "missing_captions": 0},
+    }
+    with open(os.path.join(folder, "training_config.json"), "w") as handle:
+        json.dump(summary, handle, indent=2, sort_keys=True)
+    metrics = {"global_step": 2000, "final_metrics": {"loss": 0.5432, "implicit_acc": 0.75, "reward_margin": 1.25,
+                                                       "lr": 1e-5},
+               "unet_evaluations": {"inversion": 10, "policy": 8, "reference": 8}, "skipped": {"empty_batches": 0}}
+    with open(os.path.join(folder, "training_metrics.json"), "w") as handle:
+        json.dump(metrics, handle)
+    weights = {"unet.down.lora_A.weight": np.ones((2, 4), dtype=np.float32)}
+    if layout == "lora":
+        save_file(weights, os.path.join(folder, "pytorch_lora_weights.safetensors"))
+    else:
+        os.makedirs(os.path.join(folder, "unet"), exist_ok=True)
+        with open(os.path.join(folder, "unet", "config.json"), "w") as handle:
+            json.dump({"_class_name": "UNet2DConditionModel"}, handle)
+        save_file(weights, os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors"))
+        if layout == "pipeline":
+            with open(os.path.join(folder, "model_index.json"), "w") as handle:
+                json.dump({"_class_name": "StableDiffusionPipeline"}, handle)
+    if validation:
+        Image.new("RGB", (16, 8), "red").save(os.path.join(folder, "validation.png"))
+        Image.new("RGB", (16, 8), "blue").save(os.path.join(folder, "validation-step100.png"))
+    if checkpoints:
+        for name in ("checkpoint-1000", ".checkpoint-2000.tmp"):
+            os.makedirs(os.path.join(folder, name), exist_ok=True)
+            with open(os.path.join(folder, name, "optimizer.bin"), "wb") as handle:
+                handle.write(b"\0" * 64)
+        os.makedirs(os.path.join(folder, "logs", "smpo"), exist_ok=True)
+        with open(os.path.join(folder, "logs", "smpo", "events.out.tfevents.1.host"), "wb") as handle:
+            handle.write(b"tb")
+    return str(folder)
+
+
+def snapshot(folder):
+    out = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, "rb") as handle:
+                out[os.path.relpath(path, folder)] = hashlib.sha256(handle.read()).hexdigest()
+    return out
+
+
+def assert_token_in_no_file(folder):
+    for root, _, files in os.walk(folder):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as handle:
+                assert TOKEN.encode() not in handle.read(), name
+
+
+# ---------------------------------------------------------------------------- push: the happy path
+def test_push_uploads_the_release_files_with_a_valid_card(tmp_path, stub_hub, caplog):
+    caplog.set_level(logging.DEBUG)
+    out = write_output_folder(tmp_path / "run")
+    url = push_to_hub(out, "my-org/smpo-sdxl", token=TOKEN, api=HfApi(endpoint=stub_hub.endpoint))
+
+    assert stub_hub.routes() == ["create", "validate-yaml", "preupload", "commit"]
+    create = json.loads(stub_hub.requests[0]["body"])
+    assert create == {"name": "smpo-sdxl", "organization": "my-org", "visibility": "public"}
+    assert {r["repo"] for r in stub_hub.requests[2:]} == {"my-org/smpo-sdxl"}
+    repo = stub_hub.repos["my-org/smpo-sdxl"]
+    assert set(repo["files"]) == LORA_RELEASE
+    assert repo["commits"] == [{"summary": "Upload SmPO-aligned weights", "paths": sorted(LORA_RELEASE)}]
+    for path, content in repo["files"].items():
+        assert content == open(os.path.join(out, path), "rb").read(), path
+    assert url.startswith(f"{stub_hub.endpoint}/my-org/smpo-sdxl/commit/")
+
+    # The card as the Hub would parse it back.
+    (tmp_path / "remote").mkdir()
+    (tmp_path / "remote" / "README.md").write_bytes(repo["files"]["README.md"])
+    for card in (ModelCard.load(os.path.join(out, "README.md")), ModelCard.load(tmp_path / "remote" / "README.md")):
+        data = card.data
+        assert data.library_name == "diffusers" and data.pipeline_tag == "text-to-image"
+        assert data.base_model == SDXL_BASE and data.license == "openrail++" and data.datasets == [PICKAPIC]
+        assert data.tags == ["text-to-image", "diffusers", "smpo", "dpo", "lora", "stable-diffusion-xl"]
+    text = card.text
+    assert "![validation](validation.png)" in text and "1. a cat | wearing a hat" in text
+    assert 'pipeline.load_lora_weights("my-org/smpo-sdxl")' in text
+    assert "StableDiffusionXLPipeline.from_pretrained(base_model" in text
+    for needle in ("| β (`beta_dpo`) | 5000 |", "| γ (`gamma`) | 10 |", "| Inversion steps N | 10 |",
+                   "| ReNoise steps K | 1 |", "| Inversion model | policy |", "| Inversion grid | exact |",
+                   "| Training steps | 2000 of 2000 |", "| Mixed precision | bf16 |", "`implicit_acc` | 0.75 |",
+                   "`loss` | 0.5432 |", "reward_stats.json", "Lu, Yunhong and Wang, Qichao", "40709--40725",
+                   "2506.02698", "16 pairs (2 per device × 4 accumulation × 2 processes)", "90 were used"):
+        assert needle in text, needle
+
+    # The token went only into the Authorization header.
+    assert all(r["headers"]["authorization"] == f"Bearer {TOKEN}" for r in stub_hub.requests)
+    assert_token_in_no_file(out)
+    assert caplog.records and not any(TOKEN in record.getMessage() for record in caplog.records)
+
+
+def test_bare_name_defaults_private_repo_existing_repo_and_custom_logging_dir(tmp_path, stub_hub):
+    out = write_output_folder(tmp_path / "smpo-run", family="sd", layout="unet", validation=False,
+                              logging_dir="runs/tb")
+    os.makedirs(os.path.join(out, "runs", "tb"))
+    open(os.path.join(out, "runs", "tb", "events"), "w").write("x")
+    api = HfApi(endpoint=stub_hub.endpoint)
+    push_to_hub(out, private=True, token=TOKEN, api=api, commit_message="first")
+    # no repo id anywhere: the folder name, in the token owner's namespace (the id create_repo answers)
+    assert json.loads(stub_hub.requests[0]["body"]) == {"name": "smpo-run", "organization": None,
+                                                         "visibility": "private"}
+    repo = stub_hub.repos["stub-user/smpo-run"]
+    assert set(repo["files"]) == {"README.md", "training_config.json", "training_metrics.json", "unet/config.json",
+                                  "unet/diffusion_pytorch_model.safetensors"}
+    card = ModelCard.load(os.path.join(out, "README.md"))
+    assert "validation" not in card.text.lower().split("## usage")[0].split("## final training metrics")[1]
+    assert 'subfolder="unet"' in card.text and '"smpo-run"' not in card.text
+
+    # pushing again: create answers 409 (exists_ok), the card is regenerated, a second commit lands
+    push_to_hub(out, "smpo-run", token=TOKEN, api=api, commit_message="second")
+    assert [c["summary"] for c in repo["commits"]] == ["first", "second"]
+    assert stub_hub.routes().count("create") == 2
+
+
+def test_hub_model_id_and_privacy_from_the_training_config_are_the_defaults(tmp_path, stub_hub):
+    out = write_output_folder(tmp_path / "run", push_to_hub=True, hub_model_id="team/from-config", hub_private=True)
+    push_to_hub(out, token=TOKEN, api=HfApi(endpoint=stub_hub.endpoint))
+    assert set(stub_hub.repos) == {"team/from-config"}
+    assert json.loads(stub_hub.requests[0]["body"])["visibility"] == "private"  # --hub_private of the run
+    assert "team/from-config" in ModelCard.load(os.path.join(out, "README.md")).text
+
+
+# ---------------------------------------------------------------------------- credentials
+def test_no_token_fails_before_any_request(tmp_path, stub_hub):
+    out = write_output_folder(tmp_path / "run")
+    before = snapshot(out)
+    with pytest.raises(HubAuthenticationError, match="hf auth login") as error:
+        push_to_hub(out, "me/x", api=HfApi(endpoint=stub_hub.endpoint))
+    assert "HF_TOKEN" in str(error.value) and "huggingface-cli login" in str(error.value)
+    assert stub_hub.requests == [] and snapshot(out) == before
+    with pytest.raises(HubAuthenticationError):
+        check_hub_credentials()
+
+
+def test_token_resolution_order(monkeypatch):
+    token_file = hf_constants.HF_TOKEN_PATH
+    os.makedirs(os.path.dirname(token_file))
+    with open(token_file, "w") as handle:
+        handle.write("hf_saved_login")
+    assert check_hub_credentials() == "hf_saved_login"
+    monkeypatch.setenv("HF_TOKEN", "hf_from_env")
+    assert check_hub_credentials() == "hf_from_env"
+    assert check_hub_credentials("hf_argument") == "hf_argument"
+    with pytest.raises(ValueError, match="--hub_model_id"):
+        check_hub_credentials(repo_id="not a/valid/id")
+
+
+def test_offline_mode_is_reported_up_front(monkeypatch):
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(HubAuthenticationError, match="HF_HUB_OFFLINE"):
+        check_hub_credentials("hf_argument")
+
+
+def test_redaction_of_messages_and_tracebacks(caplog):
+    caplog.set_level(logging.INFO)
+    log = logging.getLogger("smpo_diffusers.some.module")
+    assert redact(f"Bearer {TOKEN}!", TOKEN) == "Bearer ***!" and redact("x", None) == "x"
+    with redacted_logging(TOKEN):
+        log.info("header %s", f"Bearer {TOKEN}")
+        try:
+            raise RuntimeError(f"server echoed {TOKEN}")
+        except RuntimeError:
+            log.exception("failed")
+    assert [r.getMessage() for r in caplog.records] == ["header Bearer ***", "failed"]
+    assert "server echoed ***" in caplog.text and TOKEN not in caplog.text
+    assert not any(isinstance(f, hub._TokenRedactionFilter) for f in caplog.handler.filters)
+
+
+def test_a_file_holding_the_token_is_never_uploaded(tmp_path, stub_hub):
+    out = write_output_folder(tmp_path / "run")
+    with open(os.path.join(out, "notes.txt"), "w") as handle:
+        handle.write(f"export HF_TOKEN={TOKEN}\n")
+    with pytest.raises(HubUploadError, match="notes.txt") as error:
+        push_to_hub(out, "me/x", token=TOKEN, api=HfApi(endpoint=stub_hub.endpoint))
+    assert TOKEN not in str(error.value) and stub_hub.requests == []
+
+
+# ---------------------------------------------------------------------------- failures
+class _NoSleepTime:
+    """huggingface_hub's retry loop, without the waiting (records the requested pauses)."""
+
+    def __init__(self):
+        self.pauses = []
+
+    def sleep(self, seconds):
+        self.pauses.append(seconds)
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+
+def test_failed_upload_names_the_retry_command_and_keeps_the_output(tmp_path, stub_hub, monkeypatch, caplog):
+    from huggingface_hub.utils import _http
+
+    clock = _NoSleepTime()
+    monkeypatch.setattr(_http, "time", clock)
+    out = write_output_folder(tmp_path / "run")
+    create_model_card(out, repo_id="me/smpo")
+    before = snapshot(out)
+    stub_hub.fail["commit"] = 500
+    with pytest.raises(HubUploadError) as error:
+        push_to_hub(out, "me/smpo", private=True, token=TOKEN, api=HfApi(endpoint=stub_hub.endpoint))
+    message = str(error.value)
+    assert f"python examples/push_to_hub.py {out} --hub_model_id me/smpo --private" in message
+    assert "smpo_diffusers.hub.push_to_hub(" in message and "intact" in message and TOKEN not in message
+    assert isinstance(error.value.__cause__, HfHubHTTPError)
+    assert error.value.__cause__.response.status_code == 500
+    # the real client retried the commit before giving up; nothing was committed
+    assert stub_hub.routes().count("commit") == len(clock.pauses) + 1 > 1
+    assert stub_hub.repos["me/smpo"]["files"] == {}
+    assert snapshot(out) == before
+    assert not any(TOKEN in record.getMessage() for record in caplog.records)
+
+
+def test_refused_token_is_an_upload_error(tmp_path, stub_hub):
+    out = write_output_folder(tmp_path / "run")
+    with pytest.raises(HubUploadError, match="Invalid credentials") as error:
+        push_to_hub(out, "me/x", token="hf_wrong", api=HfApi(endpoint=stub_hub.endpoint))
+    assert "--hub_model_id me/x" in str(error.value)
+    # create_repo(exist_ok=True) answers a 401 by checking whether the repo exists (GET repo info); nothing uploads
+    assert stub_hub.routes()[0] == "create" and not {"preupload", "commit"} & set(stub_hub.routes())
+
+
+# ---------------------------------------------------------------------------- the card alone
+def test_local_base_model_and_dataset_stay_out_of_metadata(tmp_path):
+    base = tmp_path / "private" / "my-sd15-base"
+    data = tmp_path / "private" / "my-prefs"
+    base.mkdir(parents=True)
+    data.mkdir()
+    from smpo_diffusers.rewards.statistics import save_reward_statistics
+
+    save_reward_statistics(str(data), {"reward_model": "pickscore", "count": 2, "min": 0.0, "max": 1.0,
+                                       "mean": 0.5, "std": 0.5, "suggested_scale": 1.0})
+    out = write_output_folder(tmp_path / "out", family="sd", layout="pipeline",
+                              pretrained_model_name_or_path=str(base), dataset_name=str(data))
+    card = create_model_card(out)
+    text = open(os.path.join(out, "README.md")).read()
+    assert str(tmp_path) not in text
+    assert card.data.base_model is None and card.data.datasets is None
+    assert card.data.license == "creativeml-openrail-m"
+    assert card.data.tags == ["text-to-image", "diffusers", "smpo", "dpo", "full-unet", "stable-diffusion"]
+    assert "`my-sd15-base`" in text and "`my-prefs`" in text and "| Reward model | pickscore |" in text
+    assert 'DiffusionPipeline.from_pretrained("out"' in text
+
+
+def test_cache_snapshot_paths_license_rules_and_dpo_card(tmp_path):
+    snapshot_dir = tmp_path / "hub" / "models--stabilityai--stable-diffusion-2-1" / "snapshots" / "abc123"
+    snapshot_dir.mkdir(parents=True)
+    out = write_output_folder(tmp_path / "out", family="sd", pretrained_model_name_or_path=str(snapshot_dir),
+                              loss_type="dpo", noise_source="random", dataset_name="data/train.parquet")
+    card = create_model_card(out, repo_id="me/dpo")
+    assert card.data.base_model == "stabilityai/stable-diffusion-2-1"
+    assert card.data.license == "openrail++"  # SD 2.x
+    assert card.data.datasets is None
+    assert "| γ (`gamma`) | not used (hard labels) |" in card.text and "Reward model" not in card.text
+    assert "Inversion steps" not in card.text and "random forward noising" in card.text
+    assert create_model_card(out, repo_id="me/dpo", license="mit").data.license == "mit"
+    assert hub.hub_id_or_none("/abs/path/model") is None and hub.hub_id_or_none("org/name") == "org/name"
+    with pytest.raises(ValueError, match="layout"):
+        hub.usage_snippet(layout="adapter", family="sd", repo_id="me/x", base_model=None, prompt="p")
+
+
+def test_card_refuses_to_overwrite_a_hand_written_readme_and_checks_the_folder(tmp_path, stub_hub):
+    out = write_output_folder(tmp_path / "out")
+    with open(os.path.join(out, "README.md"), "w") as handle:
+        handle.write("# my own notes\n")
+    with pytest.raises(FileExistsError, match="create_card=False"):
+        create_model_card(out)
+    assert open(os.path.join(out, "README.md")).read() == "# my own notes\n"
+    with pytest.warns(UserWarning, match="metadata"):  # the Hub's warning for a card without YAML metadata
+        push_to_hub(out, "me/own", token=TOKEN, create_card=False, api=HfApi(endpoint=stub_hub.endpoint))
+    assert stub_hub.repos["me/own"]["files"]["README.md"] == b"# my own notes\n"
+
+    os.remove(os.path.join(out, "pytorch_lora_weights.safetensors"))
+    with pytest.raises(FileNotFoundError, match="no saved weights"):
+        create_model_card(out)
+    mixed = write_output_folder(tmp_path / "mixed", layout="unet")
+    save_file({"a": np.ones(1, dtype=np.float32)}, os.path.join(mixed, "pytorch_lora_weights.safetensors"))
+    with open(os.path.join(mixed, "training_config.json")) as handle:
+        config = json.load(handle)
+    config["train_method"] = "lora"
+    with open(os.path.join(mixed, "training_config.json"), "w") as handle:
+        json.dump(config, handle)
+    with pytest.raises(ValueError, match="mixes outputs"):
+        create_model_card(mixed)
+    with pytest.raises(FileNotFoundError, match="training_config.json"):
+        create_model_card(str(tmp_path))
+
+
+# ---------------------------------------------------------------------------- the usage snippet runs
+def _snippet(card_text: str) -> str:
+    return re.search(r"```python\n(.*?)```", card_text, re.S).group(1)
+
+
+@pytest.fixture(scope="module")
+def tiny_sd_base(tmp_path_factory):
+    from smpo_diffusers.testing import save_tiny_pipeline
+
+    return save_tiny_pipeline(str(tmp_path_factory.mktemp("tiny-sd")), kind="sd", seed=0)
+
+
+@pytest.mark.parametrize("layout", ["lora", "unet", "pipeline"])
+def test_card_usage_snippet_runs_on_a_tiny_model(tmp_path, monkeypatch, tiny_sd_base, layout):
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from smpo_diffusers.models import add_lora_adapters, save_lora
+
+    base = tiny_sd_base
+    out = write_output_folder(tmp_path / "out", family="sd", layout=layout, checkpoints=False)
+    for name in ("pytorch_lora_weights.safetensors", "unet", "model_index.json"):
+        path = os.path.join(out, name)
+        if os.path.isdir(path):
+            import shutil
+
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
+    pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None)
+    if layout == "lora":
+        add_lora_adapters(pipe.unet, rank=2, alpha=2, target_modules=["to_q", "to_v"])
+        save_lora(out, pipe.unet, is_sdxl=False)
+    elif layout == "unet":
+        pipe.unet.save_pretrained(os.path.join(out, "unet"))
+    else:
+        pipe.save_pretrained(out)
+    card = create_model_card(out, repo_id="me/tiny")
+    code = _snippet(card.text)
+    assert ("me/tiny" in code) and (SD_BASE in code) == (layout != "pipeline")
+    code = code.replace(json.dumps("me/tiny"), json.dumps(out)).replace(json.dumps(SD_BASE), json.dumps(base))
+    code = code.replace("num_inference_steps=30", "num_inference_steps=2")
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    exec(compile(code, "model-card-snippet", "exec"), {})
+    with Image.open(tmp_path / "smpo-sample.png") as image:
+        assert image.size == (32, 32)
+
+
+# ---------------------------------------------------------------------------- command line
+def test_command_line_uses_env_token_and_endpoint(tmp_path, stub_hub, monkeypatch, capsys):
+    out = write_output_folder(tmp_path / "run")
+    monkeypatch.setattr(hf_constants, "ENDPOINT", stub_hub.endpoint)  # what HF_ENDPOINT sets at import
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    url = push_main([out, "--hub_model_id", "org/cli", "--private", "--commit_message", "from the CLI",
+                     "--license", "other", "--reward_model", "PickScore_v1"])
+    assert capsys.readouterr().out.strip() == url
+    assert json.loads(stub_hub.requests[0]["body"])["visibility"] == "private"
+    assert stub_hub.repos["org/cli"]["commits"][0]["summary"] == "from the CLI"
+    assert "smpo_diffusers" in stub_hub.requests[0]["headers"]["user-agent"]
+    card = ModelCard.load(os.path.join(out, "README.md"))
+    assert card.data.license == "other" and "| Reward model | PickScore_v1 |" in card.text
+
+    monkeypatch.delenv("HF_TOKEN")
+    with pytest.raises(SystemExit) as exit_info:
+        push_main([out])
+    assert exit_info.value.code == 1 and "hf auth login" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        push_main([out, "--hub_token", TOKEN])  # not a flag: tokens never go on the command line

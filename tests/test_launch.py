@@ -1,0 +1,108 @@
+"""`accelerate launch` end to end: the example CLIs, and two CPU processes (gloo) with resume."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
+          "--dynamo_backend", "no"]
+
+
+def launch(args, processes=1, timeout=600):
+    extra = ["--multi_gpu", "--num_processes", str(processes)] if processes > 1 else ["--num_processes", "1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    result = subprocess.run(LAUNCH + extra + [str(a) for a in args], capture_output=True, text=True, env=env,
+                            timeout=timeout, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
+
+
+def common_flags(model, data, out, **extra):
+    flags = {"pretrained_model_name_or_path": model, "dataset_name": data, "output_dir": out, "resolution": 32,
+             "train_batch_size": 2, "report_to": "none", "learning_rate": 1e-3, "seed": 3}
+    flags.update(extra)
+    argv = []
+    for key, value in flags.items():
+        argv += [f"--{key}", str(value)]
+    return argv
+
+
+@pytest.mark.slow
+def test_accelerate_launch_sdxl_lora_example(tmp_path, demo_inputs):
+    from diffusers import StableDiffusionXLPipeline
+
+    model, data = demo_inputs["sdxl"]
+    out = tmp_path / "sdxl-lora"
+    result = launch([ROOT / "examples" / "train_smpo_sdxl.py",
+                     *common_flags(model, data, out, max_train_steps=2, checkpointing_steps=1)])
+    assert "done: 2 updates" in result.stdout
+    assert (out / "checkpoint-2" / "pytorch_lora_weights.safetensors").is_file()
+    pipe = StableDiffusionXLPipeline.from_pretrained(model)
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = dict(prompt="a blue square", num_inference_steps=2, height=32, width=32, output_type="np")
+    before = pipe(generator=torch.Generator().manual_seed(1), **kwargs).images
+    pipe.load_lora_weights(str(out))
+    after = pipe(generator=torch.Generator().manual_seed(1), **kwargs).images
+    assert np.abs(before - after).max() > 1e-4
+
+
+@pytest.mark.slow
+def test_accelerate_launch_sd_full_example(tmp_path, demo_inputs):
+    from diffusers import UNet2DConditionModel
+
+    model, data = demo_inputs["sd"]
+    out = tmp_path / "sd-full"
+    launch([ROOT / "examples" / "train_smpo_sd.py",
+            *common_flags(model, data, out, max_train_steps=1, train_method="full", learning_rate=1e-4)])
+    trained = UNet2DConditionModel.from_pretrained(str(out), subfolder="unet")
+    base = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
+    assert any(not torch.equal(a, b) for a, b in zip(trained.state_dict().values(), base.state_dict().values()))
+    config = json.loads((out / "training_config.json").read_text())
+    assert config["model_family"] == "sd" and config["train_method"] == "full"
+
+
+def read_records(folder):
+    records = [json.loads(p.read_text()) for p in sorted(pathlib.Path(folder).glob("rank*.json"))]
+    assert [r["rank"] for r in records] == [0, 1] and all(r["num_processes"] == 2 for r in records)
+    return records
+
+
+@pytest.mark.slow
+def test_two_processes_disjoint_data_identical_weights_and_resume(tmp_path, demo_inputs):
+    model, data = demo_inputs["sdxl"]
+    script = ROOT / "tests" / "scripts" / "record_training.py"
+    # Uninterrupted: 4 updates on 2 processes.
+    full_out = tmp_path / "full"
+    result = launch([script, tmp_path / "rec-full", *common_flags(model, data, full_out, max_train_steps=4,
+                                                                  checkpointing_steps=2)], processes=2)
+    full = read_records(tmp_path / "rec-full")
+    for step in range(4):  # each micro-batch: the two ranks hold different pairs
+        assert not set(full[0]["seen"][step]) & set(full[1]["seen"][step])
+    assert full[0]["weights_sha256"] == full[1]["weights_sha256"]
+    # Only the main process writes: one save line per checkpoint, no per-rank output files.
+    assert result.stderr.count(f"saved {full_out / 'checkpoint-2'}") == 1
+    assert sorted(p.name for p in full_out.iterdir()) == [
+        "checkpoint-2", "checkpoint-4", "pytorch_lora_weights.safetensors", "training_config.json",
+        "training_metrics.json"]
+    assert json.loads((full_out / "training_config.json").read_text())["num_processes"] == 2
+
+    # Interrupted after 2 updates, then resumed on 2 processes: same final weights, bit for bit.
+    resumed_out = tmp_path / "resumed"
+    launch([script, tmp_path / "rec-a", *common_flags(model, data, resumed_out, max_train_steps=2,
+                                                      checkpointing_steps=2)], processes=2)
+    launch([script, tmp_path / "rec-b", *common_flags(model, data, resumed_out, max_train_steps=4,
+                                                      checkpointing_steps=2, resume_from_checkpoint="latest")],
+           processes=2)
+    resumed = read_records(tmp_path / "rec-b")
+    assert resumed[0]["global_step"] == 4
+    assert resumed[0]["weights_sha256"] == resumed[1]["weights_sha256"] == full[0]["weights_sha256"]
+    # the resumed run trained exactly the micro-batches the uninterrupted run had left
+    for rank in (0, 1):
+        assert resumed[rank]["seen"] == full[rank]["seen"][2:]
