@@ -64,6 +64,7 @@ def parse_args(argv=None):
     parser.add_argument("--pairs_per_caption", type=int, default=1)
     parser.add_argument("--eval_seeds_per_prompt", type=int, default=None, help="Default 4; quick: 2.")
     parser.add_argument("--variants", nargs="+", default=None, choices=list(VARIANTS))
+    parser.add_argument("--jobs", type=int, default=1, help="Runs in parallel (one torch thread each).")
     parser.add_argument("--output_dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     parser.add_argument("--work_dir", default=None, help="Where pairs and LoRAs go (default: a temporary folder).")
     args = parser.parse_args(argv)
@@ -77,6 +78,19 @@ def parse_args(argv=None):
 def _render(pipeline, prompts, seeds):
     return generate_images(pipeline, prompts, seeds, num_inference_steps=TOY_INFERENCE_STEPS,
                            guidance_scale=TOY_GUIDANCE_SCALE, height=TOY_RESOLUTION, width=TOY_RESOLUTION)
+
+
+def _train_and_render(item):
+    """One (variant, seed) run: train the LoRA, render the evaluation prompts. Picklable for worker processes."""
+    name, seed, out, dataset_dir, options, prompts, eval_seeds = item
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    trainer = train_toy_model(out, dataset_dir, seed=seed, **options, **VARIANTS[name])
+    train_seconds = time.perf_counter() - started
+    evaluations, final = dict(trainer.unet_evaluations), dict(trainer.last_metrics)
+    del trainer
+    images = _render(load_pipeline(toy_model_path(), out), prompts, eval_seeds)
+    return evaluations, final, train_seconds, np.stack([np.asarray(image.convert("RGB")) for image in images])
 
 
 def run_study(args) -> dict:
@@ -97,28 +111,35 @@ def run_study(args) -> dict:
     base_mean, base_se = mean_and_stderr(base_scores)
     results = {"base": {"reward_mean": base_mean, "reward_stderr_images": base_se}, "variants": {},
                "pairs": pair_summary, "num_eval_images": len(prompts), "heldout_captions": len(heldout)}
+    jobs = [(name, seed) for name in args.variants for seed in args.seeds]
+    options = dict(max_train_steps=args.max_train_steps, train_batch_size=args.train_batch_size,
+                   learning_rate=args.learning_rate, beta_dpo=args.beta_dpo)
+    work_items = [(name, seed, os.path.join(work, f"{name}-seed{seed}".replace(" ", "_").replace(":", "").replace(",", "")),
+                   dataset_dir, options, prompts, eval_seeds) for name, seed in jobs]
+    if args.jobs > 1:
+        import concurrent.futures
+        import multiprocessing
+
+        with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            outputs = list(pool.map(_train_and_render, work_items))
+    else:
+        outputs = [_train_and_render(item) for item in work_items]
+    by_variant: dict = {}
+    for (name, seed), (evaluations, final, train_seconds, pixels) in zip(jobs, outputs):
+        from PIL import Image
+
+        images = [Image.fromarray(p) for p in pixels]
+        scores = score_images([reward], images, prompts)["toy"]
+        run = {"seed": seed, "scores": scores.tolist(), "reward_mean": float(scores.mean()),
+               "comparison": compare_scores(base_scores, scores), "pixel_drift": image_drift(base_images, images),
+               "unet_evaluations": evaluations, "unet_evaluations_total": int(sum(evaluations.values())),
+               "train_seconds": train_seconds, "final_metrics": final}
+        by_variant.setdefault(name, []).append(run)
+        print(f"{name} seed {seed}: reward {run['reward_mean']:.4f} (base {base_mean:.4f}), "
+              f"drift {run['pixel_drift']:.4f}, UNet evals {run['unet_evaluations_total']}, "
+              f"{train_seconds:.0f}s", flush=True)
     for name in args.variants:
-        runs = []
-        for seed in args.seeds:
-            out = os.path.join(work, f"{name}-seed{seed}".replace(" ", "_").replace(":", "").replace(",", ""))
-            run_started = time.perf_counter()
-            trainer = train_toy_model(out, dataset_dir, seed=seed, max_train_steps=args.max_train_steps,
-                                      train_batch_size=args.train_batch_size, learning_rate=args.learning_rate,
-                                      beta_dpo=args.beta_dpo, **VARIANTS[name])
-            train_seconds = time.perf_counter() - run_started
-            evaluations = dict(trainer.unet_evaluations)
-            final = dict(trainer.last_metrics)
-            del trainer
-            images = _render(load_pipeline(toy_model_path(), out), prompts, eval_seeds)
-            scores = score_images([reward], images, prompts)["toy"]
-            runs.append({"seed": seed, "scores": scores.tolist(), "reward_mean": float(scores.mean()),
-                         "comparison": compare_scores(base_scores, scores),
-                         "pixel_drift": image_drift(base_images, images), "unet_evaluations": evaluations,
-                         "unet_evaluations_total": int(sum(evaluations.values())), "train_seconds": train_seconds,
-                         "final_metrics": final})
-            print(f"{name} seed {seed}: reward {runs[-1]['reward_mean']:.4f} (base {base_mean:.4f}), "
-                  f"drift {runs[-1]['pixel_drift']:.4f}, UNet evals {runs[-1]['unet_evaluations_total']}, "
-                  f"{train_seconds:.0f}s", flush=True)
+        runs = by_variant[name]
         per_seed = [run["reward_mean"] for run in runs]
         mean, seed_se = mean_and_stderr(per_seed)
         pooled = win_rate(np.concatenate([run["scores"] for run in runs]), np.tile(base_scores, len(runs)))

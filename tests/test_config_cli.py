@@ -23,7 +23,7 @@ def non_default_argv():
         "learning_rate": 3e-4, "scale_lr": True, "lr_scheduler": "cosine", "lr_warmup_steps": 5,
         "use_8bit_adam": False, "use_adafactor": True, "adam_beta1": 0.8, "adam_beta2": 0.99,
         "adam_weight_decay": 0.0, "adam_epsilon": 1e-6, "max_grad_norm": 2.0, "mixed_precision": "bf16",
-        "gradient_checkpointing": True, "allow_tf32": True, "seed": 11, "train_method": "lora", "rank": 4,
+        "gradient_checkpointing": True, "allow_tf32": True, "seed": 11, "max_consecutive_nonfinite": 3, "train_method": "lora", "rank": 4,
         "lora_alpha": 16, "lora_target_modules": ["to_q", "to_v"], "loss_type": "smpo", "beta_dpo": 3000.0,
         "gamma": 5.0, "reward_columns": ["ps_score_0", "ps_score_1"], "reward_scale": 0.2,
         "num_inversion_steps": 20, "num_renoise_steps": 2, "inversion_model": "reference",

@@ -307,7 +307,7 @@ def test_bare_name_defaults_private_repo_existing_repo_and_custom_logging_dir(tm
                                   "unet/diffusion_pytorch_model.safetensors"}
     card = ModelCard.load(os.path.join(out, "README.md"))
     assert "validation" not in card.text.lower().split("## usage")[0].split("## final training metrics")[1]
-    assert 'subfolder="unet"' in card.text and '"smpo-run"' not in card.text
+    assert 'UNet2DConditionModel.from_pretrained("stub-user/smpo-run", subfolder="unet"' in card.text
 
     # pushing again: create answers 409 (exists_ok), the card is regenerated, a second commit lands
     push_to_hub(out, "smpo-run", token=TOKEN, api=api, commit_message="second")
@@ -559,3 +559,43 @@ def test_command_line_uses_env_token_and_endpoint(tmp_path, stub_hub, monkeypatc
     assert exit_info.value.code == 1 and "hf auth login" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         push_main([out, "--hub_token", TOKEN])  # not a flag: tokens never go on the command line
+
+
+def test_training_with_push_to_hub_uploads_the_final_output(tmp_path, stub_hub, monkeypatch, caplog, demo_inputs):
+    """`--push_to_hub` end to end: real training, real card, real client, stopped at the loopback stub."""
+    from smpo_diffusers import SmPOTrainer
+
+    caplog.set_level(logging.DEBUG)
+    monkeypatch.setattr(hf_constants, "ENDPOINT", stub_hub.endpoint)
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    model, data = demo_inputs["sdxl"]
+    out = tmp_path / "run"
+    config = SmPOConfig(pretrained_model_name_or_path=model, dataset_name=data, output_dir=str(out), resolution=32,
+                        train_batch_size=2, max_train_steps=2, checkpointing_steps=1, report_to="tensorboard",
+                        validation_prompts=["a red circle"], validation_num_inference_steps=2,
+                        push_to_hub=True, hub_model_id="my-org/tiny-smpo", hub_private=True)
+    SmPOTrainer(config).train()
+    # huggingface_hub may also fetch its agent-harness registry once a day; that is the client's own business.
+    requests = [r for r in stub_hub.requests if r["path"] != "/api/agent-harnesses"]
+    assert [r["route"] for r in requests] == ["create", "validate-yaml", "preupload", "commit"]
+    create = json.loads(requests[0]["body"])
+    assert create == {"name": "tiny-smpo", "organization": "my-org", "visibility": "private"}
+    assert sorted(stub_hub.repos["my-org/tiny-smpo"]["files"]) == ["README.md", "pytorch_lora_weights.safetensors", "training_config.json",
+                                      "training_metrics.json", "validation.png"]
+    card = ModelCard.load(str(out / "README.md"))
+    assert {"smpo", "dpo", "lora", "text-to-image", "diffusers"} <= set(card.data.tags)
+    assert card.data.library_name == "diffusers" and "validation.png" in card.text
+    assert (out / "checkpoint-2").is_dir() and (out / "logs").is_dir()  # kept locally, never uploaded
+    assert_token_in_no_file(out)
+    assert all(TOKEN not in record.getMessage() for record in caplog.records)
+
+
+def test_push_to_hub_without_a_token_fails_before_training(tmp_path, demo_inputs):
+    from smpo_diffusers import SmPOTrainer
+
+    model, data = demo_inputs["sdxl"]
+    config = SmPOConfig(pretrained_model_name_or_path=model, dataset_name=data, output_dir=str(tmp_path / "o"),
+                        resolution=32, report_to="none", push_to_hub=True, hub_model_id="me/x")
+    with pytest.raises(hub.HubAuthenticationError, match="hf auth login"):
+        SmPOTrainer(config)
+    assert not (tmp_path / "o" / "pytorch_lora_weights.safetensors").exists()

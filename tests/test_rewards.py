@@ -693,6 +693,8 @@ def test_cli_labels_a_saved_dataset_end_to_end(tmp_path, saved_dataset, clip_dir
         summary["num_valid_pairs"] == 9 and summary["num_shards"] == 2 and summary["num_shards_scored"] == 2
     )
     assert summary["pairs_scored"] == 10 and summary["pairs_per_second"] > 0
+    assert summary["pairs_per_second"] == pytest.approx(10 / summary["scoring_seconds"])
+    assert summary["elapsed_seconds"] >= summary["scoring_seconds"]
     assert summary["statistics_path"] == str(output / "reward_stats.json")
     assert summary["arguments"]["fp16"] is True
     fingerprint = json.loads((output / ".shards" / "shard-00000" / "labeling_fingerprint.json").read_text())
@@ -812,6 +814,7 @@ def test_interrupted_run_resumes_without_rescoring(tmp_path, saved_dataset):
     idle = CountingScorer()
     again = R.label_dataset(args(tmp_path / "resumed"), reward_model=R.CallableRewardModel(idle, name="toy"))
     assert idle.calls == 0 and again["num_shards_resumed"] == 4 and again["pairs_scored"] == 0
+    assert again["pairs_per_second"] == 0.0
 
     renamed = CountingScorer()  # other settings (reward model name) -> nothing is reused
     R.label_dataset(args(tmp_path / "resumed"), reward_model=R.CallableRewardModel(renamed, name="other"))

@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
@@ -558,25 +558,28 @@ class TrainingBytes:
     by_category: dict[str, int]
     unet_parameters: int
     trainable_parameters: int
-    notes: list[str] = field(default_factory=list)
 
     @property
     def total(self) -> int:
         return sum(self.by_category.values())
 
 
-def estimate_training_bytes(unet, vae, text_encoders: list, *, is_sdxl: bool, train_method: str, optimizer: str,
-                            weight_dtype: torch.dtype, rank: int = 8, lora_alpha: int | None = None,
+def estimate_training_bytes(unet, vae, text_encoders: list, *, is_sdxl: bool, train_method: str,
+                            optimizers: tuple[str, ...] | list[str], weight_dtype: torch.dtype, rank: int = 8,
+                            lora_alpha: int | None = None,
                             target_modules: tuple[str, ...] = ("to_k", "to_q", "to_v", "to_out.0"),
-                            separate_vae: bool = False) -> TrainingBytes:
-    """Resident bytes of parameters, gradients and optimiser state for a training set-up, without training.
+                            separate_vae: bool = False) -> dict[str, TrainingBytes]:
+    """Resident bytes of parameters, gradients and optimiser state of a training set-up, without training.
 
-    Give the models in their *loaded* dtype on any device (the meta device computes real sizes without memory);
-    they are deep-copied and placed the way ``SmPOTrainer`` places them: LoRA - the UNet in ``weight_dtype``
-    plus fp32 adapters, the reference is the same UNet with adapters off; full - an fp32 trainable UNet plus a
-    frozen reference copy in ``weight_dtype``. The VAE stays fp32 for SDXL unless ``separate_vae``, else
-    ``weight_dtype``; text encoders use ``weight_dtype``. Gradients: one per trainable parameter, in its dtype.
-    Optimiser state: :func:`optimizer_state_bytes`. Activations are not included.
+    Give the models as loaded (any device; on the meta device real sizes cost no memory). The UNet is
+    deep-copied and placed the way ``SmPOTrainer`` places it: LoRA - the UNet in ``weight_dtype`` plus fp32
+    adapters, the reference being the same UNet with adapters off; full - an fp32 trainable UNet plus a frozen
+    reference copy in ``weight_dtype``. The VAE is fp32 for SDXL unless ``separate_vae``, else ``weight_dtype``;
+    text encoders are in ``weight_dtype``. Gradients: one per trainable parameter, in its dtype. Optimiser
+    state: :func:`optimizer_state_bytes`. Activations are not included.
+
+    Returns ``{optimizer: TrainingBytes}`` for each name in ``optimizers`` (categories as
+    :data:`RESIDENT_CATEGORIES`).
     """
     from diffusers.training_utils import cast_training_params
 
@@ -601,13 +604,17 @@ def estimate_training_bytes(unet, vae, text_encoders: list, *, is_sdxl: bool, tr
     counter.add("policy_trainable", trainable)
     counter.add("policy_frozen", [p for p in policy.parameters() if not p.requires_grad] + list(policy.buffers()))
     counter.add("gradients", [torch.empty_like(p, device="meta") for p in trainable])
-    counter.by_category["optimizer_state"] = optimizer_state_bytes(trainable, optimizer)
+    counter.by_category["optimizer_state"] = 0
     counter.add("reference_copy", module_tensors(reference))
     counter.by_category["vae"] = _bytes_in_dtype(vae, vae_dtype)
     counter.by_category["text_encoders"] = sum(_bytes_in_dtype(encoder, weight_dtype) for encoder in text_encoders)
-    return TrainingBytes(by_category=dict(counter.by_category),
-                         unet_parameters=sum(p.numel() for p in unet.parameters()),
-                         trainable_parameters=sum(p.numel() for p in trainable))
+    results = {}
+    for optimizer in optimizers:
+        categories = dict(counter.by_category) | {"optimizer_state": optimizer_state_bytes(trainable, optimizer)}
+        results[optimizer] = TrainingBytes(by_category=categories,
+                                           unet_parameters=sum(p.numel() for p in unet.parameters()),
+                                           trainable_parameters=sum(p.numel() for p in trainable))
+    return results
 
 
 def _bytes_in_dtype(module, dtype: torch.dtype) -> int:

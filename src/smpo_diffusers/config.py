@@ -106,6 +106,11 @@ class SmPOConfig:
     gradient_checkpointing: bool = field(default=False, metadata=_help("Trade compute for UNet activation memory."))
     allow_tf32: bool = field(default=False, metadata=_help("Allow TF32 matmuls on Ampere+ GPUs."))
     seed: int = field(default=0, metadata=_help("Seed for data order, augmentation, timesteps and noise."))
+    max_consecutive_nonfinite: int = field(
+        default=10,
+        metadata=_help("Stop (after saving) when this many updates in a row had a non-finite loss or gradient; "
+                       "each such update is skipped and counted."),
+    )
 
     # ---------------------------------------------------------------- the method
     train_method: str = field(default="lora", metadata=_help("'lora' adapters or the 'full' UNet."))
@@ -176,7 +181,7 @@ class SmPOConfig:
                 shown = ", ".join(repr(c) for c in choices if c is not None)
                 raise ValueError(f"--{name} {value!r} is not supported; choose one of {shown}.")
         for name in ("train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "checkpointing_steps",
-                     "rank", "validation_num_inference_steps"):
+                     "rank", "validation_num_inference_steps", "max_consecutive_nonfinite"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}.")
         for name in ("max_train_steps", "max_train_samples", "validation_steps", "checkpoints_total_limit",

@@ -416,7 +416,7 @@ def _hyperparameter_rows(config: dict, reward_model: str | None, metrics: dict |
         ("Training steps", f"{steps if steps is not None else '?'}" + (f" of {planned}" if planned else "")),
         ("Effective batch size", f"{config.get('effective_batch_size')} pairs ({config.get('train_batch_size')} per "
                                  f"device × {config.get('gradient_accumulation_steps')} accumulation × "
-                                 f"{config.get('num_processes')} processes)"),
+                                 f"{config.get('num_processes')} process{'' if config.get('num_processes') == 1 else 'es'})"),
         ("Learning rate", f"{_fmt(config.get('learning_rate'))} ({config.get('lr_scheduler')}, "
                           f"{config.get('lr_warmup_steps')} warm-up steps)"),
         ("Optimiser", optimiser),
@@ -497,6 +497,19 @@ def _card_body(*, config: dict, metrics: dict | None, layout: str, repo_id: str 
     return "\n".join(parts)
 
 
+def _ensure_card_is_ours(output_dir: str) -> str:
+    """The card path; ``FileExistsError`` when a README.md there was not written by :func:`create_model_card`."""
+    card_path = os.path.join(output_dir, MODEL_CARD_NAME)
+    if os.path.isfile(card_path):
+        with open(card_path, encoding="utf-8") as handle:
+            if CARD_MARKER not in handle.read():
+                raise FileExistsError(
+                    f"{card_path} was not written by create_model_card and is left alone; rename it to get a "
+                    "generated card, or push with create_card=False (--no_model_card) to upload it as is."
+                )
+    return card_path
+
+
 def create_model_card(output_dir: str, *, repo_id: str | None = None, reward_model: str | None = None,
                       license: str | None = None):
     """Write ``output_dir/README.md`` (a ``huggingface_hub.ModelCard``) from the training output; no network.
@@ -517,14 +530,7 @@ def create_model_card(output_dir: str, *, repo_id: str | None = None, reward_mod
 
     config, metrics = _load_training_files(output_dir)
     layout = weights_layout(output_dir, config.get("train_method"))
-    card_path = os.path.join(output_dir, MODEL_CARD_NAME)
-    if os.path.isfile(card_path):
-        with open(card_path, encoding="utf-8") as handle:
-            if CARD_MARKER not in handle.read():
-                raise FileExistsError(
-                    f"{card_path} was not written by create_model_card and is left alone; rename it to get a "
-                    "generated card, or push with create_card=False (--no_model_card) to upload it as is."
-                )
+    card_path = _ensure_card_is_ours(output_dir)
     repo_id = repo_id or resolve_repo_id(output_dir)
     family = config["model_family"]
     base_id = hub_id_or_none(config.get("pretrained_model_name_or_path"))
@@ -606,8 +612,9 @@ def push_to_hub(output_dir: str, repo_id: str | None = None, *, private: bool | 
             the run's ``hub_private`` from ``training_config.json`` (False when absent).
         token: Hub token; default ``HF_TOKEN``, else the saved login (see :func:`check_hub_credentials`).
         commit_message: the commit's summary line.
-        create_card: (re)write ``README.md`` with :func:`create_model_card` first (``reward_model`` and
-            ``license`` are passed on); False uploads the folder's README.md, if any, as is.
+        create_card: (re)write ``README.md`` with :func:`create_model_card` once the repository exists (so
+            a bare name's snippet shows the full id; ``reward_model`` and ``license`` are passed on); False
+            uploads the folder's README.md, if any, as is.
         api: a ``huggingface_hub.HfApi`` (default: one on the configured endpoint, ``HF_ENDPOINT``).
 
     Returns the commit URL. ``checkpoint-*``, tracker logs, ``demo-inputs/`` and temporary files are not
@@ -627,18 +634,33 @@ def push_to_hub(output_dir: str, repo_id: str | None = None, *, private: bool | 
     repo_id = resolve_repo_id(output_dir, repo_id)
     private = bool(config.get("hub_private", False)) if private is None else bool(private)
     if create_card:
-        create_model_card(output_dir, repo_id=repo_id, reward_model=reward_model, license=license)
+        _ensure_card_is_ours(output_dir)
     patterns = _ignore_patterns(config)
+    _refuse_files_with_token(output_dir, _files_to_upload(output_dir, patterns), token)
+    api = api if api is not None else HfApi(library_name="smpo_diffusers", library_version=__version__)
+    with _upload_errors(output_dir, repo_id, private, token):
+        repo_url = api.create_repo(repo_id, private=private, exist_ok=True, token=token)
+    # A bare name is created in the token owner's namespace: the card's snippet needs the full id.
+    target = getattr(repo_url, "repo_id", None) or repo_id
+    if create_card:
+        create_model_card(output_dir, repo_id=target, reward_model=reward_model, license=license)
     files = _files_to_upload(output_dir, patterns)
     _refuse_files_with_token(output_dir, files, token)
-    api = api if api is not None else HfApi(library_name="smpo_diffusers", library_version=__version__)
+    logger.info("uploading %d files from %s to %s", len(files), output_dir, repo_url)
+    with _upload_errors(output_dir, repo_id, private, token):
+        commit = api.upload_folder(folder_path=output_dir, repo_id=target, repo_type="model",
+                                   ignore_patterns=patterns, commit_message=commit_message, token=token)
+    url = str(getattr(commit, "commit_url", None) or repo_url)
+    logger.info("pushed %s to %s", output_dir, url)
+    return url
+
+
+@contextlib.contextmanager
+def _upload_errors(output_dir: str, repo_id: str, private: bool, token: str) -> Iterator[None]:
+    """Hub calls inside: log records redacted; any error becomes a :class:`HubUploadError` with the retry command."""
     with redacted_logging(token):
         try:
-            repo_url = api.create_repo(repo_id, private=private, exist_ok=True, token=token)
-            target = getattr(repo_url, "repo_id", None) or repo_id
-            logger.info("uploading %d files from %s to %s", len(files), output_dir, repo_url)
-            commit = api.upload_folder(folder_path=output_dir, repo_id=target, repo_type="model",
-                                       ignore_patterns=patterns, commit_message=commit_message, token=token)
+            yield
         except Exception as error:
             message = redact(f"{type(error).__name__}: {error}", token)
             raise HubUploadError(
@@ -646,9 +668,6 @@ def push_to_hub(output_dir: str, repo_id: str | None = None, *, private: bool | 
                 f"The local output in {output_dir} is intact. Retry when the problem is fixed with\n"
                 f"{_retry_hint(output_dir, repo_id, private)}"
             ) from error
-    url = str(getattr(commit, "commit_url", None) or repo_url)
-    logger.info("pushed %s to %s", output_dir, url)
-    return url
 
 
 # ---------------------------------------------------------------------------- command line

@@ -127,8 +127,14 @@ class SmPOTrainer:
                  accelerator: Accelerator | None = None, reward_statistics: dict | None = None):
         self.config = config
         self._check_output_dir_writable()
+        if config.push_to_hub:  # fail before hours of training, not after
+            from .hub import check_hub_credentials
+
+            check_hub_credentials(repo_id=config.hub_model_id)
         self.accelerator = accelerator or self._make_accelerator()
-        self.skipped = {"nonfinite_updates": 0, "undecodable_pairs": 0, "empty_batches": 0}
+        self.skipped = {"nonfinite_updates": 0, "fp16_overflow_updates": 0, "undecodable_pairs": 0,
+                        "empty_batches": 0}
+        self.consecutive_nonfinite = 0
         self.unet_evaluations = {"inversion": 0, "policy": 0, "reference": 0}
         self.last_metrics: dict = {}
 
@@ -137,6 +143,7 @@ class SmPOTrainer:
         self.reward_columns = resolve_reward_columns(raw, loss_type=config.loss_type,
                                                      reward_columns=config.reward_columns)
         validate_preference_columns(raw, loss_type=config.loss_type, reward_columns=self.reward_columns)
+        self.reward_statistics = reward_statistics
         self.reward_scale, self.reward_scale_source = self._resolve_reward_scale(reward_statistics)
         self.pairs, self.pair_statistics = prepare_preference_pairs(
             raw, loss_type=config.loss_type, reward_columns=self.reward_columns, reward_scale=self.reward_scale,
@@ -212,6 +219,7 @@ class SmPOTrainer:
             reward_statistics = load_reward_statistics(config.dataset_name)
             source = f"{config.dataset_name}/reward_stats.json"
         if reward_statistics is not None:
+            self.reward_statistics = reward_statistics
             return reward_scale_from_statistics(reward_statistics), source
         logger.warning("No reward statistics found; using the PickScore scale %.4f. Pass --reward_scale for "
                        "other reward models.", PICKSCORE_REWARD_SCALE)
@@ -457,7 +465,11 @@ class SmPOTrainer:
         self.save_model(config.output_dir)
         if config.validation_prompts:
             self.log_validation(global_step, final=True)
-        accelerator.end_training()
+        accelerator.end_training()  # flush trackers before anything is uploaded
+        if accelerator.is_main_process:
+            self.create_model_card()
+            if config.push_to_hub:
+                self.push_to_hub()
         return self.last_metrics
 
     def _micro_step(self, batch, generator) -> StepOutput | None:
@@ -469,20 +481,48 @@ class SmPOTrainer:
         for stage, count in step.unet_evaluations.items():
             self.unet_evaluations[stage] += count
         accelerator.backward(step.loss)
-        if accelerator.sync_gradients:
-            max_norm = self.config.max_grad_norm if self.config.max_grad_norm > 0 else float("inf")
-            grad_norm = accelerator.clip_grad_norm_(self.trainable_params, max_norm)
-            if not torch.isfinite(torch.as_tensor(grad_norm)).item() or not torch.isfinite(step.loss).item():
-                self.skipped["nonfinite_updates"] += 1
-                logger.warning("non-finite loss or gradient: update skipped (%d so far)",
-                               self.skipped["nonfinite_updates"])
-                self.optimizer.zero_grad(set_to_none=True)
-                return step
+        if not accelerator.sync_gradients:
+            return step
+        max_norm = self.config.max_grad_norm if self.config.max_grad_norm > 0 else float("inf")
+        grad_norm = accelerator.clip_grad_norm_(self.trainable_params, max_norm)
+        fp16_scaled = accelerator.scaler is not None
+        # With fp16 gradient scaling an overflowing step is the scaler's business: it skips the step and lowers
+        # the scale. A non-finite *loss* is a real problem in every precision.
+        nonfinite = not torch.isfinite(step.loss.detach()).item()
+        if not fp16_scaled:
+            nonfinite = nonfinite or not torch.isfinite(torch.as_tensor(grad_norm)).item()
+        if self._on_any_process(nonfinite):
+            self._skip_nonfinite_update()
+            return step
         self.optimizer.step()
-        if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
+        if accelerator.optimizer_step_was_skipped:
+            self.skipped["fp16_overflow_updates"] += 1
+        else:
             self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.consecutive_nonfinite = 0
         return step
+
+    def _on_any_process(self, flag: bool) -> bool:
+        if self.accelerator.num_processes == 1:
+            return bool(flag)
+        value = torch.tensor([1.0 if flag else 0.0], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(value, reduction="sum").item() > 0)
+
+    def _skip_nonfinite_update(self) -> None:
+        """Drop the accumulated gradients of a non-finite update; stop after too many in a row."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.skipped["nonfinite_updates"] += 1
+        self.consecutive_nonfinite += 1
+        logger.warning("non-finite loss or gradient: update skipped (%d in a row, %d in total)",
+                       self.consecutive_nonfinite, self.skipped["nonfinite_updates"])
+        if self.consecutive_nonfinite >= self.config.max_consecutive_nonfinite:
+            self.save_model(self.config.output_dir)
+            raise FloatingPointError(
+                f"{self.consecutive_nonfinite} consecutive updates had a non-finite loss or gradient; stopped after "
+                f"saving the last finite weights to {self.config.output_dir}. Try --mixed_precision bf16 (or no) "
+                "instead of fp16, a smaller --beta_dpo, or a lower --learning_rate / --max_grad_norm."
+            )
 
     @staticmethod
     def _average(window: list[dict]) -> dict:
@@ -531,18 +571,28 @@ class SmPOTrainer:
         if accelerator.is_main_process:
             shutil.rmtree(partial, ignore_errors=True)
         accelerator.wait_for_everyone()
-        accelerator.save_state(partial)
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            state = {"global_step": global_step, "epoch": epoch, "next_batch": next_batch,
-                     "unet_evaluations": self.unet_evaluations, "skipped": self.skipped}
-            with open(os.path.join(partial, TRAINER_STATE_NAME), "w") as handle:
-                json.dump(state, handle, indent=2)
-                handle.flush()
-                os.fsync(handle.fileno())
-            if os.path.exists(final):
-                shutil.rmtree(final)
-            os.rename(partial, final)
+        try:
+            accelerator.save_state(partial)
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                state = {"global_step": global_step, "epoch": epoch, "next_batch": next_batch,
+                         "unet_evaluations": self.unet_evaluations, "skipped": self.skipped}
+                with open(os.path.join(partial, TRAINER_STATE_NAME), "w") as handle:
+                    json.dump(state, handle, indent=2)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                if os.path.exists(final):
+                    shutil.rmtree(final)
+                os.rename(partial, final)
+        except OSError as error:
+            if accelerator.is_main_process:
+                shutil.rmtree(partial, ignore_errors=True)
+            previous = self._checkpoints()
+            kept = f"the previous checkpoint {previous[-1][1]} is intact" if previous else "no earlier checkpoint exists"
+            raise OSError(
+                f"could not write checkpoint-{global_step} in {config.output_dir} ({error}); {kept}. Free disk space "
+                "or point --output_dir somewhere writable, then relaunch with --resume_from_checkpoint latest."
+            ) from error
             if config.checkpoints_total_limit is not None:
                 for _, old in self._checkpoints()[:-config.checkpoints_total_limit]:
                     shutil.rmtree(old, ignore_errors=True)
@@ -657,6 +707,30 @@ class SmPOTrainer:
                    "unet_evaluations": self.unet_evaluations, "skipped": self.skipped}
         with open(os.path.join(output_dir, "training_metrics.json"), "w") as handle:
             json.dump(metrics, handle, indent=2, sort_keys=True)
+
+
+    # ------------------------------------------------------------------ Hub
+    @property
+    def reward_model_name(self) -> str | None:
+        return (self.reward_statistics or {}).get("reward_model")
+
+    def create_model_card(self):
+        """Write ``output_dir/README.md`` (metadata, hyper-parameters, metrics, validation grid, usage, citation)."""
+        from .hub import create_model_card
+
+        return create_model_card(self.config.output_dir, repo_id=self.config.hub_model_id,
+                                 reward_model=self.reward_model_name)
+
+    def push_to_hub(self, repo_id: str | None = None, private: bool | None = None, token: str | None = None,
+                    commit_message: str = "Upload SmPO-aligned weights") -> str:
+        """Upload the final output (card included; no checkpoints or logs). The token comes from ``token``,
+        ``HF_TOKEN`` or the saved login and is never written anywhere. On failure the local output is kept and
+        the error says how to retry the push alone."""
+        from .hub import push_to_hub
+
+        return push_to_hub(self.config.output_dir, repo_id or self.config.hub_model_id,
+                           private=self.config.hub_private if private is None else private, token=token,
+                           commit_message=commit_message, reward_model=self.reward_model_name)
 
 
 def image_grid(images: list, columns: int | None = None):

@@ -194,9 +194,17 @@ def _shard_is_done(path: str, fingerprint: dict) -> bool:
 
 def _save_shard(labelled, path: str, fingerprint: dict) -> None:
     """Write the shard under a temporary name, then move it into place (complete or absent)."""
+    import datasets
+
     temporary = f"{path}.tmp-{os.getpid()}"
     shutil.rmtree(temporary, ignore_errors=True)
-    labelled.save_to_disk(temporary)
+    bars_were_on = not datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()  # a bar per small shard write is noise next to the map bar
+    try:
+        labelled.save_to_disk(temporary)
+    finally:
+        if bars_were_on:
+            datasets.enable_progress_bars()
     _write_json(os.path.join(temporary, FINGERPRINT_FILENAME), fingerprint)
     if os.path.exists(path):  # a shard from other settings: set it aside, then drop it
         stale = f"{path}.stale-{os.getpid()}"
@@ -274,7 +282,9 @@ def label_dataset(args: LabelingArguments, reward_model: RewardModel | None = No
         The summary also written to ``output_dir/labeling_summary.json``: ``num_pairs``,
         ``num_valid_pairs``, ``num_invalid_pairs`` (unreadable pairs; the trainer skips them),
         ``num_shards``, ``num_shards_scored``, ``num_shards_resumed``, ``pairs_scored``,
-        ``elapsed_seconds``, ``pairs_per_second`` (``pairs_scored / elapsed_seconds`` of this run),
+        ``elapsed_seconds`` (whole run), ``scoring_seconds`` (slowest process's shard loop: decoding,
+        scoring, shard writes), ``pairs_per_second`` (``pairs_scored / scoring_seconds``; 0 when all
+        shards were resumed), ``arguments`` (the :class:`LabelingArguments` as a dict),
         ``reward_model``, ``dataset_name``, ``dataset_split_name``, ``dataset_path``,
         ``statistics_path``, ``num_processes``.
     """
@@ -331,6 +341,7 @@ def label_dataset(args: LabelingArguments, reward_model: RewardModel | None = No
     _remove_leftovers(shards_dir, owned)
     labeler = RewardLabeler(reward_model)
     report = {"pairs_scored": 0, "shards_scored": 0, "shards_resumed": 0}
+    scoring_started = time.perf_counter()
     for index in sorted(owned):
         start, stop = bounds[index]
         fingerprint = {**settings, "shard_index": index, "start": start, "stop": stop}
@@ -352,6 +363,7 @@ def label_dataset(args: LabelingArguments, reward_model: RewardModel | None = No
         _save_shard(labelled, path, fingerprint)
         report["pairs_scored"] += stop - start
         report["shards_scored"] += 1
+    report["scoring_seconds"] = time.perf_counter() - scoring_started
     _write_json(
         os.path.join(shards_dir, f"run-rank-{state.process_index:05d}-of-{state.num_processes:05d}.json"),
         report,
@@ -377,6 +389,7 @@ def label_dataset(args: LabelingArguments, reward_model: RewardModel | None = No
         ]
         elapsed = time.perf_counter() - started
         pairs_scored = sum(r["pairs_scored"] for r in reports)
+        scoring_seconds = max(r["scoring_seconds"] for r in reports)
         summary = {
             **summarize_labels(labelled),
             "num_shards": len(bounds),
@@ -384,7 +397,8 @@ def label_dataset(args: LabelingArguments, reward_model: RewardModel | None = No
             "num_shards_resumed": sum(r["shards_resumed"] for r in reports),
             "pairs_scored": pairs_scored,
             "elapsed_seconds": elapsed,
-            "pairs_per_second": pairs_scored / elapsed if elapsed > 0 else None,
+            "scoring_seconds": scoring_seconds,
+            "pairs_per_second": pairs_scored / scoring_seconds if pairs_scored else 0.0,
             "reward_model": reward_model.name,
             "dataset_name": args.dataset_name,
             "dataset_split_name": args.dataset_split_name,

@@ -1,0 +1,252 @@
+"""The accounting behind benchmarks/ (exact evaluation counts and bytes) and smoke runs of the scripts.
+
+Timings are never asserted.
+"""
+
+import importlib.util
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from smpo_diffusers import SmPOConfig, SmPOTrainer
+from smpo_diffusers import trainer as trainer_module
+from smpo_diffusers.accounting import (
+    RESIDENT_CATEGORIES,
+    STAGES,
+    TrainerStageTimer,
+    UNetEvaluationCounter,
+    estimate_training_bytes,
+    expected_evaluations_per_pair,
+    inversion_steps,
+    mean_inversion_steps,
+    module_tensors,
+    optimizer_state_bytes,
+    real_model_parts_on_meta,
+    real_unet_on_meta,
+    tensor_bytes,
+    trainer_resident_bytes,
+)
+from smpo_diffusers.models import encode_images, inversion_scheduler_from_config
+from smpo_diffusers.testing import SD15_SCHEDULER_CONFIG, SDXL_SCHEDULER_CONFIG, tiny_sdxl_components
+
+BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", os.path.join(BENCHMARKS, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def pair_formula(scheduler, pair_timesteps, config):
+    """Per-step sample-evaluations written out independently: 4 + 2 steps(t) (K + 1) per pair."""
+    pairs = len(pair_timesteps)
+    if config.noise_source == "random":
+        return 2 * pairs, 2 * pairs
+    steps = scheduler.inversion_schedule(torch.as_tensor(pair_timesteps), config.num_inversion_steps,
+                                         config.inversion_grid)[1]
+    return 2 * pairs, 2 * pairs + sum(2 * int(s) * (config.num_renoise_steps + 1) for s in steps)
+
+
+# ---------------------------------------------------------------------------------------------- evaluations
+def test_step_cost_hook_counts_equal_the_formula_in_every_mode(tmp_path, demo_inputs):
+    step_cost = load_script("step_cost")
+    model, data = demo_inputs["sdxl"]
+    args = step_cost.parse_args(["--train_batch_size", "2", "--warmup_steps", "0", "--timed_steps", "1"])
+    assert args.modes == list(step_cost.MODES)  # dpo-random, smpo exact/reference grid, K = 1 and K = 0
+    trainers = step_cost.build_trainers(model, data, str(tmp_path), 32, "lora", args.modes, args)
+    records = step_cost.run_group(trainers, args)
+    seen_timesteps = set()
+    for mode, (record,) in records.items():
+        config = trainers[mode].config
+        grad, no_grad = pair_formula(trainers[mode].parts.scheduler, record["timesteps"], config)
+        assert (record["hook_grad"], record["hook_no_grad"]) == (grad, no_grad), mode
+        assert record["exact"], mode
+        assert record["pairs"] == 2
+        seen_timesteps.add(tuple(record["timesteps"]))
+        timed = record["seconds"]
+        assert (timed["inversion"] > 0) == (config.noise_source == "inversion")
+        assert all(timed[stage] > 0 for stage in ("vae_encode", "text_encode", "policy_forward", "policy_backward",
+                                                   "reference_forward", "optimizer"))
+        assert math.isclose(sum(timed[s] for s in STAGES), timed["total"], rel_tol=1e-9)
+    # every mode sees the same timesteps, so their times are comparable step by step
+    assert len(seen_timesteps) == 1
+    assert records["smpo-exact-K1"][0]["hook_no_grad"] > records["smpo-exact-K0"][0]["hook_no_grad"]
+    rows = step_cost.summarise({"family": "tiny-sdxl", "resolution": 32, "method": "lora"}, records, trainers)
+    text = step_cost.render(rows, args, 1.0)
+    assert "| tiny-sdxl | 32 | lora | smpo-refgrid-K0 |" in text and "NO" not in text
+    # the stage timer put every wrapped callable back
+    trainer = trainers["smpo-exact-K1"]
+    assert "_invert" not in vars(trainer) and "_unet_call" not in vars(trainer)
+    assert trainer_module.encode_images is encode_images
+    assert "step" not in vars(trainer.lr_scheduler) and "backward" not in vars(trainer.accelerator)
+
+
+def test_counts_with_a_frozen_reference_copy_and_the_trainers_own_report(tmp_path, demo_inputs):
+    model, data = demo_inputs["sd"]
+    config = SmPOConfig(pretrained_model_name_or_path=model, dataset_name=data, output_dir=str(tmp_path / "o"),
+                        resolution=32, train_batch_size=3, max_train_steps=2, report_to="none", train_method="full",
+                        inversion_model="reference", inversion_grid="reference", num_renoise_steps=2)
+    trainer = SmPOTrainer(config)
+    batch = next(iter(trainer.train_dataloader))
+    with UNetEvaluationCounter(trainer.unwrapped_unet, trainer.reference.frozen_unet) as both, \
+            UNetEvaluationCounter(trainer.reference.frozen_unet) as reference_only, \
+            TrainerStageTimer(trainer) as timer:
+        step, _ = timer.run_step(batch, torch.Generator().manual_seed(3))
+    grad, no_grad = pair_formula(trainer.parts.scheduler, step.timesteps.tolist(), config)
+    assert (both.grad, both.no_grad) == (grad, no_grad) == (6, 6 + step.unet_evaluations["inversion"])
+    # inversion and the reference forward run on the frozen copy; the policy only with grad
+    assert (reference_only.grad, reference_only.no_grad) == (0, no_grad)
+    assert both.grad_calls == 1 and both.no_grad_calls >= 1
+    with pytest.raises(ValueError, match="at least one module"):
+        UNetEvaluationCounter(None)
+
+
+def test_expected_evaluations_per_pair_for_uniform_t():
+    sdxl = inversion_scheduler_from_config(SDXL_SCHEDULER_CONFIG)
+    sd = inversion_scheduler_from_config(SD15_SCHEDULER_CONFIG)
+    assert mean_inversion_steps(sdxl, 10, "exact") == 5.5 and mean_inversion_steps(sd, 5, "exact") == 3.0
+    # reference grid, written out: the number of grid levels strictly below t, averaged over all t
+    for scheduler, n in ((sdxl, 10), (sd, 5)):
+        scheduler.set_timesteps(n)
+        grid = scheduler.timesteps.tolist()
+        brute = sum(sum(level < t for level in grid) for t in range(1000)) / 1000
+        assert mean_inversion_steps(scheduler, n, "reference") == pytest.approx(brute, abs=1e-12)
+    per_pair = expected_evaluations_per_pair(sdxl, noise_source="inversion", num_inversion_steps=10,
+                                             num_renoise_steps=1)
+    assert per_pair == {"mean_steps": 5.5, "grad": 2.0, "no_grad": 24.0, "total": 26.0}  # 4 + 2 * 5.5 * 2
+    k0 = expected_evaluations_per_pair(sdxl, noise_source="inversion", num_inversion_steps=10, num_renoise_steps=0)
+    assert k0["total"] == 15.0
+    dpo = expected_evaluations_per_pair(sdxl, noise_source="random", num_inversion_steps=10, num_renoise_steps=1)
+    assert dpo["total"] == 4.0
+    assert inversion_steps(sdxl, torch.tensor([0, 99, 100, 999]), 10).tolist() == [1, 1, 2, 10]
+
+
+# ---------------------------------------------------------------------------------------------- bytes
+def test_byte_counting_dedupes_shared_storage():
+    base = torch.zeros(100)
+    view = base[10:20]
+    half = torch.zeros(5, dtype=torch.float16)
+    assert tensor_bytes([base, view, half, base]) == 400 + 10
+    assert tensor_bytes([view]) == 400  # a view keeps its whole storage resident
+    shared = torch.nn.Linear(4, 4)
+    tied = torch.nn.Sequential(shared, shared)
+    assert tensor_bytes(module_tensors(tied)) == (16 + 4) * 4
+    meta = torch.empty(3, 7, device="meta", dtype=torch.bfloat16)
+    assert tensor_bytes([meta, meta]) == 42
+
+
+def test_real_model_parameter_counts_on_meta():
+    assert sum(p.numel() for p in real_unet_on_meta("sd15").parameters()) == 859_520_964
+    parts = real_model_parts_on_meta("sdxl")
+    assert sum(p.numel() for p in parts["unet"].parameters()) == 2_567_463_684
+    assert all(p.device.type == "meta" for p in parts["unet"].parameters())
+    assert sum(p.numel() for p in parts["vae"].parameters()) == 83_653_863
+    assert [sum(p.numel() for p in e.parameters()) for e in parts["text_encoders"]] == [123_060_480, 694_659_840]
+    with pytest.raises(ValueError, match="family"):
+        real_unet_on_meta("sd3")
+
+
+def test_real_sd15_full_training_bytes_on_meta():
+    parts = real_model_parts_on_meta("sd15")
+    n = 859_520_964
+    estimates = estimate_training_bytes(parts["unet"], parts["vae"], parts["text_encoders"], is_sdxl=False,
+                                        train_method="full", optimizers=["adamw", "adafactor", "adamw8bit"],
+                                        weight_dtype=torch.float16)
+    adamw = estimates["adamw"].by_category
+    tensors = len(list(parts["unet"].parameters()))
+    assert adamw["policy_trainable"] == adamw["gradients"] == 4 * n and adamw["reference_copy"] == 2 * n
+    assert adamw["policy_frozen"] == 0 and adamw["optimizer_state"] == 8 * n + 4 * tensors
+    assert adamw["vae"] == 2 * 83_653_863  # SD 1.5: the VAE runs in the weight dtype
+    assert estimates["adafactor"].by_category["optimizer_state"] < 0.6 * n * 4
+    assert 2 * n < estimates["adamw8bit"].by_category["optimizer_state"] < 2.1 * n
+    assert all(p.device.type == "meta" for p in parts["unet"].parameters())  # nothing was allocated
+
+
+def test_eight_bit_adam_state_is_computed_from_shapes():
+    big, small = torch.empty(5000, device="meta"), torch.empty(10, 10, device="meta")
+    assert optimizer_state_bytes([big, small], "adamw8bit") == 2 * 5000 + 8 * math.ceil(5000 / 256) + 8 * 100 + 2048
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        optimizer_state_bytes([big], "sgd")
+
+
+@pytest.mark.parametrize("method,optimizer", [("lora", "adamw"), ("full", "adafactor")])
+def test_tiny_trainer_bytes_are_measured_exactly_and_lora_keeps_one_unet(tmp_path, demo_inputs, method, optimizer):
+    model, data = demo_inputs["sdxl"]
+    config = SmPOConfig(pretrained_model_name_or_path=model, dataset_name=data, output_dir=str(tmp_path / "o"),
+                        resolution=32, train_batch_size=1, max_train_steps=2, report_to="none", train_method=method,
+                        use_adafactor=optimizer == "adafactor")
+    trainer = SmPOTrainer(config)
+    step = trainer.compute_loss(next(iter(trainer.train_dataloader)), torch.Generator().manual_seed(0))
+    trainer.accelerator.backward(step.loss)
+    trainer.optimizer.step()
+    measured = trainer_resident_bytes(trainer)
+    components = tiny_sdxl_components(seed=0)
+    computed = estimate_training_bytes(components["unet"], components["vae"],
+                                       [components["text_encoder"], components["text_encoder_2"]], is_sdxl=True,
+                                       train_method=method, optimizers=[optimizer],
+                                       weight_dtype=torch.float32)[optimizer].by_category
+    assert {c: measured[c] for c in RESIDENT_CATEGORIES} == computed
+    assert measured["optimizer_state"] > 0 and measured["gradients"] == measured["policy_trainable"]
+    one_unet = tensor_bytes(module_tensors(components["unet"]))
+    unet_resident = measured["policy_trainable"] + measured["policy_frozen"] + measured["reference_copy"]
+    if method == "lora":
+        assert measured["reference_copy"] == 0
+        assert unet_resident <= 1.05 * (one_unet + measured["policy_trainable"])
+    else:
+        assert measured["reference_copy"] == one_unet == measured["policy_trainable"]
+
+
+def test_memory_script_renders_tiny_and_real_tables(tmp_path):
+    memory = load_script("memory")
+    tiny = [{"method": "lora", "optimizer": "adamw8bit", "source": "computed (no CUDA + bitsandbytes)",
+             "measured": None, "one_unet": 100,
+             "computed": dict.fromkeys(RESIDENT_CATEGORIES, 0) | {"policy_frozen": 100, "policy_trainable": 4}}]
+    real = memory.compute_real(["sd15"], rank=4)
+    text = memory.render(tiny, real, 1.0, 4)
+    assert "| lora | adamw8bit | computed (no CUDA + bitsandbytes) |" in text
+    assert "| sd15 | 859,520,964 | full |" in text and "LoRA: rank 4" in text
+    lora_rows = [r for r in real if r["method"] == "lora"]
+    assert all(memory.unet_resident(r["computed"]) <= 1.05 * (r["one_unet"] + r["computed"]["policy_trainable"])
+               for r in lora_rows)
+
+
+# ---------------------------------------------------------------------------------------------- GPU script
+def test_gpu_sdxl_step_smoke_runs_on_cpu(tmp_path):
+    gpu = load_script("gpu_sdxl_step")
+    output = tmp_path / "gpu.md"
+    report = gpu.main(["--smoke", "--timed_pairs", "1", "--output", str(output)])
+    assert [r["status"] for r in report["results"]] == ["ok"] * len(gpu.SMOKE_SETUPS)
+    for result in report["results"]:
+        smpo, dpo = result["modes"]["smpo"]["evals_per_pair"], result["modes"]["dpo"]["evals_per_pair"]
+        assert smpo == {"grad": 2.0, "no_grad": 24.0}  # the timed pairs average exactly E[steps] = 5.5
+        assert dpo == {"grad": 2.0, "no_grad": 2.0}
+        assert result["flop_ratio"] == pytest.approx((24 + 2 * gpu.BACKWARD_FLOP_MULTIPLIER[result["method"]])
+                                                     / (2 + 2 * gpu.BACKWARD_FLOP_MULTIPLIER[result["method"]]))
+    assert report["forward_tflop"] > 0
+    saved = json.loads((tmp_path / "gpu.json").read_text())
+    assert saved["device"].startswith("CPU") and "| full bf16 +ckpt adafactor | ok | smpo |" in output.read_text()
+
+
+def test_gpu_sdxl_step_without_cuda_exits_cleanly(tmp_path, monkeypatch):
+    gpu = load_script("gpu_sdxl_step")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    output = tmp_path / "gpu.md"
+    assert gpu.main(["--output", str(output)]) is None
+    assert "no CUDA device" in output.read_text()
+
+
+def test_gpu_sdxl_step_balanced_timesteps_and_optimizer():
+    gpu = load_script("gpu_sdxl_step")
+    scheduler = inversion_scheduler_from_config(SDXL_SCHEDULER_CONFIG)
+    levels = gpu.balanced_timesteps(scheduler, 3)
+    assert len(levels) == 4 and inversion_steps(scheduler, torch.tensor(levels), 10).double().mean() == 5.5
+    params = [torch.nn.Parameter(torch.zeros(2, 2))]
+    from transformers.optimization import Adafactor
+
+    assert isinstance(gpu.make_optimizer(gpu.Setup("full", "bf16", True, "adafactor"), params), Adafactor)
+    assert isinstance(gpu.make_optimizer(gpu.Setup("lora", "bf16", False, "adamw"), params), torch.optim.AdamW)

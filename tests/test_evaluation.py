@@ -1,0 +1,125 @@
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from smpo_diffusers.evaluation import (compare_scores, evaluate, format_results_table, image_drift, load_pipeline,
+                                       mean_and_stderr, read_prompts, save_comparison_grid, wilson_interval,
+                                       win_rate)
+from smpo_diffusers.testing import save_tiny_pipeline
+
+
+def test_mean_and_stderr_by_hand():
+    mean, stderr = mean_and_stderr([1.0, 2.0, 3.0, 4.0])
+    assert mean == 2.5
+    assert stderr == pytest.approx(math.sqrt(5.0 / 3.0) / 2.0)  # sample std sqrt(5/3), n = 4
+    assert math.isnan(mean_and_stderr([7.0])[1])
+    with pytest.raises(ValueError):
+        mean_and_stderr([])
+    with pytest.raises(ValueError, match="non-finite"):
+        mean_and_stderr([1.0, float("nan")])
+
+
+def test_wilson_interval_matches_the_textbook_value():
+    low, high = wilson_interval(8, 10)
+    assert low == pytest.approx(0.4902, abs=1e-4) and high == pytest.approx(0.9433, abs=1e-4)
+    assert wilson_interval(0, 5)[0] == 0.0 and wilson_interval(5, 5)[1] == pytest.approx(1.0)
+    low, high = wilson_interval(50, 100)
+    assert 0.5 - low == pytest.approx(high - 0.5)
+    with pytest.raises(ValueError):
+        wilson_interval(3, 2)
+
+
+def test_win_rate_counts_ties_as_half():
+    rate = win_rate([0.2, 0.2, 0.5, 0.1], [0.1, 0.2, 0.3, 0.4])
+    assert (rate["wins"], rate["ties"], rate["losses"], rate["n"]) == (2, 1, 1, 4)
+    assert rate["rate"] == pytest.approx(2.5 / 4)
+    assert (rate["ci_low"], rate["ci_high"]) == pytest.approx(wilson_interval(2.5, 4))
+    assert win_rate([1.0, 1.05], [1.0, 1.0], tie_tolerance=0.1)["ties"] == 2
+    with pytest.raises(ValueError):
+        win_rate([1.0], [1.0, 2.0])
+
+
+def test_compare_scores_on_hand_made_scores():
+    summary = compare_scores(base=[0.1, 0.2, 0.3], aligned=[0.2, 0.2, 0.5])
+    assert summary["base"]["mean"] == pytest.approx(0.2)
+    assert summary["aligned"]["mean"] == pytest.approx(0.3)
+    assert summary["difference"]["mean"] == pytest.approx(0.1)
+    assert summary["difference"]["stderr"] == pytest.approx(0.1 / math.sqrt(3))  # diffs 0.1, 0, 0.2
+    assert summary["win_rate"]["rate"] == pytest.approx(2.5 / 3)
+
+
+def test_image_drift_and_grid(tmp_path):
+    black = Image.new("RGB", (4, 4), (0, 0, 0))
+    white = Image.new("RGB", (4, 4), (255, 255, 255))
+    assert image_drift([black, white], [black, black]) == pytest.approx(0.5)
+    path = save_comparison_grid([black] * 3, [white] * 3, str(tmp_path / "grid.png"), columns=2, scale=2)
+    grid = Image.open(path)
+    assert grid.size == (2 * 8, 2 * (2 * 8 + 2))
+    pixels = np.asarray(grid)
+    assert pixels[0, 0].tolist() == [0, 0, 0] and pixels[8, 0].tolist() == [255, 255, 255]
+
+
+def test_read_prompts_sources(tmp_path):
+    text = tmp_path / "prompts.txt"
+    text.write_text("a red circle\n\n a blue square \n")
+    assert read_prompts(str(text)) == ["a red circle", "a blue square"]
+    heldout = read_prompts("toy-heldout")
+    assert len(heldout) == 32 and not set(heldout) & set(read_prompts("toy-train"))
+    assert read_prompts("toy-all", limit=3) == read_prompts("toy-all")[:3]
+    import datasets
+
+    datasets.Dataset.from_dict({"caption": ["x one", "x two", "x one"]}).save_to_disk(str(tmp_path / "ds"))
+    assert read_prompts(str(tmp_path / "ds")) == ["x one", "x two"]
+    with pytest.raises(ValueError, match="no column"):
+        read_prompts(str(tmp_path / "ds"), column="prompt")
+    with pytest.raises(FileNotFoundError):
+        read_prompts(str(tmp_path / "missing"))
+
+
+def test_format_results_table_shows_means_errors_and_interval():
+    results = {"models": {"base": "base", "aligned": "SmPO"}, "num_samples": 3, "num_prompts": 3,
+               "seeds_per_prompt": 1, "num_inference_steps": 2, "guidance_scale": 1.0, "pixel_drift": 0.25,
+               "rewards": {"toy": compare_scores([0.1, 0.2, 0.3], [0.2, 0.2, 0.5])}}
+    table = format_results_table(results)
+    assert "| toy | 0.2000 ± 0.0577 | 0.3000 ± 0.1000 | 0.1000 ± 0.0577 | 0.833" in table
+    assert "(2W/1T/0L)" in table
+
+
+def test_evaluate_writes_results_table_and_grid(tmp_path):
+    base = save_tiny_pipeline(str(tmp_path / "base"), kind="sd", seed=0)
+    other = save_tiny_pipeline(str(tmp_path / "other"), kind="sd", seed=1)
+    aligned = tmp_path / "aligned"
+    os.makedirs(aligned)
+    os.symlink(os.path.join(other, "unet"), aligned / "unet")  # a full-UNet training output
+    prompts = ["a red circle on a blue background", "a green square on a pink background"]
+    results = evaluate(base, str(aligned), prompts, output_dir=str(tmp_path / "eval"),
+                       reward_names=["toy", "smpo_diffusers.demo:colourfulness_reward"], seeds_per_prompt=2,
+                       num_inference_steps=2, guidance_scale=1.0, resolution=32, progress=False, grid_columns=2)
+    saved = json.load(open(tmp_path / "eval" / "results.json"))
+    assert saved["num_samples"] == 4 and saved["scores"]["seeds"] == [0, 1, 2, 3]
+    assert set(saved["rewards"]) == {"toy", "smpo_diffusers.demo:colourfulness_reward"}
+    for name, summary in saved["rewards"].items():
+        base_scores = np.asarray(saved["scores"]["base"][name])
+        aligned_scores = np.asarray(saved["scores"]["aligned"][name])
+        assert summary["base"]["mean"] == pytest.approx(base_scores.mean())
+        assert summary["aligned"]["stderr"] == pytest.approx(aligned_scores.std(ddof=1) / 2)
+        assert summary["win_rate"]["rate"] == pytest.approx(
+            ((aligned_scores > base_scores).sum() + 0.5 * (aligned_scores == base_scores).sum()) / 4)
+    assert saved["pixel_drift"] > 0  # a different UNet draws different pictures from the same seeds
+    assert "| toy |" in open(tmp_path / "eval" / "results.md").read()
+    assert Image.open(tmp_path / "eval" / "grid.png").size == (2 * 64, 2 * (2 * 64 + 2))
+    # The same seeds with the same model give the same images: zero drift.
+    same = evaluate(base, base, prompts[:1], output_dir=str(tmp_path / "same"), num_inference_steps=2,
+                    guidance_scale=1.0, resolution=32, progress=False)
+    assert same["pixel_drift"] == 0.0 and same["rewards"]["toy"]["win_rate"]["ties"] == 1
+
+
+def test_load_pipeline_rejects_a_folder_without_weights(tmp_path):
+    base = save_tiny_pipeline(str(tmp_path / "base"), kind="sd", seed=0)
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="pytorch_lora_weights"):
+        load_pipeline(base, str(tmp_path / "empty"))

@@ -1,0 +1,127 @@
+import importlib.util
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from smpo_diffusers.toy import (TOY_ASSETS_DIR, TOY_COLOURS, ToyRewardModel, build_toy_preferences, colour_accuracy,
+                                draw_toy_image, human_labels, parse_toy_caption, toy_caption_split, toy_captions,
+                                toy_model_path, toy_reward_scores)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_captions_and_split():
+    captions = toy_captions()
+    assert len(captions) == len(set(captions)) == 8 * 4 * 7
+    training, heldout = toy_caption_split()
+    assert len(heldout) == 32 and not set(training) & set(heldout) and sorted(training + heldout) == sorted(captions)
+    assert toy_caption_split() == (training, heldout)
+    assert parse_toy_caption("a red circle on a blue background") == ("circle", "red", "blue")
+    assert parse_toy_caption("something else") == (None, None, None)
+    with pytest.raises(ValueError, match="name a colour"):
+        draw_toy_image("a red circle", np.random.default_rng(0))
+
+
+def test_reward_is_continuous_and_prefers_vivid_on_prompt_images():
+    rng = np.random.default_rng(0)
+    captions = toy_captions()[::7]
+    scores = []
+    for saturation in (0.2, 0.5, 0.8, 1.0):
+        state = np.random.default_rng(1)  # same layouts, only the saturation differs
+        scores.append(toy_reward_scores([draw_toy_image(c, state, saturation) for c in captions], captions))
+    scores = np.stack(scores)
+    assert np.all(np.diff(scores, axis=0) > 0)  # every image gains from more saturation
+    assert 0.0 <= scores.min() and scores.max() <= 1.0
+    # Continuous: a tiny change of the image changes the reward a little, not by a step.
+    picture = draw_toy_image(captions[0], rng, 0.7)
+    nudged = Image.fromarray(np.clip(np.asarray(picture).astype(int) + 2, 0, 255).astype(np.uint8))
+    first, second = toy_reward_scores([picture, nudged], [captions[0]] * 2)
+    assert 0 < abs(first - second) < 0.02
+    # Prompt fidelity: the same picture scores lower for a caption naming other colours.
+    right = "a red circle on a blue background"
+    picture = draw_toy_image(right, rng, 1.0)
+    on, off = toy_reward_scores([picture, picture], [right, "a green circle on a yellow background"])
+    assert on > off + 0.2
+    model = ToyRewardModel()
+    torch.testing.assert_close(model.score([picture], [right]), torch.tensor([on]))
+
+
+def test_human_labels_follow_bradley_terry_with_ties():
+    rng = np.random.default_rng(0)
+    r0 = np.array([0.5, 0.5, 0.9, 0.1] * 500)
+    r1 = np.array([0.5005, 0.4, 0.1, 0.9] * 500)
+    labels = human_labels(r0, r1, rng, temperature=0.05, tie_threshold=0.002)
+    assert np.all(labels[0::4] == 0.5)
+    assert np.all(labels[2::4] == 1.0) and np.all(labels[3::4] == 0.0)  # clear wins: no noise left
+    assert abs(labels[1::4].mean() - 1 / (1 + np.exp(-0.1 / 0.05))) < 0.05  # sigma(2) ~ 0.88
+    with pytest.raises(ValueError):
+        human_labels(r0, r1, rng, temperature=0.0, tie_threshold=0.0)
+
+
+def test_shipped_pipeline_loads_and_draws_the_named_colours():
+    from diffusers import StableDiffusionPipeline
+
+    path = toy_model_path()
+    assert os.path.samefile(path, TOY_ASSETS_DIR)
+    info = json.load(open(os.path.join(path, "toy_world.json")))
+    assert info["heldout_captions"] == toy_caption_split()[1]
+    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+    assert size < 8 * 2**20
+    pipeline = StableDiffusionPipeline.from_pretrained(path)
+    pipeline.set_progress_bar_config(disable=True)
+    captions = toy_captions()[::7]  # 32 captions, every colour as shape and as background
+    images = pipeline(captions, num_inference_steps=10, guidance_scale=3.0, height=32, width=32,
+                      generator=torch.Generator().manual_seed(0)).images
+    accuracy = colour_accuracy(images, captions)
+    assert accuracy["chance"] == 1 / len(TOY_COLOURS)
+    assert accuracy["background_colour"] >= 0.6, accuracy
+    assert accuracy["shape_colour"] >= 0.4, accuracy
+
+
+def test_build_toy_preferences_labels_pairs_with_the_reward(tmp_path):
+    import datasets
+
+    captions = toy_caption_split()[0][:6]
+    out = build_toy_preferences(str(tmp_path / "pairs"), captions=captions, pairs_per_caption=2, seed=3,
+                                num_inference_steps=4)
+    data = datasets.load_from_disk(out)
+    assert data.num_rows == 12 and data["caption"] == captions * 2
+    for column in ("jpg_0", "jpg_1", "reward_0", "reward_1", "label_valid", "label_0", "label_1"):
+        assert column in data.column_names
+    assert all(data["label_valid"]) and set(data["label_0"]) <= {0.0, 0.5, 1.0}
+    reward_0 = np.asarray(data["reward_0"])
+    from smpo_diffusers.rewards import load_image
+
+    rescored = toy_reward_scores([load_image(b) for b in data["jpg_0"]], data["caption"])
+    np.testing.assert_allclose(reward_0, rescored, rtol=1e-6)
+    stats = json.load(open(os.path.join(out, "reward_stats.json")))
+    assert stats["reward_model"] == "toy" and stats["count"] == 24
+    assert stats["suggested_scale"] == pytest.approx(max(reward_0.max(), max(data["reward_1"])) -
+                                                     min(reward_0.min(), min(data["reward_1"])), rel=1e-6)
+    summary = json.load(open(os.path.join(out, "toy_preferences.json")))
+    assert summary["num_pairs"] == 12
+
+
+def _load_benchmark():
+    spec = importlib.util.spec_from_file_location("toy_alignment", os.path.join(REPO, "benchmarks", "toy_alignment.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_study_full_smpo_raises_the_heldout_reward(tmp_path):
+    study = _load_benchmark()
+    results = study.main(["--quick", "--output_dir", str(tmp_path / "results"), "--work_dir", str(tmp_path / "work")])
+    row = results["variants"][study.FULL_SMPO]
+    run = row["runs"][0]
+    gain, noise = run["comparison"]["difference"]["mean"], run["comparison"]["difference"]["stderr"]
+    # The paired gain over base on held-out captions must clear its sampling noise by a wide margin.
+    assert gain > 4 * noise and gain > 0.01, (gain, noise)
+    assert row["win_rate"]["ci_low"] > 0.5
+    assert run["unet_evaluations"]["inversion"] > 0 and row["pixel_drift"] > 0
+    for name in ("toy_alignment_quick.md", "toy_alignment_quick.json", "toy_alignment_quick.png"):
+        assert os.path.isfile(tmp_path / "results" / name)
