@@ -475,25 +475,36 @@ class SmPOTrainer:
     def _micro_step(self, batch, generator) -> StepOutput | None:
         accelerator = self.accelerator
         if batch is None or batch.get("pixel_values") is None:
+            # Every pair of this micro-batch failed to decode (counted). Alone we simply skip it; with several
+            # processes this rank still joins the gradient all-reduce, contributing zeros.
             self.skipped["empty_batches"] += 1
+            if accelerator.num_processes > 1:
+                accelerator.backward(sum((p * 0).sum() for p in self.trainable_params))
+            if accelerator.sync_gradients and any(p.grad is not None for p in self.trainable_params):
+                self._finish_update(step_loss=torch.zeros(()))  # apply what earlier micro-batches accumulated
             return None
         step = self.compute_loss(batch, generator)
         for stage, count in step.unet_evaluations.items():
             self.unet_evaluations[stage] += count
         accelerator.backward(step.loss)
-        if not accelerator.sync_gradients:
-            return step
+        if accelerator.sync_gradients:
+            self._finish_update(step.loss)
+        return step
+
+    def _finish_update(self, step_loss: torch.Tensor) -> None:
+        """Clip, check finiteness on every process, then step the optimiser and LR schedule (or skip)."""
+        accelerator = self.accelerator
         max_norm = self.config.max_grad_norm if self.config.max_grad_norm > 0 else float("inf")
         grad_norm = accelerator.clip_grad_norm_(self.trainable_params, max_norm)
         fp16_scaled = accelerator.scaler is not None
         # With fp16 gradient scaling an overflowing step is the scaler's business: it skips the step and lowers
         # the scale. A non-finite *loss* is a real problem in every precision.
-        nonfinite = not torch.isfinite(step.loss.detach()).item()
+        nonfinite = not torch.isfinite(step_loss.detach()).item()
         if not fp16_scaled:
             nonfinite = nonfinite or not torch.isfinite(torch.as_tensor(grad_norm)).item()
         if self._on_any_process(nonfinite):
             self._skip_nonfinite_update()
-            return step
+            return
         self.optimizer.step()
         if accelerator.optimizer_step_was_skipped:
             self.skipped["fp16_overflow_updates"] += 1
@@ -501,7 +512,6 @@ class SmPOTrainer:
             self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.consecutive_nonfinite = 0
-        return step
 
     def _on_any_process(self, flag: bool) -> bool:
         if self.accelerator.num_processes == 1:

@@ -1,0 +1,138 @@
+"""Bad input: a clear error that names the fix (before any model loads), or a counted skip."""
+
+import io
+import json
+import logging
+import os
+import shutil
+
+import numpy as np
+import pytest
+from datasets import Dataset, Features, Value, load_from_disk
+from PIL import Image
+
+from smpo_diffusers import SmPOConfig, SmPOTrainer
+from smpo_diffusers.models import encode_prompts, load_diffusion_parts
+
+NO_MODEL = "/nonexistent/model/folder"  # any model access would fail: errors below must come from the data
+
+
+def config(tmp_path, model=NO_MODEL, **overrides):
+    options = dict(pretrained_model_name_or_path=model, output_dir=str(tmp_path / "out"), resolution=32,
+                   train_batch_size=2, max_train_steps=2, report_to="none", reward_scale=0.1, seed=0)
+    options.update(overrides)
+    return SmPOConfig(**options)
+
+
+def encoded(image, fmt="PNG"):
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def labelled(demo_inputs, family="sdxl"):
+    return load_from_disk(demo_inputs[family][1])
+
+
+def test_odd_images_are_converted_resized_or_skipped_and_counted(tmp_path, demo_inputs):
+    base = labelled(demo_inputs)
+    rows = base.select(range(8)).to_dict()
+    rgb = Image.open(io.BytesIO(rows["jpg_0"][0]))
+    rows["jpg_0"][0] = encoded(rgb.convert("RGBA"))
+    rows["jpg_1"][1] = encoded(rgb.convert("L"))
+    rows["jpg_0"][2] = encoded(rgb.convert("P"))
+    rows["jpg_1"][3] = encoded(rgb.convert("CMYK"), "JPEG")
+    rows["jpg_0"][4] = encoded(rgb.resize((48, 40)))          # pair of different sizes
+    rows["jpg_1"][5] = encoded(rgb.resize((16, 16)))          # smaller than --resolution: upscaled
+    rows["jpg_0"][6] = rows["jpg_0"][6][: len(rows["jpg_0"][6]) // 3]  # truncated bytes: skipped
+    rows["label_0"], rows["label_1"] = [1.0] * 8, [0.0] * 8
+    dataset = Dataset.from_dict(rows, features=base.features)
+    trainer = SmPOTrainer(config(tmp_path, demo_inputs["sdxl"][0], max_train_steps=4, train_batch_size=2),
+                          dataset=dataset)
+    metrics = trainer.train()
+    assert np.isfinite(metrics["loss"])
+    assert trainer.skipped["undecodable_pairs"] == 1
+
+
+def test_missing_columns_and_wrong_types_fail_before_models_load(tmp_path, demo_inputs):
+    base = labelled(demo_inputs)
+    with pytest.raises(ValueError, match=r"(?s)caption.*found"):
+        SmPOTrainer(config(tmp_path), dataset=base.remove_columns(["caption"]))
+    wrong = base.cast_column("label_0", Value("string"))
+    with pytest.raises(ValueError, match="label_0"):
+        SmPOTrainer(config(tmp_path), dataset=wrong)
+
+
+def test_label_outside_the_allowed_set(tmp_path, demo_inputs):
+    base = labelled(demo_inputs)
+    bad = base.remove_columns(["label_1"]).map(
+        lambda row, i: {"label_0": 0.7 if i == 3 else row["label_0"]}, with_indices=True)
+    with pytest.raises(ValueError, match=r"label_0"):
+        SmPOTrainer(config(tmp_path), dataset=bad)
+
+
+def test_empty_after_filtering_lists_the_reasons(tmp_path, demo_inputs):
+    base = labelled(demo_inputs)
+    ties = base.map(lambda row: {"label_0": 0.5, "label_1": 0.5})
+    with pytest.raises(ValueError, match="tie"):
+        SmPOTrainer(config(tmp_path, loss_type="dpo", reward_scale=None), dataset=ties)
+    nan = base.map(lambda row: {"reward_0": float("nan")})
+    with pytest.raises(ValueError, match="non-finite"):
+        SmPOTrainer(config(tmp_path), dataset=nan)
+
+
+def test_nonfinite_rewards_are_dropped_and_counted(tmp_path, demo_inputs):
+    base = labelled(demo_inputs)
+    some = base.map(lambda row, i: {"reward_1": float("inf") if i < 2 else row["reward_1"]}, with_indices=True)
+    trainer = SmPOTrainer(config(tmp_path, demo_inputs["sdxl"][0]), dataset=some)
+    assert trainer.pair_statistics.dropped_nonfinite == 2
+
+
+def test_all_equal_rewards_give_a_scale_error(tmp_path, demo_inputs):
+    model, data = demo_inputs["sdxl"]
+    flat = tmp_path / "flat"
+    shutil.copytree(data, flat)
+    stats = json.loads((flat / "reward_stats.json").read_text())
+    stats.update(min=0.2, max=0.2, std=0.0, suggested_scale=0.0)
+    (flat / "reward_stats.json").write_text(json.dumps(stats))
+    with pytest.raises(ValueError, match="scale"):
+        SmPOTrainer(config(tmp_path, model, dataset_name=str(flat), reward_scale=None))
+
+
+def test_empty_and_overlong_captions(tmp_path, demo_inputs, caplog):
+    import smpo_diffusers.models as models
+
+    parts = load_diffusion_parts(config(tmp_path, demo_inputs["sdxl"][0]))
+    models._TruncationWarning.warned = False
+    caplog.set_level(logging.WARNING)
+    long_caption = " ".join(["red circle"] * 100)
+    first = encode_prompts(parts, ["", long_caption], "cpu")
+    encode_prompts(parts, [long_caption], "cpu")
+    assert first.hidden.shape[:2] == (2, 77) and np.isfinite(first.hidden.numpy()).all()
+    warnings = [r for r in caplog.records if "truncated" in r.getMessage()]
+    assert len(warnings) == 1
+
+
+def edit_scheduler_config(model_dir, tmp_path, **changes):
+    copy = tmp_path / "model-copy"
+    shutil.copytree(model_dir, copy)
+    path = copy / "scheduler" / "scheduler_config.json"
+    data = json.loads(path.read_text())
+    for key, value in changes.items():
+        if value is None:
+            data.pop(key, None)
+        else:
+            data[key] = value
+    path.write_text(json.dumps(data))
+    return str(copy)
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"clip_sample": None}, "lacks clip_sample"),
+    ({"set_alpha_to_one": None}, "lacks set_alpha_to_one"),
+    ({"prediction_type": "sample"}, "prediction_type 'sample' is not supported"),
+])
+def test_bad_scheduler_configs_are_refused(tmp_path, demo_inputs, changes, message):
+    model = edit_scheduler_config(demo_inputs["sdxl"][0], tmp_path, **changes)
+    with pytest.raises(ValueError, match=message):
+        load_diffusion_parts(config(tmp_path, model))
