@@ -229,3 +229,23 @@ def test_bad_resolution_for_the_model(tmp_path, demo_inputs):
     model, data = demo_inputs["sdxl"]
     with pytest.raises(ValueError, match="--resolution 30 must be divisible by the VAE downsampling factor 4"):
         SmPOTrainer(make_config(tmp_path, model, data, resolution=30))
+
+
+@pytest.mark.parametrize("how", ["flag", "accelerate-config"])
+def test_lora_parameters_stay_fp32_under_bf16(tmp_path, demo_inputs, monkeypatch, how):
+    model, data = demo_inputs["sdxl"]
+    if how == "flag":
+        config = make_config(tmp_path, model, data, mixed_precision="bf16", max_train_steps=1)
+    else:  # what `accelerate config` / `accelerate launch --mixed_precision bf16` hands the process
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+        config = make_config(tmp_path, model, data, max_train_steps=1)
+    trainer = SmPOTrainer(config)
+    assert trainer.weight_dtype == torch.bfloat16
+    unet = trainer.unwrapped_unet
+    lora = [p for n, p in unet.named_parameters() if "lora" in n]
+    frozen = [p for n, p in unet.named_parameters() if "lora" not in n]
+    assert lora and all(p.dtype == torch.float32 and p.requires_grad for p in lora)
+    assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in frozen)
+    metrics = trainer.train()
+    assert np.isfinite(metrics["loss"])
+    assert all(p.dtype == torch.float32 for p in lora)

@@ -253,16 +253,16 @@ def _encode_captions(tokenizer, text_encoder, captions: list[str]) -> torch.Tens
     return text_encoder(ids)[0]
 
 
-def _train_vae(vae, captions, rng, generator, steps, batch_size, lr, kl_weight, log_every):
+def _train_vae(vae, captions, rng, generator, steps, batch_size, lr, kl_weight, log_every, device):
     vae.train()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.05)
     losses = []
     for step in range(steps):
         chosen = rng.integers(len(captions), size=batch_size)
-        pixels = _pictures_to_tensor([draw_toy_image(captions[i], rng) for i in chosen])
+        pixels = _pictures_to_tensor([draw_toy_image(captions[i], rng) for i in chosen]).to(device)
         posterior = vae.encode(pixels).latent_dist
-        latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
+        latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator).to(device)
         reconstruction = vae.decode(latents).sample
         kl = posterior.kl().mean() / latents[0].numel()
         loss = torch.nn.functional.mse_loss(reconstruction, pixels) + kl_weight * kl
@@ -278,7 +278,7 @@ def _train_vae(vae, captions, rng, generator, steps, batch_size, lr, kl_weight, 
 
 
 def _train_unet(unet, latents, embeddings, empty_embedding, caption_index, generator, steps, batch_size, lr,
-                uncond_fraction, log_every):
+                uncond_fraction, log_every, device):
     from diffusers import DDPMScheduler
 
     noise_scheduler = DDPMScheduler(**{k: v for k, v in SD15_SCHEDULER_CONFIG.items()
@@ -291,12 +291,12 @@ def _train_unet(unet, latents, embeddings, empty_embedding, caption_index, gener
     count = latents.shape[0]
     for step in range(steps):
         chosen = torch.randint(0, count, (batch_size,), generator=generator)
-        x0 = latents[chosen]
-        conditions = embeddings[caption_index[chosen]]
-        dropped = torch.rand(batch_size, generator=generator) < uncond_fraction
-        conditions = torch.where(dropped[:, None, None], empty_embedding.expand_as(conditions), conditions)
-        noise = torch.randn(x0.shape, generator=generator)
-        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
+        x0 = latents[chosen].to(device)
+        conditions = embeddings[caption_index[chosen]].to(device)
+        dropped = (torch.rand(batch_size, generator=generator) < uncond_fraction).to(device)
+        conditions = torch.where(dropped[:, None, None], empty_embedding.to(device).expand_as(conditions), conditions)
+        noise = torch.randn(x0.shape, generator=generator).to(device)
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch_size,), generator=generator).to(device)
         prediction = unet(noise_scheduler.add_noise(x0, noise, timesteps), timesteps,
                           encoder_hidden_states=conditions).sample
         loss = torch.nn.functional.mse_loss(prediction, noise)
@@ -314,8 +314,8 @@ def _train_unet(unet, latents, embeddings, empty_embedding, caption_index, gener
 
 def build_toy_world(output_dir: str | os.PathLike, seed: int = 0, vae_steps: int = 300, unet_steps: int = 1200,
                     num_latents: int = 4096, batch_size: int = 64, vae_batch_size: int = 32,
-                    vae_learning_rate: float = 2e-3, unet_learning_rate: float = 1e-3, kl_weight: float = 1e-3,
-                    uncond_fraction: float = 0.1, log_every: int = 100) -> dict:
+                    vae_learning_rate: float = 2e-3, unet_learning_rate: float = 1e-3, kl_weight: float = 1e-6,
+                    uncond_fraction: float = 0.1, log_every: int = 100, device: str = "cpu") -> dict:
     """Train the toy world's VAE and UNet from scratch and save the pipeline to ``output_dir``.
 
     Steps: (1) the VAE learns to reconstruct :func:`draw_toy_image` pictures of all captions (MSE +
@@ -337,8 +337,10 @@ def build_toy_world(output_dir: str | os.PathLike, seed: int = 0, vae_steps: int
     captions = toy_captions()
 
     vae_started = time.perf_counter()
+    parts["vae"].to(device)
+    parts["unet"].to(device)
     vae_loss = _train_vae(parts["vae"], captions, rng, generator, vae_steps, vae_batch_size, vae_learning_rate,
-                          kl_weight, log_every)
+                          kl_weight, log_every, device)
     vae_seconds = time.perf_counter() - vae_started
 
     caption_index = torch.from_numpy(rng.integers(len(captions), size=num_latents))
@@ -346,9 +348,10 @@ def build_toy_world(output_dir: str | os.PathLike, seed: int = 0, vae_steps: int
         raw = []
         for start in range(0, num_latents, 256):
             pixels = _pictures_to_tensor([draw_toy_image(captions[int(i)], rng)
-                                          for i in caption_index[start:start + 256]])
+                                          for i in caption_index[start:start + 256]]).to(device)
             posterior = parts["vae"].encode(pixels).latent_dist
-            raw.append(posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator))
+            noise = torch.randn(posterior.mean.shape, generator=generator).to(device)
+            raw.append((posterior.mean + posterior.std * noise).cpu())
         raw = torch.cat(raw)
     scaling_factor = float(1.0 / raw.std())
     parts["vae"].register_to_config(scaling_factor=scaling_factor)
@@ -358,7 +361,9 @@ def build_toy_world(output_dir: str | os.PathLike, seed: int = 0, vae_steps: int
     empty_embedding = _encode_captions(parts["tokenizer"], parts["text_encoder"], [""])
     unet_started = time.perf_counter()
     unet_loss = _train_unet(parts["unet"], latents, embeddings, empty_embedding, caption_index, generator,
-                            unet_steps, batch_size, unet_learning_rate, uncond_fraction, log_every)
+                            unet_steps, batch_size, unet_learning_rate, uncond_fraction, log_every, device)
+    parts["vae"].to("cpu")
+    parts["unet"].to("cpu")
     unet_seconds = time.perf_counter() - unet_started
 
     pipeline = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, image_encoder=None,
@@ -373,7 +378,7 @@ def build_toy_world(output_dir: str | os.PathLike, seed: int = 0, vae_steps: int
         "vae_final_loss": vae_loss, "unet_final_loss": unet_loss, "vae_scaling_factor": scaling_factor,
         "vae_seconds": round(vae_seconds, 1), "unet_seconds": round(unet_seconds, 1),
         "build_seconds": round(time.perf_counter() - started, 1), "torch_threads": torch.get_num_threads(),
-        "torch_version": torch.__version__, "guidance_scale": TOY_GUIDANCE_SCALE,
+        "torch_version": torch.__version__, "device": str(device), "guidance_scale": TOY_GUIDANCE_SCALE,
         "num_inference_steps": TOY_INFERENCE_STEPS, "num_captions": len(captions),
         "heldout_captions": heldout,
     }
