@@ -206,7 +206,7 @@ class Conditioning:
             "encoder_hidden_states": hidden.repeat(2, 1, 1).to(device, dtype),
             "added_cond_kwargs": {
                 "text_embeds": pooled.repeat(2, 1).to(device, dtype),
-                "time_ids": torch.tensor([[pixels, pixels, 0, 0, pixels, pixels]] * 2, dtype=torch.float32).to(device, dtype),
+                "time_ids": torch.tensor([[pixels, pixels, 0, 0, pixels, pixels]] * 2).to(device, dtype),
             },
         }
         self.x0 = torch.randn(2, config["in_channels"], latent_size, latent_size, generator=generator).to(device)
@@ -345,7 +345,8 @@ def run_setup(setup: Setup, config: dict, latent_size: int, device, scheduler, p
                     records.append(train_step(models, scheduler, cond, t, mode))
             pairs = len(pair_timesteps)
             per_pair = {"grad": counter.grad / pairs, "no_grad": counter.no_grad / pairs}
-            step_flops = flops_forward * (per_pair["no_grad"] + BACKWARD_FLOP_MULTIPLIER[setup.method] * per_pair["grad"])
+            backward = BACKWARD_FLOP_MULTIPLIER[setup.method]
+            step_flops = flops_forward * (per_pair["no_grad"] + backward * per_pair["grad"])
             seconds = [r["total"] for r in records]
             mean_s = statistics.fmean(seconds)
             result["modes"][mode] = {
@@ -401,13 +402,13 @@ def render(report: dict) -> str:
         f"{report['expected_smpo']['no_grad']:.0f} without; DPO 2 + 2. FLOPs: {report['forward_tflop']:.4g} TFLOP per "
         "latent forward (FlopCounterMode, meta device); fwd+bwd = 3x (full) / 2x (LoRA); checkpoint recomputation "
         "not counted. Peak = torch.cuda.max_memory_allocated during the timed steps of that mode (includes the "
-        "resident weights, optimiser state and gradients). Resident = parameters + optimiser state + gradients (counted "
-        "from the tensors after the warm-up; gradients as allocated during backward). Non-finite steps: loss or "
+        "resident weights, optimiser state and gradients). Resident = parameters + optimiser state + gradients "
+        "(counted from the tensors after the warm-up; gradients as allocated during backward). Non-finite steps: loss or "
         "gradient norm not finite (with fp16 the grad scaler then skips the update while it calibrates).",
         "",
         "| set-up | status | mode | s/pair (mean) | s/pair (median) | evals/pair grad / no-grad | TFLOP/pair | "
-        "achieved TFLOP/s | peak GB | resident GB | inversion (DPO: noising) ms | ref+policy fwd ms | backward ms | optimiser ms | "
-        "non-finite steps | SmPO/DPO time | SmPO/DPO FLOPs |",
+        "achieved TFLOP/s | peak GB | resident GB | inversion (DPO: noising) ms | ref+policy fwd ms | backward ms | "
+        "optimiser ms | non-finite steps | SmPO/DPO time | SmPO/DPO FLOPs |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["results"]:
@@ -420,7 +421,8 @@ def render(report: dict) -> str:
             ratios = (f"{r['smpo_over_dpo']:.2f} | {r['flop_ratio']:.2f}" if mode == "smpo" else " | ")
             lines.append(
                 f"| {r['setup']} | ok | {mode} | {m['s_per_pair_mean']:.3f} | {m['s_per_pair_median']:.3f} | "
-                f"{m['evals_per_pair']['grad']:.1f} / {m['evals_per_pair']['no_grad']:.1f} | {m['tflop_per_pair']:.3g} | "
+                f"{m['evals_per_pair']['grad']:.1f} / {m['evals_per_pair']['no_grad']:.1f} | "
+                f"{m['tflop_per_pair']:.3g} | "
                 f"{m['achieved_tflops']:.3g} | {peak} | {resident:.3g} | "
                 + " | ".join(f"{m['stage_ms'][k]:.0f}" for k in ("inversion", "reference_and_policy_forward",
                                                                "policy_backward", "optimizer"))
@@ -466,7 +468,8 @@ def main(argv=None) -> dict | None:
         "command": command_line(), "device": device_description(device), "torch": torch.__version__,
         "bitsandbytes": have_bnb, "smoke": args.smoke, "time_budget_s": args.time_budget_s,
         "unet_parameters": parameters, "latent_size": latent_size, "pair_timesteps": pair_timesteps,
-        "mean_steps": float(inversion_steps(scheduler, torch.tensor(pair_timesteps), NUM_INVERSION_STEPS).double().mean()),
+        "mean_steps": float(inversion_steps(scheduler, torch.tensor(pair_timesteps),
+                                            NUM_INVERSION_STEPS).double().mean()),
         "expected_smpo": expected, "forward_tflop": flops / 1e12, "results": [],
     }
     longest = 0.0

@@ -109,7 +109,8 @@ def compute_real(families: list[str], rank: int) -> list[dict]:
                                                 optimizers=list(OPTIMIZER_FLAGS), weight_dtype=torch.bfloat16,
                                                 rank=rank)
             for optimizer, estimate in estimates.items():
-                rows.append({"family": family, "method": method, "optimizer": optimizer, "computed": estimate.by_category,
+                rows.append({"family": family, "method": method, "optimizer": optimizer,
+                             "computed": estimate.by_category,
                              "unet_parameters": estimate.unet_parameters,
                              "trainable_parameters": estimate.trainable_parameters, "one_unet": one_unet})
     return rows

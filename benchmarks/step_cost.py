@@ -17,8 +17,9 @@ Evaluations: the hook count of every step is compared with the formula evaluated
 actually sampled (``4 + 2 steps(t) (K + 1)`` per pair; must be equal), and the expectation over uniform ``t``
 is printed (``E[steps(t)]`` from ``InversionScheduler.inversion_schedule`` over all ``t``).
 
-Time: the modes of one group run interleaved step by step (same batches, same timesteps, same background
-load), after warm-up steps. Cost model, calibrated on the Diffusion-DPO run of the same group::
+Time: the modes of one group run interleaved step by step, in a shuffled order each round (same batches, same
+timesteps, same background load), after warm-up steps. Cost model, calibrated on the Diffusion-DPO run of the
+same group::
 
     step time = overhead + (grad sample-evals) * c_fb + (no-grad sample-evals) * c_f
     c_f      = median reference-forward time / (2B)            (one no-grad sample-evaluation)
@@ -37,6 +38,7 @@ import argparse
 import logging
 import os
 import platform
+import random
 import shlex
 import statistics
 import sys
@@ -129,8 +131,12 @@ def run_group(trainers: dict, args) -> dict:
     """Interleave the modes step by step; returns ``{mode: [step record, ...]}`` for the timed steps."""
     records = {mode: [] for mode in trainers}
     streams = {mode: BatchStream(trainer) for mode, trainer in trainers.items()}
+    order = random.Random(args.seed)
     for index in range(args.warmup_steps + args.timed_steps):
-        for mode, trainer in trainers.items():
+        # A fresh order every round, so no mode always runs first (cold caches) or at the same point of a
+        # periodic background load.
+        for mode in order.sample(list(trainers), len(trainers)):
+            trainer = trainers[mode]
             config = trainer.config
             start = time.perf_counter()
             batch = streams[mode].next()
@@ -184,6 +190,7 @@ def summarise(group: dict, records: dict, trainers: dict) -> list[dict]:
     batch = records[BASELINE][0]["pairs"]
     base_mean = statistics.fmean(r["seconds"]["step"] for r in records[BASELINE])
     base_pred = statistics.fmean(predicted_step(r, model) for r in records[BASELINE])
+    base_fit = median([r["seconds"]["step"] / predicted_step(r, model) for r in records[BASELINE]])
     rows = []
     for mode, steps in records.items():
         config = trainers[mode].config
@@ -196,6 +203,8 @@ def summarise(group: dict, records: dict, trainers: dict) -> list[dict]:
         mean_pred = statistics.fmean(predicted_step(r, model) for r in steps)
         measured_ratio = mean_step / base_mean
         predicted_ratio = mean_pred / base_pred
+        # Robust to load spikes: median over steps of measured / predicted, relative to the baseline's.
+        fit_median = median([r["seconds"]["step"] / predicted_step(r, model) for r in steps]) / base_fit
         # Expected ratio for uniform t, per pair, with the calibrated model.
         overhead_pair = model["overhead"] / batch
         expected_pair = overhead_pair + per_pair["grad"] * model["c_fb"] + per_pair["no_grad"] * model["c_f"]
@@ -215,6 +224,7 @@ def summarise(group: dict, records: dict, trainers: dict) -> list[dict]:
             "stage_ms": {stage: 1e3 * median([r["seconds"][stage] for r in steps]) for stage in ("data",) + STAGES},
             "measured_ratio": measured_ratio, "predicted_ratio": predicted_ratio,
             "measured_over_predicted": measured_ratio / predicted_ratio,
+            "measured_over_predicted_median": fit_median,
             "expected_ratio_uniform_t": expected_pair / expected_base, "naive_flop_ratio": naive_ratio,
             "model": model,
         })
@@ -237,7 +247,8 @@ def render(rows: list[dict], args, elapsed: float) -> str:
         "",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
         f"{torch.get_num_threads()} intra-op threads; device CPU, fp32; {args.train_batch_size} pair(s) per step; "
-        f"{args.warmup_steps} warm-up + {args.timed_steps} timed steps per mode, modes interleaved; "
+        f"{args.warmup_steps} warm-up + {args.timed_steps} timed steps per mode, modes interleaved in a shuffled "
+        f"order each round; "
         f"wall time {elapsed:.0f} s.",
         "",
         "Sample-evaluation = one latent through one UNet forward. Per pair: `4 + 2 steps(t) (K+1)` "
@@ -248,7 +259,9 @@ def render(rows: list[dict], args, elapsed: float) -> str:
         "`step = overhead + grad_evals * c_fb + no_grad_evals * c_f`, with `c_f` = reference forward / (2B), "
         "`c_fb` = policy forward+backward / (2B), overhead = the rest of the DPO step (data, VAE, text, optimiser). "
         "Predicted ratios use the hook counts of the same timed steps; the measured ratio is the ratio of mean "
-        "step times over those steps (same batches and timesteps in every mode). "
+        "step times over those steps (same batches and timesteps in every mode); the per-step-median column is "
+        "median_i(measured_i / predicted_i) relative to the same quantity of the DPO run (robust to load spikes "
+        "on a shared machine). "
         "Naive = FLOP-only model with c_fb = 3 c_f and no overhead.",
         "",
         "## Evaluations per pair",
@@ -286,8 +299,9 @@ def render(rows: list[dict], args, elapsed: float) -> str:
         f"Target: measured ratio within {TARGET_RATIO_TOLERANCE:.0%} of the predicted ratio.",
         "",
         "| model | px | method | c_f ms | c_fb ms | c_fb/c_f | overhead ms | mode | measured ratio | predicted ratio | "
-        "measured / predicted | within 15% | expected ratio, uniform t | naive FLOP ratio |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "measured / predicted (means) | within 15% | measured / predicted (per-step medians) | "
+        "expected ratio, uniform t | naive FLOP ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if r["mode"] == BASELINE:
@@ -298,7 +312,8 @@ def render(rows: list[dict], args, elapsed: float) -> str:
             f"| {r['family']} | {r['resolution']} | {r['method']} | {1e3 * m['c_f']:.2f} | {1e3 * m['c_fb']:.2f} | "
             f"{m['c_fb'] / m['c_f']:.2f} | {1e3 * m['overhead']:.1f} | {r['mode']} | {r['measured_ratio']:.2f} | "
             f"{r['predicted_ratio']:.2f} | {r['measured_over_predicted']:.3f} | {'yes' if ok else 'no'} | "
-            f"{r['expected_ratio_uniform_t']:.2f} | {r['naive_flop_ratio']:.2f} |")
+            f"{r['measured_over_predicted_median']:.3f} | {r['expected_ratio_uniform_t']:.2f} | "
+            f"{r['naive_flop_ratio']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -325,7 +340,8 @@ def main(argv=None) -> list[dict]:
                         print(f"  {r['mode']:16s} evals/pair grad {r['hook_grad_per_pair']:.1f} no-grad "
                               f"{r['hook_no_grad_per_pair']:.1f} (E {r['expected_no_grad']:.2f}) exact "
                               f"{r['exact_steps']}/{r['steps']}  {r['median_step_per_pair']:.3f} s/pair  ratio "
-                              f"{r['measured_ratio']:.2f} vs predicted {r['predicted_ratio']:.2f}", flush=True)
+                              f"{r['measured_ratio']:.2f} vs predicted {r['predicted_ratio']:.2f} "
+                              f"(median fit {r['measured_over_predicted_median']:.3f})", flush=True)
                     del trainers
     text = render(rows, args, time.perf_counter() - began)
     print(text)

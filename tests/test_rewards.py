@@ -742,7 +742,7 @@ def test_load_preference_dataset_detects_formats(tmp_path):
     folder = tmp_path / "dict"
     datasets.DatasetDict({"validation": dataset}).save_to_disk(str(folder))
     assert R.load_preference_dataset(str(folder), split="validation").num_rows == 3
-    with pytest.raises(ValueError, match="not 'train'"):
+    with pytest.raises(ValueError, match="Split 'train' not found"):
         R.load_preference_dataset(str(folder))
 
 

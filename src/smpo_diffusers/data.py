@@ -18,10 +18,12 @@ puts the winner first: ``pixel_values[:, 0]`` is the winner, ``pixel_values[:, 1
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import io
 import math
 import os
+import threading
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
@@ -79,7 +81,7 @@ def _select_split(dataset_dict, split: str, source: str):
     if split not in dataset_dict:
         raise ValueError(
             f"Split {split!r} not found in {source}; available splits: {sorted(dataset_dict)}. "
-            "Pass one of them as the split."
+            "Pass one of them with --dataset_split_name."
         )
     return dataset_dict[split]
 
@@ -550,10 +552,10 @@ def prepare_preference_pairs(
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
-def _to_rgb(image):
-    """Any PIL mode -> RGB. Transparency is composited on white; 16/32-bit integer images are
-    scaled from 0..65535 when their maximum exceeds 255 (else taken as 0..255); float images
-    (mode F) from 0..1 when their maximum is <= 1 (else clipped to 0..255)."""
+def to_rgb(image):
+    """Any PIL mode -> RGB (the same object when already RGB). Transparency is composited on white;
+    16/32-bit integer images are scaled from 0..65535 when their maximum exceeds 255 (else taken as
+    0..255); float images (mode F) from 0..1 when their maximum is <= 1 (else clipped to 0..255)."""
     from PIL import Image
 
     if image.mode == "RGB":
@@ -575,40 +577,91 @@ def _to_rgb(image):
     return image.convert("RGB")
 
 
-def decode_image(value):
-    """Decode one image cell to an RGB ``PIL.Image`` (fully loaded), or None if it cannot be read.
+class UnreadableImageError(ValueError):
+    """The cell holds no decodable image (missing, truncated or corrupted data)."""
 
-    ``value`` may be encoded bytes, a ``{"bytes": ..., "path": ...}`` dict (``datasets.Image``
-    storage; ``bytes`` first, else the file at ``path``) or a ``PIL.Image``. EXIF orientation is
-    applied; any mode becomes RGB (see ``_to_rgb``: alpha composited on white, palette, CMYK, 16-bit).
-    Never raises: unreadable, truncated or unsupported data returns None (callers count the skip).
+
+_strict_lock = threading.Lock()
+_strict_depth = 0
+_saved_truncation_flag = False
+
+
+@contextlib.contextmanager
+def _strict_truncation():
+    """Make PIL raise on truncated files while any thread is inside this block.
+
+    ``ImageFile.LOAD_TRUNCATED_IMAGES = True`` (set globally by some libraries) would silently decode a
+    truncated file with grey padding; a corrupted image must never be trained on or rewarded. The flag is
+    process-global, so nested/concurrent blocks share one save/restore (restored by the last exit).
+    """
+    from PIL import ImageFile
+
+    global _strict_depth, _saved_truncation_flag
+    with _strict_lock:
+        if _strict_depth == 0:
+            _saved_truncation_flag = ImageFile.LOAD_TRUNCATED_IMAGES
+        _strict_depth += 1
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        yield
+    finally:
+        with _strict_lock:
+            _strict_depth -= 1
+            if _strict_depth == 0:
+                ImageFile.LOAD_TRUNCATED_IMAGES = _saved_truncation_flag
+
+
+def load_image(value):
+    """Decode one image cell to a fully loaded RGB ``PIL.Image`` or raise :class:`UnreadableImageError`.
+
+    ``value`` may be encoded bytes, a ``{"bytes": ..., "path": ...}`` dict (``datasets.Image`` storage;
+    ``bytes`` first, else the file at ``path``) or a ``PIL.Image``. EXIF orientation is applied; any mode
+    becomes RGB (:func:`to_rgb`). A value of a type no image column can hold raises ``TypeError`` (a schema
+    error, not bad data).
     """
     from PIL import Image, ImageOps
 
+    if value is None:
+        raise UnreadableImageError("missing image (None)")
     try:
-        if value is None:
-            return None
-        if isinstance(value, Image.Image):
-            image = value
-        else:
-            if isinstance(value, dict):
-                data, path = value.get("bytes"), value.get("path")
-                if data is None:
-                    if not path or not os.path.isfile(path):
-                        return None
-                    with open(path, "rb") as handle:
-                        data = handle.read()
+        with _strict_truncation():
+            if isinstance(value, Image.Image):
+                image = value
             else:
-                data = value
-            if not isinstance(data, (bytes, bytearray, memoryview)):
-                return None
-            image = Image.open(io.BytesIO(bytes(data)))
-        image.load()  # truncated or corrupt data fails here, not later in a worker
-        image = ImageOps.exif_transpose(image)
-        image = _to_rgb(image)
-        image.load()
-        return image
-    except Exception:  # noqa: BLE001 - any decoder failure means "unreadable image"
+                if isinstance(value, dict):
+                    data, path = value.get("bytes"), value.get("path")
+                    if data is None and path:
+                        if not os.path.isfile(path):
+                            raise UnreadableImageError(f"image file not found: {path!r}")
+                        with open(path, "rb") as handle:
+                            data = handle.read()
+                    if data is None:
+                        raise UnreadableImageError("image dict holds neither 'bytes' nor a readable 'path'")
+                    value = data
+                if not isinstance(value, (bytes, bytearray, memoryview)):
+                    raise TypeError(
+                        f"Unsupported image cell of type {type(value).__name__}: expected encoded bytes, a dict "
+                        "with 'bytes'/'path' (datasets.Image(decode=False)) or a PIL.Image.Image."
+                    )
+                if len(value) == 0:
+                    raise UnreadableImageError("empty image bytes")
+                image = Image.open(io.BytesIO(bytes(value)))
+            image.load()  # truncated or corrupt data fails here, not later in a worker
+            image = to_rgb(ImageOps.exif_transpose(image))
+            image.load()
+            return image
+    except (UnreadableImageError, TypeError):
+        raise
+    except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
+        raise UnreadableImageError(f"cannot decode image: {type(error).__name__}: {error}") from error
+
+
+def decode_image(value):
+    """Like :func:`load_image`, but returns None instead of raising for unreadable data (callers count the
+    skip). Never raises."""
+    try:
+        return load_image(value)
+    except (UnreadableImageError, TypeError):
         return None
 
 

@@ -13,7 +13,8 @@ or the resumable job ``label_dataset(LabelingArguments(...))`` behind ``examples
 from .base import CallableRewardModel, EnsembleRewardModel, RewardModel
 from .clip import CLIPRewardModel, CLIPScoreRewardModel, PickScoreRewardModel, clip_embedding
 from .images import UnreadableImageError, load_image, to_rgb
-from .job import LabelingArguments, label_dataset, load_preference_dataset
+from ..data import load_preference_dataset
+from .job import LabelingArguments, label_dataset
 from .labeling import CAPTION_COLUMN, IMAGE_COLUMNS, RewardLabeler, reward_features, summarize_labels
 from .optional import AestheticRewardModel, HPSv2RewardModel, ImageRewardRewardModel
 from .registry import available_reward_models, load_reward_model, register_reward_model, resolve_dtype

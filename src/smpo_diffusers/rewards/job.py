@@ -33,6 +33,7 @@ from typing import Any, Optional
 
 import torch
 
+from ..data import load_preference_dataset
 from .base import EnsembleRewardModel, RewardModel
 from .images import UnreadableImageError, load_image
 from .labeling import CAPTION_COLUMN, IMAGE_COLUMNS, RewardLabeler, reward_features, summarize_labels
@@ -41,15 +42,13 @@ from .statistics import REWARD_COLUMNS, VALID_COLUMN, compute_reward_statistics,
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LabelingArguments", "label_dataset", "load_preference_dataset"]
+__all__ = ["LabelingArguments", "label_dataset"]
 
 SHARDS_DIRNAME = ".shards"
 SUMMARY_FILENAME = "labeling_summary.json"
 FINGERPRINT_FILENAME = "labeling_fingerprint.json"
 CALIBRATION_FILENAME = "ensemble_calibration.json"
 _FORMAT_VERSION = 1
-_SAVED_DATASET_MARKERS = ("state.json", "dataset_info.json", "dataset_dict.json")
-_FILE_BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv"}
 
 
 @dataclass
@@ -100,31 +99,6 @@ class LabelingArguments:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}.")
         if self.max_samples is not None and self.max_samples < 1:
             raise ValueError(f"--max_samples must be >= 1, got {self.max_samples}.")
-
-
-def load_preference_dataset(dataset_name: str, split: str = "train", cache_dir: str | None = None):
-    """Load one split: a ``save_to_disk`` folder -> ``load_from_disk``; a ``.parquet``/``.json``/
-    ``.jsonl``/``.csv`` path (globs allowed) -> ``load_dataset(<format>, data_files=...)``; anything
-    else -> ``load_dataset(dataset_name, split=split)`` (Hub id or folder of data files)."""
-    import datasets
-
-    if os.path.isdir(dataset_name) and any(
-        os.path.isfile(os.path.join(dataset_name, marker)) for marker in _SAVED_DATASET_MARKERS
-    ):
-        loaded = datasets.load_from_disk(dataset_name)
-        if isinstance(loaded, datasets.DatasetDict):
-            if split not in loaded:
-                raise ValueError(
-                    f"{dataset_name} has splits {sorted(loaded)}, not {split!r}; set --dataset_split_name."
-                )
-            loaded = loaded[split]
-        return loaded
-    builder = _FILE_BUILDERS.get(os.path.splitext(dataset_name)[1].lower())
-    if builder is not None:
-        return datasets.load_dataset(
-            builder, data_files={split: dataset_name}, split=split, cache_dir=cache_dir
-        )
-    return datasets.load_dataset(dataset_name, split=split, cache_dir=cache_dir)
 
 
 def _prepare_source(dataset, max_samples: int | None):
