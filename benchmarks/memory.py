@@ -147,8 +147,8 @@ def render(tiny: list[dict], real: list[dict], elapsed: float, rank: int) -> str
         "## 1. Tiny SDXL pipeline (fp32 on CPU), after one real training step",
         "",
         "Bytes. `measured`: counted from the trainer's tensors; `computed`: `estimate_training_bytes` from the "
-        "model configs. LoRA UNet ratio = resident UNet parameter bytes (policy + adapters + any reference copy) "
-        f"/ (one UNet + adapters); target <= {LORA_BOUND}.",
+        "model configs. UNet ratio = resident UNet parameter bytes (policy + adapters + any reference copy) "
+        f"/ (one UNet + adapters); LoRA target <= {LORA_BOUND} (full holds a second, fp32-sized copy here: 2).",
         "",
         "| method | optimiser | source | " + " | ".join(short[c] for c in RESIDENT_CATEGORIES)
         + " | total | computed == measured | UNet ratio |",
@@ -178,7 +178,7 @@ def render(tiny: list[dict], real: list[dict], elapsed: float, rank: int) -> str
         "(ratio 3).",
         "",
         "| model | UNet params | method | trainable params | optimiser | "
-        + " | ".join(short[c] for c in RESIDENT_CATEGORIES) + " | total GB | x UNet | LoRA UNet ratio |",
+        + " | ".join(short[c] for c in RESIDENT_CATEGORIES) + " | total GB | x UNet | UNet weights ratio |",
         "|---|---|---|---|---|" + "---|" * len(RESIDENT_CATEGORIES) + "---|---|---|",
     ] if real else []
     for r in real:

@@ -264,6 +264,11 @@ def render(rows: list[dict], args, elapsed: float) -> str:
         "on a shared machine). "
         "Naive = FLOP-only model with c_fb = 3 c_f and no overhead.",
         "",
+        "Known bias of the model: in LoRA mode `c_f` is calibrated on the reference forward, which runs the policy "
+        "with its adapters disabled, while inversion runs it with adapters enabled. On the tiny UNet that costs "
+        "about +35% per forward at 8x8 latents (32 px; per-call overhead dominates) and +8% at 32x32 (128 px), so "
+        "the model under-predicts LoRA SmPO time, most at 32 px.",
+        "",
         "## Evaluations per pair",
         "",
         "| model | px | method | mode | N | K | grid | E[steps] | expected grad / no-grad / total (uniform t) | "

@@ -57,9 +57,9 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="Base vs full SmPO, one seed, fewer updates.")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="Training seeds (default 0 1 2; quick: 0).")
-    parser.add_argument("--max_train_steps", type=int, default=None, help="Updates per run (default 40; quick: 30).")
+    parser.add_argument("--max_train_steps", type=int, default=None, help="Updates per run (default 60).")
     parser.add_argument("--train_batch_size", type=int, default=8)
-    parser.add_argument("--learning_rate", type=float, default=1e-3)
+    parser.add_argument("--learning_rate", type=float, default=3e-4)
     parser.add_argument("--beta_dpo", type=float, default=2000.0)
     parser.add_argument("--pairs_per_caption", type=int, default=1)
     parser.add_argument("--eval_seeds_per_prompt", type=int, default=None, help="Default 4; quick: 2.")
@@ -69,10 +69,17 @@ def parse_args(argv=None):
     parser.add_argument("--work_dir", default=None, help="Where pairs and LoRAs go (default: a temporary folder).")
     args = parser.parse_args(argv)
     args.seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
-    args.max_train_steps = args.max_train_steps or (30 if args.quick else 40)
+    args.max_train_steps = args.max_train_steps or 60
     args.eval_seeds_per_prompt = args.eval_seeds_per_prompt or (2 if args.quick else 4)
     args.variants = args.variants or list(QUICK_VARIANTS if args.quick else VARIANTS)
     return args
+
+
+def _slug(text: str) -> str:
+    """A folder name of letters, digits, '-', '_' (the trainer's model card wants a Hub-valid name)."""
+    import re
+
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_-")
 
 
 def _render(pipeline, prompts, seeds):
@@ -114,7 +121,7 @@ def run_study(args) -> dict:
     jobs = [(name, seed) for name in args.variants for seed in args.seeds]
     options = dict(max_train_steps=args.max_train_steps, train_batch_size=args.train_batch_size,
                    learning_rate=args.learning_rate, beta_dpo=args.beta_dpo)
-    work_items = [(name, seed, os.path.join(work, f"{name}-seed{seed}".replace(" ", "_").replace(":", "").replace(",", "")),
+    work_items = [(name, seed, os.path.join(work, _slug(f"{name}-seed{seed}")),
                    dataset_dir, options, prompts, eval_seeds) for name, seed in jobs]
     if args.jobs > 1:
         import concurrent.futures

@@ -17,3 +17,15 @@ def demo_inputs(tmp_path_factory):
     sdxl_model, sdxl_data = build_demo_inputs(str(root), family="sdxl", num_pairs=16, seed=0)
     sd_model, sd_data = build_demo_inputs(str(root), family="sd", num_pairs=16, seed=0)
     return {"sdxl": (sdxl_model, sdxl_data), "sd": (sd_model, sd_data)}
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """accelerate keeps process-wide singletons (precision, device, gradient state); each test gets new ones,
+    as each training process does in real use."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    PartialState._reset_state()

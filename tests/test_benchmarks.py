@@ -224,7 +224,8 @@ def test_gpu_sdxl_step_smoke_runs_on_cpu(tmp_path):
                                                      / (2 + 2 * gpu.BACKWARD_FLOP_MULTIPLIER[result["method"]]))
     assert report["forward_tflop"] > 0
     saved = json.loads((tmp_path / "gpu.json").read_text())
-    assert saved["device"].startswith("CPU") and "| full bf16 +ckpt adafactor | ok | smpo |" in output.read_text()
+    assert saved["device"].startswith("CPU") or torch.cuda.is_available()
+    assert "| full bf16 +ckpt adafactor | ok | smpo |" in output.read_text()
 
 
 def test_gpu_sdxl_step_without_cuda_exits_cleanly(tmp_path, monkeypatch):

@@ -123,3 +123,23 @@ def test_load_pipeline_rejects_a_folder_without_weights(tmp_path):
     os.makedirs(tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match="pytorch_lora_weights"):
         load_pipeline(base, str(tmp_path / "empty"))
+
+
+def test_evaluate_cli_runs_end_to_end(tmp_path, capsys):
+    import importlib.util
+
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "evaluate.py")
+    spec = importlib.util.spec_from_file_location("evaluate_cli", script)
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    base = save_tiny_pipeline(str(tmp_path / "base"), kind="sd", seed=0)
+    aligned = tmp_path / "aligned"
+    os.makedirs(aligned)
+    os.symlink(os.path.join(save_tiny_pipeline(str(tmp_path / "other"), kind="sd", seed=1), "unet"), aligned / "unet")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle on a blue background\n")
+    results = cli.main(["--base_model", base, "--aligned_model", str(aligned), "--prompts", str(prompts),
+                        "--num_inference_steps", "2", "--guidance_scale", "1", "--resolution", "32",
+                        "--output_dir", str(tmp_path / "eval")])
+    assert results["num_samples"] == 1 and "| toy |" in capsys.readouterr().out
+    assert sorted(os.listdir(tmp_path / "eval")) == ["grid.png", "results.json", "results.md"]

@@ -599,3 +599,9 @@ def test_push_to_hub_without_a_token_fails_before_training(tmp_path, demo_inputs
     with pytest.raises(hub.HubAuthenticationError, match="hf auth login"):
         SmPOTrainer(config)
     assert not (tmp_path / "o" / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_card_for_a_folder_name_that_is_no_hub_id(tmp_path):
+    out = write_output_folder(tmp_path / "SmPO (K=1) run")
+    card = create_model_card(out)
+    assert hub.PLACEHOLDER_REPO_ID in card.text

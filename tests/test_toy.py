@@ -113,7 +113,10 @@ def _load_benchmark():
     return module
 
 
+@pytest.mark.slow
 def test_quick_study_full_smpo_raises_the_heldout_reward(tmp_path):
+    """``benchmarks/toy_alignment.py --quick``: 192 toy pairs, 60 LoRA updates of full SmPO, 64 held-out images
+    (about 2-3 minutes on one CPU thread). Measured at these settings: gain 0.031 +- 0.004, win rate 0.86."""
     study = _load_benchmark()
     results = study.main(["--quick", "--output_dir", str(tmp_path / "results"), "--work_dir", str(tmp_path / "work")])
     row = results["variants"][study.FULL_SMPO]

@@ -203,10 +203,6 @@ class EvaluationCount:
     def total(self) -> int:
         return self.inversion + self.policy + self.reference
 
-    def __add__(self, other: "EvaluationCount") -> "EvaluationCount":
-        return EvaluationCount(self.inversion + other.inversion, self.policy + other.policy,
-                               self.reference + other.reference)
-
 
 class UNetEvaluationCounter:
     """Count sample-evaluations of one or more modules with forward pre-hooks, split by autograd recording.

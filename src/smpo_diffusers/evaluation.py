@@ -131,17 +131,18 @@ def load_pipeline(base_model: str, aligned_model: str | None = None, *, device: 
     Returns the pipeline on ``device`` with its progress bar disabled."""
     from diffusers import DiffusionPipeline, UNet2DConditionModel
 
+    dtype_kwargs = {} if dtype == torch.float32 else {"torch_dtype": dtype}
     if aligned_model is not None and os.path.isfile(os.path.join(aligned_model, "model_index.json")):
-        pipeline = DiffusionPipeline.from_pretrained(aligned_model, torch_dtype=dtype)
+        pipeline = DiffusionPipeline.from_pretrained(aligned_model, **dtype_kwargs)
     else:
-        pipeline = DiffusionPipeline.from_pretrained(base_model, torch_dtype=dtype)
+        pipeline = DiffusionPipeline.from_pretrained(base_model, **dtype_kwargs)
         if aligned_model is not None:
             lora_file = aligned_model if aligned_model.endswith(".safetensors") else os.path.join(
                 aligned_model, "pytorch_lora_weights.safetensors")
             if os.path.isfile(lora_file):
                 pipeline.load_lora_weights(os.path.dirname(lora_file) or ".", weight_name=os.path.basename(lora_file))
             elif os.path.isfile(os.path.join(aligned_model, "unet", "config.json")):
-                pipeline.unet = UNet2DConditionModel.from_pretrained(aligned_model, subfolder="unet", torch_dtype=dtype)
+                pipeline.unet = UNet2DConditionModel.from_pretrained(aligned_model, subfolder="unet", **dtype_kwargs)
             else:
                 raise FileNotFoundError(
                     f"{aligned_model!r} holds neither pytorch_lora_weights.safetensors, a unet/ folder nor a "
@@ -150,7 +151,7 @@ def load_pipeline(base_model: str, aligned_model: str | None = None, *, device: 
     if hasattr(pipeline, "safety_checker"):
         pipeline.safety_checker = None
     pipeline.set_progress_bar_config(disable=True)
-    return pipeline.to(device)
+    return pipeline if torch.device(device).type == "cpu" else pipeline.to(device)
 
 
 def read_prompts(source: str, column: str = "caption", split: str = "train", limit: int | None = None) -> list[str]:

@@ -301,6 +301,10 @@ def default_license(family: str, base_model_id: str | None) -> str:
     return _DEFAULT_LICENSES[family]
 
 
+PLACEHOLDER_REPO_ID = "your-username/smpo-model"
+"""Shown in a card's usage snippet when the output folder's name is not a valid Hub id and none was given."""
+
+
 def resolve_repo_id(output_dir: str, repo_id: str | None = None) -> str:
     """``repo_id``, else ``hub_model_id`` from ``training_config.json``, else the output folder's name;
     checked for the Hub id format (``ValueError`` naming ``--hub_model_id`` otherwise)."""
@@ -531,7 +535,11 @@ def create_model_card(output_dir: str, *, repo_id: str | None = None, reward_mod
     config, metrics = _load_training_files(output_dir)
     layout = weights_layout(output_dir, config.get("train_method"))
     card_path = _ensure_card_is_ours(output_dir)
-    repo_id = repo_id or resolve_repo_id(output_dir)
+    if not repo_id:
+        try:
+            repo_id = resolve_repo_id(output_dir)
+        except ValueError:  # a local folder name need not be a valid Hub id until someone pushes it
+            repo_id = PLACEHOLDER_REPO_ID
     family = config["model_family"]
     base_id = hub_id_or_none(config.get("pretrained_model_name_or_path"))
     dataset_id = hub_id_or_none(config.get("dataset_name"))

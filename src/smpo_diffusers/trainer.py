@@ -467,7 +467,12 @@ class SmPOTrainer:
             self.log_validation(global_step, final=True)
         accelerator.end_training()  # flush trackers before anything is uploaded
         if accelerator.is_main_process:
-            self.create_model_card()
+            try:
+                self.create_model_card()
+            except FileExistsError as error:  # a README.md the user wrote is never overwritten
+                if config.push_to_hub:
+                    raise
+                logger.warning("model card not written: %s", error)
             if config.push_to_hub:
                 self.push_to_hub()
         return self.last_metrics
@@ -603,6 +608,7 @@ class SmPOTrainer:
                 f"could not write checkpoint-{global_step} in {config.output_dir} ({error}); {kept}. Free disk space "
                 "or point --output_dir somewhere writable, then relaunch with --resume_from_checkpoint latest."
             ) from error
+        if accelerator.is_main_process:
             if config.checkpoints_total_limit is not None:
                 for _, old in self._checkpoints()[:-config.checkpoints_total_limit]:
                     shutil.rmtree(old, ignore_errors=True)
