@@ -44,7 +44,6 @@ import platform
 import shlex
 import statistics
 import sys
-import types
 import warnings
 from dataclasses import dataclass
 
@@ -144,12 +143,11 @@ def build_unet(config: dict, device: torch.device, dtype: torch.dtype, seed: int
 
 def make_optimizer(setup: Setup, params: list):
     """The optimiser exactly as ``SmPOTrainer`` builds it for these flags."""
-    from smpo_diffusers.trainer import SmPOTrainer
+    from smpo_diffusers.trainer import make_optimizer
 
     config = SmPOConfig(use_adafactor=setup.optimizer == "adafactor", use_8bit_adam=setup.optimizer == "adamw8bit",
                         train_method=setup.method, report_to="none")
-    # _make_optimizer reads only `self.config`.
-    return SmPOTrainer._make_optimizer(types.SimpleNamespace(config=config), params, config.learning_rate)
+    return make_optimizer(config, params, config.learning_rate)
 
 
 class StepModels:

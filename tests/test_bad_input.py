@@ -3,12 +3,11 @@
 import io
 import json
 import logging
-import os
 import shutil
 
 import numpy as np
 import pytest
-from datasets import Dataset, Features, Value, load_from_disk
+from datasets import Dataset, Value, load_from_disk
 from PIL import Image
 
 from smpo_diffusers import SmPOConfig, SmPOTrainer

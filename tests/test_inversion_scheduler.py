@@ -1,6 +1,5 @@
 import json
 import math
-import warnings
 
 import pytest
 import torch

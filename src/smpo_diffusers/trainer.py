@@ -51,7 +51,7 @@ from .models import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SmPOTrainer", "StepOutput", "EpochShuffleSampler"]
+__all__ = ["SmPOTrainer", "StepOutput", "EpochShuffleSampler", "make_optimizer"]
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 TRAINER_STATE_NAME = "trainer_state.json"
@@ -108,6 +108,26 @@ class StepOutput:
             "ref_err_l": self.ref_err_l.mean().item(),
             "inversion_residual": residual.mean().item() if residual.numel() else math.nan,
         }
+
+
+def make_optimizer(config: SmPOConfig, params, lr: float):
+    """The optimiser the flags ask for: AdamW, bitsandbytes AdamW8bit (CUDA) or transformers Adafactor."""
+    if config.use_8bit_adam:
+        if not torch.cuda.is_available():
+            raise RuntimeError("--use_8bit_adam needs a CUDA GPU (bitsandbytes); drop it on CPU.")
+        try:
+            import bitsandbytes as bnb
+        except ImportError as error:
+            raise ImportError("--use_8bit_adam needs `pip install smpo-diffusers[bnb]` (bitsandbytes).") from error
+        return bnb.optim.AdamW8bit(params, lr=lr, betas=(config.adam_beta1, config.adam_beta2),
+                                   weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
+    if config.use_adafactor:
+        from transformers.optimization import Adafactor
+
+        return Adafactor(params, lr=lr, scale_parameter=False, relative_step=False, warmup_init=False,
+                         weight_decay=config.adam_weight_decay)
+    return torch.optim.AdamW(params, lr=lr, betas=(config.adam_beta1, config.adam_beta2),
+                             weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
 
 
 class SmPOTrainer:
@@ -265,25 +285,6 @@ class SmPOTrainer:
             collate_fn=collate_preference_batch, num_workers=config.dataloader_num_workers,
         )
 
-    def _make_optimizer(self, params, lr: float):
-        config = self.config
-        if config.use_8bit_adam:
-            if not torch.cuda.is_available():
-                raise RuntimeError("--use_8bit_adam needs a CUDA GPU (bitsandbytes); drop it on CPU.")
-            try:
-                import bitsandbytes as bnb
-            except ImportError as error:
-                raise ImportError("--use_8bit_adam needs `pip install smpo-diffusers[bnb]` (bitsandbytes).") from error
-            return bnb.optim.AdamW8bit(params, lr=lr, betas=(config.adam_beta1, config.adam_beta2),
-                                       weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
-        if config.use_adafactor:
-            from transformers.optimization import Adafactor
-
-            return Adafactor(params, lr=lr, scale_parameter=False, relative_step=False, warmup_init=False,
-                             weight_decay=config.adam_weight_decay)
-        return torch.optim.AdamW(params, lr=lr, betas=(config.adam_beta1, config.adam_beta2),
-                                 weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
-
     def _setup_optimization(self) -> None:
         from diffusers.optimization import get_scheduler
 
@@ -293,7 +294,7 @@ class SmPOTrainer:
             lr *= config.train_batch_size * config.gradient_accumulation_steps * accelerator.num_processes
         self.learning_rate = lr
         self.trainable_params = [p for p in self.unet.parameters() if p.requires_grad]
-        self.optimizer = self._make_optimizer(self.trainable_params, lr)
+        self.optimizer = make_optimizer(config, self.trainable_params, lr)
         batches_per_epoch = math.ceil(len(self.train_dataset) / config.train_batch_size / accelerator.num_processes)
         updates_per_epoch = math.ceil(batches_per_epoch / config.gradient_accumulation_steps)
         self.max_train_steps = config.max_train_steps or config.num_train_epochs * updates_per_epoch

@@ -11,7 +11,6 @@ import logging
 import os
 import sys
 
-import torch
 
 from smpo_diffusers.cli import parse_training_args
 from smpo_diffusers.trainer import SmPOTrainer
