@@ -1,4 +1,5 @@
 import dataclasses
+import json
 import pathlib
 import re
 import subprocess
@@ -49,10 +50,12 @@ def test_every_flag_parses_from_the_command_line():
     argv, expected = non_default_argv()
     fields = {f.name for f in dataclasses.fields(SmPOConfig)}
     assert set(expected) == fields, f"untested flags: {fields - set(expected)}"
-    config, demo = parse_training_args(argv + ["--demo", "--demo_num_pairs", "8"])
+    config, demo = parse_training_args(argv + ["--demo", "--demo_world", "tiny-random"])
     for name, value in expected.items():
         assert getattr(config, name) == value, name
-    assert demo.demo and demo.demo_num_pairs == 8
+    assert demo.demo and demo.demo_world == "tiny-random"
+    with pytest.raises(ValueError, match="--demo_world"):
+        parse_training_args(["--demo", "--demo_world", "mars"])
 
 
 def test_every_flag_is_used_by_the_library():
@@ -118,3 +121,28 @@ def test_cli_requires_model_and_data_without_demo(tmp_path):
     out = subprocess.run([sys.executable, str(SRC.parents[1] / "examples" / "train_smpo_sd.py"),
                           "--output_dir", str(tmp_path)], capture_output=True, text=True)
     assert out.returncode != 0 and "--pretrained_model_name_or_path and --dataset_name required" in out.stderr
+
+
+@pytest.mark.slow
+def test_toy_demo_trains_and_reports_before_after(tmp_path):
+    out = tmp_path / "demo"
+    result = subprocess.run([sys.executable, str(SRC.parents[1] / "examples" / "train_smpo_sdxl.py"), "--demo",
+                             "--output_dir", str(out), "--max_train_steps", "3"],
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "done: 3 updates" in result.stdout and "win rate" in result.stdout.lower()
+    for name in ("pytorch_lora_weights.safetensors", "README.md", "evaluation/results.json",
+                 "evaluation/grid.png"):
+        assert (out / name).is_file(), name
+    saved = json.loads((out / "training_config.json").read_text())
+    assert saved["max_train_steps"] == 3 and saved["train_batch_size"] == 8  # user flag kept, toy default used
+
+
+@pytest.mark.slow
+def test_tiny_random_demo_of_the_sd_script(tmp_path):
+    out = tmp_path / "demo"
+    result = subprocess.run([sys.executable, str(SRC.parents[1] / "examples" / "train_smpo_sd.py"), "--demo",
+                             "--demo_world", "tiny-random", "--output_dir", str(out), "--max_train_steps", "1",
+                             "--report_to", "none"], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((out / "training_config.json").read_text())["model_family"] == "sd"

@@ -20,29 +20,46 @@ class DemoArguments:
 
     demo: bool = field(
         default=False,
-        metadata={"help": "Train on an embedded default: a tiny in-process model and a generated, reward-labelled "
-                          "preference set (no downloads). Model/dataset flags may be omitted."},
+        metadata={"help": "Train on an embedded default (no downloads); model/dataset flags may be omitted."},
     )
-    demo_num_pairs: int = field(default=64, metadata={"help": "Pairs in the generated demo preference set."})
+    demo_world: str = field(
+        default="toy",
+        metadata={"help": "'toy': the bundled toy text-to-image world (a trained tiny SD pipeline, its own "
+                          "generations as pairs, a programmatic reward), evaluated before/after on held-out "
+                          "prompts; 'tiny-random': a random-weights tiny model of this script's family (SD or "
+                          "SDXL) with generated pairs, for a quick pipeline check."},
+    )
+
+    def __post_init__(self):
+        if self.demo_world not in ("toy", "tiny-random"):
+            raise ValueError(f"--demo_world {self.demo_world!r} is not supported; choose 'toy' or 'tiny-random'.")
 
 
 def parse_training_args(argv: list[str] | None = None) -> tuple[SmPOConfig, DemoArguments]:
     """Parse ``argv`` into :class:`SmPOConfig` and :class:`DemoArguments`; unknown flags are an error."""
     parser = HfArgumentParser((SmPOConfig, DemoArguments))
     config, demo = parser.parse_args_into_dataclasses(args=argv)
-    if demo.demo_num_pairs < 2:
-        raise ValueError("--demo_num_pairs must be >= 2.")
     return config, demo
 
 
-def prepare_demo(config: SmPOConfig, demo: DemoArguments, family: str):
-    """Build the demo's base model folder and labelled dataset under ``output_dir/demo-inputs`` and point the
-    config at them. Returns the config (modified in place)."""
-    from .demo import build_demo_inputs
+def prepare_demo(config: SmPOConfig, demo: DemoArguments, family: str) -> SmPOConfig:
+    """Build the demo's base model and labelled dataset under ``output_dir/demo-inputs`` and point the config
+    at them (flags the user set keep their values). Returns the config (modified in place)."""
+    folder = os.path.join(config.output_dir, "demo-inputs")
+    if demo.demo_world == "toy":
+        from .toy import TOY_TRAINING_DEFAULTS, build_toy_demo_inputs
 
-    model_dir, dataset_dir = build_demo_inputs(
-        os.path.join(config.output_dir, "demo-inputs"), family=family, num_pairs=demo.demo_num_pairs, seed=config.seed
-    )
+        model_dir, dataset_dir = build_toy_demo_inputs(folder, seed=config.seed)
+        defaults = SmPOConfig()
+        for name, value in TOY_TRAINING_DEFAULTS.items():
+            if getattr(config, name) == getattr(defaults, name):
+                setattr(config, name, value)
+    else:
+        from .demo import build_demo_inputs
+
+        model_dir, dataset_dir = build_demo_inputs(folder, family=family, num_pairs=64, seed=config.seed)
+        if config.resolution is None:
+            config.resolution = 32
     if config.pretrained_model_name_or_path is None:
         config.pretrained_model_name_or_path = model_dir
     if config.dataset_name is None:
@@ -50,8 +67,24 @@ def prepare_demo(config: SmPOConfig, demo: DemoArguments, family: str):
     return config
 
 
+def evaluate_toy_demo(config: SmPOConfig) -> dict:
+    """Before/after comparison of the toy demo on held-out prompts (``output_dir/evaluation``); prints the table."""
+    from .evaluation import evaluate, format_results_table
+    from .toy import TOY_GUIDANCE_SCALE, TOY_INFERENCE_STEPS, TOY_RESOLUTION, toy_caption_split
+
+    _, heldout = toy_caption_split()
+    results = evaluate(config.pretrained_model_name_or_path, config.output_dir, heldout,
+                       output_dir=os.path.join(config.output_dir, "evaluation"), seeds_per_prompt=2,
+                       seed=10_000 + config.seed, num_inference_steps=TOY_INFERENCE_STEPS,
+                       guidance_scale=TOY_GUIDANCE_SCALE, resolution=TOY_RESOLUTION, model_names=("base", "SmPO"))
+    print(format_results_table(results))
+    print(f"before/after grid: {os.path.join(config.output_dir, 'evaluation', 'grid.png')}")
+    return results
+
+
 def train_main(argv: list[str] | None = None, family: str = "sdxl") -> dict:
-    """Parse flags, train, save. ``family`` only selects what ``--demo`` builds; real models are detected."""
+    """Parse flags, train, save. ``family`` only selects what ``--demo_world tiny-random`` builds; real models
+    are detected from their files."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     config, demo = parse_training_args(argv)
     if demo.demo:
@@ -67,6 +100,8 @@ def train_main(argv: list[str] | None = None, family: str = "sdxl") -> dict:
     if trainer.accelerator.is_main_process:
         print(f"done: {trainer.global_step} updates; weights and training_config.json in {config.output_dir}")
         print("final metrics: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
+        if demo.demo and demo.demo_world == "toy":
+            evaluate_toy_demo(config)
     return metrics
 
 
