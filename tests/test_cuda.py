@@ -1,0 +1,47 @@
+"""Tiny end-to-end training on a CUDA GPU: mixed precision x optimiser x method. Skipped without a GPU.
+
+Run on a GPU box with `pytest -m cuda tests/test_cuda.py` and record the result in benchmarks/results/.
+"""
+
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from smpo_diffusers import SmPOConfig, SmPOTrainer
+
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+OPTIMISERS = {"adamw": {}, "adamw8bit": {"use_8bit_adam": True}, "adafactor": {"use_adafactor": True}}
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+@pytest.mark.parametrize("optimiser", sorted(OPTIMISERS))
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_tiny_training_on_gpu(tmp_path, demo_inputs, precision, optimiser, method):
+    if optimiser == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
+        pytest.skip("bitsandbytes is not installed (pip install smpo-diffusers[bnb])")
+    model, data = demo_inputs["sdxl"]
+    config = SmPOConfig(pretrained_model_name_or_path=model, dataset_name=data, output_dir=str(tmp_path / "out"),
+                        resolution=32, train_batch_size=2, max_train_steps=3, report_to="none",
+                        mixed_precision=precision, train_method=method, learning_rate=1e-4,
+                        **OPTIMISERS[optimiser])
+    trainer = SmPOTrainer(config)
+    assert trainer.accelerator.device.type == "cuda"
+    if method == "lora":
+        lora = [p for n, p in trainer.unwrapped_unet.named_parameters() if "lora" in n]
+        assert lora and all(p.dtype == torch.float32 for p in lora)
+    metrics = trainer.train()
+    assert np.isfinite(metrics["loss"])
+    if method == "lora":
+        saved = load_file(os.path.join(config.output_dir, "pytorch_lora_weights.safetensors"))
+        assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in saved.values())
+    else:
+        from diffusers import UNet2DConditionModel
+
+        unet = UNet2DConditionModel.from_pretrained(config.output_dir, subfolder="unet")
+        assert all(torch.isfinite(p).all() for p in unet.parameters())
