@@ -379,10 +379,10 @@ class SmPOTrainer:
         with torch.no_grad(), self.accelerator.autocast(), self.reference.active(self.unwrapped_unet) as reference:
             ref_err = per_sample_mse(self._unet_call(reference, noisy, timesteps, conditioning), target)
 
-        if config.loss_type == "smpo":
-            prob_w, gamma = batch["prob_w"].to(device), config.gamma
-        else:  # Diffusion-DPO: hard labels (p = 1; 0.5 for kept human ties) and γ = 1
-            prob_w, gamma = batch["prob_w"].to(device), 1.0
+        # prob_w is the reward-smoothed p in smpo mode; in dpo mode the hard label (1, or 0.5 for a kept human
+        # tie) with γ = 1, which is exactly Diffusion-DPO.
+        prob_w = batch["prob_w"].to(device)
+        gamma = config.gamma if config.loss_type == "smpo" else 1.0
         out = smpo_loss(policy_err[:num_pairs], policy_err[num_pairs:], ref_err[:num_pairs], ref_err[num_pairs:],
                         prob_w, config.beta_dpo, gamma)
         return StepOutput(
