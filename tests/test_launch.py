@@ -89,7 +89,7 @@ def test_two_processes_disjoint_data_identical_weights_and_resume(tmp_path, demo
     # Only the main process writes: one save line per checkpoint, no per-rank output files.
     assert result.stderr.count(f"saved {full_out / 'checkpoint-2'}") == 1
     assert sorted(p.name for p in full_out.iterdir()) == [
-        "checkpoint-2", "checkpoint-4", "pytorch_lora_weights.safetensors", "training_config.json",
+        "README.md", "checkpoint-2", "checkpoint-4", "pytorch_lora_weights.safetensors", "training_config.json",
         "training_metrics.json"]
     assert json.loads((full_out / "training_config.json").read_text())["num_processes"] == 2
 

@@ -433,9 +433,11 @@ class SmPOTrainer:
                 break
             start = resume_batch if epoch == first_epoch else 0
             loader = accelerator.skip_first_batches(self.train_dataloader, start) if start else self.train_dataloader
-            # accelerate's loaders pass this on to our sampler and dataset (data order and augmentation);
-            # a loader would otherwise use its own iteration count, which restarts at 0 after a resume.
+            # Data order (our sampler) and augmentation (our dataset) depend only on the epoch. accelerate's
+            # loaders would otherwise use their own iteration count, which restarts at 0 after a resume, and a
+            # loader made by skip_first_batches passes the epoch to the sampler but not to the dataset.
             loader.set_epoch(epoch)
+            self.train_dataset.set_epoch(epoch)
             for batch_index, batch in enumerate(loader, start=start):
                 generator = _step_generator(config.seed, epoch, batch_index, accelerator.process_index)
                 self.skipped["undecodable_pairs"] += int(batch.get("num_skipped", 0)) if batch else 0
