@@ -16,7 +16,9 @@ import json
 import logging
 import sys
 
+from accelerate import PartialState
 from transformers import HfArgumentParser
+
 
 from smpo_diffusers.rewards import LabelingArguments, label_dataset
 
@@ -25,8 +27,9 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     (args,) = HfArgumentParser(LabelingArguments).parse_args_into_dataclasses(args=argv)
     summary = label_dataset(args)
-    printable = {k: v for k, v in summary.items() if k != "arguments"}
-    print(json.dumps(printable, indent=2, sort_keys=True))
+    if PartialState().is_main_process:  # the process group label_dataset joined; one report per run
+        printable = {k: v for k, v in summary.items() if k != "arguments"}
+        print(json.dumps(printable, indent=2, sort_keys=True))
     return summary
 
 

@@ -106,3 +106,27 @@ def test_two_processes_disjoint_data_identical_weights_and_resume(tmp_path, demo
     # the resumed run trained exactly the micro-batches the uninterrupted run had left
     for rank in (0, 1):
         assert resumed[rank]["seen"] == full[rank]["seen"][2:]
+
+
+@pytest.mark.slow
+def test_two_process_labelling_equals_one_process(tmp_path):
+    from datasets import load_from_disk
+
+    from smpo_diffusers.testing import make_preference_dataset, tiny_clip_model
+
+    clip, processor = tiny_clip_model()
+    clip.save_pretrained(tmp_path / "clip")
+    processor.save_pretrained(tmp_path / "clip")
+    make_preference_dataset(num_pairs=12, seed=2).save_to_disk(str(tmp_path / "raw"))
+    args = ["--dataset_name", tmp_path / "raw", "--reward_model", "pickscore", "--reward_model_name_or_path",
+            tmp_path / "clip", "--batch_size", "4", "--shard_size", "3"]
+    script = ROOT / "examples" / "label_rewards.py"
+    launch([script, *args, "--output_dir", tmp_path / "one"])
+    result = launch([script, *args, "--output_dir", tmp_path / "two"], processes=2)
+    summary = json.loads((tmp_path / "two" / "labeling_summary.json").read_text())
+    assert summary["num_processes"] == 2 and summary["num_pairs"] == 12
+    one, two = load_from_disk(str(tmp_path / "one")), load_from_disk(str(tmp_path / "two"))
+    assert two["caption"] == one["caption"]
+    np.testing.assert_allclose(two["reward_0"], one["reward_0"], rtol=1e-6)
+    np.testing.assert_allclose(two["reward_1"], one["reward_1"], rtol=1e-6)
+    assert result.stdout.count('"num_pairs": 12') == 1  # only the main process reports

@@ -28,6 +28,7 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 
 from .config import PICKSCORE_REWARD_SCALE, SmPOConfig
+from .distributed import use_cpu_process_group
 from .data import (
     PairTransform,
     PreferencePairDataset,
@@ -213,12 +214,9 @@ class SmPOTrainer:
         project_config = ProjectConfiguration(
             project_dir=config.output_dir, logging_dir=os.path.join(config.output_dir, config.logging_dir)
         )
-        # `accelerate launch --multi_gpu` on a machine without GPUs starts several processes; accelerate only
-        # joins them into one (gloo) group when told to use the CPU, otherwise each would train alone.
-        multi_process_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
         return Accelerator(gradient_accumulation_steps=config.gradient_accumulation_steps,
                            mixed_precision=config.mixed_precision, log_with=log_with, project_config=project_config,
-                           cpu=multi_process_cpu)
+                           cpu=use_cpu_process_group())
 
     def _load_dataset(self):
         if self.config.dataset_name is None:

@@ -34,6 +34,7 @@ from typing import Any, Optional
 import torch
 
 from ..data import load_preference_dataset
+from ..distributed import use_cpu_process_group
 from .base import EnsembleRewardModel, RewardModel
 from .images import UnreadableImageError, load_image
 from .labeling import CAPTION_COLUMN, IMAGE_COLUMNS, RewardLabeler, reward_features, summarize_labels
@@ -265,7 +266,7 @@ def label_dataset(args: LabelingArguments, reward_model: RewardModel | None = No
     import datasets
     from accelerate import PartialState
 
-    state = PartialState()
+    state = PartialState(cpu=use_cpu_process_group())
     started = time.perf_counter()
     output_dir = os.path.abspath(args.output_dir)
     if os.path.exists(args.dataset_name) and os.path.abspath(args.dataset_name) == output_dir:
