@@ -19,7 +19,6 @@ import sys
 from accelerate import PartialState
 from transformers import HfArgumentParser
 
-
 from smpo_diffusers.rewards import LabelingArguments, label_dataset
 
 
