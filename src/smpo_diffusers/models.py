@@ -256,10 +256,6 @@ class ReferenceModel:
         if frozen_unet is not None:
             frozen_unet.requires_grad_(False).eval()
 
-    @property
-    def is_adapter_toggle(self) -> bool:
-        return self.frozen_unet is None
-
     @contextlib.contextmanager
     def active(self, policy_unet):
         if self.frozen_unet is not None:
