@@ -13,10 +13,12 @@ clipping, the optimiser the trainer would build, ``zero_grad``. SmPO's timed pai
 inversion step counts average exactly E[steps] = (N + 1) / 2, so the measured time per pair is the expectation
 over uniform t (the sample-evaluations per pair are counted with forward hooks and printed).
 
-Set-ups, most important first (each runs SmPO and DPO on the same models): full UNet bf16 + gradient
-checkpointing + Adafactor; LoRA bf16; full + 8-bit Adam (if bitsandbytes imports); LoRA + checkpointing;
-fp16 variants; full without checkpointing (may run out of memory: reported as OOM). A set-up is skipped
-(and reported) when the time budget left is smaller than the longest set-up so far.
+Set-ups, most important first (each runs SmPO and DPO on the same models): full UNet bf16 + fused AdamW,
+with and without ``--inversion_weight_copy`` (the inversion then runs a bf16 copy of the policy, rebuilt after
+each update, instead of the fp32 policy under autocast) and with gradient checkpointing; LoRA bf16 with and
+without the copy (the copy has the adapters merged); full + Adafactor / 8-bit Adam (if bitsandbytes imports);
+fp16 variants; LoRA + checkpointing; full without checkpointing + Adafactor. A set-up is skipped (and reported)
+when the time budget left is smaller than the longest set-up so far; out-of-memory is reported as OOM.
 
 FLOPs: one forward of one latent is counted with ``torch.utils.flop_counter.FlopCounterMode`` on the meta
 device (no GPU time); a forward+backward counts 3x that for the full UNet (input and weight gradients) and 2x for
@@ -59,7 +61,12 @@ from smpo_diffusers.accounting import (
     module_tensors,
     optimizer_state_tensors,
 )
-from smpo_diffusers.models import ReferenceModel, add_lora_adapters, inversion_scheduler_from_config
+from smpo_diffusers.models import (
+    InversionWeightCopy,
+    ReferenceModel,
+    add_lora_adapters,
+    inversion_scheduler_from_config,
+)
 from smpo_diffusers.testing import SDXL_SCHEDULER_CONFIG
 
 NUM_INVERSION_STEPS = 10
@@ -77,23 +84,29 @@ class Setup:
     method: str  # "full" or "lora"
     dtype: str  # "bf16" or "fp16"
     checkpointing: bool
-    optimizer: str  # "adafactor", "adamw8bit" or "adamw"
+    optimizer: str  # "adafactor", "adamw8bit" or "adamw" (fused on CUDA)
+    inversion_copy: bool = False  # --inversion_weight_copy
 
     @property
     def name(self) -> str:
-        return f"{self.method} {self.dtype}{' +ckpt' if self.checkpointing else ''} {self.optimizer}"
+        return (f"{self.method} {self.dtype}{' +ckpt' if self.checkpointing else ''} {self.optimizer}"
+                f"{' +copy' if self.inversion_copy else ''}")
 
 
 SETUPS = [
-    Setup("full", "bf16", True, "adafactor"),
+    Setup("full", "bf16", False, "adamw"),
+    Setup("full", "bf16", False, "adamw", inversion_copy=True),
+    Setup("full", "bf16", True, "adamw", inversion_copy=True),
     Setup("lora", "bf16", False, "adamw"),
+    Setup("lora", "bf16", False, "adamw", inversion_copy=True),
+    Setup("full", "bf16", True, "adafactor"),
     Setup("full", "bf16", True, "adamw8bit"),
-    Setup("lora", "bf16", True, "adamw"),
-    Setup("lora", "fp16", False, "adamw"),
+    Setup("lora", "fp16", False, "adamw", inversion_copy=True),
     Setup("full", "fp16", True, "adafactor"),
+    Setup("lora", "bf16", True, "adamw"),
     Setup("full", "bf16", False, "adafactor"),
 ]
-SMOKE_SETUPS = [Setup("full", "bf16", True, "adafactor"), Setup("lora", "fp16", False, "adamw")]
+SMOKE_SETUPS = [Setup("full", "bf16", True, "adafactor", inversion_copy=True), Setup("lora", "fp16", False, "adamw")]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -176,6 +189,7 @@ class StepModels:
         self.policy = unet
         self.trainable = [p for p in unet.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(setup, self.trainable)
+        self.inversion_copy = InversionWeightCopy(unet, self.weight_dtype) if setup.inversion_copy else None
         self.scaler = torch.amp.GradScaler(device.type) if setup.dtype == "fp16" else None
 
     def autocast(self):
@@ -185,6 +199,7 @@ class StepModels:
         counter = ByteCounter()
         counter.add("policy", module_tensors(self.policy))
         counter.add("reference_copy", module_tensors(self.reference.frozen_unet))
+        counter.add("inversion_copy", module_tensors(self.inversion_copy and self.inversion_copy.module))
         counter.add("optimizer_state", optimizer_state_tensors(self.optimizer))
         counter.by_category["gradients"] = sum(p.numel() * p.element_size() for p in self.trainable)
         return counter.by_category
@@ -224,10 +239,12 @@ def train_step(models: StepModels, scheduler, cond: Conditioning, pair_timestep:
     synchronize(device)
     start = time.perf_counter()
     if mode == "smpo":
+        inverter = policy if models.inversion_copy is None else models.inversion_copy.current(policy)
+
         def model_fn(latents, level, encoder_hidden_states, added_cond_kwargs=None):
             with models.autocast():
-                return policy(latents.to(models.weight_dtype), level, encoder_hidden_states=encoder_hidden_states,
-                              added_cond_kwargs=added_cond_kwargs).sample
+                return inverter(latents.to(models.weight_dtype), level, encoder_hidden_states=encoder_hidden_states,
+                                added_cond_kwargs=added_cond_kwargs).sample
 
         inversion = scheduler.invert(model_fn, cond.x0, timesteps, NUM_INVERSION_STEPS, NUM_RENOISE_STEPS,
                                      grid="exact", prediction_type="epsilon", model_kwargs=cond.kwargs)
@@ -268,6 +285,8 @@ def train_step(models: StepModels, scheduler, cond: Conditioning, pair_timestep:
     else:
         models.optimizer.step()
     models.optimizer.zero_grad(set_to_none=True)
+    if models.inversion_copy is not None:
+        models.inversion_copy.mark_stale()  # rebuilt at the next inversion (its cost is in "inversion")
     synchronize(device)
     times["optimizer"] = time.perf_counter() - mark
     times["total"] = time.perf_counter() - start
@@ -338,7 +357,8 @@ def run_setup(setup: Setup, config: dict, latent_size: int, device, scheduler, p
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             records = []
-            with UNetEvaluationCounter(models.policy, models.reference.frozen_unet) as counter:
+            with UNetEvaluationCounter(models.policy, models.reference.frozen_unet,
+                                       models.inversion_copy and models.inversion_copy.module) as counter:
                 for t in pair_timesteps:
                     records.append(train_step(models, scheduler, cond, t, mode))
             pairs = len(pair_timesteps)

@@ -225,7 +225,7 @@ def test_gpu_sdxl_step_smoke_runs_on_cpu(tmp_path):
     assert report["forward_tflop"] > 0
     saved = json.loads((tmp_path / "gpu.json").read_text())
     assert saved["device"].startswith("CPU") or torch.cuda.is_available()
-    assert "| full bf16 +ckpt adafactor | ok | smpo |" in output.read_text()
+    assert "| full bf16 +ckpt adafactor +copy | ok | smpo |" in output.read_text()  # copy evaluations counted too
 
 
 def test_gpu_sdxl_step_without_cuda_exits_cleanly(tmp_path, monkeypatch):

@@ -28,7 +28,9 @@ def non_default_argv():
         "lora_alpha": 16, "lora_target_modules": ["to_q", "to_v"], "loss_type": "smpo", "beta_dpo": 3000.0,
         "gamma": 5.0, "reward_columns": ["ps_score_0", "ps_score_1"], "reward_scale": 0.2,
         "num_inversion_steps": 20, "num_renoise_steps": 2, "inversion_model": "reference",
-        "inversion_grid": "reference", "noise_source": "inversion", "output_dir": "out", "logging_dir": "tb",
+        "inversion_grid": "reference", "noise_source": "inversion",
+        "output_dir": "out", "logging_dir": "tb",
+        "inversion_weight_copy": False,  # needs --inversion_model policy: parsed on its own below
         "report_to": "none", "checkpointing_steps": 50, "checkpoints_total_limit": 3,
         "resume_from_checkpoint": "latest", "validation_prompts": ["a cat", "a dog"], "validation_steps": 10,
         "validation_num_inference_steps": 4, "save_full_pipeline": False, "push_to_hub": True,
@@ -54,6 +56,8 @@ def test_every_flag_parses_from_the_command_line():
     for name, value in expected.items():
         assert getattr(config, name) == value, name
     assert demo.demo and demo.demo_world == "tiny-random"
+    config, _ = parse_training_args(["--inversion_weight_copy"])
+    assert config.inversion_weight_copy is True
     with pytest.raises(ValueError, match="--demo_world"):
         parse_training_args(["--demo", "--demo_world", "mars"])
 
@@ -98,6 +102,7 @@ def test_help_lists_every_flag():
     ({"use_8bit_adam": True, "use_adafactor": True}, "mutually exclusive"),
     ({"noise_source": "random", "inversion_model": "reference"}, "--inversion_model only applies"),
     ({"noise_source": "random", "inversion_grid": "reference"}, "--inversion_grid only applies"),
+    ({"inversion_weight_copy": True, "noise_source": "random"}, "--inversion_weight_copy copies the policy"),
     ({"loss_type": "dpo", "reward_scale": 0.1}, "--reward_scale is only used"),
     ({"train_method": "full", "lora_alpha": 4}, "--lora_alpha only applies"),
     ({"validation_steps": 5}, "--validation_steps needs --validation_prompts"),

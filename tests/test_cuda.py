@@ -32,6 +32,8 @@ def test_tiny_training_on_gpu(tmp_path, demo_inputs, precision, optimiser, metho
                         **OPTIMISERS[optimiser])
     trainer = SmPOTrainer(config)
     assert trainer.accelerator.device.type == "cuda"
+    if optimiser == "adamw":
+        assert trainer.optimizer.optimizer.defaults["fused"] is True
     if method == "lora":
         lora = [p for n, p in trainer.unwrapped_unet.named_parameters() if "lora" in n]
         assert lora and all(p.dtype == torch.float32 for p in lora)
@@ -45,3 +47,16 @@ def test_tiny_training_on_gpu(tmp_path, demo_inputs, precision, optimiser, metho
 
         unet = UNet2DConditionModel.from_pretrained(config.output_dir, subfolder="unet")
         assert all(torch.isfinite(p).all() for p in unet.parameters())
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_inversion_weight_copy_on_gpu(tmp_path, demo_inputs, method):
+    model, data = demo_inputs["sdxl"]
+    config = SmPOConfig(pretrained_model_name_or_path=model, dataset_name=data, output_dir=str(tmp_path / "out"),
+                        resolution=32, train_batch_size=2, max_train_steps=3, report_to="none",
+                        mixed_precision="bf16", train_method=method, inversion_weight_copy=True)
+    trainer = SmPOTrainer(config)
+    metrics = trainer.train()
+    assert np.isfinite(metrics["loss"]) and metrics["inversion_residual"] == metrics["inversion_residual"]
+    copy = trainer.inversion_copy.module
+    assert all(p.dtype == torch.bfloat16 and p.is_cuda and not p.requires_grad for p in copy.parameters())

@@ -148,6 +148,12 @@ class SmPOConfig:
     noise_source: str = field(
         default="inversion", metadata=_help("'inversion' (SmPO) or 'random' (Diffusion-DPO forward noising).")
     )
+    inversion_weight_copy: bool = field(
+        default=False,
+        metadata=_help("Invert with a frozen copy of the policy in the weight dtype, LoRA merged, refreshed after "
+                       "each update: no per-call weight casts or adapter layers in the inversion forwards, for one "
+                       "more UNet in the weight dtype (2 bytes/parameter under fp16/bf16)."),
+    )
 
     # ---------------------------------------------------------------- outputs, logging, checkpoints
     output_dir: str = field(default="smpo-model", metadata=_help("Where weights, checkpoints and logs go."))
@@ -216,6 +222,11 @@ class SmPOConfig:
         if self.noise_source == "random" and self.inversion_model != "policy":
             raise ValueError(
                 "--inversion_model only applies to --noise_source inversion; drop it or use --noise_source inversion."
+            )
+        if self.inversion_weight_copy and (self.noise_source != "inversion" or self.inversion_model != "policy"):
+            raise ValueError(
+                "--inversion_weight_copy copies the policy for --noise_source inversion with --inversion_model "
+                "policy; drop it (the reference is already a frozen weight-dtype model)."
             )
         if self.noise_source == "random" and self.inversion_grid != "exact":
             raise ValueError(

@@ -180,7 +180,8 @@ def encode_prompts(parts: DiffusionParts, captions: list[str], device, dtype=Non
 
 def sdxl_time_ids(original_sizes: torch.Tensor, crop_top_lefts: torch.Tensor, resolution: int) -> torch.Tensor:
     """SDXL micro-conditioning ``(N, 6)``: (orig_h, orig_w, crop_top, crop_left, target_h, target_w) per image."""
-    target = torch.tensor([resolution, resolution], dtype=original_sizes.dtype).expand(original_sizes.shape[0], 2)
+    target = torch.tensor([resolution, resolution], dtype=original_sizes.dtype, device=original_sizes.device)
+    target = target.expand(original_sizes.shape[0], 2)
     return torch.cat([original_sizes, crop_top_lefts, target], dim=1)
 
 
@@ -266,3 +267,51 @@ class ReferenceModel:
             yield policy_unet
         finally:
             policy_unet.enable_adapters()
+
+
+class InversionWeightCopy:
+    """A frozen copy of the policy UNet for the inversion's no-grad forwards: in the weight dtype, LoRA adapters
+    merged (``W + scaling * B @ A``, summed in fp32 and rounded once), rebuilt lazily after each optimiser update.
+
+    Calling the fp32 policy under autocast re-casts every weight at every inversion call, and a LoRA policy runs
+    its adapter layers at every call; the copy does neither, for one more UNet in memory (in the weight dtype).
+    The copy carries no adapters, holds no gradients and is never saved (it is derived from the policy).
+
+    ``current(policy)`` returns the copy, refreshed from ``policy`` (the unwrapped model) if it is stale;
+    ``mark_stale()`` after anything that changes the policy's weights (an update, a checkpoint load).
+    """
+
+    def __init__(self, policy, dtype: torch.dtype):
+        from peft.tuners.lora import LoraLayer
+
+        with torch.device("meta"):
+            clone = type(policy).from_config(policy.config)
+        self.module = clone.to(dtype=dtype).to_empty(device=next(policy.parameters()).device)
+        self.module.requires_grad_(False).eval()
+        self.lora_layers = {name: m for name, m in policy.named_modules() if isinstance(m, LoraLayer)}
+        source = {}
+        for name, tensor in [*policy.named_parameters(), *policy.named_buffers()]:
+            if ".lora_" not in name:
+                source[name.replace(".base_layer.", ".")] = tensor
+        target = dict([*self.module.named_parameters(), *self.module.named_buffers()])
+        if set(source) != set(target):
+            raise ValueError(f"cannot mirror this UNet: tensors {sorted(set(source) ^ set(target))[:5]} differ")
+        self._pairs = [(target[name], source[name]) for name in sorted(target)]
+        self.stale = True
+
+    def mark_stale(self) -> None:
+        self.stale = True
+
+    @torch.no_grad()
+    def current(self, policy):
+        if self.stale:
+            targets, sources = zip(*self._pairs)
+            torch._foreach_copy_(list(targets), list(sources))  # casts to the copy's dtype
+            for name, layer in self.lora_layers.items():
+                merged = layer.get_base_layer().weight.float()
+                for adapter in layer.active_adapters:
+                    if adapter in layer.lora_A and not layer.disable_adapters:
+                        merged = merged + layer.get_delta_weight(adapter).float()
+                self.module.get_submodule(name).weight.copy_(merged)
+            self.stale = False
+        return self.module

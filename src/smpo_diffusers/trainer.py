@@ -40,6 +40,7 @@ from .data import (
 )
 from .losses import per_sample_mse, smpo_loss
 from .models import (
+    InversionWeightCopy,
     ReferenceModel,
     add_lora_adapters,
     encode_images,
@@ -127,8 +128,12 @@ def make_optimizer(config: SmPOConfig, params, lr: float):
 
         return Adafactor(params, lr=lr, scale_parameter=False, relative_step=False, warmup_init=False,
                          weight_decay=config.adam_weight_decay)
+    params = list(params)
+    # On CUDA the fused kernel (all tensors in a few launches) instead of the default multi-tensor path:
+    # benchmarks/results/gpu_sdxl_step.md times the optimisers on an SDXL UNet.
+    fused = bool(params) and all(isinstance(p, torch.Tensor) and p.is_cuda for p in params)
     return torch.optim.AdamW(params, lr=lr, betas=(config.adam_beta1, config.adam_beta2),
-                             weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
+                             weight_decay=config.adam_weight_decay, eps=config.adam_epsilon, fused=fused or None)
 
 
 class SmPOTrainer:
@@ -184,6 +189,8 @@ class SmPOTrainer:
         self._setup_models()
         self._setup_data()
         self._setup_optimization()
+        self.inversion_copy = (InversionWeightCopy(self.unwrapped_unet, self.weight_dtype)
+                               if config.inversion_weight_copy else None)
 
     # ------------------------------------------------------------------ set-up
     def _check_output_dir_writable(self) -> None:
@@ -326,6 +333,8 @@ class SmPOTrainer:
                     weights.pop()
 
     def _load_state_hook(self, models, input_dir):
+        if getattr(self, "inversion_copy", None) is not None:
+            self.inversion_copy.mark_stale()
         while models:
             model = self.accelerator.unwrap_model(models.pop())
             if self.config.train_method == "lora":
@@ -410,6 +419,8 @@ class SmPOTrainer:
             if config.inversion_model == "reference":
                 with self.reference.active(self.unwrapped_unet) as reference:
                     return invert_with(reference)
+            if self.inversion_copy is not None:
+                return invert_with(self.inversion_copy.current(self.unwrapped_unet))
             return invert_with(self.unwrapped_unet)
 
     # ------------------------------------------------------------------ loop
@@ -512,6 +523,8 @@ class SmPOTrainer:
             self._skip_nonfinite_update()
             return
         self.optimizer.step()
+        if self.inversion_copy is not None:
+            self.inversion_copy.mark_stale()
         if accelerator.optimizer_step_was_skipped:
             self.skipped["fp16_overflow_updates"] += 1
         else:

@@ -1,0 +1,122 @@
+"""Model helpers: SDXL micro-conditioning and the inversion's weight-dtype policy copy."""
+
+import numpy as np
+import pytest
+import torch
+
+from smpo_diffusers import SmPOConfig, SmPOTrainer
+from smpo_diffusers.models import InversionWeightCopy, add_lora_adapters, sdxl_time_ids
+from smpo_diffusers.testing import tiny_sdxl_components
+
+
+def test_sdxl_time_ids_layout_and_device():
+    sizes = torch.tensor([[64, 48], [32, 32]])
+    crops = torch.tensor([[8, 0], [0, 0]])
+    assert sdxl_time_ids(sizes, crops, 32).tolist() == [[64, 48, 8, 0, 32, 32], [32, 32, 0, 0, 32, 32]]
+    # The result lives where the inputs live (the batch is on the accelerator's device): building the target
+    # size on the CPU broke every SDXL step on CUDA. The meta device stands in for a GPU here.
+    meta = sdxl_time_ids(sizes.to("meta"), crops.to("meta"), 32)
+    assert meta.device.type == "meta" and meta.shape == (2, 6)
+
+
+def tiny_unet_inputs(unet, batch=2, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    config = unet.config
+    pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+    return dict(
+        sample=torch.randn(batch, config.in_channels, 8, 8, generator=generator),
+        timestep=torch.tensor([10, 700][:batch]),
+        encoder_hidden_states=torch.randn(batch, 7, config.cross_attention_dim, generator=generator),
+        added_cond_kwargs={"text_embeds": torch.randn(batch, pooled, generator=generator),
+                           "time_ids": torch.tensor([[32.0, 32, 0, 0, 32, 32]] * batch)},
+    )
+
+
+def randomise_lora(unet, seed):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in unet.named_parameters():
+            if "lora_" in name:
+                parameter.copy_(0.05 * torch.randn(parameter.shape, generator=generator))
+
+
+def test_lora_copy_merges_the_adapters_and_refreshes_only_when_stale():
+    unet = tiny_sdxl_components(seed=0)["unet"].eval()
+    add_lora_adapters(unet, rank=4, alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    randomise_lora(unet, seed=1)  # B = 0 at initialisation would make merging invisible
+    inputs = tiny_unet_inputs(unet)
+    copy = InversionWeightCopy(unet, torch.float32)
+    assert not any("lora" in name for name, _ in copy.module.named_parameters())
+    assert not any(p.requires_grad for p in copy.module.parameters())
+    with torch.no_grad():
+        expected = unet(**inputs).sample
+        unet.disable_adapters()
+        base = unet(**inputs).sample
+        unet.enable_adapters()
+        got = copy.current(unet)(**inputs).sample
+    assert (expected - base).abs().max() > 1e-3  # the adapters matter
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+    randomise_lora(unet, seed=2)  # an "update"
+    with torch.no_grad():
+        updated = unet(**inputs).sample
+        torch.testing.assert_close(copy.current(unet)(**inputs).sample, got)  # not stale yet: lazily kept
+        copy.mark_stale()
+        torch.testing.assert_close(copy.current(unet)(**inputs).sample, updated, rtol=1e-4, atol=1e-5)
+
+
+def test_full_copy_is_the_policy_rounded_to_the_weight_dtype():
+    unet = tiny_sdxl_components(seed=0)["unet"]
+    copy = InversionWeightCopy(unet, torch.bfloat16).current(unet)
+    for (name, source), (copy_name, target) in zip(unet.state_dict().items(), copy.state_dict().items()):
+        assert name == copy_name and target.dtype == torch.bfloat16
+        assert torch.equal(target, source.to(torch.bfloat16)), name
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_training_with_the_inversion_copy_matches_training_without(tmp_path, demo_inputs, method):
+    """Same seed, same pairs: the copy changes where the inversion's weights live, not what it computes (fp32 on
+    the CPU: merged LoRA weights differ from adapter layers by rounding only). Three updates, so the copy has to
+    be refreshed after each update to keep up with the policy."""
+    model, data = demo_inputs["sdxl"]
+    results = {}
+    for use_copy in (False, True):
+        config = SmPOConfig(pretrained_model_name_or_path=model, dataset_name=data, train_method=method,
+                            output_dir=str(tmp_path / f"out-{use_copy}"), resolution=32, train_batch_size=2,
+                            max_train_steps=3, report_to="none", learning_rate=1e-3, seed=0,
+                            inversion_weight_copy=use_copy)
+        trainer = SmPOTrainer(config)
+        assert (trainer.inversion_copy is not None) == use_copy
+        residuals = []
+        original = trainer.compute_loss
+
+        def recording(batch, generator, original=original):
+            step = original(batch, generator)
+            residuals.append(step.inversion_residual.clone())
+            return step
+
+        trainer.compute_loss = recording
+        calls, refreshes = [], []
+        if use_copy:
+            copy = trainer.inversion_copy
+            copy.module.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
+            original_current = copy.current
+            copy.current = lambda policy: (refreshes.append(copy.stale), original_current(policy))[1]
+        metrics = trainer.train()
+        assert np.isfinite(metrics["loss"])
+        results[use_copy] = (torch.cat(residuals), [p.detach().clone() for p in trainer.trainable_params])
+        if use_copy:  # the copy ran every inversion forward and was rebuilt once per update
+            assert sum(calls) == trainer.unet_evaluations["inversion"] > 0  # sample-evaluations
+            assert refreshes == [True, True, True]
+    residual_plain, params_plain = results[False]
+    residual_copy, params_copy = results[True]
+    torch.testing.assert_close(residual_copy, residual_plain, rtol=1e-3, atol=1e-5)
+    for a, b in zip(params_copy, params_plain):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+
+
+def test_copy_needs_inversion_by_the_policy():
+    with pytest.raises(ValueError, match="--inversion_weight_copy"):
+        SmPOConfig(inversion_weight_copy=True, noise_source="random", report_to="none")
+    with pytest.raises(ValueError, match="--inversion_weight_copy"):
+        SmPOConfig(inversion_weight_copy=True, inversion_model="reference", report_to="none")
