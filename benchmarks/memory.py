@@ -204,6 +204,15 @@ def render(tiny: list[dict], real: list[dict], elapsed: float, rank: int) -> str
             f"{sdxl_full['adamw']['computed']['optimizer_state'] / GB:.1f} GB). Inversion and the reference forward "
             "run without autograd (no activations kept). "
             "Activations are not part of this count: `benchmarks/gpu_sdxl_step.py` measures the peak on a GPU.",
+            "",
+            "Options that move these numbers: `--cache_latents` precomputes VAE latents and prompt embeddings on "
+            "disk and keeps the VAE and text encoders off the GPU during training "
+            f"(-{(sdxl_full['adafactor']['computed']['vae'] + sdxl_full['adafactor']['computed']['text_encoders']) / GB:.1f}"
+            " GB); `--inversion_weight_copy` adds one UNet in the weight dtype "
+            f"(+{sdxl_full['adafactor']['one_unet'] / GB:.1f} GB) to make the inversion faster. Peaks measured on "
+            "an H200 with activations (`results/gpu_sdxl_step_h200.md`, VAE and text encoders not loaded): "
+            "Adafactor + checkpointing 27.6 GB; fused AdamW + checkpointing + inversion copy 52.6 GB; fused AdamW "
+            "without checkpointing + inversion copy 64.3 GB: all fit one 80 GB H100.",
         ]
     return "\n".join(lines) + "\n"
 

@@ -9,6 +9,10 @@ For each model family (tiny SDXL / SD), resolution, training method (LoRA / full
     smpo-refgrid-K1   SmPO, the reference script's fixed grid, K = 1
     smpo-refgrid-K0   SmPO, the reference script's fixed grid, K = 0
 
+and, with ``--cache_latents`` (``--cached_modes``, default ``dpo-random`` and ``smpo-exact-K1``), ``<mode>+cache``:
+the same mode reading VAE latent moments and prompt embeddings from the on-disk latent cache instead of encoding
+every step. The cache's one-off build time is reported per pair; groups after the first reuse it.
+
 it builds an ordinary ``SmPOTrainer`` (CPU, fp32) and runs its own ``_micro_step`` with
 ``accounting.TrainerStageTimer`` (wraps the trainer's callables with timers; nothing re-implemented) and
 ``accounting.UNetEvaluationCounter`` (forward pre-hooks on every UNet the trainer holds).
@@ -80,6 +84,8 @@ def parse_args(argv=None):
                         help="Pixel resolutions (tiny VAE factor 4: 32 -> 8x8 latents, 128 -> 32x32).")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES),
                         help=f"Modes to run; {BASELINE} (the baseline for ratios) is always included.")
+    parser.add_argument("--cached_modes", nargs="*", default=[BASELINE, "smpo-exact-K1"], choices=list(MODES),
+                        help="Modes also run with --cache_latents (as '<mode>+cache'); none: skip the comparison.")
     parser.add_argument("--train_batch_size", type=int, default=1,
                         help="Pairs per step (1, as in the reference recipe: every UNet call sees 2 latents).")
     parser.add_argument("--warmup_steps", type=int, default=2)
@@ -96,16 +102,25 @@ def parse_args(argv=None):
 
 
 # ---------------------------------------------------------------------------------------------- measuring
+CACHE_SUFFIX = "+cache"
+
+
 def build_trainers(model_dir, data_dir, work_dir, resolution, method, modes, args) -> dict:
+    """One trainer per mode, plus a ``<mode>+cache`` twin for each of ``args.cached_modes`` (built last, after
+    the uncached runs: the first cached trainer of a group builds whatever the latent cache lacks)."""
+    variants = [(mode, {}) for mode in modes] + [
+        (mode + CACHE_SUFFIX, dict(cache_latents=True, latent_cache_dir=os.path.join(work_dir, "latent-cache")))
+        for mode in args.cached_modes]
     trainers = {}
-    for mode in modes:
+    for name, cache in variants:
         config = SmPOConfig(
             pretrained_model_name_or_path=model_dir, dataset_name=data_dir,
-            output_dir=os.path.join(work_dir, f"run-{method}-{resolution}-{mode}"), resolution=resolution,
+            output_dir=os.path.join(work_dir, f"run-{method}-{resolution}-{name}"), resolution=resolution,
             train_batch_size=args.train_batch_size, max_train_steps=10_000, report_to="none", train_method=method,
-            learning_rate=1e-5, seed=args.seed, mixed_precision="no", **MODES[mode],
+            learning_rate=1e-5, seed=args.seed, mixed_precision="no", **MODES[name.removesuffix(CACHE_SUFFIX)],
+            **cache,
         )
-        trainers[mode] = SmPOTrainer(config)
+        trainers[name] = SmPOTrainer(config)
     return trainers
 
 
@@ -226,7 +241,7 @@ def summarise(group: dict, records: dict, trainers: dict) -> list[dict]:
             "measured_over_predicted": measured_ratio / predicted_ratio,
             "measured_over_predicted_median": fit_median,
             "expected_ratio_uniform_t": expected_pair / expected_base, "naive_flop_ratio": naive_ratio,
-            "model": model,
+            "model": model, "cache": trainers[mode].latent_cache_stats,
         })
     return rows
 
@@ -309,7 +324,7 @@ def render(rows: list[dict], args, elapsed: float) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        if r["mode"] == BASELINE:
+        if r["mode"] == BASELINE or r["mode"].endswith(CACHE_SUFFIX):
             continue
         m = r["model"]
         ok = abs(r["measured_over_predicted"] - 1) <= TARGET_RATIO_TOLERANCE
@@ -319,7 +334,40 @@ def render(rows: list[dict], args, elapsed: float) -> str:
             f"{r['predicted_ratio']:.2f} | {r['measured_over_predicted']:.3f} | {'yes' if ok else 'no'} | "
             f"{r['measured_over_predicted_median']:.3f} | {r['expected_ratio_uniform_t']:.2f} | "
             f"{r['naive_flop_ratio']:.2f} |")
+    lines += render_cache_table(rows)
     return "\n".join(lines) + "\n"
+
+
+def render_cache_table(rows: list[dict]) -> list[str]:
+    """Each ``<mode>+cache`` row against its uncached twin of the same group."""
+    by_key = {(r["family"], r["resolution"], r["method"], r["mode"]): r for r in rows}
+    cached = [r for r in rows if r["mode"].endswith(CACHE_SUFFIX)]
+    if not cached:
+        return []
+    lines = [
+        "",
+        "## Latent cache (`--cache_latents`)",
+        "",
+        "Data + VAE encode + text encode: median ms per step (the cached runs read latent moments and prompt "
+        "embeddings from the on-disk cache; their VAE/text columns are 0 because nothing is encoded). Saving = 1 - "
+        "cached / uncached mean step time. Build: the cache's one-off cost in this group, seconds per pair "
+        "entry built (\"reused\" when an earlier group with the same resolution and models had built it).",
+        "",
+        "| model | px | method | mode | data+VAE+text ms, uncached | cached | mean s/pair uncached | cached | "
+        "saving | build s/pair |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in cached:
+        plain = by_key[(r["family"], r["resolution"], r["method"], r["mode"].removesuffix(CACHE_SUFFIX))]
+        front = [sum(x["stage_ms"][s] for s in ("data", "vae_encode", "text_encode")) for x in (plain, r)]
+        stats = r["cache"]
+        build = (f"{stats.seconds / stats.pairs_built:.3f}" if stats.pairs_built
+                 else f"reused ({stats.pairs_needed} pairs)")
+        lines.append(
+            f"| {r['family']} | {r['resolution']} | {r['method']} | {plain['mode']} | {front[0]:.1f} | "
+            f"{front[1]:.1f} | {plain['mean_step_per_pair']:.4f} | {r['mean_step_per_pair']:.4f} | "
+            f"{1 - r['mean_step_per_pair'] / plain['mean_step_per_pair']:.1%} | {build} |")
+    return lines
 
 
 def main(argv=None) -> list[dict]:

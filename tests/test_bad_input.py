@@ -12,6 +12,7 @@ from PIL import Image
 
 from smpo_diffusers import SmPOConfig, SmPOTrainer
 from smpo_diffusers.models import encode_prompts, load_diffusion_parts
+from smpo_diffusers.testing import encode_image
 
 NO_MODEL = "/nonexistent/model/folder"  # any model access would fail: errors below must come from the data
 
@@ -23,12 +24,6 @@ def config(tmp_path, model=NO_MODEL, **overrides):
     return SmPOConfig(**options)
 
 
-def encoded(image, fmt="PNG"):
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt)
-    return buffer.getvalue()
-
-
 def labelled(demo_inputs, family="sdxl"):
     return load_from_disk(demo_inputs[family][1])
 
@@ -37,12 +32,12 @@ def test_odd_images_are_converted_resized_or_skipped_and_counted(tmp_path, demo_
     base = labelled(demo_inputs)
     rows = base.select(range(8)).to_dict()
     rgb = Image.open(io.BytesIO(rows["jpg_0"][0]))
-    rows["jpg_0"][0] = encoded(rgb.convert("RGBA"))
-    rows["jpg_1"][1] = encoded(rgb.convert("L"))
-    rows["jpg_0"][2] = encoded(rgb.convert("P"))
-    rows["jpg_1"][3] = encoded(rgb.convert("CMYK"), "JPEG")
-    rows["jpg_0"][4] = encoded(rgb.resize((48, 40)))          # pair of different sizes
-    rows["jpg_1"][5] = encoded(rgb.resize((16, 16)))          # smaller than --resolution: upscaled
+    rows["jpg_0"][0] = encode_image(rgb.convert("RGBA"))
+    rows["jpg_1"][1] = encode_image(rgb.convert("L"))
+    rows["jpg_0"][2] = encode_image(rgb.convert("P"))
+    rows["jpg_1"][3] = encode_image(rgb.convert("CMYK"), "JPEG")
+    rows["jpg_0"][4] = encode_image(rgb.resize((48, 40)))          # pair of different sizes
+    rows["jpg_1"][5] = encode_image(rgb.resize((16, 16)))          # smaller than --resolution: upscaled
     rows["jpg_0"][6] = rows["jpg_0"][6][: len(rows["jpg_0"][6]) // 3]  # truncated bytes: skipped
     rows["label_0"], rows["label_1"] = [1.0] * 8, [0.0] * 8
     dataset = Dataset.from_dict(rows, features=base.features)

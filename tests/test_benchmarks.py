@@ -72,15 +72,20 @@ def test_step_cost_hook_counts_equal_the_formula_in_every_mode(tmp_path, demo_in
         seen_timesteps.add(tuple(record["timesteps"]))
         timed = record["seconds"]
         assert (timed["inversion"] > 0) == (config.noise_source == "inversion")
-        assert all(timed[stage] > 0 for stage in ("vae_encode", "text_encode", "policy_forward", "policy_backward",
-                                                   "reference_forward", "optimizer"))
+        assert all(timed[stage] > 0 for stage in ("policy_forward", "policy_backward", "reference_forward",
+                                                   "optimizer"))
+        # the latent cache's twins encode nothing during the step
+        encoding = timed["vae_encode"] + timed["text_encode"]
+        assert encoding == 0 if mode.endswith("+cache") else (timed["vae_encode"] > 0 and timed["text_encode"] > 0)
         assert math.isclose(sum(timed[s] for s in STAGES), timed["total"], rel_tol=1e-9)
+    assert set(records) == set(args.modes) | {"dpo-random+cache", "smpo-exact-K1+cache"}
     # every mode sees the same timesteps, so their times are comparable step by step
     assert len(seen_timesteps) == 1
     assert records["smpo-exact-K1"][0]["hook_no_grad"] > records["smpo-exact-K0"][0]["hook_no_grad"]
     rows = step_cost.summarise({"family": "tiny-sdxl", "resolution": 32, "method": "lora"}, records, trainers)
     text = step_cost.render(rows, args, 1.0)
     assert "| tiny-sdxl | 32 | lora | smpo-refgrid-K0 |" in text and "NO" not in text
+    assert "## Latent cache" in text and "| tiny-sdxl | 32 | lora | smpo-exact-K1 |" in text.split("## Latent cache")[1]
     # the stage timer put every wrapped callable back
     trainer = trainers["smpo-exact-K1"]
     assert "_invert" not in vars(trainer) and "_unet_call" not in vars(trainer)

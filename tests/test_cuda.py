@@ -60,3 +60,19 @@ def test_inversion_weight_copy_on_gpu(tmp_path, demo_inputs, method):
     assert np.isfinite(metrics["loss"]) and metrics["inversion_residual"] == metrics["inversion_residual"]
     copy = trainer.inversion_copy.module
     assert all(p.dtype == torch.bfloat16 and p.is_cuda and not p.requires_grad for p in copy.parameters())
+
+
+def test_latent_cache_on_gpu(tmp_path, demo_inputs):
+    """The cache is built on the GPU, then the VAE and text encoders leave it (back only for validation)."""
+    model, data = demo_inputs["sdxl"]
+    config = SmPOConfig(pretrained_model_name_or_path=model, dataset_name=data, output_dir=str(tmp_path / "out"),
+                        resolution=32, train_batch_size=2, max_train_steps=3, report_to="none",
+                        mixed_precision="bf16", cache_latents=True, latent_cache_dir=str(tmp_path / "cache"),
+                        validation_prompts=["a red circle"], validation_num_inference_steps=2)
+    trainer = SmPOTrainer(config)
+    encoders = [trainer.parts.vae, *trainer.parts.text_encoders]
+    assert trainer.latent_cache_stats.pairs_built > 0
+    assert all(module.device.type == "cpu" for module in encoders)
+    metrics = trainer.train()
+    assert np.isfinite(metrics["loss"]) and (tmp_path / "out" / "validation.png").is_file()
+    assert all(module.device.type == "cpu" for module in encoders)

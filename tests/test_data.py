@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import math
 
 import datasets
@@ -22,19 +21,13 @@ from smpo_diffusers.data import (
     resolve_reward_columns,
     validate_preference_columns,
 )
-from smpo_diffusers.testing import make_preference_dataset
+from smpo_diffusers.testing import encode_image, make_preference_dataset
 
 SCALE = 0.1666
 
 
-def _png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def _solid(colour, size=(8, 8)) -> bytes:
-    return _png(Image.new("RGB", size, colour))
+    return encode_image(Image.new("RGB", size, colour))
 
 
 def _table(label_0, reward_0=None, reward_1=None, *, label_valid=None, captions=None, images=None):
@@ -354,42 +347,36 @@ def test_pair_statistics_fields():
 # ----------------------------------------------------------------------------- decoding
 
 
-def _encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **kwargs)
-    return buffer.getvalue()
-
-
 def test_decode_rgba_composites_on_white():
     image = Image.new("RGBA", (4, 4), (255, 0, 0, 0))
     image.putpixel((0, 0), (0, 0, 255, 255))
-    decoded = decode_image(_encode(image, "PNG"))
+    decoded = decode_image(encode_image(image, "PNG"))
     assert decoded.mode == "RGB"
     assert decoded.getpixel((1, 1)) == (255, 255, 255)  # fully transparent -> white
     assert decoded.getpixel((0, 0)) == (0, 0, 255)
 
 
 def test_decode_greyscale_palette_cmyk_and_16bit():
-    grey = decode_image(_encode(Image.new("L", (4, 4), 100), "PNG"))
+    grey = decode_image(encode_image(Image.new("L", (4, 4), 100), "PNG"))
     assert grey.mode == "RGB" and grey.getpixel((0, 0)) == (100, 100, 100)
-    la = decode_image(_encode(Image.new("LA", (4, 4), (0, 0)), "PNG"))
+    la = decode_image(encode_image(Image.new("LA", (4, 4), (0, 0)), "PNG"))
     assert la.getpixel((0, 0)) == (255, 255, 255)
 
     palette = Image.new("P", (4, 4), 0)
     palette.putpalette([10, 20, 30, 200, 100, 50] + [0] * 762)
     palette.putpixel((1, 1), 1)
-    decoded = decode_image(_encode(palette, "PNG"))
+    decoded = decode_image(encode_image(palette, "PNG"))
     assert decoded.getpixel((0, 0)) == (10, 20, 30) and decoded.getpixel((1, 1)) == (200, 100, 50)
-    transparent = decode_image(_encode(palette, "PNG", transparency=0))
+    transparent = decode_image(encode_image(palette, "PNG", transparency=0))
     assert transparent.getpixel((0, 0)) == (255, 255, 255) and transparent.getpixel((1, 1)) == (200, 100, 50)
 
-    cmyk = decode_image(_encode(Image.new("CMYK", (4, 4), (0, 255, 255, 0)), "JPEG"))
+    cmyk = decode_image(encode_image(Image.new("CMYK", (4, 4), (0, 255, 255, 0)), "JPEG"))
     red = cmyk.getpixel((0, 0))
     assert cmyk.mode == "RGB" and red[0] > 200 and red[1] < 60 and red[2] < 60
 
     sixteen = Image.fromarray(np.full((4, 4), 65535, dtype=np.uint16))
     sixteen.putpixel((0, 0), 32768)
-    decoded = decode_image(_encode(sixteen, "PNG"))
+    decoded = decode_image(encode_image(sixteen, "PNG"))
     assert decoded.getpixel((1, 1)) == (255, 255, 255)
     assert decoded.getpixel((0, 0))[0] == 128  # scaled from 16 bit, not clipped
 
@@ -408,12 +395,12 @@ def test_decode_applies_exif_orientation():
     image = Image.new("RGB", (6, 2), (0, 0, 0))
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise when displayed
-    decoded = decode_image(_encode(image, "JPEG", exif=exif.tobytes()))
+    decoded = decode_image(encode_image(image, "JPEG", exif=exif.tobytes()))
     assert decoded.size == (2, 6)
 
 
 def test_decode_bad_data_returns_none():
-    jpeg = _encode(Image.new("RGB", (64, 64), (10, 200, 30)), "JPEG")
+    jpeg = encode_image(Image.new("RGB", (64, 64), (10, 200, 30)), "JPEG")
     png = _solid((1, 2, 3), size=(64, 64))
     assert decode_image(jpeg) is not None
     assert decode_image(jpeg[: len(jpeg) // 2]) is None

@@ -130,3 +130,29 @@ def test_two_process_labelling_equals_one_process(tmp_path):
     np.testing.assert_allclose(two["reward_0"], one["reward_0"], rtol=1e-6)
     np.testing.assert_allclose(two["reward_1"], one["reward_1"], rtol=1e-6)
     assert result.stdout.count('"num_pairs": 12') == 1  # only the main process reports
+
+
+@pytest.mark.slow
+def test_two_processes_build_one_latent_cache_together(tmp_path, demo_inputs):
+    """Each rank encodes a disjoint share of the pairs into its own shards; the result is one complete cache that
+    a later single-process run reuses without encoding anything."""
+    from safetensors import safe_open
+
+    model, data = demo_inputs["sdxl"]
+    cache = tmp_path / "cache"
+    flags = dict(max_train_steps=2, cache_latents=True, latent_cache_dir=cache)
+    launch([ROOT / "examples" / "train_smpo_sdxl.py", *common_flags(model, data, tmp_path / "two", **flags)],
+           processes=2)
+    (folder,) = cache.iterdir()
+    shards = sorted(folder.glob("pairs-*.safetensors"))
+    assert len(shards) == 2  # one per rank (16 pairs fit one shard each)
+    keys = []
+    for shard in shards:
+        with safe_open(str(shard), framework="pt") as handle:
+            keys += [name for name in handle.keys() if name.endswith(".mean")]
+    two = json.loads((tmp_path / "two" / "training_metrics.json").read_text())["latent_cache"]
+    assert len(keys) == len(set(keys)) == two["pairs_needed"] == two["pairs_built"]  # disjoint and complete
+
+    launch([ROOT / "examples" / "train_smpo_sdxl.py", *common_flags(model, data, tmp_path / "one", **flags)])
+    one = json.loads((tmp_path / "one" / "training_metrics.json").read_text())["latent_cache"]
+    assert one["key"] == two["key"] and one["pairs_built"] == 0 and one["prompts_built"] == 0

@@ -42,6 +42,13 @@ def _help(text: str, **extra) -> dict:
     return {"help": text, **extra}
 
 
+def default_latent_cache_root() -> str:
+    """``$HF_HOME/smpo_diffusers/latent_cache``."""
+    from huggingface_hub import constants
+
+    return os.path.join(constants.HF_HOME, "smpo_diffusers", "latent_cache")
+
+
 @dataclass
 class SmPOConfig:
     """Options of an SmPO (or Diffusion-DPO baseline) fine-tuning run. See the README for a tour."""
@@ -78,6 +85,17 @@ class SmPOConfig:
     )
     tie_policy: str = field(
         default="drop", metadata=_help("Human ties (label_0 == 0.5): 'drop' them, or 'keep' them.")
+    )
+    cache_latents: bool = field(
+        default=False,
+        metadata=_help("Encode every pair's images (VAE latent mean/std, both flips) and captions once into an "
+                       "on-disk safetensors cache, reused across epochs and runs with the same data and models; "
+                       "the VAE and text encoders then stay off the accelerator. Centre crop only."),
+    )
+    latent_cache_dir: str | None = field(
+        default=None,
+        metadata=_help("Folder of the --cache_latents cache (default: $HF_HOME/smpo_diffusers/latent_cache); one "
+                       "sub-folder per dataset/model/settings key."),
     )
 
     # ---------------------------------------------------------------- optimisation
@@ -217,6 +235,10 @@ class SmPOConfig:
                 f"--reward_columns needs two distinct column names (image 0, image 1), got {self.reward_columns}; "
                 "e.g. --reward_columns reward_0 reward_1"
             )
+        if self.cache_latents and self.random_crop:
+            raise ValueError("--cache_latents stores centre crops; a --random_crop differs every epoch. Drop one.")
+        if self.latent_cache_dir is not None and not self.cache_latents:
+            raise ValueError("--latent_cache_dir is only used with --cache_latents; add it or drop the folder.")
         if self.use_8bit_adam and self.use_adafactor:
             raise ValueError("--use_8bit_adam and --use_adafactor are mutually exclusive; pick one optimiser.")
         if self.noise_source == "random" and self.inversion_model != "policy":
@@ -259,6 +281,11 @@ class SmPOConfig:
             if getattr(self, name) is None:
                 setattr(self, name, value)
         return self
+
+    @property
+    def latent_cache_root(self) -> str:
+        """The --cache_latents folder (the default lives beside the Hugging Face caches)."""
+        return self.latent_cache_dir or default_latent_cache_root()
 
     @property
     def lora_alpha_value(self) -> int:

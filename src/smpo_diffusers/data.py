@@ -412,7 +412,8 @@ def prepare_preference_pairs(
        decides ties. ``reward_scale`` must be finite and > 0 (ignored in DPO mode).
     4. ``max_train_samples``: ``shuffle(seed)`` then keep the first ``max_train_samples`` rows.
 
-    Adds ``winner_index`` (int8, 0/1) and ``prob_w`` (float32); the original columns are kept.
+    Adds ``winner_index`` (int8, 0/1), ``prob_w`` (float32) and ``source_row`` (int64, the row in ``dataset``;
+    the latent cache keys its entries by it); the original columns are kept.
     Raises ``ValueError`` if no pair survives, stating what was dropped and what to change.
     """
     import datasets
@@ -525,7 +526,8 @@ def prepare_preference_pairs(
 
     prepared = dataset.add_column(
         "winner_index", winner_index, feature=datasets.Value("int8")
-    ).add_column("prob_w", prob_w.astype(np.float32), feature=datasets.Value("float32"))
+    ).add_column("prob_w", prob_w.astype(np.float32), feature=datasets.Value("float32")).add_column(
+        "source_row", np.arange(total, dtype=np.int64), feature=datasets.Value("int64"))
     if final_rows.size != total or max_train_samples is not None:
         prepared = prepared.select(final_rows)
 
@@ -766,7 +768,24 @@ class PairTransform:
 # ----------------------------------------------------------------------------- torch dataset
 
 
-class PreferencePairDataset(torch.utils.data.Dataset):
+class EpochIndexedDataset(torch.utils.data.Dataset):
+    """What the pair datasets share: an epoch that seeds per-item randomness, and bounds-checked indices."""
+
+    epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}.")
+        self.epoch = int(epoch)
+
+    def _checked_index(self, i) -> int:
+        index = int(i)
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {i} out of range for {len(self)} pairs")
+        return index
+
+
+class PreferencePairDataset(EpochIndexedDataset):
     """Map-style torch dataset over prepared pairs (output of :func:`prepare_preference_pairs`).
 
     ``__getitem__(i)`` returns None when either image fails to decode (counted by the collate
@@ -802,20 +821,12 @@ class PreferencePairDataset(torch.utils.data.Dataset):
         self.transform = transform
         self.seed = int(seed)
         self.proportion_empty_prompts = float(proportion_empty_prompts)
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        if epoch < 0:
-            raise ValueError(f"epoch must be >= 0, got {epoch}.")
-        self.epoch = int(epoch)
 
     def __len__(self) -> int:
         return len(self._rows)
 
     def __getitem__(self, i: int) -> dict | None:
-        index = int(i)
-        if not 0 <= index < len(self):
-            raise IndexError(f"index {i} out of range for {len(self)} pairs")
+        index = self._checked_index(i)
         row = self._rows[index].to_pylist()[0]
         rng = np.random.default_rng([self.seed, self.epoch, index])
         empty_prompt = bool(rng.random() < self.proportion_empty_prompts)
@@ -846,12 +857,17 @@ class PreferencePairDataset(torch.utils.data.Dataset):
         }
 
 
+CACHED_ITEM_TENSORS = ("latent_mean", "latent_std", "prompt_hidden", "prompt_pooled")
+"""Tensors a :class:`~smpo_diffusers.latent_cache.CachedPairDataset` item has instead of ``pixel_values``."""
+
+
 def collate_preference_batch(items: list[dict | None]) -> dict:
     """Stack :class:`PreferencePairDataset` items; None items (undecodable pairs) are dropped.
 
     Returns a dict with
 
-    * ``pixel_values``: float32 ``(B, 2, 3, H, W)``, winner first; ``prob_w``: float32 ``(B,)``;
+    * ``pixel_values``: float32 ``(B, 2, 3, H, W)``, winner first (cached items instead: ``latent_mean``,
+      ``latent_std`` ``(B, 2, C, h, w)``, ``prompt_hidden`` ``(B, L, D)``, SDXL ``prompt_pooled``); ``prob_w``: float32 ``(B,)``;
       ``original_sizes``, ``crop_top_lefts``: int64 ``(B, 2, 2)``; ``indices``: int64 ``(B,)``;
       ``captions``: list of B str;
     * ``batch_size`` (B), ``num_skipped`` (None items dropped from this batch) and the counts
@@ -874,8 +890,10 @@ def collate_preference_batch(items: list[dict | None]) -> dict:
     if not kept:
         batch.update(pixel_values=None, prob_w=None, original_sizes=None, crop_top_lefts=None, indices=None)
         return batch
+    for key in ("pixel_values",) + CACHED_ITEM_TENSORS:  # pixels, or the latent cache's tensors
+        if key in kept[0]:
+            batch[key] = torch.stack([item[key] for item in kept])
     batch.update(
-        pixel_values=torch.stack([item["pixel_values"] for item in kept]),
         prob_w=torch.tensor([item["prob_w"] for item in kept], dtype=torch.float32),
         original_sizes=torch.stack([item["original_sizes"] for item in kept]),
         crop_top_lefts=torch.stack([item["crop_top_lefts"] for item in kept]),
@@ -892,6 +910,7 @@ __all__ = [
     "PairSample",
     "PairStatistics",
     "PairTransform",
+    "EpochIndexedDataset",
     "PreferencePairDataset",
     "collate_preference_batch",
     "decode_image",

@@ -21,11 +21,14 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "DiffusionParts",
     "PromptEmbeddings",
+    "InversionWeightCopy",
     "ReferenceModel",
     "add_lora_adapters",
     "encode_images",
     "encode_prompts",
     "inversion_scheduler_from_config",
+    "latent_moments",
+    "sample_latents",
     "load_diffusion_parts",
     "lora_state_dict",
     "load_lora_state_into_unet",
@@ -186,14 +189,26 @@ def sdxl_time_ids(original_sizes: torch.Tensor, crop_top_lefts: torch.Tensor, re
 
 
 @torch.no_grad()
+def latent_moments(vae: AutoencoderKL, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(N, 3, H, W)`` pixels in [-1, 1] -> the VAE posterior's ``(mean, std)``, each ``(N, C, H/f, W/f)`` fp32,
+    unscaled (the VAE's own latent space, before ``shift_factor``/``scaling_factor``)."""
+    dist = vae.encode(pixel_values.to(device=vae.device, dtype=vae.dtype)).latent_dist
+    return dist.mean.float(), dist.std.float()
+
+
+def sample_latents(vae_config, mean: torch.Tensor, std: torch.Tensor,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """One draw ``mean + std * noise`` (noise from ``generator``, on the CPU), shifted and scaled as the UNet
+    expects: ``(x - shift_factor) * scaling_factor``, fp32, on ``mean``'s device."""
+    noise = torch.randn(mean.shape, generator=generator, dtype=torch.float32).to(mean.device)
+    latents = mean.float() + std.float() * noise
+    shift = getattr(vae_config, "shift_factor", None) or 0.0
+    return (latents - shift) * vae_config.scaling_factor
+
+
 def encode_images(vae: AutoencoderKL, pixel_values: torch.Tensor, generator: torch.Generator | None = None):
     """``(N, 3, H, W)`` pixels in [-1, 1] -> scaled latents ``(N, C, H/f, W/f)`` in fp32 (sampled with ``generator``)."""
-    pixel_values = pixel_values.to(device=vae.device, dtype=vae.dtype)
-    dist = vae.encode(pixel_values).latent_dist
-    noise = torch.randn(dist.mean.shape, generator=generator, dtype=torch.float32).to(dist.mean.device)
-    latents = dist.mean.float() + dist.std.float() * noise
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    return (latents - shift) * vae.config.scaling_factor
+    return sample_latents(vae.config, *latent_moments(vae, pixel_values), generator)
 
 
 # ---------------------------------------------------------------------------- LoRA

@@ -442,12 +442,10 @@ def _scene_from_caption(caption: str, rng: np.random.Generator) -> tuple[str, st
     return shape, colour, background
 
 
-def _encode(image, image_format: str) -> bytes:
+def encode_image(image, image_format: str = "PNG", **save_kwargs) -> bytes:
+    """A PIL image as the bytes of an image file (``PIL.Image.save`` options pass through)."""
     buffer = io.BytesIO()
-    if image_format == "JPEG":
-        image.save(buffer, format="JPEG", quality=95)
-    else:
-        image.save(buffer, format="PNG")
+    image.save(buffer, format=image_format, **save_kwargs)
     return buffer.getvalue()
 
 
@@ -542,7 +540,8 @@ def make_preference_dataset(
                 centre,
                 radius,
             )
-            images.append(_encode(picture, image_format))
+            quality = {"quality": 95} if image_format == "JPEG" else {}
+            images.append(encode_image(picture, image_format, **quality))
         rows["caption"].append(caption)
         rows["jpg_0"].append(images[0])
         rows["jpg_1"].append(images[1])
@@ -569,6 +568,7 @@ __all__ = [
     "SDXL_SCHEDULER_CONFIG",
     "TINY_RESOLUTION",
     "TINY_VAE_SCALE_FACTOR",
+    "encode_image",
     "make_preference_dataset",
     "save_tiny_pipeline",
     "tiny_clip_model",

@@ -13,6 +13,7 @@ One step, as data (see `shared/docs/architecture.md`)::
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -41,15 +42,18 @@ from .data import (
 from .losses import per_sample_mse, smpo_loss
 from .models import (
     InversionWeightCopy,
+    PromptEmbeddings,
     ReferenceModel,
     add_lora_adapters,
     encode_images,
     encode_prompts,
     load_diffusion_parts,
     load_lora_state_into_unet,
+    sample_latents,
     save_lora,
     sdxl_time_ids,
 )
+from .latent_cache import CachedPairDataset, LatentCache, cache_settings
 
 logger = logging.getLogger(__name__)
 
@@ -166,6 +170,7 @@ class SmPOTrainer:
 
         # Data is checked before any model is loaded.
         raw = dataset if dataset is not None else self._load_dataset()
+        self.dataset_fingerprint = raw._fingerprint  # identifies the data for --cache_latents
         self.reward_columns = resolve_reward_columns(raw, loss_type=config.loss_type,
                                                      reward_columns=config.reward_columns)
         validate_preference_columns(raw, loss_type=config.loss_type, reward_columns=self.reward_columns)
@@ -281,14 +286,54 @@ class SmPOTrainer:
 
     def _setup_data(self) -> None:
         config = self.config
-        transform = PairTransform(config.resolution, random_crop=config.random_crop, hflip=not config.no_hflip)
-        self.train_dataset = PreferencePairDataset(self.pairs, transform, seed=config.seed,
-                                                   proportion_empty_prompts=config.proportion_empty_prompts)
+        self.latent_cache_stats = None
+        if config.cache_latents:
+            self.train_dataset = self._cached_dataset()
+        else:
+            transform = PairTransform(config.resolution, random_crop=config.random_crop, hflip=not config.no_hflip)
+            self.train_dataset = PreferencePairDataset(self.pairs, transform, seed=config.seed,
+                                                       proportion_empty_prompts=config.proportion_empty_prompts)
         self.sampler = EpochShuffleSampler(len(self.train_dataset), config.seed)
         self.train_dataloader = torch.utils.data.DataLoader(
             self.train_dataset, batch_size=config.train_batch_size, sampler=self.sampler,
             collate_fn=collate_preference_batch, num_workers=config.dataloader_num_workers,
         )
+
+    def _cached_dataset(self) -> CachedPairDataset:
+        """Fill the latent cache with whatever these pairs lack, then read from it; the VAE and text encoders
+        leave the accelerator (they come back only for validation images)."""
+        config, parts = self.config, self.parts
+        settings = cache_settings(dataset_fingerprint=self.dataset_fingerprint, parts=parts,
+                                  resolution=config.resolution, hflip=not config.no_hflip, vae_dtype=parts.vae.dtype,
+                                  weight_dtype=self.weight_dtype)
+        cache = LatentCache(config.latent_cache_root, settings)
+        stats = cache.ensure(self.pairs, parts, resolution=config.resolution, weight_dtype=self.weight_dtype,
+                             accelerator=self.accelerator, batch_size=config.train_batch_size)
+        self.latent_cache_stats = stats
+        logger.info("latent cache %s: %d/%d pair entries built, %d/%d prompts built, %d undecodable, %.1f s",
+                    stats.path, stats.pairs_built, stats.pairs_needed, stats.prompts_built, stats.prompts_needed,
+                    stats.undecodable_pairs, stats.seconds)
+        self._move_encoders(torch.device("cpu"))
+        return CachedPairDataset(self.pairs, cache.reader(), seed=config.seed,
+                                 proportion_empty_prompts=config.proportion_empty_prompts,
+                                 hflip=not config.no_hflip, is_sdxl=parts.is_sdxl)
+
+    def _move_encoders(self, device) -> None:
+        self.parts.vae.to(device)
+        for encoder in self.parts.text_encoders:
+            encoder.to(device)
+
+    @contextlib.contextmanager
+    def _encoders_on_accelerator(self):
+        """With --cache_latents the VAE and text encoders live on the CPU; bring them over for a while."""
+        if not self.config.cache_latents:
+            yield
+            return
+        self._move_encoders(self.accelerator.device)
+        try:
+            yield
+        finally:
+            self._move_encoders(torch.device("cpu"))
 
     def _setup_optimization(self) -> None:
         from diffusers.optimization import get_scheduler
@@ -355,10 +400,8 @@ class SmPOTrainer:
         """Loss and diagnostics for one micro-batch of ``B`` pairs (images ordered winners first, then losers)."""
         config, parts, device = self.config, self.parts, self.accelerator.device
         scheduler = parts.scheduler
-        pixels = batch["pixel_values"]
-        num_pairs = pixels.shape[0]
-        x0 = encode_images(parts.vae, torch.cat([pixels[:, 0], pixels[:, 1]]), generator)
-        prompts = encode_prompts(parts, batch["captions"], device, dtype=self.weight_dtype)
+        num_pairs = batch["batch_size"]
+        x0, prompts = self._clean_latents_and_prompts(batch, generator)
         conditioning = {"encoder_hidden_states": prompts.hidden.repeat(2, 1, 1)}
         if parts.is_sdxl:
             sizes, crops = batch["original_sizes"], batch["crop_top_lefts"]
@@ -400,6 +443,19 @@ class SmPOTrainer:
             unet_evaluations={"inversion": inversion_evaluations, "policy": 2 * num_pairs,
                               "reference": 2 * num_pairs},
         )
+
+    def _clean_latents_and_prompts(self, batch: dict, generator: torch.Generator):
+        """``x0`` ``(2B, C, h, w)`` fp32 (winners, then losers; one VAE posterior draw from ``generator``) and the
+        prompt embeddings, encoded now or read from the latent cache (same draw either way)."""
+        parts, device = self.parts, self.accelerator.device
+        if "latent_mean" not in batch:
+            pixels = batch["pixel_values"]
+            x0 = encode_images(parts.vae, torch.cat([pixels[:, 0], pixels[:, 1]]), generator)
+            return x0, encode_prompts(parts, batch["captions"], device, dtype=self.weight_dtype)
+        mean, std = (torch.cat([batch[key][:, 0], batch[key][:, 1]]).to(device) for key in ("latent_mean", "latent_std"))
+        pooled = batch["prompt_pooled"].to(device, self.weight_dtype) if parts.is_sdxl else None
+        prompts = PromptEmbeddings(hidden=batch["prompt_hidden"].to(device, self.weight_dtype), pooled=pooled)
+        return sample_latents(parts.vae.config, mean, std, generator), prompts
 
     def _invert(self, x0, timesteps, conditioning):
         """ReNoise-invert ``x0`` to ``timesteps`` with the policy (default) or the reference, no autograd."""
@@ -491,7 +547,7 @@ class SmPOTrainer:
 
     def _micro_step(self, batch, generator) -> StepOutput | None:
         accelerator = self.accelerator
-        if batch is None or batch.get("pixel_values") is None:
+        if batch is None or not batch.get("batch_size"):
             # Every pair of this micro-batch failed to decode (counted). Alone we simply skip it; with several
             # processes this rank still joins the gradient all-reduce, contributing zeros.
             self.skipped["empty_batches"] += 1
@@ -605,7 +661,8 @@ class SmPOTrainer:
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 state = {"global_step": global_step, "epoch": epoch, "next_batch": next_batch,
-                         "unet_evaluations": self.unet_evaluations, "skipped": self.skipped}
+                         "unet_evaluations": self.unet_evaluations, "skipped": self.skipped,
+                   "latent_cache": self.latent_cache_stats.as_dict() if self.latent_cache_stats else None}
                 with open(os.path.join(partial, TRAINER_STATE_NAME), "w") as handle:
                     json.dump(state, handle, indent=2)
                     handle.flush()
@@ -681,7 +738,7 @@ class SmPOTrainer:
         was_training = self.unet.training
         self.unet.eval()
         images = []
-        with torch.no_grad(), accelerator.autocast():
+        with torch.no_grad(), accelerator.autocast(), self._encoders_on_accelerator():
             for index, prompt in enumerate(config.validation_prompts):
                 generator = torch.Generator(device="cpu").manual_seed(config.seed + index)
                 images.append(pipeline(prompt, num_inference_steps=config.validation_num_inference_steps,
@@ -734,7 +791,8 @@ class SmPOTrainer:
         with open(os.path.join(output_dir, "training_config.json"), "w") as handle:
             json.dump(summary, handle, indent=2, sort_keys=True, default=str)
         metrics = {"global_step": getattr(self, "global_step", None), "final_metrics": self.last_metrics,
-                   "unet_evaluations": self.unet_evaluations, "skipped": self.skipped}
+                   "unet_evaluations": self.unet_evaluations, "skipped": self.skipped,
+                   "latent_cache": self.latent_cache_stats.as_dict() if self.latent_cache_stats else None}
         with open(os.path.join(output_dir, "training_metrics.json"), "w") as handle:
             json.dump(metrics, handle, indent=2, sort_keys=True)
 

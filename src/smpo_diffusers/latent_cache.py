@@ -1,0 +1,419 @@
+"""On-disk cache of VAE latent moments and prompt embeddings (``--cache_latents``).
+
+What is cached, per prepared pair, is what the trainer would compute from it at every step, before anything
+random is drawn:
+
+* the VAE posterior ``(mean, std)`` of both images after the pair transform (centre crop; with horizontal flips
+  enabled, of the unflipped *and* the flipped pair), fp32, unscaled. The training step still draws
+  ``mean + std * noise`` with its own generator, so a cached run samples exactly as an uncached one does;
+* the SDXL micro-conditioning inputs (original sizes, crop corner) and the transform's flags;
+* the prompt embeddings of every caption (and of the empty prompt used for ``--proportion_empty_prompts``), in
+  the training weight dtype, keyed by the caption's text.
+
+Which flip and whether the prompt is emptied are still drawn per ``(seed, epoch, index)`` exactly as
+:class:`~smpo_diffusers.data.PreferencePairDataset` draws them. Random crops cannot be cached (the config refuses
+``--random_crop`` with ``--cache_latents``).
+
+Layout: ``<latent_cache_dir>/<key>/`` where ``key`` hashes everything the entries depend on
+(:func:`cache_settings`: the dataset's ``datasets`` fingerprint, resolution, flips, the VAE's and text encoders'
+configs, weights (sampled) and dtypes, the tokenizers, the format version). Anything else changes a different
+key, i.e. a fresh folder: an old entry is never read for new settings. Inside, ``settings.json`` (human-readable)
+and append-only safetensors shards ``pairs-*.safetensors`` / ``prompts-*.safetensors``, each written to a
+temporary name and renamed when complete. A build computes only the entries that are missing (other subsets of
+the same dataset, an interrupted build, another winner order), so ablation runs on the same pairs share it.
+Under several processes each rank builds a disjoint share of the missing entries.
+
+Pair entries are keyed by the row in the raw dataset (``source_row``). When the two images have the same size
+the entry does not depend on which one won (``<row>/any``, image order); otherwise the transform resizes the
+loser to the winner's size and the entry is stored winner first under ``<row>/w<winner>``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from .data import EpochIndexedDataset, PairTransform, decode_image
+
+logger = logging.getLogger(__name__)
+
+CACHE_FORMAT_VERSION = 1
+PAIRS_PER_SHARD = 256
+CAPTIONS_PER_SHARD = 1024
+_FINGERPRINT_SAMPLES = 4096
+
+
+# ---------------------------------------------------------------------------- identity
+def module_fingerprint(module: torch.nn.Module) -> str:
+    """A hash of a module's tensors: names, shapes, dtypes, float64 sums and up to 4,096 evenly strided values
+    of each. Any fine-tune changes it; computing it reads each tensor once (cheap next to encoding a dataset)."""
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, tensor in sorted(module.state_dict().items()):
+            flat = tensor.detach().reshape(-1)
+            stride = max(1, flat.numel() // _FINGERPRINT_SAMPLES)
+            sample = flat[::stride].double().cpu().numpy()
+            digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|{float(flat.double().sum())}|".encode())
+            digest.update(sample.tobytes())
+    return digest.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of a tokenizer's class, length limit and vocabulary."""
+    vocab = sorted(tokenizer.get_vocab().items())
+    payload = json.dumps([type(tokenizer).__name__, tokenizer.model_max_length, vocab]).encode()
+    return hashlib.sha256(payload).hexdigest()
+
+
+def cache_settings(*, dataset_fingerprint: str, parts, resolution: int, hflip: bool, vae_dtype: torch.dtype,
+                   weight_dtype: torch.dtype) -> dict:
+    """Everything cached entries depend on, as a JSON-able dict (its hash names the cache folder)."""
+    return {
+        "format": CACHE_FORMAT_VERSION,
+        "dataset_fingerprint": dataset_fingerprint,
+        "resolution": int(resolution),
+        "hflip": bool(hflip),
+        "crop": "center",
+        "model_family": "sdxl" if parts.is_sdxl else "sd",
+        "vae": {"config": _jsonable(parts.vae.config), "weights": module_fingerprint(parts.vae),
+                "dtype": str(vae_dtype)},
+        "text_encoders": [{"class": type(encoder).__name__, "config": _jsonable(encoder.config.to_diff_dict()),
+                           "weights": module_fingerprint(encoder)} for encoder in parts.text_encoders],
+        "tokenizers": [tokenizer_fingerprint(tokenizer) for tokenizer in parts.tokenizers],
+        "prompt_dtype": str(weight_dtype),
+    }
+
+
+def _jsonable(config) -> dict:
+    """A config as plain JSON, without where it was loaded from (the weights' hash identifies the model)."""
+    return {key: value for key, value in json.loads(json.dumps(dict(config), default=str, sort_keys=True)).items()
+            if key != "_name_or_path"}
+
+
+def cache_key(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def caption_key(caption: str) -> str:
+    return hashlib.sha256(caption.encode("utf-8")).hexdigest()[:32]
+
+
+def _caption_text(caption) -> str:
+    """What the trainer feeds the text encoder for a stored caption (null/non-string -> the empty prompt)."""
+    return caption if isinstance(caption, str) else ""
+
+
+# ---------------------------------------------------------------------------- cache
+@dataclass
+class CacheBuildStats:
+    """What :meth:`LatentCache.ensure` found and did (counts of entries; seconds of this process)."""
+
+    path: str
+    key: str
+    pairs_needed: int
+    pairs_built: int
+    prompts_needed: int
+    prompts_built: int
+    undecodable_pairs: int
+    seconds: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class LatentCache:
+    """One cache folder (``root/key``); see the module docstring."""
+
+    def __init__(self, root: str, settings: dict):
+        self.settings = settings
+        self.key = cache_key(settings)
+        self.path = os.path.join(os.path.abspath(os.path.expanduser(root)), self.key)
+        self.hflip = bool(settings["hflip"])
+
+    # ------------------------------------------------------------------ index
+    def _shards(self, prefix: str) -> list[str]:
+        if not os.path.isdir(self.path):
+            return []
+        return sorted(os.path.join(self.path, name) for name in os.listdir(self.path)
+                      if name.startswith(prefix) and name.endswith(".safetensors"))
+
+    def index(self, prefix: str) -> tuple[dict[str, str], set[str]]:
+        """``({entry key: shard path}, {keys of undecodable pairs})`` from the shards' headers (entry key = tensor
+        name before its last '.')."""
+        from safetensors import safe_open
+
+        entries, undecodable = {}, set()
+        for shard in self._shards(prefix):
+            with safe_open(shard, framework="pt") as handle:
+                for name in handle.keys():
+                    key, field = name.rsplit(".", 1)
+                    entries[key] = shard
+                    if field == "undecodable":
+                        undecodable.add(key)
+        return entries, undecodable
+
+    # ------------------------------------------------------------------ building
+    def ensure(self, pairs, parts, *, resolution: int, weight_dtype: torch.dtype, accelerator=None,
+               batch_size: int = 8) -> CacheBuildStats:
+        """Compute and write every entry ``pairs`` needs that the cache lacks; returns what was done.
+
+        ``pairs``: the output of :func:`~smpo_diffusers.data.prepare_preference_pairs`. ``parts``: the models
+        (VAE and text encoders on the device they should run on). Collective under several processes.
+        """
+        start = time.perf_counter()
+        rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+        if rank == 0:
+            os.makedirs(self.path, exist_ok=True)
+            settings_path = os.path.join(self.path, "settings.json")
+            if not os.path.exists(settings_path):
+                _atomic_write_text(settings_path, json.dumps(self.settings, indent=2, sort_keys=True, default=str))
+        _barrier(accelerator)
+
+        rows = np.asarray(pairs["source_row"], dtype=np.int64)
+        winners = np.asarray(pairs["winner_index"], dtype=np.int64)
+        have, _ = self.index("pairs-")
+        missing = sorted({(int(r), int(w)) for r, w in zip(rows, winners)
+                          if f"{r}/any" not in have and f"{r}/w{w}" not in have})
+        captions = {""} | {_caption_text(c) for c in pairs["caption"]}
+        have_prompts, _ = self.index("prompts-")
+        missing_prompts = sorted(c for c in captions if caption_key(c) not in have_prompts)
+        _barrier(accelerator)  # every rank has listed the shards before any rank writes one
+
+        undecodable = self._build_pairs(pairs, missing[rank::world], parts, resolution, batch_size)
+        self._build_prompts(missing_prompts[rank::world], parts, weight_dtype, batch_size)
+        _barrier(accelerator)
+        if missing or missing_prompts:
+            logger.info("latent cache %s: built %d pair and %d prompt entries (%d undecodable pairs)", self.path,
+                        len(missing), len(missing_prompts), undecodable)
+        return CacheBuildStats(path=self.path, key=self.key, pairs_needed=len(set(zip(rows, winners))),
+                               pairs_built=len(missing), prompts_needed=len(captions),
+                               prompts_built=len(missing_prompts), undecodable_pairs=undecodable,
+                               seconds=time.perf_counter() - start)
+
+    def _build_pairs(self, pairs, todo: list[tuple[int, int]], parts, resolution: int, batch_size: int) -> int:
+        if not todo:
+            return 0
+        from .models import latent_moments
+
+        position = {int(r): i for i, r in enumerate(pairs["source_row"])}
+        images = pairs.select_columns(["jpg_0", "jpg_1"]).with_format("arrow")
+        transform = PairTransform(resolution, random_crop=False, hflip=False)
+        undecodable = 0
+        for shard_start in range(0, len(todo), PAIRS_PER_SHARD):
+            tensors: dict[str, torch.Tensor] = {}
+            chunk = todo[shard_start:shard_start + PAIRS_PER_SHARD]
+            for batch_start in range(0, len(chunk), batch_size):
+                decoded = []
+                for row, winner in chunk[batch_start:batch_start + batch_size]:
+                    cells = images[position[row]].to_pylist()[0]
+                    img_0, img_1 = decode_image(cells["jpg_0"]), decode_image(cells["jpg_1"])
+                    if img_0 is None or img_1 is None:
+                        tensors[f"{row}/any.undecodable"] = torch.ones(1, dtype=torch.int8)
+                        undecodable += 1
+                        continue
+                    if img_0.size == img_1.size:  # order-free: store in image order
+                        key, sample = f"{row}/any", transform(img_0, img_1, rng=None)
+                    else:  # the loser takes the winner's size: store winner first
+                        lead = (img_0, img_1) if winner == 0 else (img_1, img_0)
+                        key, sample = f"{row}/w{winner}", transform(*lead, rng=None)
+                    decoded.append((key, sample))
+                if not decoded:
+                    continue
+                pixels = torch.cat([sample.pixel_values for _, sample in decoded])  # (2n, 3, H, W)
+                if self.hflip:
+                    pixels = torch.cat([pixels, pixels.flip(-1)])
+                mean, std = latent_moments(parts.vae, pixels)
+                variants = 2 if self.hflip else 1
+                shape = (variants, len(decoded), 2, *mean.shape[1:])
+                mean, std = mean.cpu().reshape(shape), std.cpu().reshape(shape)
+                for i, (key, sample) in enumerate(decoded):
+                    tensors[f"{key}.mean"] = mean[:, i].contiguous()  # (variants, 2, C, h, w)
+                    tensors[f"{key}.std"] = std[:, i].contiguous()
+                    tensors[f"{key}.original_sizes"] = sample.original_sizes
+                    tensors[f"{key}.crop_top_left"] = sample.crop_top_lefts[0].clone()
+                    tensors[f"{key}.flags"] = torch.tensor([sample.resized_pair, sample.upscaled], dtype=torch.int8)
+            self._write_shard("pairs", tensors)
+        return undecodable
+
+    def _build_prompts(self, captions: list[str], parts, weight_dtype: torch.dtype, batch_size: int) -> None:
+        if not captions:
+            return
+        from .models import encode_prompts
+
+        device = parts.text_encoders[0].device
+        for shard_start in range(0, len(captions), CAPTIONS_PER_SHARD):
+            tensors: dict[str, torch.Tensor] = {}
+            chunk = captions[shard_start:shard_start + CAPTIONS_PER_SHARD]
+            step = max(batch_size, 16)
+            for batch_start in range(0, len(chunk), step):
+                texts = chunk[batch_start:batch_start + step]
+                prompts = encode_prompts(parts, texts, device, dtype=weight_dtype)
+                for i, text in enumerate(texts):
+                    tensors[f"{caption_key(text)}.hidden"] = prompts.hidden[i].cpu().contiguous()
+                    if prompts.pooled is not None:
+                        tensors[f"{caption_key(text)}.pooled"] = prompts.pooled[i].cpu().contiguous()
+            self._write_shard("prompts", tensors)
+
+    def _write_shard(self, prefix: str, tensors: dict[str, torch.Tensor]) -> None:
+        from safetensors.torch import save_file
+
+        if not tensors:
+            return
+        name = f"{prefix}-{time.strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:12]}.safetensors"
+        final = os.path.join(self.path, name)
+        partial = os.path.join(self.path, f".{name}.tmp")
+        save_file(tensors, partial, metadata={"format": str(CACHE_FORMAT_VERSION)})
+        os.replace(partial, final)
+
+    # ------------------------------------------------------------------ reading
+    def reader(self) -> "CacheReader":
+        pair_index, undecodable = self.index("pairs-")
+        return CacheReader(pair_index, self.index("prompts-")[0], undecodable)
+
+
+class CacheReader:
+    """Reads entries from the shards (memory-mapped; handles opened lazily, per process, at most
+    ``MAX_OPEN_SHARDS`` at a time)."""
+
+    MAX_OPEN_SHARDS = 64
+
+    def __init__(self, pair_index: dict[str, str], prompt_index: dict[str, str], undecodable: set[str]):
+        self.pair_index, self.prompt_index, self.undecodable = pair_index, prompt_index, undecodable
+        self._handles: OrderedDict[str, object] = OrderedDict()
+
+    def __getstate__(self):  # DataLoader workers reopen the files themselves
+        return {**self.__dict__, "_handles": OrderedDict()}
+
+    def _get(self, index: dict[str, str], key: str, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        shard = index[key]
+        handle = self._handles.get(shard)
+        if handle is None:
+            handle = self._handles[shard] = safe_open(shard, framework="pt")
+            while len(self._handles) > self.MAX_OPEN_SHARDS:
+                self._handles.popitem(last=False)
+        else:
+            self._handles.move_to_end(shard)
+        return handle.get_tensor(f"{key}.{name}")
+
+    def pair_entry(self, row: int, winner: int) -> tuple[str, bool] | None:
+        """``(entry key, winner_first)`` for a pair, or None when the cache lacks it."""
+        if f"{row}/w{winner}" in self.pair_index:
+            return f"{row}/w{winner}", True
+        if f"{row}/any" in self.pair_index:
+            return f"{row}/any", False
+        return None
+
+    def is_undecodable(self, key: str) -> bool:
+        return key in self.undecodable
+
+    def pair(self, key: str, name: str) -> torch.Tensor:
+        return self._get(self.pair_index, key, name)
+
+    def prompt(self, caption: str, name: str) -> torch.Tensor:
+        return self._get(self.prompt_index, caption_key(caption), name)
+
+    def has_prompt(self, caption: str) -> bool:
+        return caption_key(caption) in self.prompt_index
+
+
+# ---------------------------------------------------------------------------- torch dataset
+class CachedPairDataset(EpochIndexedDataset):
+    """The cached twin of :class:`~smpo_diffusers.data.PreferencePairDataset`: same items, same random draws
+    (``np.random.default_rng([seed, epoch, i])``: empty prompt, then the flip), latents instead of pixels.
+
+    ``__getitem__(i)`` returns None for an undecodable pair, else a dict with ``latent_mean``/``latent_std``
+    ``(2, C, h, w)`` fp32 (winner first, unscaled VAE moments), ``prompt_hidden`` ``(L, D)`` and, for SDXL,
+    ``prompt_pooled`` ``(D2,)`` (weight dtype), and the same ``prob_w``, ``caption``, ``original_sizes``,
+    ``crop_top_lefts``, ``index`` and flags as the pixel dataset.
+    """
+
+    def __init__(self, pairs, reader: CacheReader, *, seed: int, proportion_empty_prompts: float = 0.0,
+                 hflip: bool = True, is_sdxl: bool = False):
+        self.rows = np.asarray(pairs["source_row"], dtype=np.int64)
+        self.winners = np.asarray(pairs["winner_index"], dtype=np.int64)
+        self.prob_w = np.asarray(pairs["prob_w"], dtype=np.float32)
+        self.captions = list(pairs["caption"])
+        self.reader = reader
+        self.seed, self.hflip, self.is_sdxl = int(seed), bool(hflip), bool(is_sdxl)
+        self.proportion_empty_prompts = float(proportion_empty_prompts)
+        missing = [int(r) for r, w in zip(self.rows, self.winners) if reader.pair_entry(int(r), int(w)) is None]
+        missing_prompts = [c for c in {""} | {_caption_text(c) for c in self.captions} if not reader.has_prompt(c)]
+        if missing or missing_prompts:
+            raise RuntimeError(f"the latent cache lacks {len(missing)} pair and {len(missing_prompts)} prompt "
+                               "entries; build it with LatentCache.ensure(...) first. With several machines, "
+                               "--latent_cache_dir must be on a filesystem that all of them share.")
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict | None:
+        index = self._checked_index(i)
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        empty_prompt = bool(rng.random() < self.proportion_empty_prompts)
+        flipped = bool(self.hflip and rng.random() < 0.5)  # PairTransform's draw (centre crop: no crop draws)
+        row, winner = int(self.rows[index]), int(self.winners[index])
+        key, winner_first = self.reader.pair_entry(row, winner)
+        if self.reader.is_undecodable(key):
+            return None
+        order = [0, 1] if winner_first or winner == 0 else [1, 0]
+        variant = 1 if flipped else 0
+        caption = self.captions[index]
+        missing_caption = not isinstance(caption, str)
+        text = "" if missing_caption or empty_prompt else caption
+        flags = self.reader.pair(key, "flags")
+        crop = self.reader.pair(key, "crop_top_left")
+        item = {
+            "latent_mean": self.reader.pair(key, "mean")[variant][order],
+            "latent_std": self.reader.pair(key, "std")[variant][order],
+            "prompt_hidden": self.reader.prompt(text, "hidden"),
+            "prob_w": float(self.prob_w[index]),
+            "caption": text,
+            "original_sizes": self.reader.pair(key, "original_sizes")[order],
+            "crop_top_lefts": crop.unsqueeze(0).repeat(2, 1),
+            "index": index,
+            "empty_prompt": empty_prompt,
+            "missing_caption": missing_caption,
+            "resized_pair": bool(flags[0]),
+            "upscaled": bool(flags[1]),
+            "flipped": flipped,
+        }
+        if self.is_sdxl:
+            item["prompt_pooled"] = self.reader.prompt(text, "pooled")
+        return item
+
+
+def _atomic_write_text(path: str, text: str) -> None:
+    partial = f"{path}.{os.getpid()}.tmp"
+    with open(partial, "w") as handle:
+        handle.write(text)
+    os.replace(partial, path)
+
+
+def _barrier(accelerator) -> None:
+    if accelerator is not None and accelerator.num_processes > 1:
+        accelerator.wait_for_everyone()
+
+
+__all__ = [
+    "CACHE_FORMAT_VERSION",
+    "CacheBuildStats",
+    "CacheReader",
+    "CachedPairDataset",
+    "LatentCache",
+    "cache_key",
+    "cache_settings",
+    "caption_key",
+    "module_fingerprint",
+    "tokenizer_fingerprint",
+]

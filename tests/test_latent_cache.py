@@ -1,0 +1,207 @@
+"""--cache_latents: cached items equal the pixel pipeline's, reuse across runs, invalidation, partial builds."""
+
+import io
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset, load_from_disk
+from PIL import Image
+
+from smpo_diffusers import SmPOConfig, SmPOTrainer
+from smpo_diffusers.data import PairTransform, PreferencePairDataset, collate_preference_batch
+from smpo_diffusers.latent_cache import LatentCache, cache_key, cache_settings, module_fingerprint
+from smpo_diffusers.models import encode_prompts, latent_moments
+from smpo_diffusers.testing import encode_image
+
+
+def make_config(tmp_path, model, data=None, name="out", **overrides):
+    options = dict(pretrained_model_name_or_path=model, dataset_name=data, output_dir=str(tmp_path / name),
+                   resolution=32, train_batch_size=2, max_train_steps=3, report_to="none", learning_rate=1e-3,
+                   seed=0, cache_latents=True, latent_cache_dir=str(tmp_path / "cache"))
+    options.update(overrides)
+    return SmPOConfig(**options)
+
+
+def awkward_pairs(demo_inputs):
+    """8 labelled pairs: one of unequal sizes won by image 1, one undecodable, one without a caption."""
+    base = load_from_disk(demo_inputs["sdxl"][1]).select(range(8))
+    rows = base.to_dict()
+    rows["jpg_0"][1] = encode_image(Image.open(io.BytesIO(rows["jpg_0"][1])).resize((48, 40)))
+    rows["reward_0"][1], rows["reward_1"][1] = 0.1, 0.9  # image 1 wins: the loser (image 0) takes its size
+    rows["jpg_1"][2] = rows["jpg_1"][2][: len(rows["jpg_1"][2]) // 3]  # truncated: undecodable
+    rows["caption"][3] = None
+    return Dataset.from_dict(rows, features=base.features)
+
+
+def test_cached_items_equal_the_pixel_pipeline_item_by_item(tmp_path, demo_inputs):
+    trainer = SmPOTrainer(make_config(tmp_path, demo_inputs["sdxl"][0], proportion_empty_prompts=0.5),
+                          dataset=awkward_pairs(demo_inputs))
+    cached = trainer.train_dataset
+    pixels = PreferencePairDataset(trainer.pairs, PairTransform(32, hflip=True), seed=0, proportion_empty_prompts=0.5)
+    parts = trainer.parts
+    assert trainer.latent_cache_stats.undecodable_pairs == 1
+    unequal = int(np.flatnonzero(np.asarray(trainer.pairs["source_row"]) == 1)[0])
+    assert trainer.pairs["winner_index"][unequal] == 1
+    seen_flips = set()
+    for epoch in range(3):
+        cached.set_epoch(epoch)
+        pixels.set_epoch(epoch)
+        for i in range(len(cached)):
+            got, want = cached[i], pixels[i]
+            if want is None:
+                assert got is None
+                continue
+            for key in ("prob_w", "caption", "index", "empty_prompt", "missing_caption", "resized_pair",
+                        "upscaled", "flipped"):
+                assert got[key] == want[key], (epoch, i, key)
+            assert torch.equal(got["original_sizes"], want["original_sizes"])
+            assert torch.equal(got["crop_top_lefts"], want["crop_top_lefts"])
+            mean, std = latent_moments(parts.vae, want["pixel_values"])
+            torch.testing.assert_close(got["latent_mean"], mean, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(got["latent_std"], std, rtol=1e-4, atol=1e-5)
+            prompt = encode_prompts(parts, [want["caption"]], "cpu", dtype=trainer.weight_dtype)
+            torch.testing.assert_close(got["prompt_hidden"], prompt.hidden[0], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(got["prompt_pooled"], prompt.pooled[0], rtol=1e-4, atol=1e-5)
+            seen_flips.add(got["flipped"])
+            if i == unequal:
+                assert got["resized_pair"] and got["original_sizes"][1].tolist() == [40, 48]
+    assert seen_flips == {False, True}
+    batch = collate_preference_batch([cached[i] for i in range(4)])
+    assert batch["latent_mean"].shape[:2] == (batch["batch_size"], 2) and "pixel_values" not in batch
+
+
+def test_cached_training_matches_uncached_and_reuses_the_cache(tmp_path, demo_inputs):
+    model, data = demo_inputs["sdxl"]
+    runs = {}
+    for name, cached in (("plain", False), ("first", True), ("second", True)):
+        config = make_config(tmp_path, model, data, name=name, cache_latents=cached,
+                             latent_cache_dir=str(tmp_path / "cache") if cached else None)
+        trainer = SmPOTrainer(config)
+        steps, compute_loss = [], trainer.compute_loss
+        trainer.compute_loss = lambda batch, generator: steps.append(compute_loss(batch, generator)) or steps[-1]
+        trainer.train()
+        runs[name] = (trainer, steps, torch.cat([p.detach().reshape(-1) for p in trainer.trainable_params]))
+    first, second = runs["first"][0].latent_cache_stats, runs["second"][0].latent_cache_stats
+    assert first.pairs_built == first.pairs_needed > 0 and first.prompts_built == first.prompts_needed
+    assert second.pairs_built == 0 and second.prompts_built == 0 and second.path == first.path
+    # The same draws from the same generator (timesteps, VAE posterior, noise): only the VAE/text-encoder batch
+    # numerics differ, so the first step agrees closely and the losses stay together.
+    plain, cached = runs["plain"][1], runs["first"][1]
+    assert len(plain) == len(cached) == 3
+    assert torch.equal(plain[0].timesteps, cached[0].timesteps)
+    for field in ("policy_err_w", "policy_err_l", "ref_err_w", "ref_err_l", "inversion_residual"):
+        torch.testing.assert_close(getattr(cached[0], field), getattr(plain[0], field), rtol=1e-4, atol=1e-6)
+    for a, b in zip(cached, plain):
+        assert a.loss.item() == pytest.approx(b.loss.item(), rel=1e-2)
+    # Adam's first steps are ~sign(gradient): a rounding-level difference can flip a near-zero gradient's sign.
+    close = torch.isclose(runs["first"][2], runs["plain"][2], rtol=1e-3, atol=1e-5)
+    assert close.float().mean() > 0.98
+    assert torch.equal(runs["second"][2], runs["first"][2])  # reading the cache again is deterministic
+    saved = json.loads((tmp_path / "second" / "training_metrics.json").read_text())
+    assert saved["latent_cache"]["pairs_built"] == 0 and saved["latent_cache"]["key"] == first.key
+
+
+def test_ablations_share_the_cache_and_subsets_build_only_what_is_missing(tmp_path, demo_inputs):
+    model, data = demo_inputs["sdxl"]
+    small = SmPOTrainer(make_config(tmp_path, model, data, name="small", max_train_samples=6))
+    assert small.latent_cache_stats.pairs_built == 6
+    stray = os.path.join(small.latent_cache_stats.path, ".pairs-interrupted.safetensors.tmp")
+    with open(stray, "wb") as handle:  # what a build killed mid-write leaves behind: never read
+        handle.write(b"\0" * 100)
+    ablation = SmPOTrainer(make_config(tmp_path, model, data, name="dpo", loss_type="dpo", noise_source="random",
+                                       beta_dpo=2000.0, proportion_empty_prompts=0.0, seed=3))
+    stats = ablation.latent_cache_stats
+    assert stats.path == small.latent_cache_stats.path
+    assert stats.pairs_needed == len(ablation.pairs)
+    # only rows the small run lacked (the DPO labels may order a pair differently: only unequal sizes matter)
+    assert stats.pairs_built == len(ablation.pairs) - 6
+    assert np.isfinite(ablation.train()["loss"])
+
+
+def test_anything_the_entries_depend_on_changes_the_key(tmp_path, demo_inputs):
+    model, data = demo_inputs["sdxl"]
+    trainer = SmPOTrainer(make_config(tmp_path, model, data))
+    base = dict(dataset_fingerprint=trainer.dataset_fingerprint, parts=trainer.parts, resolution=32, hflip=True,
+                vae_dtype=torch.float32, weight_dtype=torch.float32)
+    key = cache_key(cache_settings(**base))
+    assert key == trainer.latent_cache_stats.key
+    for change in (dict(resolution=16), dict(hflip=False), dict(weight_dtype=torch.bfloat16),
+                   dict(vae_dtype=torch.float16), dict(dataset_fingerprint="another")):
+        assert cache_key(cache_settings(**(base | change))) != key, change
+    vae = trainer.parts.vae
+    before = module_fingerprint(vae)
+    with torch.no_grad():
+        next(vae.parameters()).view(-1)[1] += 1e-3  # one weight of a fine-tuned VAE
+    assert module_fingerprint(vae) != before
+    assert cache_key(cache_settings(**base)) != key
+
+    # A re-saved dataset with one image changed is another dataset (another datasets fingerprint).
+    changed = load_from_disk(data)
+    rows = changed.to_dict()
+    rows["jpg_0"][0] = encode_image(Image.new("RGB", (32, 32), "white"))
+    other = tmp_path / "other-data"
+    Dataset.from_dict(rows, features=changed.features).save_to_disk(str(other))
+    shutil.copy(os.path.join(data, "reward_stats.json"), other / "reward_stats.json")
+    retrained = SmPOTrainer(make_config(tmp_path, model, str(other), name="other"))
+    assert retrained.latent_cache_stats.key != key and retrained.latent_cache_stats.pairs_built > 0
+    # The folders keep their settings, readable.
+    settings = json.loads(open(os.path.join(trainer.latent_cache_stats.path, "settings.json")).read())
+    assert settings["resolution"] == 32 and settings["hflip"] is True
+
+
+def test_cache_without_flips_stores_one_variant(tmp_path, demo_inputs):
+    model, data = demo_inputs["sd"]
+    trainer = SmPOTrainer(make_config(tmp_path, model, data, no_hflip=True, max_train_samples=4,
+                                      validation_prompts=["a red circle"], validation_num_inference_steps=2))
+    reader = trainer.train_dataset.reader
+    key = next(iter(reader.pair_index))
+    assert reader.pair(key, "mean").shape[0] == 1  # (variants, 2, C, h, w)
+    assert "prompt_pooled" not in trainer.train_dataset[0]  # SD has no pooled embedding
+    assert np.isfinite(trainer.train()["loss"])
+    # validation still renders images: the VAE and text encoder come back for it (off the accelerator otherwise)
+    assert (tmp_path / "out" / "validation.png").is_file()
+
+
+def test_default_cache_folder_is_under_hf_home(monkeypatch, tmp_path):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HOME", str(tmp_path))
+    config = SmPOConfig(cache_latents=True, report_to="none")
+    assert config.latent_cache_root == os.path.join(str(tmp_path), "smpo_diffusers", "latent_cache")
+    assert SmPOConfig(cache_latents=True, latent_cache_dir="mine", report_to="none").latent_cache_root == "mine"
+
+
+def test_cache_flag_errors():
+    with pytest.raises(ValueError, match="--cache_latents stores centre crops"):
+        SmPOConfig(cache_latents=True, random_crop=True, report_to="none")
+    with pytest.raises(ValueError, match="--latent_cache_dir is only used with --cache_latents"):
+        SmPOConfig(latent_cache_dir="/tmp/x", report_to="none")
+
+
+def test_cache_reader_refuses_a_cache_that_lacks_entries(tmp_path, demo_inputs):
+    model, data = demo_inputs["sdxl"]
+    trainer = SmPOTrainer(make_config(tmp_path, model, data, max_train_samples=4))
+    settings = cache_settings(dataset_fingerprint=trainer.dataset_fingerprint, parts=trainer.parts, resolution=32,
+                              hflip=True, vae_dtype=torch.float32, weight_dtype=torch.float32)
+    cache = LatentCache(str(tmp_path / "empty-cache"), settings)  # same settings, nothing built there
+    from smpo_diffusers.latent_cache import CachedPairDataset
+
+    with pytest.raises(RuntimeError, match="lacks 4 pair"):
+        CachedPairDataset(trainer.pairs, cache.reader(), seed=0)
+
+
+def test_reader_keeps_a_bounded_number_of_shards_open(tmp_path, demo_inputs, monkeypatch):
+    from smpo_diffusers import latent_cache
+
+    monkeypatch.setattr(latent_cache, "PAIRS_PER_SHARD", 2)  # 14 pairs -> 7 shards
+    model, data = demo_inputs["sdxl"]
+    trainer = SmPOTrainer(make_config(tmp_path, model, data))
+    dataset = trainer.train_dataset
+    assert len(set(dataset.reader.pair_index.values())) == 7
+    monkeypatch.setattr(latent_cache.CacheReader, "MAX_OPEN_SHARDS", 3)
+    items = [dataset[i] for i in range(len(dataset))] + [dataset[0]]
+    assert len(dataset.reader._handles) <= 3 and all(item is not None for item in items)
