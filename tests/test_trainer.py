@@ -156,13 +156,17 @@ def run_with_interrupt(config, stop_after_checkpoint=None):
     return trainer
 
 
-def test_resume_mid_epoch_equals_an_uninterrupted_run(tmp_path, demo_inputs):
+@pytest.mark.parametrize("cached", [False, True], ids=["pixels", "latent-cache"])
+def test_resume_mid_epoch_equals_an_uninterrupted_run(tmp_path, demo_inputs, cached):
     model, data = demo_inputs["sdxl"]
     # 14 pairs at batch 2 -> 7 micro-batches per epoch -> 4 updates (the last one a single micro-batch).
     # Stopping after update 5 resumes in the middle of the second epoch, through accelerate's
-    # skip_first_batches, with random crops that depend on the epoch.
+    # skip_first_batches, with random crops (cached: flips) that depend on the epoch. The cached run also reads
+    # through two DataLoader workers.
+    augmentation = (dict(cache_latents=True, latent_cache_dir=str(tmp_path / "cache"), dataloader_num_workers=2)
+                    if cached else dict(random_crop=True))
     common = dict(max_train_steps=6, gradient_accumulation_steps=2, checkpointing_steps=5, train_batch_size=2,
-                  random_crop=True, lr_scheduler="cosine", lr_warmup_steps=1)
+                  lr_scheduler="cosine", lr_warmup_steps=1, **augmentation)
     full = make_config(tmp_path / "a", model, data, **common)
     run_with_interrupt(full)
     interrupted = make_config(tmp_path / "b", model, data, **common)
