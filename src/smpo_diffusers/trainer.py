@@ -452,7 +452,8 @@ class SmPOTrainer:
             pixels = batch["pixel_values"]
             x0 = encode_images(parts.vae, torch.cat([pixels[:, 0], pixels[:, 1]]), generator)
             return x0, encode_prompts(parts, batch["captions"], device, dtype=self.weight_dtype)
-        mean, std = (torch.cat([batch[key][:, 0], batch[key][:, 1]]).to(device) for key in ("latent_mean", "latent_std"))
+        mean, std = (torch.cat([batch[key][:, 0], batch[key][:, 1]]).to(device)
+                     for key in ("latent_mean", "latent_std"))
         pooled = batch["prompt_pooled"].to(device, self.weight_dtype) if parts.is_sdxl else None
         prompts = PromptEmbeddings(hidden=batch["prompt_hidden"].to(device, self.weight_dtype), pooled=pooled)
         return sample_latents(parts.vae.config, mean, std, generator), prompts
@@ -661,8 +662,7 @@ class SmPOTrainer:
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 state = {"global_step": global_step, "epoch": epoch, "next_batch": next_batch,
-                         "unet_evaluations": self.unet_evaluations, "skipped": self.skipped,
-                   "latent_cache": self.latent_cache_stats.as_dict() if self.latent_cache_stats else None}
+                         "unet_evaluations": self.unet_evaluations, "skipped": self.skipped}
                 with open(os.path.join(partial, TRAINER_STATE_NAME), "w") as handle:
                     json.dump(state, handle, indent=2)
                     handle.flush()
