@@ -70,6 +70,9 @@ def test_cached_items_equal_the_pixel_pipeline_item_by_item(tmp_path, demo_input
             if i == unequal:
                 assert got["resized_pair"] and got["original_sizes"][1].tolist() == [40, 48]
     assert seen_flips == {False, True}
+    again = SmPOTrainer(make_config(tmp_path, demo_inputs["sdxl"][0], name="again", proportion_empty_prompts=0.5),
+                        dataset=awkward_pairs(demo_inputs))
+    assert again.latent_cache_stats.pairs_built == 0 and again.latent_cache_stats.undecodable_pairs == 1
     batch = collate_preference_batch([cached[i] for i in range(4)])
     assert batch["latent_mean"].shape[:2] == (batch["batch_size"], 2) and "pixel_values" not in batch
 

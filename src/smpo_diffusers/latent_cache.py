@@ -115,7 +115,8 @@ def _caption_text(caption) -> str:
 # ---------------------------------------------------------------------------- cache
 @dataclass
 class CacheBuildStats:
-    """What :meth:`LatentCache.ensure` found and did (counts of entries; seconds of this process)."""
+    """What :meth:`LatentCache.ensure` found and did: entries needed and built now (by all processes), pairs whose
+    images do not decode (skipped in training), seconds spent by this process."""
 
     path: str
     key: str
@@ -188,9 +189,11 @@ class LatentCache:
         missing_prompts = sorted(c for c in captions if caption_key(c) not in have_prompts)
         _barrier(accelerator)  # every rank has listed the shards before any rank writes one
 
-        undecodable = self._build_pairs(pairs, missing[rank::world], parts, resolution, batch_size)
+        self._build_pairs(pairs, missing[rank::world], parts, resolution, batch_size)
         self._build_prompts(missing_prompts[rank::world], parts, weight_dtype, batch_size)
         _barrier(accelerator)
+        _, bad = self.index("pairs-")
+        undecodable = sum(f"{row}/any" in bad for row in set(rows.tolist()))  # whoever built them
         if missing or missing_prompts:
             logger.info("latent cache %s: built %d pair and %d prompt entries (%d undecodable pairs)", self.path,
                         len(missing), len(missing_prompts), undecodable)
@@ -199,15 +202,14 @@ class LatentCache:
                                prompts_built=len(missing_prompts), undecodable_pairs=undecodable,
                                seconds=time.perf_counter() - start)
 
-    def _build_pairs(self, pairs, todo: list[tuple[int, int]], parts, resolution: int, batch_size: int) -> int:
+    def _build_pairs(self, pairs, todo: list[tuple[int, int]], parts, resolution: int, batch_size: int) -> None:
         if not todo:
-            return 0
+            return
         from .models import latent_moments
 
         position = {int(r): i for i, r in enumerate(pairs["source_row"])}
         images = pairs.select_columns(["jpg_0", "jpg_1"]).with_format("arrow")
         transform = PairTransform(resolution, random_crop=False, hflip=False)
-        undecodable = 0
         for shard_start in range(0, len(todo), PAIRS_PER_SHARD):
             tensors: dict[str, torch.Tensor] = {}
             chunk = todo[shard_start:shard_start + PAIRS_PER_SHARD]
@@ -218,7 +220,6 @@ class LatentCache:
                     img_0, img_1 = decode_image(cells["jpg_0"]), decode_image(cells["jpg_1"])
                     if img_0 is None or img_1 is None:
                         tensors[f"{row}/any.undecodable"] = torch.ones(1, dtype=torch.int8)
-                        undecodable += 1
                         continue
                     if img_0.size == img_1.size:  # order-free: store in image order
                         key, sample = f"{row}/any", transform(img_0, img_1, rng=None)
@@ -242,7 +243,6 @@ class LatentCache:
                     tensors[f"{key}.crop_top_left"] = sample.crop_top_lefts[0].clone()
                     tensors[f"{key}.flags"] = torch.tensor([sample.resized_pair, sample.upscaled], dtype=torch.int8)
             self._write_shard("pairs", tensors)
-        return undecodable
 
     def _build_prompts(self, captions: list[str], parts, weight_dtype: torch.dtype, batch_size: int) -> None:
         if not captions:
