@@ -86,11 +86,14 @@ class Setup:
     checkpointing: bool
     optimizer: str  # "adafactor", "adamw8bit" or "adamw" (fused on CUDA)
     inversion_copy: bool = False  # --inversion_weight_copy
+    compiled: bool = False  # experiment, no flag yet: torch.compile of the inversion copy's forward
+    channels_last: bool = False  # experiment, no flag yet: every UNet in channels_last memory format
 
     @property
     def name(self) -> str:
         return (f"{self.method} {self.dtype}{' +ckpt' if self.checkpointing else ''} {self.optimizer}"
-                f"{' +copy' if self.inversion_copy else ''}")
+                f"{' +copy' if self.inversion_copy else ''}{' +compile' if self.compiled else ''}"
+                f"{' +cl' if self.channels_last else ''}")
 
 
 SETUPS = [
@@ -105,6 +108,9 @@ SETUPS = [
     Setup("full", "fp16", True, "adafactor"),
     Setup("lora", "bf16", True, "adamw"),
     Setup("full", "bf16", False, "adafactor"),
+    # Experiments towards the 1.3 s/pair goal (run when the budget allows, or pick them with --only):
+    Setup("full", "bf16", False, "adamw", inversion_copy=True, channels_last=True),
+    Setup("full", "bf16", False, "adamw", inversion_copy=True, compiled=True),
 ]
 SMOKE_SETUPS = [Setup("full", "bf16", True, "adafactor", inversion_copy=True), Setup("lora", "fp16", False, "adamw")]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -119,9 +125,17 @@ def parse_args(argv=None):
                         help="Timed pairs (steps) per mode and set-up, rounded up to a whole timestep cycle (2).")
     parser.add_argument("--smoke", action="store_true",
                         help="Tiny SDXL-shaped UNet on CPU (or GPU) at 32 px, two set-ups: checks the script runs.")
+    parser.add_argument("--only", nargs="+", default=None, metavar="SETUP",
+                        help="Run just these set-ups, by name (e.g. 'full bf16 adamw +copy +compile'), in this order.")
     args = parser.parse_args(argv)
     if args.timed_pairs < 1 or args.time_budget_s <= 0:
         parser.error("--timed_pairs must be >= 1 and --time_budget_s > 0")
+    if args.only:
+        known = {setup.name: setup for setup in SETUPS + SMOKE_SETUPS}
+        unknown = [name for name in args.only if name not in known]
+        if unknown:
+            parser.error(f"unknown set-up(s) {unknown}; known: {sorted(known)}")
+        args.only = [known[name] for name in args.only]
     return args
 
 
@@ -190,6 +204,16 @@ class StepModels:
         self.trainable = [p for p in unet.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(setup, self.trainable)
         self.inversion_copy = InversionWeightCopy(unet, self.weight_dtype) if setup.inversion_copy else None
+        if setup.channels_last:
+            for module in (unet, self.reference.frozen_unet, self.inversion_copy and self.inversion_copy.module):
+                if module is not None:
+                    module.to(memory_format=torch.channels_last)
+        if setup.compiled:
+            if self.inversion_copy is None:
+                raise ValueError("the compile experiment compiles the inversion copy: set inversion_copy too")
+            # The forward only: module hooks (the evaluation counter) stay in eager Python, outside the graph.
+            copy = self.inversion_copy.module
+            copy.forward = torch.compile(copy.forward)
         self.scaler = torch.amp.GradScaler(device.type) if setup.dtype == "fp16" else None
 
     def autocast(self):
@@ -491,7 +515,7 @@ def main(argv=None) -> dict | None:
         "expected_smpo": expected, "forward_tflop": flops / 1e12, "results": [],
     }
     longest = 0.0
-    for setup in SMOKE_SETUPS if args.smoke else SETUPS:
+    for setup in args.only or (SMOKE_SETUPS if args.smoke else SETUPS):
         elapsed = time.perf_counter() - began
         if setup.optimizer == "adamw8bit" and not (have_bnb and device.type == "cuda"):
             report["results"].append({"setup": setup.name, **setup.__dict__,

@@ -233,6 +233,16 @@ def test_gpu_sdxl_step_smoke_runs_on_cpu(tmp_path):
     assert "| full bf16 +ckpt adafactor +copy | ok | smpo |" in output.read_text()  # copy evaluations counted too
 
 
+def test_gpu_sdxl_step_runs_chosen_setups_and_refuses_unknown_names(tmp_path):
+    gpu = load_script("gpu_sdxl_step")
+    report = gpu.main(["--smoke", "--timed_pairs", "1", "--output", str(tmp_path / "gpu.md"),
+                       "--only", "lora fp16 adamw"])
+    assert [r["setup"] for r in report["results"]] == ["lora fp16 adamw"]
+    assert {s.name for s in gpu.SETUPS} >= {"full bf16 adamw +copy +compile", "full bf16 adamw +copy +cl"}
+    with pytest.raises(SystemExit):
+        gpu.parse_args(["--output", str(tmp_path / "x.md"), "--only", "full bf16 warp-drive"])
+
+
 def test_gpu_sdxl_step_without_cuda_exits_cleanly(tmp_path, monkeypatch):
     gpu = load_script("gpu_sdxl_step")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

@@ -312,3 +312,19 @@ def test_bad_arguments():
         sched.invert(zero, x0, torch.tensor([1, 2]), 10, 1, grid="fancy")
     with pytest.raises(ValueError, match="num_inversion_steps"):
         sched.invert(zero, x0, torch.tensor([1, 2]), 0, 1)
+
+
+def test_invert_hands_the_model_contiguous_level_tensors():
+    """The levels of one step are a column of the (batch, width) grid; handing the model that strided view would
+    make a torch.compile'd model recompile whenever the grid width changes (it guards on strides)."""
+    sched = sd_scheduler(set_alpha_to_one=True)
+    seen = []
+
+    def model(z, t):
+        seen.append((t.is_contiguous(), t.stride(), tuple(t.shape)))
+        return torch.zeros_like(z)
+
+    x0 = torch.zeros(3, 4, 4, 4)
+    sched.invert(model, x0, torch.tensor([999, 600, 300]), 10, 1)
+    assert seen and all(contiguous and stride == (1,) for contiguous, stride, _ in seen)
+    assert {shape for _, _, shape in seen} == {(3,), (2,), (1,)}  # finished samples are not evaluated

@@ -325,7 +325,8 @@ class InversionScheduler(DDIMInverseScheduler):
             evaluations = 0
             for j, active in enumerate(active_counts):
                 rows = slice(0, active)
-                source, target = reached[rows], levels[rows, j]
+                # Dense strides: a column view's stride is the grid width, and torch.compile guards on strides.
+                source, target = reached[rows], levels[rows, j].clone(memory_format=torch.contiguous_format)
                 sample = latents[rows]
                 step_kwargs = _index_batch(kwargs, rows)
 
