@@ -60,6 +60,7 @@ from smpo_diffusers.accounting import (
     inversion_steps,
     module_tensors,
     optimizer_state_tensors,
+    write_report,
 )
 from smpo_diffusers.models import (
     InversionWeightCopy,
@@ -473,15 +474,9 @@ def render(report: dict) -> str:
 
 
 def write(report: dict, output: str, echo: bool) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    text = render(report)
-    with open(output, "w") as handle:
-        handle.write(text)
+    write_report(render(report), output, echo=echo)
     with open(os.path.splitext(output)[0] + ".json", "w") as handle:
         json.dump(report, handle, indent=2, default=str)
-    if echo:
-        print(text)
-        print(f"wrote {output} and its .json")
 
 
 def main(argv=None) -> dict | None:
@@ -492,9 +487,7 @@ def main(argv=None) -> dict | None:
         message = ("gpu_sdxl_step: no CUDA device; nothing measured. Run it on a GPU machine, or pass --smoke for the "
                    "tiny CPU check.")
         print(message)
-        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-        with open(args.output, "w") as handle:
-            handle.write(f"# SDXL step benchmark\n\n{message}\n")
+        write_report(f"# SDXL step benchmark\n\n{message}\n", args.output, echo=False)
         return None
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     config = unet_config(args.smoke)

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from smpo_diffusers.accounting import write_report
 from smpo_diffusers.rewards import PickScoreRewardModel, RewardLabeler
 from smpo_diffusers.testing import make_preference_dataset, tiny_clip_model, tiny_clip_tokenizer
 
@@ -197,12 +198,7 @@ def main(argv=None):
         for r in rows
     )
     report = "# Reward-labelling throughput\n\n" + header + table
-    print(report)
-    if args.results:
-        os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
-        with open(args.results, "w", encoding="utf-8") as handle:
-            handle.write(report)
-        print(f"wrote {args.results}")
+    write_report(report, args.results)
     if not all(r["agree"] for r in rows):
         raise SystemExit("batched and naive scores disagree beyond --tolerance")
     return rows

@@ -38,6 +38,7 @@ from smpo_diffusers.accounting import (
     real_model_parts_on_meta,
     tensor_bytes,
     trainer_resident_bytes,
+    write_report,
 )
 from smpo_diffusers.demo import build_demo_inputs
 from smpo_diffusers.testing import tiny_sdxl_components
@@ -226,12 +227,7 @@ def main(argv=None):
         tiny = measure_tiny(work_dir, args.rank)
     real = compute_real(args.real_families, args.rank)
     text = render(tiny, real, time.perf_counter() - began, args.rank)
-    print(text)
-    if args.output:
-        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-        with open(args.output, "w") as handle:
-            handle.write(text)
-        print(f"wrote {args.output}")
+    write_report(text, args.output)
     return tiny, real
 
 

@@ -59,6 +59,7 @@ from smpo_diffusers.accounting import (
     UNetEvaluationCounter,
     expected_evaluations_per_pair,
     expected_unet_evaluations,
+    write_report,
 )
 from smpo_diffusers.demo import build_demo_inputs
 
@@ -397,12 +398,7 @@ def main(argv=None) -> list[dict]:
                               f"(median fit {r['measured_over_predicted_median']:.3f})", flush=True)
                     del trainers
     text = render(rows, args, time.perf_counter() - began)
-    print(text)
-    if args.output:
-        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-        with open(args.output, "w") as handle:
-            handle.write(text)
-        print(f"wrote {args.output}")
+    write_report(text, args.output)
     return rows
 
 

@@ -100,6 +100,7 @@ def test_evaluate_writes_results_table_and_grid(tmp_path):
                        reward_names=["toy", "smpo_diffusers.demo:colourfulness_reward"], seeds_per_prompt=2,
                        num_inference_steps=2, guidance_scale=1.0, resolution=32, progress=False, grid_columns=2)
     saved = json.load(open(tmp_path / "eval" / "results.json"))
+    assert json.loads(json.dumps(results)) == saved  # what it returns is what it wrote
     assert saved["num_samples"] == 4 and saved["scores"]["seeds"] == [0, 1, 2, 3]
     assert set(saved["rewards"]) == {"toy", "smpo_diffusers.demo:colourfulness_reward"}
     for name, summary in saved["rewards"].items():

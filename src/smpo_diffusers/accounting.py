@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -26,6 +27,7 @@ from typing import Callable, Iterable
 import torch
 
 __all__ = [
+    "write_report",
     "SD15_UNET_CONFIG",
     "SDXL_UNET_CONFIG",
     "SD_VAE_CONFIG",
@@ -618,3 +620,15 @@ def _bytes_in_dtype(module, dtype: torch.dtype) -> int:
     size = torch.empty((), dtype=dtype).element_size()
     return sum(t.numel() * (size if t.is_floating_point() else t.element_size()) for t in module_tensors(module))
 
+
+# ---------------------------------------------------------------------------------------------- reports
+def write_report(text: str, path: str | None, echo: bool = True) -> None:
+    """Print a benchmark's report (``echo``) and, when ``path`` is given, write it there (parent folders created)."""
+    if echo:
+        print(text)
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        if echo:
+            print(f"wrote {path}")
