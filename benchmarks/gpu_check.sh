@@ -4,13 +4,16 @@
 #   2. benchmarks/gpu_sdxl_step.py (SDXL-size SmPO vs Diffusion-DPO steps).
 # Logs and the benchmark's table land in OUT_DIR; copy them into benchmarks/results/ and commit them.
 #
-#   bash benchmarks/gpu_check.sh OUT_DIR [BENCHMARK_BUDGET_S]     (0: the tests alone)
+#   bash benchmarks/gpu_check.sh OUT_DIR [BENCHMARK_BUDGET_S [BENCHMARK_ARGS...]]     (budget 0: the tests alone)
+#   e.g. bash benchmarks/gpu_check.sh $OUT 300 --only "full bf16 adamw +copy" "full bf16 adamw +copy +compile"
 #
 # Packages missing on the machine may be put beside the repository as wheels in .whl/ (installed with --no-deps
 # into /tmp/site, which then goes first on PYTHONPATH); the package itself is used from src/.
 set -uo pipefail
-out=${1:?usage: bash benchmarks/gpu_check.sh OUT_DIR [BENCHMARK_BUDGET_S]}
+out=${1:?usage: bash benchmarks/gpu_check.sh OUT_DIR [BENCHMARK_BUDGET_S [BENCHMARK_ARGS...]]}
 budget=${2:-300}
+shift $(( $# < 2 ? $# : 2 ))
+benchmark_args=("$@")  # passed on to gpu_sdxl_step.py
 mkdir -p "$out"
 if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -18,6 +21,10 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+if [ "${budget%.*}" -gt 0 ]; then  # a mistyped set-up name fails here, before the tests spend device time
+    python3 benchmarks/gpu_sdxl_step.py --output "$out/gpu_sdxl_step.md" --time_budget_s "$budget" \
+        "${benchmark_args[@]}" --check_args || { echo "bad benchmark arguments: $*"; exit 2; }
+fi
 
 {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
@@ -44,7 +51,7 @@ tests_status=${PIPESTATUS[0]}
 bench_status=0
 if [ "${budget%.*}" -gt 0 ]; then  # a budget of 0 runs the tests alone
     timeout $((${budget%.*} + 90)) python3 benchmarks/gpu_sdxl_step.py --output "$out/gpu_sdxl_step.md" \
-        --time_budget_s "$budget" 2>&1 | tee "$out/gpu_sdxl_step.log"
+        --time_budget_s "$budget" "${benchmark_args[@]}" 2>&1 | tee "$out/gpu_sdxl_step.log"
     bench_status=${PIPESTATUS[0]}
 fi
 

@@ -87,7 +87,7 @@ class Setup:
     checkpointing: bool
     optimizer: str  # "adafactor", "adamw8bit" or "adamw" (fused on CUDA)
     inversion_copy: bool = False  # --inversion_weight_copy
-    compiled: bool = False  # experiment, no flag yet: torch.compile of the inversion copy's forward
+    compiled: bool = False  # --compile_inversion_copy
     channels_last: bool = False  # experiment, no flag yet: every UNet in channels_last memory format
 
     @property
@@ -128,6 +128,9 @@ def parse_args(argv=None):
                         help="Tiny SDXL-shaped UNet on CPU (or GPU) at 32 px, two set-ups: checks the script runs.")
     parser.add_argument("--only", nargs="+", default=None, metavar="SETUP",
                         help="Run just these set-ups, by name (e.g. 'full bf16 adamw +copy +compile'), in this order.")
+    parser.add_argument("--check_args", action="store_true",
+                        help="Check the arguments and exit (gpu_check.sh does this first, so that a typo fails before "
+                             "the tests spend device time).")
     args = parser.parse_args(argv)
     if args.timed_pairs < 1 or args.time_budget_s <= 0:
         parser.error("--timed_pairs must be >= 1 and --time_budget_s > 0")
@@ -211,10 +214,8 @@ class StepModels:
                     module.to(memory_format=torch.channels_last)
         if setup.compiled:
             if self.inversion_copy is None:
-                raise ValueError("the compile experiment compiles the inversion copy: set inversion_copy too")
-            # The forward only: module hooks (the evaluation counter) stay in eager Python, outside the graph.
-            copy = self.inversion_copy.module
-            copy.forward = torch.compile(copy.forward)
+                raise ValueError("--compile_inversion_copy compiles the inversion copy: set inversion_copy too")
+            self.inversion_copy.compile_forward()  # --compile_inversion_copy; the counting hooks stay eager
         self.scaler = torch.amp.GradScaler(device.type) if setup.dtype == "fp16" else None
 
     def autocast(self):
@@ -374,9 +375,11 @@ def run_setup(setup: Setup, config: dict, latent_size: int, device, scheduler, p
         models = StepModels(setup, config, device)
         cond = Conditioning(config, latent_size, device, models.weight_dtype)
         result["build_s"] = time.perf_counter() - started
-        # Warm-up: one step of each mode (allocator, kernels, optimiser state).
+        # Warm-up: one step of each mode (allocator, kernels, optimiser state, compilation).
+        started = time.perf_counter()
         for mode in ("smpo", "dpo"):
             train_step(models, scheduler, cond, pair_timesteps[-1], mode)
+        result["warmup_s"] = time.perf_counter() - started
         result["resident_gb"] = {k: v / 1e9 for k, v in models.resident_bytes().items()}
         for mode in ("smpo", "dpo"):
             if device.type == "cuda":
@@ -447,21 +450,23 @@ def render(report: dict) -> str:
         "not counted. Peak = torch.cuda.max_memory_allocated during the timed steps of that mode (includes the "
         "resident weights, optimiser state and gradients). Resident = parameters + optimiser state + gradients "
         "(counted from the tensors after the warm-up; gradients as allocated during backward). Non-finite steps: loss or "
-        "gradient norm not finite (with fp16 the grad scaler then skips the update while it calibrates).",
+        "gradient norm not finite (with fp16 the grad scaler then skips the update while it calibrates). Warm-up s: "
+        "the untimed first SmPO and DPO steps (includes compilation for +compile).",
         "",
         "| set-up | status | mode | s/pair (mean) | s/pair (median) | evals/pair grad / no-grad | TFLOP/pair | "
         "achieved TFLOP/s | peak GB | resident GB | inversion (DPO: noising) ms | ref+policy fwd ms | backward ms | "
-        "optimiser ms | non-finite steps | SmPO/DPO time | SmPO/DPO FLOPs |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "optimiser ms | non-finite steps | SmPO/DPO time | SmPO/DPO FLOPs | warm-up s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["results"]:
         if r["status"] != "ok":
-            lines.append(f"| {r['setup']} | {r['status']} |" + " - |" * 15)
+            lines.append(f"| {r['setup']} | {r['status']} |" + " - |" * 16)
             continue
         resident = sum(r["resident_gb"].values())
         for mode, m in r["modes"].items():
             peak = "-" if m["peak_gb"] is None else f"{m['peak_gb']:.1f}"
-            ratios = (f"{r['smpo_over_dpo']:.2f} | {r['flop_ratio']:.2f}" if mode == "smpo" else " | ")
+            ratios = (f"{r['smpo_over_dpo']:.2f} | {r['flop_ratio']:.2f} | {r['warmup_s']:.1f}" if mode == "smpo"
+                      else " | | ")
             lines.append(
                 f"| {r['setup']} | ok | {mode} | {m['s_per_pair_mean']:.3f} | {m['s_per_pair_median']:.3f} | "
                 f"{m['evals_per_pair']['grad']:.1f} / {m['evals_per_pair']['no_grad']:.1f} | "
@@ -481,6 +486,9 @@ def write(report: dict, output: str, echo: bool) -> None:
 
 def main(argv=None) -> dict | None:
     args = parse_args(argv)
+    if args.check_args:
+        print("gpu_sdxl_step: arguments ok")
+        return None
     began = PROCESS_START if argv is None else time.perf_counter()
     warnings.filterwarnings("ignore")
     if not torch.cuda.is_available() and not args.smoke:

@@ -227,6 +227,7 @@ def test_gpu_sdxl_step_smoke_runs_on_cpu(tmp_path):
         assert dpo == {"grad": 2.0, "no_grad": 2.0}
         assert result["flop_ratio"] == pytest.approx((24 + 2 * gpu.BACKWARD_FLOP_MULTIPLIER[result["method"]])
                                                      / (2 + 2 * gpu.BACKWARD_FLOP_MULTIPLIER[result["method"]]))
+    assert all(result["warmup_s"] > 0 for result in report["results"])
     assert report["forward_tflop"] > 0
     saved = json.loads((tmp_path / "gpu.json").read_text())
     assert saved["device"].startswith("CPU") or torch.cuda.is_available()
@@ -241,6 +242,9 @@ def test_gpu_sdxl_step_runs_chosen_setups_and_refuses_unknown_names(tmp_path):
     assert {s.name for s in gpu.SETUPS} >= {"full bf16 adamw +copy +compile", "full bf16 adamw +copy +cl"}
     with pytest.raises(SystemExit):
         gpu.parse_args(["--output", str(tmp_path / "x.md"), "--only", "full bf16 warp-drive"])
+    checked = ["--output", str(tmp_path / "y.md"), "--check_args", "--only", "full bf16 adamw +copy +compile"]
+    assert gpu.main(checked) is None
+    assert not (tmp_path / "y.md").exists()  # checked, nothing run or written
 
 
 def test_gpu_sdxl_step_without_cuda_exits_cleanly(tmp_path, monkeypatch):
@@ -249,6 +253,25 @@ def test_gpu_sdxl_step_without_cuda_exits_cleanly(tmp_path, monkeypatch):
     output = tmp_path / "gpu.md"
     assert gpu.main(["--output", str(output)]) is None
     assert "no CUDA device" in output.read_text()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the script's plumbing on a machine without CUDA")
+def test_gpu_check_script_passes_benchmark_arguments_on(tmp_path):
+    """benchmarks/gpu_check.sh OUT BUDGET [ARGS...]: ARGS reach gpu_sdxl_step.py and a bad set-up name fails before
+    the tests spend device time. Run from a folder mirroring the repository (no .whl/ wheels to install)."""
+    import subprocess
+
+    root = os.path.dirname(BENCHMARKS)
+    mirror = tmp_path / "repo"
+    mirror.mkdir()
+    for name in ("src", "benchmarks", "tests"):
+        (mirror / name).symlink_to(os.path.join(root, name))
+    env = {**os.environ, "PYTHONPATH": ""}
+
+    bad = subprocess.run(["bash", "benchmarks/gpu_check.sh", str(tmp_path / "out"), "1", "--only",
+                          "full bf16 warp-drive"], cwd=mirror, env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "unknown set-up(s) ['full bf16 warp-drive']" in bad.stderr, bad.stdout + bad.stderr
+    assert not (tmp_path / "out" / "cuda_tests.log").exists()
 
 
 def test_gpu_sdxl_step_balanced_timesteps_and_optimizer():

@@ -32,6 +32,7 @@ def non_default_argv():
         "inversion_grid": "reference", "noise_source": "inversion",
         "output_dir": "out", "logging_dir": "tb",
         "inversion_weight_copy": False,  # needs --inversion_model policy: parsed on its own below
+        "compile_inversion_copy": False,  # needs --inversion_weight_copy: parsed on its own below
         "report_to": "none", "checkpointing_steps": 50, "checkpoints_total_limit": 3,
         "resume_from_checkpoint": "latest", "validation_prompts": ["a cat", "a dog"], "validation_steps": 10,
         "validation_num_inference_steps": 4, "save_full_pipeline": False, "push_to_hub": True,
@@ -59,8 +60,10 @@ def test_every_flag_parses_from_the_command_line():
     for name, value in expected.items():
         assert getattr(config, name) == value, name
     assert demo.demo and demo.demo_world == "tiny-random"
-    config, _ = parse_training_args(["--inversion_weight_copy", "--cache_latents", "--latent_cache_dir", "lc"])
-    assert config.inversion_weight_copy is True and config.cache_latents is True and config.latent_cache_dir == "lc"
+    config, _ = parse_training_args(["--inversion_weight_copy", "--compile_inversion_copy", "--cache_latents",
+                                     "--latent_cache_dir", "lc"])
+    assert config.inversion_weight_copy is True and config.compile_inversion_copy is True
+    assert config.cache_latents is True and config.latent_cache_dir == "lc"
     with pytest.raises(ValueError, match="--demo_world"):
         parse_training_args(["--demo", "--demo_world", "mars"])
 
@@ -106,6 +109,7 @@ def test_help_lists_every_flag():
     ({"noise_source": "random", "inversion_model": "reference"}, "--inversion_model only applies"),
     ({"noise_source": "random", "inversion_grid": "reference"}, "--inversion_grid only applies"),
     ({"inversion_weight_copy": True, "noise_source": "random"}, "--inversion_weight_copy copies the policy"),
+    ({"compile_inversion_copy": True}, "--compile_inversion_copy compiles the inversion's weight copy: add"),
     ({"loss_type": "dpo", "reward_scale": 0.1}, "--reward_scale is only used"),
     ({"train_method": "full", "lora_alpha": 4}, "--lora_alpha only applies"),
     ({"validation_steps": 5}, "--validation_steps needs --validation_prompts"),

@@ -76,3 +76,25 @@ def test_latent_cache_on_gpu(tmp_path, demo_inputs):
     metrics = trainer.train()
     assert np.isfinite(metrics["loss"]) and (tmp_path / "out" / "validation.png").is_file()
     assert all(module.device.type == "cpu" for module in encoders)
+
+
+def test_compiled_inversion_copy_on_gpu(tmp_path, demo_inputs):
+    """--compile_inversion_copy with inductor on the GPU: at most two graphs over three updates (the copy is
+    refreshed in place), and the run tracks the eager copy's run up to bf16 rounding."""
+    from torch._dynamo.utils import counters
+
+    model, data = demo_inputs["sdxl"]
+    losses = {}
+    for use_compile in (False, True):
+        torch._dynamo.reset()
+        counters.clear()
+        config = SmPOConfig(pretrained_model_name_or_path=model, dataset_name=data,
+                            output_dir=str(tmp_path / f"out{use_compile}"), resolution=32, train_batch_size=2,
+                            max_train_steps=3, report_to="none", mixed_precision="bf16", seed=0,
+                            inversion_weight_copy=True, compile_inversion_copy=use_compile)
+        metrics = SmPOTrainer(config).train()
+        assert np.isfinite(metrics["loss"])
+        losses[use_compile] = metrics["inversion_residual"]
+        if use_compile:
+            assert 1 <= counters["stats"]["unique_graphs"] <= 2 and not counters["graph_break"]
+    assert abs(losses[True] - losses[False]) <= 0.05 * abs(losses[False]) + 1e-3, losses

@@ -120,3 +120,51 @@ def test_copy_needs_inversion_by_the_policy():
         SmPOConfig(inversion_weight_copy=True, noise_source="random", report_to="none")
     with pytest.raises(ValueError, match="--inversion_weight_copy"):
         SmPOConfig(inversion_weight_copy=True, inversion_model="reference", report_to="none")
+
+
+def test_compiled_inversion_copy_matches_and_compiles_at_most_twice(tmp_path, demo_inputs, monkeypatch):
+    """--compile_inversion_copy: dynamo traces the copy's forward (the ``eager`` backend here: inductor's code
+    generation takes minutes on two CPU cores and is covered by the ``cuda`` tests) and the run equals the eager
+    copy. Refreshing the copy after each update writes into the same tensors and the changing number of rows the
+    inversion evaluates turns dynamic on the second size, so three updates compile at most two graphs, no breaks."""
+    from torch._dynamo.utils import counters
+
+    real_compile, compiled = torch.compile, []
+
+    def eager_backend_compile(function, **kwargs):
+        compiled.append(function)
+        return real_compile(function, backend="eager", **kwargs)
+
+    model, data = demo_inputs["sdxl"]
+    results = {}
+    for use_compile in (False, True):
+        torch._dynamo.reset()
+        counters.clear()
+        monkeypatch.setattr(torch, "compile", eager_backend_compile)
+        config = SmPOConfig(pretrained_model_name_or_path=model, dataset_name=data,
+                            output_dir=str(tmp_path / f"o{use_compile}"), resolution=32, train_batch_size=2,
+                            max_train_steps=3, report_to="none", learning_rate=1e-3,
+                            seed=0, inversion_weight_copy=True, compile_inversion_copy=use_compile)
+        trainer = SmPOTrainer(config)
+        rows, residuals = [], []
+        trainer.inversion_copy.module.register_forward_hook(lambda module, args, output: rows.append(args[0].shape[0]))
+        original = trainer.compute_loss
+
+        def recording(batch, generator, original=original):
+            step = original(batch, generator)
+            residuals.append(step.inversion_residual.clone())
+            return step
+
+        trainer.compute_loss = recording
+        assert np.isfinite(trainer.train()["loss"])
+        assert sum(rows) == trainer.unet_evaluations["inversion"] > 0  # hooks still see every call
+        results[use_compile] = (torch.cat(residuals), [p.detach().clone() for p in trainer.trainable_params])
+        if use_compile:
+            assert compiled == [trainer.inversion_copy.module.forward._torchdynamo_orig_callable]
+            assert counters["stats"]["unique_graphs"] == min(2, len(set(rows))), (dict(counters["stats"]), rows)
+            assert not counters["graph_break"], dict(counters["graph_break"])
+        else:
+            assert compiled == [] and counters["stats"]["unique_graphs"] == 0
+    torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-5, atol=1e-6)
+    for a, b in zip(results[True][1], results[False][1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -172,6 +172,12 @@ class SmPOConfig:
                        "each update: no per-call weight casts or adapter layers in the inversion forwards, for one "
                        "more UNet in the weight dtype (2 bytes/parameter under fp16/bf16)."),
     )
+    compile_inversion_copy: bool = field(
+        default=False,
+        metadata=_help("torch.compile the --inversion_weight_copy forward (inductor): the first inversion compiles "
+                       "(two graphs: the first batch size, then one for any batch size; minutes for SDXL, cached "
+                       "by inductor across runs), later inversion forwards run the compiled graph."),
+    )
 
     # ---------------------------------------------------------------- outputs, logging, checkpoints
     output_dir: str = field(default="smpo-model", metadata=_help("Where weights, checkpoints and logs go."))
@@ -250,6 +256,9 @@ class SmPOConfig:
                 "--inversion_weight_copy copies the policy for --noise_source inversion with --inversion_model "
                 "policy; drop it (the reference is already a frozen weight-dtype model)."
             )
+        if self.compile_inversion_copy and not self.inversion_weight_copy:
+            raise ValueError("--compile_inversion_copy compiles the inversion's weight copy: add "
+                             "--inversion_weight_copy (or drop --compile_inversion_copy).")
         if self.noise_source == "random" and self.inversion_grid != "exact":
             raise ValueError(
                 "--inversion_grid only applies to --noise_source inversion; drop it or use --noise_source inversion."

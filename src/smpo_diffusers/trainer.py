@@ -196,6 +196,9 @@ class SmPOTrainer:
         self._setup_optimization()
         self.inversion_copy = (InversionWeightCopy(self.unwrapped_unet, self.weight_dtype)
                                if config.inversion_weight_copy else None)
+        if config.compile_inversion_copy:
+            logger.info("compiling the inversion copy's forward: the first inversions compile (minutes for SDXL)")
+            self.inversion_copy.compile_forward()
 
     # ------------------------------------------------------------------ set-up
     def _check_output_dir_writable(self) -> None:
