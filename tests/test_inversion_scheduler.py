@@ -121,12 +121,11 @@ def test_constant_epsilon_closed_form(set_alpha_to_one, renoise, window):
         return e.expand(latents.shape[0], -1, -1, -1)
 
     out = sched.invert(model_fn, x0, timesteps, 10, renoise, renoise_average_window=window)
-    a_init = sched.initial_alpha_cumprod.float()
-    x0_prime = (x0 - (1 - a_init).sqrt() * e) / a_init.sqrt()  # the clean level is ā_init, not 1, unless set_alpha_to_one
+    # The inversion starts from the clean latent at ā = 1 whatever set_alpha_to_one says (real SD/SDXL configs set
+    # it false): starting at ā_0 would make the target at t = 0 about 0.015 x0 instead of e.
     a_t = sched.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
-    torch.testing.assert_close(out.latents, a_t.sqrt() * x0_prime + (1 - a_t).sqrt() * e, rtol=1e-5, atol=1e-5)
-    if set_alpha_to_one:
-        torch.testing.assert_close(out.epsilon, e.expand_as(x0), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out.latents, a_t.sqrt() * x0 + (1 - a_t).sqrt() * e, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.epsilon, e.expand_as(x0), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(sched.add_noise(x0, out.epsilon, timesteps), out.latents, rtol=1e-5, atol=1e-5)
     assert torch.equal(out.reached_timesteps, timesteps)
     assert out.latents.dtype == torch.float32 and out.epsilon.dtype == torch.float32

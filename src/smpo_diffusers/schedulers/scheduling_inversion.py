@@ -1,9 +1,12 @@
 """ReNoise (DDIM) inversion with per-sample target levels.
 
 Levels and ``ā``: a *level* is a discrete training timestep ``t ∈ [0, T)`` of the noise schedule, with
-``ā_t = alphas_cumprod[t]``. The clean latent ``x0`` sits at level ``-1`` whose ``ā`` is the scheduler's
-``initial_alpha_cumprod`` (``1`` when ``set_alpha_to_one``, else ``ā_0``), exactly as the parent
-:class:`~diffusers.DDIMInverseScheduler` treats a negative source level.
+``ā_t = alphas_cumprod[t]``. The clean latent ``x0`` sits at level ``-1`` with ``ā = 1``: the inversion starts
+from the same clean latent that the target ``τ_t`` below (and ``add_noise``) is measured from, so a model that
+always predicts the same ``e`` inverts to ``τ_t = e`` exactly. (The parent :class:`~diffusers.DDIMInverseScheduler`
+starts from ``initial_alpha_cumprod``, i.e. ``ā_0`` when ``set_alpha_to_one`` is false, as real SD/SDXL configs
+set it; that would treat ``x0`` as slightly noisy and shrink ``τ_t`` towards 0 at small ``t``: ``τ_0 ≈ 0.015 x0``.
+Only the parent-compatible :meth:`InversionScheduler.step` keeps the parent's convention.)
 
 One DDIM inversion step from level ``s`` to a higher level ``t`` with a noise estimate ``e``::
 
@@ -105,14 +108,14 @@ class InversionScheduler(DDIMInverseScheduler):
 
     # ------------------------------------------------------------------ ā look-ups
     def alphas_cumprod_at(self, levels: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
-        """fp32 ``ā`` at integer ``levels`` (any shape); level ``-1`` is the clean level (``initial_alpha_cumprod``)."""
+        """fp32 ``ā`` at integer ``levels`` (any shape); level ``-1`` is the clean latent, ``ā = 1``."""
         levels = torch.as_tensor(levels, dtype=torch.long)
         if levels.numel() and (levels.min() < -1 or levels.max() >= self.config.num_train_timesteps):
             raise ValueError(
                 f"levels must lie in [-1, {self.config.num_train_timesteps - 1}], got "
                 f"[{int(levels.min())}, {int(levels.max())}]"
             )
-        table = torch.cat([self.initial_alpha_cumprod.reshape(1).float(), self.alphas_cumprod.float()])
+        table = torch.cat([torch.ones(1), self.alphas_cumprod.float()])
         device = device if device is not None else levels.device
         return table.to(device)[(levels + 1).to(device)]
 
@@ -137,8 +140,10 @@ class InversionScheduler(DDIMInverseScheduler):
             target - self.config.num_train_timesteps // self.num_inference_steps,
             max=self.config.num_train_timesteps - 1,
         )
-        # The parent uses ā at the clean level for any negative source.
-        alpha_source = self._alpha_view(source.clamp(min=-1), sample).to(sample.dtype)
+        # The parent starts any negative source from initial_alpha_cumprod (ā_0 unless set_alpha_to_one).
+        negative = (source < 0).reshape((-1,) + (1,) * (sample.ndim - 1)).to(sample.device)
+        alpha_source = torch.where(negative, self.initial_alpha_cumprod.float().to(sample.device),
+                                   self._alpha_view(source.clamp(min=0), sample)).to(sample.dtype)
         alpha_target = self._alpha_view(target, sample).to(sample.dtype)
         beta_source = 1 - alpha_source
         prediction_type = self.config.prediction_type
