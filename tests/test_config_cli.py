@@ -111,6 +111,11 @@ def test_help_lists_every_flag():
     ({"inversion_weight_copy": True, "noise_source": "random"}, "--inversion_weight_copy copies the policy"),
     ({"compile_inversion_copy": True}, "--compile_inversion_copy compiles the inversion's weight copy: add"),
     ({"loss_type": "dpo", "reward_scale": 0.1}, "--reward_scale is only used"),
+    ({"loss_type": "dpo", "reward_columns": ["a", "b"]}, "--reward_columns is only used by --loss_type smpo"),
+    ({"noise_source": "random", "num_inversion_steps": 5}, "--num_inversion_steps and --num_renoise_steps only"),
+    ({"noise_source": "random", "num_renoise_steps": 0}, "--num_inversion_steps and --num_renoise_steps only"),
+    ({"lr_warmup_steps": 10}, "--lr_scheduler constant ignores --lr_warmup_steps 10; use --lr_scheduler"),
+    ({"lr_scheduler": "piecewise_constant"}, "--lr_scheduler 'piecewise_constant' is not supported"),
     ({"train_method": "full", "lora_alpha": 4}, "--lora_alpha only applies"),
     ({"validation_steps": 5}, "--validation_steps needs --validation_prompts"),
     ({"save_full_pipeline": True}, "--save_full_pipeline applies to --train_method full"),
@@ -127,6 +132,8 @@ def test_model_family_defaults():
     assert (sdxl.beta_dpo, sdxl.num_inversion_steps, sdxl.resolution) == (5000.0, 10, 1024)
     sd = SmPOConfig(beta_dpo=100.0).resolve_model_defaults(is_sdxl=False)
     assert (sd.beta_dpo, sd.num_inversion_steps, sd.resolution) == (100.0, 5, 512)
+    dpo = SmPOConfig(noise_source="random").resolve_model_defaults(is_sdxl=True)
+    assert dpo.num_inversion_steps is None and dpo.resolution == 1024  # nothing is inverted: no grid to report
 
 
 def test_cli_requires_model_and_data_without_demo(tmp_path):

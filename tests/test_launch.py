@@ -109,6 +109,37 @@ def test_two_processes_disjoint_data_identical_weights_and_resume(tmp_path, demo
 
 
 @pytest.mark.slow
+def test_two_processes_survive_micro_batches_that_decode_to_nothing(tmp_path, demo_inputs):
+    """Half the pairs are corrupt and each process trains one pair per micro-batch: whenever one process's pair
+    fails to decode while the other's does not, the empty process still joins the gradient all-reduce (a zero
+    contribution) and the metrics all-reduce. Skips and UNet evaluations are reported summed over processes."""
+    from datasets import load_from_disk
+
+    model, data = demo_inputs["sd"]
+    rows = load_from_disk(data).to_dict()
+    for row in range(0, len(rows["jpg_0"]), 2):
+        rows["jpg_0"][row] = rows["jpg_0"][row][:40]  # truncated: undecodable
+    from datasets import Dataset
+
+    Dataset.from_dict(rows, features=load_from_disk(data).features).save_to_disk(str(tmp_path / "half-corrupt"))
+    out = tmp_path / "out"
+    script = ROOT / "tests" / "scripts" / "record_training.py"
+    launch([script, tmp_path / "rec", *common_flags(model, tmp_path / "half-corrupt", out, train_batch_size=1,
+                                                    loss_type="dpo", noise_source="random", num_train_epochs=1)],
+           processes=2)
+    records = read_records(tmp_path / "rec")
+    sizes = list(zip(records[0]["micro_batch_sizes"], records[1]["micro_batch_sizes"]))
+    assert any(sorted(pair) == [0, 1] for pair in sizes), sizes  # an update where only one side was empty
+    assert records[0]["weights_sha256"] == records[1]["weights_sha256"]
+    metrics = json.loads((out / "training_metrics.json").read_text())
+    empty = sum(size == 0 for pair in sizes for size in pair)
+    trained = sum(size for pair in sizes for size in pair)
+    assert empty > 0 and metrics["skipped"]["undecodable_pairs"] == metrics["skipped"]["empty_batches"] == empty
+    assert metrics["unet_evaluations"] == {"inversion": 0, "policy": 2 * trained, "reference": 2 * trained}
+    assert metrics["global_step"] == len(sizes) and metrics["final_metrics"]
+
+
+@pytest.mark.slow
 def test_two_process_labelling_equals_one_process(tmp_path):
     from datasets import load_from_disk
 

@@ -198,6 +198,68 @@ def test_checkpoint_limit_and_partial_checkpoints_are_ignored(tmp_path, demo_inp
     assert not any(name.endswith((".bin", ".pt", ".pkl")) and "model" in name for name in os.listdir(ckpt))
 
 
+def test_checkpoints_of_another_run_and_a_changed_data_layout_are_refused(tmp_path, demo_inputs):
+    """Resuming from an older checkpoint (or starting afresh) beside a later run's checkpoints would let 'latest'
+    and the checkpoint limit confuse the two runs; resuming under another batch layout would point the saved
+    position at other pairs. Both fail before training, naming the fix."""
+    model, data = demo_inputs["sdxl"]
+    options = dict(max_train_steps=4, checkpointing_steps=2)
+    first = make_config(tmp_path, model, data, **options)
+    SmPOTrainer(first).train()
+    older = os.path.join(first.output_dir, "checkpoint-2")
+    with pytest.raises(ValueError, match=r"checkpoints past update 2 \(checkpoint-4\) from another run"):
+        SmPOTrainer(make_config(tmp_path, model, data, resume_from_checkpoint=older, **options)).train()
+    with pytest.raises(ValueError, match=r"past update 0 \(checkpoint-2, checkpoint-4\).*--resume_from_checkpoint"):
+        SmPOTrainer(make_config(tmp_path, model, data, **options)).train()
+    with pytest.raises(ValueError, match=r"data layout changed \(train_batch_size 2 -> 4\)"):
+        SmPOTrainer(make_config(tmp_path, model, data, max_train_steps=5, train_batch_size=4,
+                                resume_from_checkpoint="latest")).train()
+    with pytest.raises(ValueError, match=r"seed 0 -> 1, num_pairs"):
+        SmPOTrainer(make_config(tmp_path, model, data, max_train_steps=5, seed=1, max_train_samples=10,
+                                resume_from_checkpoint="latest")).train()
+    resumed = SmPOTrainer(make_config(tmp_path, model, data, max_train_steps=5, resume_from_checkpoint="latest"))
+    resumed.train()
+    assert resumed.global_step == 5
+    metrics = json.load(open(os.path.join(first.output_dir, "training_metrics.json")))
+    assert metrics["unet_evaluations"]["policy"] == 5 * 2 * 2  # 5 updates x 2 pairs x 2 images, carried over
+
+
+class NaNLossOnce(SmPOTrainer):
+    """Makes the loss of one chosen micro-batch NaN (as an fp16 blow-up would)."""
+
+    nan_at = 3
+
+    def compute_loss(self, batch, generator):
+        step = super().compute_loss(batch, generator)
+        self.calls = getattr(self, "calls", 0) + 1
+        if self.calls == self.nan_at:
+            step.loss = step.loss * float("nan")
+        return step
+
+
+def test_fp16_loss_scaling_survives_a_skipped_update(tmp_path, demo_inputs):
+    """On CUDA, --mixed_precision fp16 makes accelerate scale the loss with a GradScaler. Simulated on the CPU
+    with torch's CPU GradScaler: a NaN loss in the first micro-batch of update 2 (of 2) skips that update as
+    non-finite (not as an fp16 overflow), the scaler's cycle is closed (its scale backs off) and the next
+    updates run; before, the next clip failed with "unscale_() has already been called"."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(gradient_accumulation_steps=2)
+    accelerator.scaler = torch.amp.GradScaler("cpu")
+    accelerator.native_amp = True
+    accelerator.state._mixed_precision = "fp16"
+    model, data = demo_inputs["sdxl"]
+    trainer = NaNLossOnce(make_config(tmp_path, model, data, max_train_steps=4, gradient_accumulation_steps=2),
+                          accelerator=accelerator)
+    trainer.train()
+    assert trainer.global_step == 4 and trainer.calls == 7  # 14 pairs: the last update has one micro-batch
+    assert trainer.skipped["nonfinite_updates"] == 1  # the NaN micro-batch, not mistaken for an fp16 overflow
+    # Every skipped update, ours or a genuine fp16 overflow the scaler caught, halved the scale exactly once.
+    skips = trainer.skipped["nonfinite_updates"] + trainer.skipped["fp16_overflow_updates"]
+    assert accelerator.scaler.get_scale() == 65536.0 * 0.5 ** skips
+    assert all(torch.isfinite(p).all() for p in trainer.trainable_params)
+
+
 def test_reward_scale_sources(tmp_path, demo_inputs):
     model, data = demo_inputs["sdxl"]
     stats = json.load(open(os.path.join(data, "reward_stats.json")))

@@ -31,7 +31,7 @@ _CHOICES = {
     "tie_policy": ("drop", "keep"),
     "mixed_precision": (None, "no", "fp16", "bf16"),
     "lr_scheduler": ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
-                     "constant_with_warmup", "piecewise_constant"),
+                     "constant_with_warmup"),
 }
 
 # Fields that never reach training_config.json, model cards or tracker configs.
@@ -259,6 +259,18 @@ class SmPOConfig:
         if self.compile_inversion_copy and not self.inversion_weight_copy:
             raise ValueError("--compile_inversion_copy compiles the inversion's weight copy: add "
                              "--inversion_weight_copy (or drop --compile_inversion_copy).")
+        if self.noise_source == "random" and (self.num_inversion_steps is not None or self.num_renoise_steps != 1):
+            raise ValueError(
+                "--num_inversion_steps and --num_renoise_steps only apply to --noise_source inversion; drop them or "
+                "use --noise_source inversion."
+            )
+        if self.lr_warmup_steps and self.lr_scheduler == "constant":
+            raise ValueError(
+                f"--lr_scheduler constant ignores --lr_warmup_steps {self.lr_warmup_steps}; use --lr_scheduler "
+                "constant_with_warmup (or linear/cosine/...), or drop the warm-up."
+            )
+        if self.loss_type == "dpo" and self.reward_columns is not None:
+            raise ValueError("--reward_columns is only used by --loss_type smpo (DPO uses the human labels); drop it.")
         if self.noise_source == "random" and self.inversion_grid != "exact":
             raise ValueError(
                 "--inversion_grid only applies to --noise_source inversion; drop it or use --noise_source inversion."
@@ -284,9 +296,12 @@ class SmPOConfig:
 
     # ------------------------------------------------------------------
     def resolve_model_defaults(self, is_sdxl: bool) -> "SmPOConfig":
-        """Fill the model-family defaults (β, N, resolution) left as ``None``; returns ``self``."""
+        """Fill the model-family defaults (β, N, resolution) left as ``None``; returns ``self``. N stays ``None``
+        with ``--noise_source random`` (nothing is inverted)."""
         defaults = SDXL_DEFAULTS if is_sdxl else SD_DEFAULTS
         for name, value in defaults.items():
+            if name == "num_inversion_steps" and self.noise_source != "inversion":
+                continue
             if getattr(self, name) is None:
                 setattr(self, name, value)
         return self

@@ -502,8 +502,9 @@ def build_toy_demo_inputs(folder: str | os.PathLike, pairs_per_caption: int = 1,
 
 TOY_TRAINING_DEFAULTS = dict(resolution=TOY_RESOLUTION, train_batch_size=8, max_train_steps=60, learning_rate=3e-4,
                              beta_dpo=2000.0, rank=8, report_to="none", checkpointing_steps=10**6,
-                             num_inversion_steps=5, lr_scheduler="constant")
-"""SmPOConfig values the toy studies and the demo start from (any of them can be overridden)."""
+                             lr_scheduler="constant")
+"""SmPOConfig values the toy studies and the demo start from (any of them can be overridden). The toy pipeline
+is SD-layout, so inversion variants get the SD default grid N = 5."""
 
 
 def train_toy_model(output_dir: str, dataset_dir: str, **overrides):

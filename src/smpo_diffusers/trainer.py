@@ -57,6 +57,10 @@ from .latent_cache import CachedPairDataset, LatentCache, cache_settings
 
 logger = logging.getLogger(__name__)
 
+PER_PROCESS_SKIPS = ("undecodable_pairs", "empty_batches")
+"""Skip counters each process keeps for its own data (summed over processes when reported); the update
+counters (non-finite, fp16 overflow) are decided jointly and equal on every process."""
+
 __all__ = ["SmPOTrainer", "StepOutput", "EpochShuffleSampler", "make_optimizer"]
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
@@ -100,6 +104,10 @@ class StepOutput:
     inversion_residual: torch.Tensor
     timesteps: torch.Tensor
     unet_evaluations: dict
+
+    METRIC_NAMES = ("loss", "implicit_acc", "reward_margin", "preference_weight", "policy_err_w", "policy_err_l",
+                    "ref_err_w", "ref_err_l", "inversion_residual")
+    """The keys of :meth:`metrics`, in the order processes reduce them."""
 
     def metrics(self) -> dict:
         residual = self.inversion_residual[torch.isfinite(self.inversion_residual)]
@@ -165,6 +173,7 @@ class SmPOTrainer:
         self.skipped = {"nonfinite_updates": 0, "fp16_overflow_updates": 0, "undecodable_pairs": 0,
                         "empty_batches": 0}
         self.consecutive_nonfinite = 0
+        self._nonfinite_loss_in_update = False
         self.unet_evaluations = {"inversion": 0, "policy": 0, "reference": 0}
         self.last_metrics: dict = {}
 
@@ -493,6 +502,7 @@ class SmPOTrainer:
             self._clean_partial_checkpoints()
             accelerator.init_trackers("smpo", config=self._tracker_config())
         global_step, first_epoch, resume_batch = self._maybe_resume()
+        self._check_no_later_checkpoints(global_step)
         progress = tqdm(range(self.max_train_steps), initial=global_step, desc="updates",
                         disable=not accelerator.is_local_main_process)
         window: list[dict] = []
@@ -518,7 +528,7 @@ class SmPOTrainer:
                     continue
                 global_step += 1
                 progress.update(1)
-                logs = self._reduce_metrics(self._average(window)) | {"lr": self.lr_scheduler.get_last_lr()[0]}
+                logs = self._reduce_metrics(window) | {"lr": self.lr_scheduler.get_last_lr()[0]}
                 window = []
                 self.last_metrics = logs
                 progress.set_postfix(loss=f"{logs.get('loss', float('nan')):.4f}",
@@ -553,30 +563,50 @@ class SmPOTrainer:
         accelerator = self.accelerator
         if batch is None or not batch.get("batch_size"):
             # Every pair of this micro-batch failed to decode (counted). Alone we simply skip it; with several
-            # processes this rank still joins the gradient all-reduce, contributing zeros.
+            # processes this rank still runs the wrapped UNet once (times zero) so that it joins the gradient
+            # all-reduce the others are in.
             self.skipped["empty_batches"] += 1
             if accelerator.num_processes > 1:
-                accelerator.backward(sum((p * 0).sum() for p in self.trainable_params))
+                accelerator.backward(self._placeholder_policy_loss())
             if accelerator.sync_gradients and any(p.grad is not None for p in self.trainable_params):
-                self._finish_update(step_loss=torch.zeros(()))  # apply what earlier micro-batches accumulated
+                self._finish_update()  # apply what earlier micro-batches accumulated
             return None
         step = self.compute_loss(batch, generator)
         for stage, count in step.unet_evaluations.items():
             self.unet_evaluations[stage] += count
+        self._nonfinite_loss_in_update |= not bool(torch.isfinite(step.loss.detach()))
         accelerator.backward(step.loss)
         if accelerator.sync_gradients:
-            self._finish_update(step.loss)
+            self._finish_update()
         return step
 
-    def _finish_update(self, step_loss: torch.Tensor) -> None:
+    def _placeholder_policy_loss(self) -> torch.Tensor:
+        """Zero times one policy forward on a blank latent (level 0, zero conditioning): its gradients are exactly
+        zero, but it goes through the wrapped (DDP) model like a real step."""
+        unet_config, device = self.unwrapped_unet.config, self.accelerator.device
+        size = self.config.resolution // self.parts.vae_scale_factor
+        latents = torch.zeros(1, unet_config.in_channels, size, size, device=device)
+        conditioning = {"encoder_hidden_states": torch.zeros(1, 1, unet_config.cross_attention_dim, device=device,
+                                                             dtype=self.weight_dtype)}
+        if self.parts.is_sdxl:
+            pooled = unet_config.projection_class_embeddings_input_dim - 6 * unet_config.addition_time_embed_dim
+            conditioning["added_cond_kwargs"] = {
+                "text_embeds": torch.zeros(1, pooled, device=device, dtype=self.weight_dtype),
+                "time_ids": sdxl_time_ids(torch.full((1, 2), self.config.resolution, device=device),
+                                          torch.zeros(1, 2, device=device), self.config.resolution
+                                          ).to(self.weight_dtype)}
+        timesteps = torch.zeros(1, dtype=torch.long, device=device)
+        return self._unet_call(self.unet, latents, timesteps, conditioning).float().sum() * 0.0
+
+    def _finish_update(self) -> None:
         """Clip, check finiteness on every process, then step the optimiser and LR schedule (or skip)."""
         accelerator = self.accelerator
         max_norm = self.config.max_grad_norm if self.config.max_grad_norm > 0 else float("inf")
         grad_norm = accelerator.clip_grad_norm_(self.trainable_params, max_norm)
         fp16_scaled = accelerator.scaler is not None
         # With fp16 gradient scaling an overflowing step is the scaler's business: it skips the step and lowers
-        # the scale. A non-finite *loss* is a real problem in every precision.
-        nonfinite = not torch.isfinite(step_loss.detach()).item()
+        # the scale. A non-finite *loss* (in any micro-batch of the update) is a real problem in every precision.
+        nonfinite, self._nonfinite_loss_in_update = self._nonfinite_loss_in_update, False
         if not fp16_scaled:
             nonfinite = nonfinite or not torch.isfinite(torch.as_tensor(grad_norm)).item()
         if self._on_any_process(nonfinite):
@@ -601,6 +631,10 @@ class SmPOTrainer:
     def _skip_nonfinite_update(self) -> None:
         """Drop the accumulated gradients of a non-finite update; stop after too many in a row."""
         self.optimizer.zero_grad(set_to_none=True)
+        if self.accelerator.scaler is not None:
+            # clip_grad_norm_ unscaled this update's gradients; close the scaler's cycle (and lower the scale if it
+            # saw infs) as its own skipped step would, or the next update's unscale fails.
+            self.accelerator.scaler.update()
         self.skipped["nonfinite_updates"] += 1
         self.consecutive_nonfinite += 1
         logger.warning("non-finite loss or gradient: update skipped (%d in a row, %d in total)",
@@ -613,19 +647,20 @@ class SmPOTrainer:
                 "instead of fp16, a smaller --beta_dpo, or a lower --learning_rate / --max_grad_norm."
             )
 
-    @staticmethod
-    def _average(window: list[dict]) -> dict:
-        keys = {key for entry in window for key in entry}
-        return {key: float(np.mean([entry[key] for entry in window if key in entry])) for key in sorted(keys)}
-
-    def _reduce_metrics(self, logs: dict) -> dict:
-        """Average the update's metrics over processes (one small all-reduce); keys must match on all ranks."""
-        if self.accelerator.num_processes == 1 or not logs:
-            return logs
-        keys = sorted(logs)
-        values = torch.tensor([logs[k] for k in keys], dtype=torch.float64, device=self.accelerator.device)
-        values = self.accelerator.reduce(values, reduction="mean")
-        return dict(zip(keys, values.tolist()))
+    def _reduce_metrics(self, window: list[dict]) -> dict:
+        """Each metric's mean over the update's micro-batches on every process (one all-reduce of sums and
+        counts, which every process joins even when all its micro-batches were empty). A NaN entry makes the mean
+        NaN; a metric no micro-batch produced is left out."""
+        names = StepOutput.METRIC_NAMES
+        sums = torch.zeros(2, len(names), dtype=torch.float64)
+        for entry in window:
+            for column, name in enumerate(names):
+                sums[0, column] += entry[name]
+                sums[1, column] += 1
+        if self.accelerator.num_processes > 1:
+            sums = self.accelerator.reduce(sums.to(self.accelerator.device), reduction="sum").cpu()
+        return {name: float(sums[0, column] / sums[1, column])
+                for column, name in enumerate(names) if sums[1, column] > 0}
 
     def _tracker_config(self) -> dict:
         flat = {}
@@ -663,9 +698,10 @@ class SmPOTrainer:
         try:
             accelerator.save_state(partial)
             accelerator.wait_for_everyone()
+            evaluations, skipped = self.count_totals()  # a collective: every process gets here
             if accelerator.is_main_process:
                 state = {"global_step": global_step, "epoch": epoch, "next_batch": next_batch,
-                         "unet_evaluations": self.unet_evaluations, "skipped": self.skipped}
+                         "data_layout": self._data_layout(), "unet_evaluations": evaluations, "skipped": skipped}
                 with open(os.path.join(partial, TRAINER_STATE_NAME), "w") as handle:
                     json.dump(state, handle, indent=2)
                     handle.flush()
@@ -690,6 +726,54 @@ class SmPOTrainer:
         accelerator.wait_for_everyone()
         return final
 
+    def _data_layout(self) -> dict:
+        """What fixes which pairs a (process, batch index) holds: a checkpoint's position means nothing under
+        another layout."""
+        return {"num_processes": self.accelerator.num_processes, "train_batch_size": self.config.train_batch_size,
+                "gradient_accumulation_steps": self.config.gradient_accumulation_steps, "seed": self.config.seed,
+                "num_pairs": len(self.train_dataset)}
+
+    def _check_data_layout(self, path: str, saved: dict | None) -> None:
+        if saved is None:  # written before layouts were recorded
+            return
+        now = self._data_layout()
+        changed = {key: (saved[key], now[key]) for key in saved if key in now and saved[key] != now[key]}
+        if changed:
+            listed = ", ".join(f"{key} {old} -> {new}" for key, (old, new) in changed.items())
+            raise ValueError(
+                f"cannot resume from {path}: the data layout changed ({listed}). Its position in the epoch would "
+                "point at other pairs, silently skipping or repeating some. Resume with the checkpoint's settings "
+                "(processes, --train_batch_size, --gradient_accumulation_steps, --seed, the same pairs), or start a "
+                "new run in a new --output_dir."
+            )
+
+    def _check_no_later_checkpoints(self, start_step: int) -> None:
+        """Checkpoints past the starting update belong to another run: ``latest`` would pick them and the
+        checkpoint limit would prune this run's instead."""
+        later = [os.path.basename(path) for step, path in self._checkpoints() if step > start_step]
+        if later:
+            raise ValueError(
+                f"--output_dir {self.config.output_dir} holds checkpoints past update {start_step} ({', '.join(later)})"
+                " from another run; this run's checkpoints would be mixed with them ('latest' would resume theirs and "
+                "--checkpoints_total_limit would delete this run's). Resume from the latest one "
+                "(--resume_from_checkpoint latest), move them away, or use a new --output_dir."
+            )
+
+    def count_totals(self) -> tuple[dict, dict]:
+        """``(unet_evaluations, skipped)`` over all processes: per-process counts summed (UNet evaluations,
+        undecodable pairs, empty micro-batches); update counts are the same on every process. A collective
+        with several processes: every process must call it."""
+        evaluations, skipped = dict(self.unet_evaluations), dict(self.skipped)
+        if self.accelerator.num_processes > 1:
+            names = [*(f"e:{k}" for k in sorted(evaluations)), *(f"s:{k}" for k in PER_PROCESS_SKIPS)]
+            values = [*(evaluations[k] for k in sorted(evaluations)), *(skipped[k] for k in PER_PROCESS_SKIPS)]
+            summed = self.accelerator.reduce(torch.tensor(values, dtype=torch.float64, device=self.accelerator.device),
+                                             reduction="sum").tolist()
+            for name, value in zip(names, summed):
+                kind, key = name.split(":", 1)
+                (evaluations if kind == "e" else skipped)[key] = int(round(value))
+        return evaluations, skipped
+
     def _maybe_resume(self) -> tuple[int, int, int]:
         choice = self.config.resume_from_checkpoint
         if choice is None:
@@ -704,11 +788,18 @@ class SmPOTrainer:
             path = choice
             if not os.path.isfile(os.path.join(path, TRAINER_STATE_NAME)):
                 raise ValueError(f"{path} is not a complete SmPO checkpoint (no {TRAINER_STATE_NAME}).")
-        self.accelerator.load_state(path)
         with open(os.path.join(path, TRAINER_STATE_NAME)) as handle:
             state = json.load(handle)
-        self.unet_evaluations = dict(state.get("unet_evaluations", self.unet_evaluations))
-        self.skipped = dict(state.get("skipped", self.skipped))
+        self._check_data_layout(path, state.get("data_layout"))
+        self.accelerator.load_state(path)
+        # The checkpoint holds totals over processes: the main process carries them on, the others count afresh
+        # (per-process counts are summed again when written).
+        if self.accelerator.is_main_process:
+            self.unet_evaluations = dict(state.get("unet_evaluations", self.unet_evaluations))
+            self.skipped.update(state.get("skipped", {}))
+        else:
+            self.skipped.update({key: value for key, value in state.get("skipped", {}).items()
+                                 if key not in PER_PROCESS_SKIPS})
         epoch, next_batch = state["epoch"], state["next_batch"]
         if next_batch >= len(self.train_dataloader):
             epoch, next_batch = epoch + 1, 0
@@ -769,6 +860,7 @@ class SmPOTrainer:
         output_dir = output_dir or self.config.output_dir
         accelerator = self.accelerator
         accelerator.wait_for_everyone()
+        evaluations, skipped = self.count_totals()
         if not accelerator.is_main_process:
             return
         os.makedirs(output_dir, exist_ok=True)
@@ -794,7 +886,7 @@ class SmPOTrainer:
         with open(os.path.join(output_dir, "training_config.json"), "w") as handle:
             json.dump(summary, handle, indent=2, sort_keys=True, default=str)
         metrics = {"global_step": getattr(self, "global_step", None), "final_metrics": self.last_metrics,
-                   "unet_evaluations": self.unet_evaluations, "skipped": self.skipped,
+                   "unet_evaluations": evaluations, "skipped": skipped,
                    "latent_cache": self.latent_cache_stats.as_dict() if self.latent_cache_stats else None}
         with open(os.path.join(output_dir, "training_metrics.json"), "w") as handle:
             json.dump(metrics, handle, indent=2, sort_keys=True)

@@ -18,10 +18,15 @@ from smpo_diffusers.trainer import SmPOTrainer
 
 class RecordingTrainer(SmPOTrainer):
     seen: list
+    micro_batch_sizes: list
 
     def compute_loss(self, batch, generator):
         self.seen.append(batch["indices"].tolist())
         return super().compute_loss(batch, generator)
+
+    def _micro_step(self, batch, generator):
+        self.micro_batch_sizes.append(int(batch.get("batch_size", 0)) if batch else 0)
+        return super()._micro_step(batch, generator)
 
 
 def main():
@@ -29,7 +34,7 @@ def main():
     record_dir, argv = sys.argv[1], sys.argv[2:]
     config, _ = parse_training_args(argv)
     trainer = RecordingTrainer(config)
-    trainer.seen = []
+    trainer.seen, trainer.micro_batch_sizes = [], []
     trainer.train()
     digest = hashlib.sha256()
     for name, param in sorted(trainer.unwrapped_unet.named_parameters()):
@@ -37,7 +42,7 @@ def main():
             digest.update(name.encode())
             digest.update(param.detach().cpu().contiguous().numpy().tobytes())
     record = {"rank": trainer.accelerator.process_index, "num_processes": trainer.accelerator.num_processes,
-              "seen": trainer.seen, "weights_sha256": digest.hexdigest(), "global_step": trainer.global_step}
+              "seen": trainer.seen, "micro_batch_sizes": trainer.micro_batch_sizes, "weights_sha256": digest.hexdigest(), "global_step": trainer.global_step}
     os.makedirs(record_dir, exist_ok=True)
     with open(os.path.join(record_dir, f"rank{record['rank']}.json"), "w") as handle:
         json.dump(record, handle)
