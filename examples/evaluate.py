@@ -19,13 +19,15 @@ import argparse
 import logging
 import sys
 
-from smpo_diffusers.evaluation import evaluate, format_results_table, read_prompts
+from smpo_diffusers.cli import run_cli
+from smpo_diffusers.evaluation import evaluate, format_results_table, read_prompts, trained_base_model
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base_model", default=None,
-                        help="Base pipeline folder or Hub id (default: the shipped toy pipeline).")
+                        help="Base pipeline folder or Hub id (default: the base recorded in the aligned model's "
+                             "training_config.json, else the shipped toy pipeline).")
     parser.add_argument("--aligned_model", required=True, help="LoRA/UNet output folder, LoRA file or pipeline.")
     parser.add_argument("--prompts", default="toy-heldout", help="Built-in set, .txt file or dataset path.")
     parser.add_argument("--prompt_column", default="caption")
@@ -46,11 +48,12 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     args = parse_args(argv)
-    base_model = args.base_model
+    base_model = args.base_model or trained_base_model(args.aligned_model)
     if base_model is None:
         from smpo_diffusers.toy import toy_model_path
 
         base_model = toy_model_path()
+    logging.getLogger(__name__).info("base model: %s", base_model)
     prompts = read_prompts(args.prompts, column=args.prompt_column, split=args.prompt_split, limit=args.max_prompts)
     results = evaluate(base_model, args.aligned_model, prompts, output_dir=args.output_dir,
                        reward_names=args.reward_models, seeds_per_prompt=args.seeds_per_prompt, seed=args.seed,
@@ -62,4 +65,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_cli(main, sys.argv[1:])

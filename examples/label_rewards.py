@@ -19,6 +19,7 @@ import sys
 from accelerate import PartialState
 from transformers import HfArgumentParser
 
+from smpo_diffusers.cli import run_cli
 from smpo_diffusers.rewards import LabelingArguments, label_dataset
 
 
@@ -33,4 +34,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_cli(main, sys.argv[1:])

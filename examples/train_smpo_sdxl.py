@@ -12,7 +12,7 @@ All flags: `python examples/train_smpo_sdxl.py --help` (they are the fields of `
 
 import sys
 
-from smpo_diffusers.cli import train_main
+from smpo_diffusers.cli import run_cli, train_main
 
 if __name__ == "__main__":
-    train_main(sys.argv[1:], family="sdxl")
+    run_cli(train_main, sys.argv[1:], family="sdxl")

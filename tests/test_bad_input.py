@@ -130,3 +130,47 @@ def test_bad_scheduler_configs_are_refused(tmp_path, demo_inputs, changes, messa
     model = edit_scheduler_config(demo_inputs["sdxl"][0], tmp_path, **changes)
     with pytest.raises(ValueError, match=message):
         load_diffusion_parts(config(tmp_path, model))
+
+
+def test_cli_scripts_print_input_errors_without_a_traceback(tmp_path):
+    """A bad flag or path ends the example scripts with `error: <message naming the fix>` and status 2;
+    SMPO_DEBUG=1 keeps the traceback."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    examples = pathlib.Path(__file__).resolve().parents[1] / "examples"
+    bad = subprocess.run([sys.executable, str(examples / "train_smpo_sd.py"), "--resolution", "4", "--output_dir",
+                          str(tmp_path / "o")], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr[-2000:]
+    assert bad.stderr.strip().splitlines()[-1].startswith("error: --resolution must be at least 8 pixels")
+    missing = subprocess.run([sys.executable, str(examples / "evaluate.py"), "--aligned_model", str(tmp_path / "nope"),
+                              "--output_dir", str(tmp_path / "e")], capture_output=True, text=True, timeout=300,
+                             env=dict(os.environ, SMPO_DEBUG="1"))
+    assert missing.returncode == 1 and "Traceback" in missing.stderr
+    assert "--aligned_model" in missing.stderr and "does not exist" in missing.stderr
+    assert not (tmp_path / "e").exists()  # failed before rendering anything
+
+
+def test_a_reused_output_dir_holds_one_kind_of_weights(tmp_path, demo_inputs):
+    """A full-UNet run into the folder of an earlier LoRA run (and back) removes the other kind's weights, so
+    evaluation, the card and an upload cannot pick the stale ones; evaluation defaults to the recorded base.
+    Metrics with nothing to average (no inversion in DPO) are written as null: strict JSON."""
+    from smpo_diffusers.evaluation import aligned_layout, trained_base_model
+
+    model, data = demo_inputs["sd"]
+    out = tmp_path / "out"
+    common = dict(dataset_name=data, max_train_steps=1, loss_type="dpo", noise_source="random", reward_scale=None)
+    SmPOTrainer(config(tmp_path, model, **common)).train()
+    assert aligned_layout(str(out)) == "lora" and trained_base_model(str(out)) == model
+
+    def strict(constant):
+        raise AssertionError(f"training_metrics.json holds {constant}")
+
+    metrics = json.loads((out / "training_metrics.json").read_text(), parse_constant=strict)
+    assert metrics["final_metrics"]["inversion_residual"] is None and metrics["final_metrics"]["loss"] > 0
+    SmPOTrainer(config(tmp_path, model, train_method="full", **common)).train()
+    assert aligned_layout(str(out)) == "unet" and not (out / "pytorch_lora_weights.safetensors").exists()
+    SmPOTrainer(config(tmp_path, model, **common)).train()
+    assert aligned_layout(str(out)) == "lora" and not (out / "unet").exists()

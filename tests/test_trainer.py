@@ -69,6 +69,12 @@ def test_sd_full_unet_with_reference_inversion_and_full_pipeline(tmp_path, demo_
     moved = max((unet.state_dict()[k] - v).abs().max().item() for k, v in initial.items())
     assert moved > 0
     pipe = StableDiffusionPipeline.from_pretrained(config.output_dir, safety_checker=None)
+    # the saved pipeline samples like the base: its own scheduler class and options (not the DDIM of validation)
+    saved, base = (json.load(open(os.path.join(folder, "scheduler", "scheduler_config.json")))
+                   for folder in (config.output_dir, model))
+    assert {k: v for k, v in saved.items() if k != "_diffusers_version"} == {
+        k: v for k, v in base.items() if k != "_diffusers_version"}
+    assert type(pipe.scheduler).__name__ == base["_class_name"]
     image = pipe("a red circle", num_inference_steps=2, height=32, width=32, output_type="np").images
     assert image.shape == (1, 32, 32, 3)
     assert trainer.parts.is_sdxl is False and config.num_inversion_steps == 5 and config.beta_dpo == 2000.0
@@ -268,6 +274,14 @@ def test_reward_scale_sources(tmp_path, demo_inputs):
     trainer = SmPOTrainer(make_config(tmp_path, model, data, reward_scale=0.05))
     assert trainer.reward_scale == 0.05 and trainer.reward_scale_source == "--reward_scale"
     assert trainer.pairs["prob_w"][0] != pytest.approx(0.5)
+    # Statistics of other columns (reward_0/1 of another reward model) must not set the scale of ps_score_0/1.
+    from datasets import load_from_disk
+
+    both = load_from_disk(data)
+    both = both.add_column("ps_score_0", both["reward_0"]).add_column("ps_score_1", both["reward_1"])
+    with pytest.raises(ValueError, match=r"describes the reward columns \['reward_0', 'reward_1'\].*--reward_scale"):
+        SmPOTrainer(make_config(tmp_path, model, None, reward_columns=["ps_score_0", "ps_score_1"]), dataset=both,
+                    reward_statistics=stats)
 
 
 def test_missing_reward_columns_fail_before_any_model_is_loaded(tmp_path, demo_inputs):

@@ -35,6 +35,23 @@ class DemoArguments:
             raise ValueError(f"--demo_world {self.demo_world!r} is not supported; choose 'toy' or 'tiny-random'.")
 
 
+INPUT_ERRORS = (ValueError, OSError, ImportError, FloatingPointError)
+"""What bad flags, paths, datasets or settings raise, each with a message that names the fix (``OSError`` covers
+missing files, unreachable Hub ids and full disks)."""
+
+
+def run_cli(main, *args, **kwargs):
+    """Run a CLI entry point: an input error prints ``error: <message>`` and exits with status 2 instead of a
+    traceback. ``SMPO_DEBUG=1`` in the environment re-raises it (with the traceback)."""
+    try:
+        return main(*args, **kwargs)
+    except INPUT_ERRORS as error:
+        if os.environ.get("SMPO_DEBUG"):
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def parse_training_args(argv: list[str] | None = None) -> tuple[SmPOConfig, DemoArguments]:
     """Parse ``argv`` into :class:`SmPOConfig` and :class:`DemoArguments`; unknown flags are an error."""
     parser = HfArgumentParser((SmPOConfig, DemoArguments))

@@ -120,6 +120,35 @@ def image_drift(base_images, aligned_images) -> float:
 # ----------------------------------------------------------------------------- models and prompts
 
 
+def aligned_layout(aligned_model: str) -> str:
+    """``"lora"`` for a LoRA ``.safetensors`` file, else the weights a training output folder holds
+    (:func:`~smpo_diffusers.hub.weights_layout`: ``"pipeline"``, ``"unet"`` or ``"lora"``, the same order the card
+    and the upload use). ``FileNotFoundError`` naming the fix when there are none."""
+    from .hub import weights_layout
+
+    if aligned_model.endswith(".safetensors") and os.path.isfile(aligned_model):
+        return "lora"
+    if not os.path.isdir(aligned_model):
+        raise FileNotFoundError(f"--aligned_model {aligned_model!r} does not exist; pass the --output_dir of a "
+                                "training run (or a LoRA .safetensors file).")
+    try:
+        return weights_layout(aligned_model)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"{aligned_model!r} holds neither pytorch_lora_weights.safetensors, a unet/ folder nor a pipeline "
+            "(model_index.json); pass the --output_dir of a training run."
+        ) from None
+
+
+def trained_base_model(aligned_model: str) -> str | None:
+    """The ``pretrained_model_name_or_path`` recorded in a training output's ``training_config.json``, or None."""
+    path = os.path.join(aligned_model, "training_config.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as handle:
+        return json.load(handle).get("pretrained_model_name_or_path")
+
+
 def load_pipeline(base_model: str, aligned_model: str | None = None, *, device: str | torch.device = "cpu",
                   dtype: torch.dtype = torch.float32):
     """Load the base pipeline (any diffusers SD/SDXL folder or Hub id) and apply ``aligned_model``:
@@ -132,22 +161,17 @@ def load_pipeline(base_model: str, aligned_model: str | None = None, *, device: 
     from diffusers import DiffusionPipeline, UNet2DConditionModel
 
     dtype_kwargs = {} if dtype == torch.float32 else {"torch_dtype": dtype}
-    if aligned_model is not None and os.path.isfile(os.path.join(aligned_model, "model_index.json")):
+    layout = aligned_layout(aligned_model) if aligned_model is not None else None
+    if layout == "pipeline":
         pipeline = DiffusionPipeline.from_pretrained(aligned_model, **dtype_kwargs)
     else:
         pipeline = DiffusionPipeline.from_pretrained(base_model, **dtype_kwargs)
-        if aligned_model is not None:
+        if layout == "lora":
             lora_file = aligned_model if aligned_model.endswith(".safetensors") else os.path.join(
                 aligned_model, "pytorch_lora_weights.safetensors")
-            if os.path.isfile(lora_file):
-                pipeline.load_lora_weights(os.path.dirname(lora_file) or ".", weight_name=os.path.basename(lora_file))
-            elif os.path.isfile(os.path.join(aligned_model, "unet", "config.json")):
-                pipeline.unet = UNet2DConditionModel.from_pretrained(aligned_model, subfolder="unet", **dtype_kwargs)
-            else:
-                raise FileNotFoundError(
-                    f"{aligned_model!r} holds neither pytorch_lora_weights.safetensors, a unet/ folder nor a "
-                    "pipeline (model_index.json); pass the --output_dir of a training run."
-                )
+            pipeline.load_lora_weights(os.path.dirname(lora_file) or ".", weight_name=os.path.basename(lora_file))
+        elif layout == "unet":
+            pipeline.unet = UNet2DConditionModel.from_pretrained(aligned_model, subfolder="unet", **dtype_kwargs)
     if hasattr(pipeline, "safety_checker"):
         pipeline.safety_checker = None
     pipeline.set_progress_bar_config(disable=True)
@@ -298,6 +322,7 @@ def evaluate(base_model: str, aligned_model: str, prompts: Sequence[str], *, out
         raise ValueError("evaluate needs at least one prompt.")
     if seeds_per_prompt < 1:
         raise ValueError(f"seeds_per_prompt must be >= 1, got {seeds_per_prompt}.")
+    aligned_layout(aligned_model)  # a wrong path fails now, not after the base images are rendered
     os.makedirs(output_dir, exist_ok=True)
     all_prompts = prompts * seeds_per_prompt
     seeds = [seed + index for index in range(len(all_prompts))]

@@ -482,7 +482,8 @@ def _card_body(*, config: dict, metrics: dict | None, layout: str, repo_id: str 
     final = (metrics or {}).get("final_metrics") or {}
     parts += ["## Final training metrics", ""]
     if final:
-        parts += [_table([(f"`{name}`", _fmt(value)) for name, value in sorted(final.items())]), "",
+        parts += [_table([(f"`{name}`", _fmt(value)) for name, value in sorted(final.items())
+                          if value is not None]), "",
                   "Averages over the last optimiser update (training batches, not a held-out evaluation).", ""]
     else:
         parts += ["No metrics were recorded.", ""]

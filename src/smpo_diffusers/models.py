@@ -49,6 +49,9 @@ class DiffusionParts:
     scheduler: InversionScheduler
     is_sdxl: bool
     extra: dict = field(default_factory=dict)
+    sampler_config: dict = field(default_factory=dict)
+    """The base model's own scheduler config (``_class_name`` e.g. ``EulerDiscreteScheduler``, with its own
+    options such as PNDM's ``skip_prk_steps``), kept for saved pipelines."""
 
     @property
     def vae_scale_factor(self) -> int:
@@ -69,7 +72,7 @@ def inversion_scheduler_from_config(scheduler_config: dict) -> InversionSchedule
     if missing:
         raise ValueError(
             f"The model's scheduler config lacks {', '.join(missing)}; without them DDIM would clip latents to "
-            "±1 and/or start inversion from ā = 1. Add them to scheduler/scheduler_config.json "
+            "±1 and/or end sampling at ā = 1. Add them to scheduler/scheduler_config.json "
             '(real SD/SDXL configs use "clip_sample": false, "set_alpha_to_one": false).'
         )
     prediction_type = config.get("prediction_type", "epsilon")
@@ -124,6 +127,7 @@ def load_diffusion_parts(config, components: dict | None = None) -> DiffusionPar
         raise ValueError("The UNet expects SDXL added conditions but the model has no text_encoder_2/tokenizer_2.")
     scheduler_dict = dict(scheduler_config)
     return DiffusionParts(
+        sampler_config={key: value for key, value in scheduler_dict.items() if key != "_use_default_values"},
         unet=parts["unet"],
         vae=parts["vae"],
         text_encoders=text_encoders,

@@ -57,6 +57,17 @@ from .latent_cache import CachedPairDataset, LatentCache, cache_settings
 
 logger = logging.getLogger(__name__)
 
+def _finite_or_none(value):
+    """``value`` with every non-finite float replaced by None (strict JSON: a metric with nothing to average)."""
+    if isinstance(value, dict):
+        return {key: _finite_or_none(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(item) for item in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
 PER_PROCESS_SKIPS = ("undecodable_pairs", "empty_batches")
 """Skip counters each process keeps for its own data (summed over processes when reported); the update
 counters (non-finite, fp16 overflow) are decided jointly and equal on every process."""
@@ -189,7 +200,7 @@ class SmPOTrainer:
             raw, loss_type=config.loss_type, reward_columns=self.reward_columns, reward_scale=self.reward_scale,
             tie_policy=config.tie_policy, max_train_samples=config.max_train_samples, seed=config.seed,
         )
-        logger.info("preference pairs: %s", self.pair_statistics.summary())
+        logger.info("%s", self.pair_statistics.summary())
 
         set_seed(config.seed)  # LoRA initialisation and anything else drawing from the global RNGs
         self.parts = load_diffusion_parts(config, pipeline_components)
@@ -255,12 +266,21 @@ class SmPOTrainer:
         if config.reward_scale is not None:
             return float(config.reward_scale), "--reward_scale"
         from .rewards import load_reward_statistics, reward_scale_from_statistics
+        from .rewards.statistics import REWARD_COLUMNS
 
         source = "reward_statistics argument"
         if reward_statistics is None and config.dataset_name and os.path.isdir(str(config.dataset_name)):
             reward_statistics = load_reward_statistics(config.dataset_name)
             source = f"{config.dataset_name}/reward_stats.json"
         if reward_statistics is not None:
+            described = tuple(reward_statistics.get("reward_columns", REWARD_COLUMNS))
+            if self.reward_columns is not None and tuple(self.reward_columns) != described:
+                raise ValueError(
+                    f"{source} describes the reward columns {list(described)} (model "
+                    f"{reward_statistics.get('reward_model')!r}), but training uses {list(self.reward_columns)}: its "
+                    "scale would not fit them. Pass --reward_scale for these columns (PickScore: "
+                    f"{PICKSCORE_REWARD_SCALE:.4f}), or train on {' '.join(described)}."
+                )
             self.reward_statistics = reward_statistics
             return reward_scale_from_statistics(reward_statistics), source
         logger.warning("No reward statistics found; using the PickScore scale %.4f. Pass --reward_scale for "
@@ -807,12 +827,20 @@ class SmPOTrainer:
         return state["global_step"], epoch, next_batch
 
     # ------------------------------------------------------------------ outputs
-    def build_pipeline(self):
-        """A diffusers pipeline around the current (unwrapped) UNet, for validation or saving."""
+    def build_pipeline(self, sampler: str = "ddim"):
+        """A diffusers pipeline around the current (unwrapped) UNet: with a DDIM sampler (``sampler="ddim"``, for
+        validation) or the base model's own scheduler class (``"base"``, for a saved pipeline)."""
+        import diffusers
         from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
         parts = self.parts
-        scheduler = DDIMScheduler.from_config(parts.scheduler.config)
+        if sampler == "base" and parts.sampler_config.get("_class_name"):
+            name = parts.sampler_config["_class_name"]
+            if not hasattr(diffusers, name):
+                raise ValueError(f"diffusers has no scheduler {name!r} (the base model's); update diffusers.")
+            scheduler = getattr(diffusers, name).from_config(parts.sampler_config)
+        else:
+            scheduler = DDIMScheduler.from_config(parts.scheduler.config)
         common = dict(vae=parts.vae, unet=self.unwrapped_unet, scheduler=scheduler)
         if parts.is_sdxl:
             return StableDiffusionXLPipeline(text_encoder=parts.text_encoders[0], text_encoder_2=parts.text_encoders[1],
@@ -864,11 +892,12 @@ class SmPOTrainer:
         if not accelerator.is_main_process:
             return
         os.makedirs(output_dir, exist_ok=True)
+        self._remove_other_weight_layouts(output_dir)
         unet = self.unwrapped_unet
         if self.config.train_method == "lora":
             save_lora(output_dir, unet, self.parts.is_sdxl)
         elif self.config.save_full_pipeline:
-            self.build_pipeline().save_pretrained(output_dir, safe_serialization=True)
+            self.build_pipeline(sampler="base").save_pretrained(output_dir, safe_serialization=True)
         else:
             unet.save_pretrained(os.path.join(output_dir, "unet"), safe_serialization=True)
         summary = self.config.to_dict() | {
@@ -889,8 +918,34 @@ class SmPOTrainer:
                    "unet_evaluations": evaluations, "skipped": skipped,
                    "latent_cache": self.latent_cache_stats.as_dict() if self.latent_cache_stats else None}
         with open(os.path.join(output_dir, "training_metrics.json"), "w") as handle:
-            json.dump(metrics, handle, indent=2, sort_keys=True)
+            json.dump(_finite_or_none(metrics), handle, indent=2, sort_keys=True, allow_nan=False)
 
+
+    def _remove_other_weight_layouts(self, output_dir: str) -> None:
+        """A folder holds one run's weights: drop those of another layout (a LoRA file, ``unet/``, a pipeline)
+        that an earlier run left, so that loading, the card and an upload cannot pick the stale ones."""
+        from .hub import LORA_WEIGHTS_NAME
+
+        layout = ("lora" if self.config.train_method == "lora"
+                  else "pipeline" if self.config.save_full_pipeline else "unet")
+        stale = []
+        if layout != "lora":
+            stale.append(LORA_WEIGHTS_NAME)
+        if layout != "pipeline" and os.path.isfile(os.path.join(output_dir, "model_index.json")):
+            with open(os.path.join(output_dir, "model_index.json")) as handle:
+                components = [name for name in json.load(handle) if not name.startswith("_")]
+            stale += ["model_index.json", *components]
+        if layout == "lora":
+            stale.append("unet")
+        for name in dict.fromkeys(stale):
+            path = os.path.join(output_dir, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.isfile(path):
+                os.remove(path)
+            else:
+                continue
+            logger.warning("removed %s left in %s by an earlier run of another kind", name, output_dir)
 
     # ------------------------------------------------------------------ Hub
     @property

@@ -62,7 +62,7 @@ def compute_reward_statistics(dataset_or_columns, reward_model: str | None = Non
         reward_model: name of the reward model that produced the scores (stored as given).
 
     Returns:
-        A JSON-ready dict: ``reward_model``; ``num_pairs``, ``num_valid_pairs``; ``count`` (number of
+        A JSON-ready dict: ``reward_model``; ``reward_columns`` (the two columns described); ``num_pairs``, ``num_valid_pairs``; ``count`` (number of
         valid scores = 2 x valid pairs); ``min``, ``max``, ``mean``, ``std`` (population std,
         ``ddof=0``) over both reward columns of the valid pairs, computed in float64 from the stored
         float32 values; ``suggested_scale = max - min``. With no valid pair the five numbers are None.
@@ -80,6 +80,7 @@ def compute_reward_statistics(dataset_or_columns, reward_model: str | None = Non
         )
     stats: dict[str, Any] = {
         "reward_model": reward_model,
+        "reward_columns": list(REWARD_COLUMNS),
         "num_pairs": int(valid.size),
         "num_valid_pairs": int(valid.sum()),
         "count": int(values.size),
