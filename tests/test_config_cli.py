@@ -165,3 +165,19 @@ def test_tiny_random_demo_of_the_sd_script(tmp_path):
                              "--report_to", "none"], capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((out / "training_config.json").read_text())["model_family"] == "sd"
+
+
+def test_demo_defaults_never_replace_typed_flags(tmp_path, monkeypatch):
+    """Typed flags keep their values under --demo even when they equal SmPOConfig's defaults."""
+    import smpo_diffusers.toy as toy
+    from smpo_diffusers.cli import given_flags, prepare_demo
+
+    monkeypatch.setattr(toy, "build_toy_demo_inputs", lambda folder, seed: ("toy-model", "toy-data"))
+    argv = ["--demo", "--output_dir", str(tmp_path), "--train_batch_size", "1", "--report_to=tensorboard",
+            "--checkpointing_steps", "500"]
+    assert given_flags(argv) == {"demo", "output_dir", "train_batch_size", "report_to", "checkpointing_steps"}
+    config, demo = parse_training_args(argv)
+    prepare_demo(config, demo, "sd", given=given_flags(argv))
+    assert (config.train_batch_size, config.report_to, config.checkpointing_steps) == (1, "tensorboard", 500)
+    assert config.max_train_steps == toy.TOY_TRAINING_DEFAULTS["max_train_steps"]  # not typed: the toy's value
+    assert (config.pretrained_model_name_or_path, config.dataset_name) == ("toy-model", "toy-data")

@@ -820,3 +820,14 @@ def test_interrupted_run_resumes_without_rescoring(tmp_path, saved_dataset):
     R.label_dataset(args(tmp_path / "resumed"), reward_model=R.CallableRewardModel(renamed, name="other"))
     assert renamed.calls == 4
     assert not [p for p in shards.iterdir() if ".tmp-" in p.name or ".stale-" in p.name]
+
+
+def test_labelling_warns_when_every_reward_is_equal(tmp_path, saved_dataset, caplog):
+    """A reward model that gives every image the same score (e.g. a clamped CLIP score on unrelated images) leaves
+    no preference signal; the labelling run says so instead of only writing suggested_scale 0."""
+    constant = R.CallableRewardModel(lambda images, prompts: [0.0] * len(images), name="flat")
+    with caplog.at_level("WARNING"):
+        R.label_dataset(R.LabelingArguments(dataset_name=saved_dataset, output_dir=str(tmp_path / "flat")),
+                        reward_model=constant)
+    assert R.load_reward_statistics(str(tmp_path / "flat"))["suggested_scale"] == 0.0
+    assert any("every valid reward is 0.0" in record.getMessage() for record in caplog.records)

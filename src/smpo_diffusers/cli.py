@@ -59,9 +59,16 @@ def parse_training_args(argv: list[str] | None = None) -> tuple[SmPOConfig, Demo
     return config, demo
 
 
-def prepare_demo(config: SmPOConfig, demo: DemoArguments, family: str) -> SmPOConfig:
+def given_flags(argv: list[str]) -> set[str]:
+    """The option names typed on a command line (``--train_batch_size 1`` and ``--train_batch_size=1`` give
+    ``train_batch_size``)."""
+    return {token[2:].split("=", 1)[0] for token in argv if token.startswith("--") and len(token) > 2}
+
+
+def prepare_demo(config: SmPOConfig, demo: DemoArguments, family: str, given: set[str] | None = None) -> SmPOConfig:
     """Build the demo's base model and labelled dataset under ``output_dir/demo-inputs`` and point the config
-    at them (flags the user set keep their values). Returns the config (modified in place)."""
+    at them. The toy demo's training defaults replace every option not in ``given`` (the flags typed, see
+    :func:`given_flags`; without it, every option still at its default). Returns the config (modified in place)."""
     folder = os.path.join(config.output_dir, "demo-inputs")
     if demo.demo_world == "toy":
         from .toy import TOY_TRAINING_DEFAULTS, build_toy_demo_inputs
@@ -69,7 +76,8 @@ def prepare_demo(config: SmPOConfig, demo: DemoArguments, family: str) -> SmPOCo
         model_dir, dataset_dir = build_toy_demo_inputs(folder, seed=config.seed)
         defaults = SmPOConfig()
         for name, value in TOY_TRAINING_DEFAULTS.items():
-            if getattr(config, name) == getattr(defaults, name):
+            typed = name in given if given is not None else getattr(config, name) != getattr(defaults, name)
+            if not typed:
                 setattr(config, name, value)
     else:
         from .demo import build_demo_inputs
@@ -103,9 +111,10 @@ def train_main(argv: list[str] | None = None, family: str = "sdxl") -> dict:
     """Parse flags, train, save. ``family`` only selects what ``--demo_world tiny-random`` builds; real models
     are detected from their files."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    argv = sys.argv[1:] if argv is None else list(argv)
     config, demo = parse_training_args(argv)
     if demo.demo:
-        prepare_demo(config, demo, family)
+        prepare_demo(config, demo, family, given=given_flags(argv))
     missing = [flag for flag, value in (("--pretrained_model_name_or_path", config.pretrained_model_name_or_path),
                                         ("--dataset_name", config.dataset_name)) if value is None]
     if missing:

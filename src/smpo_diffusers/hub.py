@@ -558,7 +558,9 @@ def create_model_card(output_dir: str, *, repo_id: str | None = None, reward_mod
     )
     body = _card_body(config=config, metrics=metrics, layout=layout, repo_id=repo_id, base_id=base_id,
                       reward_model=reward_model,
-                      has_validation=os.path.isfile(os.path.join(output_dir, VALIDATION_IMAGE_NAME)))
+                      # a validation.png without validation prompts in this run's config is an earlier run's
+                      has_validation=bool(config.get("validation_prompts"))
+                      and os.path.isfile(os.path.join(output_dir, VALIDATION_IMAGE_NAME)))
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
     card.save(card_path)
     return card

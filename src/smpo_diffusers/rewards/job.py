@@ -358,6 +358,11 @@ def label_dataset(args: LabelingArguments, reward_model: RewardModel | None = No
         if isinstance(reward_model, EnsembleRewardModel):
             statistics["ensemble_member_statistics"] = reward_model.statistics
         statistics_path = save_reward_statistics(output_dir, statistics)
+        if statistics["count"] and not statistics["suggested_scale"]:
+            logger.warning(
+                "every valid reward is %s: the reward model %r gives these pairs no preference signal, so SmPO "
+                "cannot derive a preference scale (training on %s will stop with an error). Check the reward model "
+                "and its weights on a few images.", statistics["min"], reward_model.name, output_dir)
         reports = [
             _read_json(os.path.join(shards_dir, f"run-rank-{rank:05d}-of-{state.num_processes:05d}.json"))
             for rank in range(state.num_processes)
