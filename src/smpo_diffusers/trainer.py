@@ -57,6 +57,29 @@ from .latent_cache import CachedPairDataset, LatentCache, cache_settings
 
 logger = logging.getLogger(__name__)
 
+def _fsync_directory(path: str) -> None:
+    """Persist a folder's entries (a rename into it); a no-op where the file system cannot fsync folders."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def _fsync_tree(folder: str) -> None:
+    """fsync every file under ``folder`` and the folders themselves."""
+    for root, _, files in os.walk(folder):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as handle:
+                os.fsync(handle.fileno())
+        _fsync_directory(root)
+
+
 def _finite_or_none(value):
     """``value`` with every non-finite float replaced by None (strict JSON: a metric with nothing to average)."""
     if isinstance(value, dict):
@@ -724,11 +747,11 @@ class SmPOTrainer:
                          "data_layout": self._data_layout(), "unet_evaluations": evaluations, "skipped": skipped}
                 with open(os.path.join(partial, TRAINER_STATE_NAME), "w") as handle:
                     json.dump(state, handle, indent=2)
-                    handle.flush()
-                    os.fsync(handle.fileno())
-                if os.path.exists(final):
+                _fsync_tree(partial)  # every file on disk before the rename makes the checkpoint visible
+                if os.path.exists(final):  # only a step saved twice (never after the later-checkpoint check)
                     shutil.rmtree(final)
                 os.rename(partial, final)
+                _fsync_directory(config.output_dir)
         except OSError as error:
             if accelerator.is_main_process:
                 shutil.rmtree(partial, ignore_errors=True)
