@@ -73,6 +73,19 @@ def test_full_copy_is_the_policy_rounded_to_the_weight_dtype():
         assert torch.equal(target, source.to(torch.bfloat16)), name
 
 
+def record_inversion_residuals(trainer) -> list:
+    """Wrap ``trainer.compute_loss`` to keep every micro-batch's inversion residuals; returns the list it fills."""
+    residuals, original = [], trainer.compute_loss
+
+    def recording(batch, generator):
+        step = original(batch, generator)
+        residuals.append(step.inversion_residual.clone())
+        return step
+
+    trainer.compute_loss = recording
+    return residuals
+
+
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_training_with_the_inversion_copy_matches_training_without(tmp_path, demo_inputs, method):
     """Same seed, same pairs: the copy changes where the inversion's weights live, not what it computes (fp32 on
@@ -87,15 +100,7 @@ def test_training_with_the_inversion_copy_matches_training_without(tmp_path, dem
                             inversion_weight_copy=use_copy)
         trainer = SmPOTrainer(config)
         assert (trainer.inversion_copy is not None) == use_copy
-        residuals = []
-        original = trainer.compute_loss
-
-        def recording(batch, generator, original=original):
-            step = original(batch, generator)
-            residuals.append(step.inversion_residual.clone())
-            return step
-
-        trainer.compute_loss = recording
+        residuals = record_inversion_residuals(trainer)
         calls, refreshes = [], []
         if use_copy:
             copy = trainer.inversion_copy
@@ -146,16 +151,8 @@ def test_compiled_inversion_copy_matches_and_compiles_at_most_twice(tmp_path, de
                             max_train_steps=3, report_to="none", learning_rate=1e-3,
                             seed=0, inversion_weight_copy=True, compile_inversion_copy=use_compile)
         trainer = SmPOTrainer(config)
-        rows, residuals = [], []
+        rows, residuals = [], record_inversion_residuals(trainer)
         trainer.inversion_copy.module.register_forward_hook(lambda module, args, output: rows.append(args[0].shape[0]))
-        original = trainer.compute_loss
-
-        def recording(batch, generator, original=original):
-            step = original(batch, generator)
-            residuals.append(step.inversion_residual.clone())
-            return step
-
-        trainer.compute_loss = recording
         assert np.isfinite(trainer.train()["loss"])
         assert sum(rows) == trainer.unet_evaluations["inversion"] > 0  # hooks still see every call
         results[use_compile] = (torch.cat(residuals), [p.detach().clone() for p in trainer.trainable_params])
