@@ -605,3 +605,12 @@ def test_card_for_a_folder_name_that_is_no_hub_id(tmp_path):
     out = write_output_folder(tmp_path / "SmPO (K=1) run")
     card = create_model_card(out)
     assert hub.PLACEHOLDER_REPO_ID in card.text
+
+
+def test_card_leaves_out_a_validation_image_this_run_did_not_render(tmp_path):
+    """A validation.png in a folder whose run had no --validation_prompts is an earlier run's: not embedded."""
+    out = write_output_folder(tmp_path / "out", validation=False, checkpoints=False)
+    Image.new("RGB", (16, 8), "red").save(os.path.join(out, "validation.png"))  # left by an earlier run
+    assert "![validation]" not in create_model_card(out).text
+    rendered = write_output_folder(tmp_path / "rendered", validation=True, checkpoints=False)
+    assert "![validation](validation.png)" in create_model_card(rendered).text

@@ -321,14 +321,14 @@ class InversionWeightCopy:
     def mark_stale(self) -> None:
         self.stale = True
 
-    def compile_forward(self, **compile_kwargs) -> None:
+    def compile_forward(self) -> None:
         """``torch.compile`` the copy's ``forward`` (module hooks such as evaluation counters stay eager).
 
         Refreshes copy values into the same parameter tensors, so an update never triggers a recompile. The
         number of rows the inversion evaluates changes as samples finish inverting: the first call compiles for
         its batch size, the first different size compiles one batch-size-dynamic graph (two compiles in all).
         """
-        self.module.forward = torch.compile(self.module.forward, **compile_kwargs)
+        self.module.forward = torch.compile(self.module.forward)
 
     @torch.no_grad()
     def current(self, policy):

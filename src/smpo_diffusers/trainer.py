@@ -808,13 +808,11 @@ class SmPOTrainer:
         with several processes: every process must call it."""
         evaluations, skipped = dict(self.unet_evaluations), dict(self.skipped)
         if self.accelerator.num_processes > 1:
-            names = [*(f"e:{k}" for k in sorted(evaluations)), *(f"s:{k}" for k in PER_PROCESS_SKIPS)]
-            values = [*(evaluations[k] for k in sorted(evaluations)), *(skipped[k] for k in PER_PROCESS_SKIPS)]
-            summed = self.accelerator.reduce(torch.tensor(values, dtype=torch.float64, device=self.accelerator.device),
-                                             reduction="sum").tolist()
-            for name, value in zip(names, summed):
-                kind, key = name.split(":", 1)
-                (evaluations if kind == "e" else skipped)[key] = int(round(value))
+            slots = [(evaluations, key) for key in sorted(evaluations)] + [(skipped, key) for key in PER_PROCESS_SKIPS]
+            values = torch.tensor([counts[key] for counts, key in slots], dtype=torch.float64,
+                                  device=self.accelerator.device)
+            for (counts, key), total in zip(slots, self.accelerator.reduce(values, reduction="sum").tolist()):
+                counts[key] = int(round(total))
         return evaluations, skipped
 
     def _maybe_resume(self) -> tuple[int, int, int]:
