@@ -331,3 +331,37 @@ def test_lora_parameters_stay_fp32_under_bf16(tmp_path, demo_inputs, monkeypatch
     metrics = trainer.train()
     assert np.isfinite(metrics["loss"])
     assert all(p.dtype == torch.float32 for p in lora)
+
+
+def test_saved_full_sd_pipeline_keeps_the_base_safety_checker(tmp_path, demo_inputs):
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    from smpo_diffusers.testing import tiny_clip_model, tiny_sd_components
+
+    _, data = demo_inputs["sd"]
+    clip_config = tiny_clip_model()[0].config
+    checker = StableDiffusionSafetyChecker(CLIPConfig(text_config=clip_config.text_config.to_dict(),
+                                                      vision_config=clip_config.vision_config.to_dict(),
+                                                      projection_dim=16)).eval()
+    extractor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    base = str(tmp_path / "base-with-checker")
+    StableDiffusionPipeline(**(tiny_sd_components() | {"safety_checker": checker, "feature_extractor": extractor})
+                            ).save_pretrained(base, safe_serialization=True)
+    config = make_config(tmp_path, base, data, train_method="full", save_full_pipeline=True, max_train_steps=1)
+    trainer = SmPOTrainer(config)
+    assert trainer.parts.safety_components is None  # read from the base only when a pipeline is saved
+    trainer.save_model()
+    saved = StableDiffusionPipeline.from_pretrained(config.output_dir)
+    assert isinstance(saved.safety_checker, StableDiffusionSafetyChecker) and saved.feature_extractor is not None
+    assert saved.config.requires_safety_checker is True
+    assert torch.equal(saved.safety_checker.concept_embeds, checker.concept_embeds)
+    # validation renders without it; a base without a checker saves none (the other full-pipeline test)
+    assert trainer.build_pipeline().safety_checker is None
+    # a checker of another class cannot be rebuilt: the error names the way out
+    index_path = os.path.join(base, "model_index.json")
+    index = json.load(open(index_path)) | {"safety_checker": ["my_package", "MyChecker"]}
+    json.dump(index, open(index_path, "w"))
+    with pytest.raises(ValueError, match="drop --save_full_pipeline"):
+        trainer.save_model()
+    assert os.path.isfile(os.path.join(config.output_dir, "model_index.json"))  # nothing removed before the error

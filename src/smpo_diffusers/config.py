@@ -198,7 +198,8 @@ class SmPOConfig:
     )
     validation_num_inference_steps: int = field(default=25, metadata=_help("Sampler steps for validation images."))
     save_full_pipeline: bool = field(
-        default=False, metadata=_help("Also save a complete pipeline folder (full-UNet training).")
+        default=False, metadata=_help("Save a whole pipeline folder (the base's scheduler and, for SD 1.x/2.x, its "
+                                      "safety checker) instead of unet/ alone (full-UNet training).")
     )
     push_to_hub: bool = field(default=False, metadata=_help("Upload the final output to the Hugging Face Hub."))
     hub_model_id: str | None = field(default=None, metadata=_help("Hub repository id (default: output folder name)."))

@@ -49,6 +49,7 @@ from .models import (
     encode_prompts,
     load_diffusion_parts,
     load_lora_state_into_unet,
+    load_safety_components,
     sample_latents,
     save_lora,
     sdxl_time_ids,
@@ -867,9 +868,14 @@ class SmPOTrainer:
             return StableDiffusionXLPipeline(text_encoder=parts.text_encoders[0], text_encoder_2=parts.text_encoders[1],
                                              tokenizer=parts.tokenizers[0], tokenizer_2=parts.tokenizers[1],
                                              add_watermarker=False, **common)
+        safety = {}
+        if sampler == "base":  # a saved pipeline keeps the base's safety checker; validation renders without it
+            safety = (parts.safety_components if parts.safety_components is not None
+                      else load_safety_components(self.config))
         return StableDiffusionPipeline(text_encoder=parts.text_encoders[0], tokenizer=parts.tokenizers[0],
-                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-                                       **common)
+                                       safety_checker=safety.get("safety_checker"),
+                                       feature_extractor=safety.get("feature_extractor"),
+                                       requires_safety_checker="safety_checker" in safety, **common)
 
     def log_validation(self, global_step: int, final: bool = False):
         """Render ``--validation_prompts`` with fixed seeds; save a PNG grid and log it. Main process only."""
@@ -912,13 +918,14 @@ class SmPOTrainer:
         evaluations, skipped = self.count_totals()
         if not accelerator.is_main_process:
             return
+        unet = self.unwrapped_unet
+        pipeline = self.build_pipeline(sampler="base") if self.config.save_full_pipeline else None
         os.makedirs(output_dir, exist_ok=True)
         self._remove_other_weight_layouts(output_dir)
-        unet = self.unwrapped_unet
         if self.config.train_method == "lora":
             save_lora(output_dir, unet, self.parts.is_sdxl)
-        elif self.config.save_full_pipeline:
-            self.build_pipeline(sampler="base").save_pretrained(output_dir, safe_serialization=True)
+        elif pipeline is not None:
+            pipeline.save_pretrained(output_dir, safe_serialization=True)
         else:
             unet.save_pretrained(os.path.join(output_dir, "unet"), safe_serialization=True)
         summary = self.config.to_dict() | {
