@@ -144,3 +144,10 @@ def test_evaluate_cli_runs_end_to_end(tmp_path, capsys):
                         "--output_dir", str(tmp_path / "eval")])
     assert results["num_samples"] == 1 and "| toy |" in capsys.readouterr().out
     assert sorted(os.listdir(tmp_path / "eval")) == ["grid.png", "results.json", "results.md"]
+    assert results["base_model"] == base
+
+    # without --base_model the base is the one the training run recorded (not the shipped toy pipeline)
+    (aligned / "training_config.json").write_text(json.dumps({"pretrained_model_name_or_path": base}))
+    results = cli.main(["--aligned_model", str(aligned), "--prompts", str(prompts), "--num_inference_steps", "2",
+                        "--guidance_scale", "1", "--resolution", "32", "--output_dir", str(tmp_path / "eval2")])
+    assert results["base_model"] == base

@@ -87,6 +87,34 @@ def test_failed_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, demo_in
     assert os.path.isfile(os.path.join(trainer.config.output_dir, "checkpoint-1", "trainer_state.json"))
 
 
+def test_checkpoint_files_reach_the_disk_before_the_rename_that_publishes_them(tmp_path, demo_inputs, monkeypatch):
+    model, data = demo_inputs["sdxl"]
+    trainer = SmPOTrainer(make_config(tmp_path / "o", model, data))
+    events, real_fsync, real_rename = [], os.fsync, os.rename
+
+    def fsync(descriptor):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{descriptor}")))
+        real_fsync(descriptor)
+
+    def rename(source, target):
+        events.append(("rename", str(source), str(target)))
+        real_rename(source, target)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", rename)
+    final = trainer.save_checkpoint(1, 0, 1)
+    out = os.path.realpath(trainer.config.output_dir)
+    publish = next(i for i, event in enumerate(events) if event[0] == "rename" and event[2] == final)
+    synced_before = {path for kind, path, *_ in events[:publish] if kind == "fsync"}
+    partial = os.path.realpath(events[publish][1])
+    published = os.path.realpath(final)
+    written = {os.path.relpath(os.path.join(root, name), published)
+               for root, _, names in os.walk(published) for name in names}
+    assert written and {os.path.join(partial, name) for name in written} <= synced_before
+    assert partial in synced_before  # the folder's own entries too
+    assert ("fsync", out) in events[publish + 1:]  # and the rename itself
+
+
 def test_unwritable_output_dir_is_detected_at_start(tmp_path, demo_inputs):
     model, data = demo_inputs["sdxl"]
     blocker = tmp_path / "a-file"
