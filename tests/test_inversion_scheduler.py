@@ -80,6 +80,25 @@ def test_vector_step_equals_parent_per_sample(config):
                                    rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_vector_step_in_half_precision_is_no_less_accurate_than_the_parent(dtype):
+    """ā and 1 - ā stay fp32 (at small t, 1 - ā cancels in half precision); only the result is cast."""
+    config = {k: v for k, v in SD_SCHEDULER_CONFIG.items() if not k.startswith("_")}
+    parent, ours = DDIMInverseScheduler(**config), InversionScheduler(**config)
+    parent.set_timesteps(500)
+    ours.set_timesteps(500)
+    g = torch.Generator().manual_seed(2)
+    sample, model_output = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    timesteps = torch.tensor([3, 5])
+    exact = ours.step(model_output, timesteps, sample).prev_sample
+    half = ours.step(model_output.to(dtype), timesteps, sample.to(dtype))
+    assert half.prev_sample.dtype == dtype and half.pred_original_sample.dtype == dtype
+    ours_error = (half.prev_sample.float() - exact).abs().max()
+    parent_error = max((parent.step(model_output[i:i + 1].to(dtype), timesteps[i], sample[i:i + 1].to(dtype))
+                        .prev_sample.float() - exact[i:i + 1]).abs().max() for i in range(2))
+    assert ours_error <= parent_error
+
+
 @pytest.mark.parametrize("folder_config", [SD_SCHEDULER_CONFIG, SDXL_SCHEDULER_CONFIG])
 def test_from_pretrained_from_config_and_save_round_trip(tmp_path, folder_config):
     (tmp_path / "scheduler").mkdir()

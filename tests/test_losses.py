@@ -112,3 +112,19 @@ def test_gradient_descent_lowers_winner_relative_error():
     assert torch.all(relative < 0), relative
     # A stronger preference moves its pair further.
     assert relative[3] < relative[2]
+
+
+def test_bad_shapes_probabilities_and_half_precision_inputs():
+    pw, pl, rw, rl = (e.float() for e in _errors())
+    with pytest.raises(ValueError, match="shape"):
+        smpo_loss(pw, pl.unsqueeze(1), rw, rl, 0.7, 5000.0)  # would broadcast to (B, B)
+    with pytest.raises(ValueError, match="prob_w"):
+        smpo_loss(pw, pl, rw, rl, torch.ones(3), 5000.0)
+    for bad in (1.5, -0.1, float("nan")):
+        with pytest.raises(ValueError, match=r"\[0, 1\]"):
+            smpo_loss(pw, pl, rw, rl, bad, 5000.0)
+    with pytest.raises(ValueError, match="finite"):
+        preference_probability(torch.zeros(2), torch.ones(2), float("inf"))
+    # bf16 errors: the weight γ(2p - 1) and the loss are computed in fp32
+    half = smpo_loss(*(e.bfloat16() for e in (pw, pl, rw, rl)), 0.55, 5000.0)
+    assert half.loss.dtype == torch.float32 and torch.allclose(half.weight, torch.full((6,), 1.0))

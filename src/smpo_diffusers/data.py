@@ -408,8 +408,9 @@ def prepare_preference_pairs(
        human ties if ``tie_policy == "drop"``. ``tie_policy == "keep"`` keeps them.
     3. Order: ``"dpo"``: winner = image 0 iff ``label_0 == 1``, ``prob_w = 1`` (0.5 for a kept tie,
        i.e. zero gradient). ``"smpo"``: winner = the image with the higher reward (image 0 on equal
-       rewards), ``prob_w = sigmoid((r_w - r_l) / reward_scale)`` >= 0.5; the human label only
-       decides ties. ``reward_scale`` must be finite and > 0 (ignored in DPO mode).
+       rewards, where ``prob_w = 0.5`` gives the pair zero weight), ``prob_w = sigmoid((r_w - r_l) /
+       reward_scale)`` >= 0.5; the human label does not order the pair (it only decides which human ties are
+       dropped). ``reward_scale`` must be finite and > 0 (ignored in DPO mode).
     4. ``max_train_samples``: ``shuffle(seed)`` then keep the first ``max_train_samples`` rows.
 
     Adds ``winner_index`` (int8, 0/1), ``prob_w`` (float32) and ``source_row`` (int64, the row in ``dataset``;

@@ -31,8 +31,8 @@ def preference_probability(reward_w, reward_l, scale):
         reward_w = torch.as_tensor(reward_w, dtype=torch.float32)
     if not torch.is_tensor(reward_l):
         reward_l = torch.as_tensor(reward_l, dtype=torch.float32, device=reward_w.device)
-    scale_value = scale.min().item() if torch.is_tensor(scale) else float(scale)
-    if not scale_value > 0:
+    scale_values = scale.double() if torch.is_tensor(scale) else torch.tensor(float(scale), dtype=torch.float64)
+    if not bool(torch.isfinite(scale_values).all() and (scale_values > 0).all()):
         raise ValueError(f"reward scale must be positive and finite, got {scale!r}")
     return torch.sigmoid((reward_w - reward_l) / scale)
 
@@ -74,13 +74,26 @@ def smpo_loss(
     Args:
         policy_err_w, policy_err_l: ``(B,)`` per-image errors of the trained UNet (with grad).
         ref_err_w, ref_err_l: ``(B,)`` per-image errors of the frozen reference (no grad needed).
-        prob_w: ``(B,)`` probability that image ``w`` is preferred (``1`` = hard label), or a float.
+        prob_w: ``(B,)`` probability in [0, 1] that image ``w`` is preferred (``1`` = hard label), or a float.
+    Computed in fp32 (fp64 inputs stay fp64) whatever the inputs' dtype.
         beta: the DPO temperature β ("beta_dpo"; thousands, since errors are element means).
         gamma: the smoothing scale γ; ``γ = 1`` with ``p = 1`` is exactly Diffusion-DPO.
     """
-    if policy_err_w.ndim != 1:
-        raise ValueError(f"per-pair errors must have shape (B,), got {tuple(policy_err_w.shape)}")
-    prob_w = torch.as_tensor(prob_w, dtype=policy_err_w.dtype, device=policy_err_w.device)
+    shapes = {tuple(error.shape) for error in (policy_err_w, policy_err_l, ref_err_w, ref_err_l)}
+    if len(shapes) != 1 or policy_err_w.ndim != 1:
+        raise ValueError(f"the four per-pair errors must all have shape (B,), got shapes {sorted(shapes)}")
+    if not torch.is_tensor(prob_w) or prob_w.device.type == "cpu":  # checked where it costs no device sync
+        values = torch.as_tensor(prob_w, dtype=torch.float64)
+        if not bool(((values >= 0) & (values <= 1)).all()):
+            raise ValueError(f"prob_w must be probabilities in [0, 1], got {prob_w!r}")
+    # at least fp32 arithmetic: γ(2p - 1) and β · margin lose the label in half precision
+    dtype = torch.promote_types(policy_err_w.dtype, torch.float32)
+    policy_err_w, policy_err_l, ref_err_w, ref_err_l = (
+        error.to(dtype) for error in (policy_err_w, policy_err_l, ref_err_w, ref_err_l))
+    prob_w = torch.as_tensor(prob_w, dtype=dtype, device=policy_err_w.device)
+    if prob_w.ndim > 1 or prob_w.numel() not in (1, policy_err_w.numel()):
+        raise ValueError(f"prob_w must be a float or have shape (B,) = {tuple(policy_err_w.shape)}, "
+                         f"got {tuple(prob_w.shape)}")
     prob_w = prob_w.expand_as(policy_err_w)
     margin = (policy_err_w - policy_err_l) - (ref_err_w - ref_err_l)
     weight = preference_weight(prob_w, gamma)

@@ -35,8 +35,10 @@ __all__ = ["InversionOutput", "InversionScheduler", "INVERSION_GRIDS"]
 
 INVERSION_GRIDS = ("exact", "reference")
 """``exact``: invert to exactly each sample's level on its own evenly spaced sub-grid (the default).
-``reference``: the authors' script, a fixed grid of N levels, stopping at the last grid level strictly
-below ``t`` while the result is labelled ``t`` (for ablations only)."""
+``reference``: the grid of the authors' script, a fixed grid of N levels, stopping at the last grid level
+strictly below ``t`` while the result is labelled ``t`` (for ablations only). Only this grid truncation and
+mislabelled level are reproduced, not the script's other bugs (its evaluation at a negative timestep, its
+renoise call at the source level, its fp16 ā)."""
 
 
 @dataclass
@@ -142,9 +144,10 @@ class InversionScheduler(DDIMInverseScheduler):
         )
         # The parent starts any negative source from initial_alpha_cumprod (ā_0 unless set_alpha_to_one).
         negative = (source < 0).reshape((-1,) + (1,) * (sample.ndim - 1)).to(sample.device)
+        # ā and 1 - ā stay fp32 like the parent's (1 - ā cancels badly in half precision at small t)
         alpha_source = torch.where(negative, self.initial_alpha_cumprod.float().to(sample.device),
-                                   self._alpha_view(source.clamp(min=0), sample)).to(sample.dtype)
-        alpha_target = self._alpha_view(target, sample).to(sample.dtype)
+                                   self._alpha_view(source.clamp(min=0), sample).float())
+        alpha_target = self._alpha_view(target, sample).float()
         beta_source = 1 - alpha_source
         prediction_type = self.config.prediction_type
         if prediction_type == "epsilon":
@@ -160,7 +163,8 @@ class InversionScheduler(DDIMInverseScheduler):
             raise ValueError(f"prediction_type {prediction_type!r} must be epsilon, sample or v_prediction")
         if self.config.clip_sample:
             pred_original = pred_original.clamp(-self.config.clip_sample_range, self.config.clip_sample_range)
-        prev_sample = alpha_target ** 0.5 * pred_original + (1 - alpha_target) ** 0.5 * pred_epsilon
+        prev_sample = (alpha_target ** 0.5 * pred_original + (1 - alpha_target) ** 0.5 * pred_epsilon).to(sample.dtype)
+        pred_original = pred_original.to(sample.dtype)
         if not return_dict:
             return (prev_sample, pred_original)
         from diffusers.schedulers.scheduling_ddim_inverse import DDIMSchedulerOutput
@@ -288,7 +292,7 @@ class InversionScheduler(DDIMInverseScheduler):
             num_renoise_steps: ``K`` extra model evaluations per step; ``0`` is plain DDIM inversion.
             renoise_average_window: inclusive ``(first, last)`` indices into the ``K + 1`` predictions
                 ``e_0 .. e_K`` that are averaged for the step; ``None`` averages all of them.
-            grid: ``"exact"`` (default) or ``"reference"`` (the authors' script, for ablations).
+            grid: ``"exact"`` (default) or ``"reference"`` (the authors' script's grid, for ablations).
             prediction_type: what ``model_fn`` returns (``epsilon``, ``v_prediction`` or ``sample``); it is
                 converted to a noise estimate with the input at the target level.
             model_kwargs: per-sample conditioning passed to ``model_fn``.
