@@ -13,7 +13,8 @@ from PIL import Image
 
 from smpo_diffusers import SmPOConfig, SmPOTrainer
 from smpo_diffusers.data import PairTransform, PreferencePairDataset, collate_preference_batch
-from smpo_diffusers.latent_cache import LatentCache, cache_key, cache_settings, module_fingerprint
+from smpo_diffusers.latent_cache import (LatentCache, cache_key, cache_settings, module_fingerprint,
+                                         other_cache_entries)
 from smpo_diffusers.models import encode_prompts, latent_moments
 from smpo_diffusers.testing import encode_image
 
@@ -151,6 +152,13 @@ def test_anything_the_entries_depend_on_changes_the_key(tmp_path, demo_inputs):
     shutil.copy(os.path.join(data, "reward_stats.json"), other / "reward_stats.json")
     retrained = SmPOTrainer(make_config(tmp_path, model, str(other), name="other"))
     assert retrained.latent_cache_stats.key != key and retrained.latent_cache_stats.pairs_built > 0
+    # the earlier folder is kept (another run may still use it) and reported
+    assert trainer.latent_cache_stats.other_entries == 0
+    assert retrained.latent_cache_stats.other_entries == 1
+    assert [path for path, _ in other_cache_entries(os.path.dirname(trainer.latent_cache_stats.path),
+                                                    retrained.latent_cache_stats.key)] == [
+        trainer.latent_cache_stats.path]
+    assert retrained.latent_cache_stats.other_entries_bytes > 0
     # The folders keep their settings, readable.
     settings = json.loads(open(os.path.join(trainer.latent_cache_stats.path, "settings.json")).read())
     assert settings["resolution"] == 32 and settings["hflip"] is True

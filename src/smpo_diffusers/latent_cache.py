@@ -126,6 +126,9 @@ class CacheBuildStats:
     prompts_built: int
     undecodable_pairs: int
     seconds: float
+    other_entries: int = 0
+    """Cache folders in the same root built for other settings (never deleted automatically)."""
+    other_entries_bytes: int = 0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -197,10 +200,17 @@ class LatentCache:
         if missing or missing_prompts:
             logger.info("latent cache %s: built %d pair and %d prompt entries (%d undecodable pairs)", self.path,
                         len(missing), len(missing_prompts), undecodable)
+        others = other_cache_entries(os.path.dirname(self.path), self.key)
+        other_bytes = sum(size for _, size in others)
+        if others and rank == 0:
+            logger.info("latent cache root %s also holds %d folders built for other settings (%.2f GB; each "
+                        "settings.json says what for); delete those no run needs", os.path.dirname(self.path),
+                        len(others), other_bytes / 1e9)
         return CacheBuildStats(path=self.path, key=self.key, pairs_needed=len(set(zip(rows, winners))),
                                pairs_built=len(missing), prompts_needed=len(captions),
                                prompts_built=len(missing_prompts), undecodable_pairs=undecodable,
-                               seconds=time.perf_counter() - start)
+                               seconds=time.perf_counter() - start, other_entries=len(others),
+                               other_entries_bytes=other_bytes)
 
     def _build_pairs(self, pairs, todo: list[tuple[int, int]], parts, resolution: int, batch_size: int) -> None:
         if not todo:
@@ -393,6 +403,20 @@ class CachedPairDataset(EpochIndexedDataset):
         return item
 
 
+def other_cache_entries(root: str, key: str) -> list[tuple[str, int]]:
+    """``[(folder, bytes)]`` of the cache folders under ``root`` other than ``key`` (those with a
+    ``settings.json``), largest first: what other settings left behind."""
+    found = []
+    for name in os.listdir(root) if os.path.isdir(root) else []:
+        folder = os.path.join(root, name)
+        if name == key or not os.path.isfile(os.path.join(folder, "settings.json")):
+            continue
+        size = sum(os.path.getsize(os.path.join(folder, entry)) for entry in os.listdir(folder)
+                   if os.path.isfile(os.path.join(folder, entry)))
+        found.append((folder, size))
+    return sorted(found, key=lambda item: -item[1])
+
+
 def _atomic_write_text(path: str, text: str) -> None:
     partial = f"{path}.{os.getpid()}.tmp"
     with open(partial, "w") as handle:
@@ -415,5 +439,6 @@ __all__ = [
     "cache_settings",
     "caption_key",
     "module_fingerprint",
+    "other_cache_entries",
     "tokenizer_fingerprint",
 ]
