@@ -449,9 +449,9 @@ def render(report: dict) -> str:
         "latent forward (FlopCounterMode, meta device); fwd+bwd = 3x (full) / 2x (LoRA); checkpoint recomputation "
         "not counted. Peak = torch.cuda.max_memory_allocated during the timed steps of that mode (includes the "
         "resident weights, optimiser state and gradients). Resident = parameters + optimiser state + gradients "
-        "(counted from the tensors after the warm-up; gradients as allocated during backward). Non-finite steps: loss or "
-        "gradient norm not finite (with fp16 the grad scaler then skips the update while it calibrates). Warm-up s: "
-        "the untimed first SmPO and DPO steps (includes compilation for +compile).",
+        "(counted from the tensors after the warm-up; gradients as allocated during backward). Non-finite steps: "
+        "loss or gradient norm not finite (with fp16 the grad scaler then skips the update while it calibrates). "
+        "Warm-up s: the untimed first SmPO and DPO steps (includes compilation for +compile).",
         "",
         "| set-up | status | mode | s/pair (mean) | s/pair (median) | evals/pair grad / no-grad | TFLOP/pair | "
         "achieved TFLOP/s | peak GB | resident GB | inversion (DPO: noising) ms | ref+policy fwd ms | backward ms | "
@@ -472,8 +472,8 @@ def render(report: dict) -> str:
                 f"{m['evals_per_pair']['grad']:.1f} / {m['evals_per_pair']['no_grad']:.1f} | "
                 f"{m['tflop_per_pair']:.3g} | "
                 f"{m['achieved_tflops']:.3g} | {peak} | {resident:.3g} | "
-                + " | ".join(f"{m['stage_ms'][k]:.0f}" for k in ("inversion", "reference_and_policy_forward",
-                                                               "policy_backward", "optimizer"))
+                + " | ".join(f"{m['stage_ms'][k]:.0f}" for k in (
+                    "inversion", "reference_and_policy_forward", "policy_backward", "optimizer"))
                 + f" | {m['nonfinite_steps']} | {ratios} |")
     return "\n".join(lines) + "\n"
 

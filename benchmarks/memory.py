@@ -197,6 +197,7 @@ def render(tiny: list[dict], real: list[dict], elapsed: float, rank: int) -> str
             lines.append(f"* {optimizer}: {static / GB:.1f} GB of parameters, gradients, optimiser state, reference, "
                          f"VAE and text encoders; {(GPU_BYTES - static) / GB:.1f} GB left for activations, "
                          "workspace and allocator fragmentation.")
+        computed = sdxl_full["adafactor"]["computed"]
         lines += [
             "",
             "Assumptions: batch 1 pair (2 latents of 4x128x128 at 1024 px), bf16 autocast, the reference copy in "
@@ -208,8 +209,8 @@ def render(tiny: list[dict], real: list[dict], elapsed: float, rank: int) -> str
             "",
             "Options that move these numbers: `--cache_latents` precomputes VAE latents and prompt embeddings on "
             "disk and keeps the VAE and text encoders off the GPU during training "
-            f"(-{(sdxl_full['adafactor']['computed']['vae'] + sdxl_full['adafactor']['computed']['text_encoders']) / GB:.1f}"
-            " GB); `--inversion_weight_copy` adds one UNet in the weight dtype "
+            f"(-{(computed['vae'] + computed['text_encoders']) / GB:.1f} GB); `--inversion_weight_copy` adds one "
+            "UNet in the weight dtype "
             f"(+{sdxl_full['adafactor']['one_unet'] / GB:.1f} GB) to make the inversion faster. Peaks measured on "
             "an H200 with activations (`results/gpu_sdxl_step_h200.md`, VAE and text encoders not loaded): "
             "Adafactor + checkpointing 27.6 GB; fused AdamW + checkpointing + inversion copy 52.6 GB; fused AdamW "

@@ -175,7 +175,8 @@ def format_table(results: dict, args) -> str:
         rate = row["win_rate"]
         gain_se = row["gain_stderr_seeds"] if math.isfinite(row["gain_stderr_seeds"]) else row["gain_stderr_images"]
         lines.append(f"| {name} | {_fmt(row['reward_mean'], row['reward_stderr_seeds'])} | "
-                     f"{_fmt(row['gain_mean'], gain_se)} | {rate['rate']:.3f} [{rate['ci_low']:.3f}, {rate['ci_high']:.3f}] | "
+                     f"{_fmt(row['gain_mean'], gain_se)} | "
+                     f"{rate['rate']:.3f} [{rate['ci_low']:.3f}, {rate['ci_high']:.3f}] | "
                      f"{row['pixel_drift']:.4f} | {row['unet_evaluations']:.0f} |")
     return "\n".join(lines) + "\n"
 
@@ -267,8 +268,9 @@ def main(argv=None) -> dict:
     os.makedirs(args.output_dir, exist_ok=True)
     results = run_study(args)
     stem = "toy_alignment_quick" if args.quick else "toy_alignment"
+    arguments = argv if argv is not None else sys.argv[1:]
     command = "OMP_NUM_THREADS=%s python benchmarks/toy_alignment.py %s" % (
-        os.environ.get("OMP_NUM_THREADS", "?"), " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])))
+        os.environ.get("OMP_NUM_THREADS", "?"), " ".join(shlex.quote(a) for a in arguments))
     results["command"] = command.strip()
     results["settings"] = {k: v for k, v in vars(args).items() if k not in ("output_dir", "work_dir")}
     table = format_table(results, args)

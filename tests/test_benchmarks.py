@@ -72,8 +72,8 @@ def test_step_cost_hook_counts_equal_the_formula_in_every_mode(tmp_path, demo_in
         seen_timesteps.add(tuple(record["timesteps"]))
         timed = record["seconds"]
         assert (timed["inversion"] > 0) == (config.noise_source == "inversion")
-        assert all(timed[stage] > 0 for stage in ("policy_forward", "policy_backward", "reference_forward",
-                                                   "optimizer"))
+        assert all(timed[stage] > 0
+                   for stage in ("policy_forward", "policy_backward", "reference_forward", "optimizer"))
         # the latent cache's twins encode nothing during the step
         encoding = timed["vae_encode"] + timed["text_encode"]
         assert encoding == 0 if mode.endswith("+cache") else (timed["vae_encode"] > 0 and timed["text_encode"] > 0)

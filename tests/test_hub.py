@@ -203,8 +203,8 @@ def write_output_folder(folder, *, family="sdxl", layout="lora", validation=True
     }
     with open(os.path.join(folder, "training_config.json"), "w") as handle:
         json.dump(summary, handle, indent=2, sort_keys=True)
-    metrics = {"global_step": 2000, "final_metrics": {"loss": 0.5432, "implicit_acc": 0.75, "reward_margin": 1.25,
-                                                       "lr": 1e-5},
+    metrics = {"global_step": 2000,
+               "final_metrics": {"loss": 0.5432, "implicit_acc": 0.75, "reward_margin": 1.25, "lr": 1e-5},
                "unet_evaluations": {"inversion": 10, "policy": 8, "reference": 8}, "skipped": {"empty_batches": 0}}
     with open(os.path.join(folder, "training_metrics.json"), "w") as handle:
         json.dump(metrics, handle)
@@ -300,8 +300,8 @@ def test_bare_name_defaults_private_repo_existing_repo_and_custom_logging_dir(tm
     api = HfApi(endpoint=stub_hub.endpoint)
     push_to_hub(out, private=True, token=TOKEN, api=api, commit_message="first")
     # no repo id anywhere: the folder name, in the token owner's namespace (the id create_repo answers)
-    assert json.loads(stub_hub.requests[0]["body"]) == {"name": "smpo-run", "organization": None,
-                                                         "visibility": "private"}
+    assert json.loads(stub_hub.requests[0]["body"]) == {
+        "name": "smpo-run", "organization": None, "visibility": "private"}
     repo = stub_hub.repos["stub-user/smpo-run"]
     assert set(repo["files"]) == {"README.md", "training_config.json", "training_metrics.json", "unet/config.json",
                                   "unet/diffusion_pytorch_model.safetensors"}
@@ -580,8 +580,9 @@ def test_training_with_push_to_hub_uploads_the_final_output(tmp_path, stub_hub, 
     assert [r["route"] for r in requests] == ["create", "validate-yaml", "preupload", "commit"]
     create = json.loads(requests[0]["body"])
     assert create == {"name": "tiny-smpo", "organization": "my-org", "visibility": "private"}
-    assert sorted(stub_hub.repos["my-org/tiny-smpo"]["files"]) == ["README.md", "pytorch_lora_weights.safetensors", "training_config.json",
-                                      "training_metrics.json", "validation.png"]
+    assert sorted(stub_hub.repos["my-org/tiny-smpo"]["files"]) == [
+        "README.md", "pytorch_lora_weights.safetensors", "training_config.json", "training_metrics.json",
+        "validation.png"]
     card = ModelCard.load(str(out / "README.md"))
     assert {"smpo", "dpo", "lora", "text-to-image", "diffusers"} <= set(card.data.tags)
     assert card.data.library_name == "diffusers" and "validation.png" in card.text

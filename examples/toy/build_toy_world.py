@@ -29,7 +29,8 @@ def main(argv=None):
     parser.add_argument("--unet_steps", type=int, default=3000)
     parser.add_argument("--vae_batch_size", type=int, default=64)
     parser.add_argument("--batch_size", type=int, default=128)
-    parser.add_argument("--device", default="cpu", help="Where to train (cpu or cuda); the weights differ in the last bits.")
+    parser.add_argument("--device", default="cpu",
+                        help="Where to train (cpu or cuda); the weights differ in the last bits.")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads.")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

@@ -77,8 +77,10 @@ class SmPOConfig:
     resolution: int | None = field(
         default=None, metadata=_help("Training resolution in pixels (default: 1024 SDXL, 512 SD).")
     )
-    random_crop: bool = field(default=False, metadata=_help("Random instead of centre crop (same box for both images)."))
-    no_hflip: bool = field(default=False, metadata=_help("Disable random horizontal flips (same flip for both images)."))
+    random_crop: bool = field(default=False,
+                              metadata=_help("Random instead of centre crop (same box for both images)."))
+    no_hflip: bool = field(default=False,
+                           metadata=_help("Disable random horizontal flips (same flip for both images)."))
     dataloader_num_workers: int = field(default=0, metadata=_help("Data-loading worker processes."))
     proportion_empty_prompts: float = field(
         default=0.2, metadata=_help("Fraction of prompts replaced by '' (the paper's recipe; inversion uses it too).")
@@ -229,7 +231,8 @@ class SmPOConfig:
             if value is not None and not (math.isfinite(value) and value > 0):
                 raise ValueError(f"--{name} must be a positive number, got {value}.")
         if self.num_renoise_steps < 0:
-            raise ValueError(f"--num_renoise_steps must be >= 0 (0 = plain DDIM inversion), got {self.num_renoise_steps}.")
+            raise ValueError(
+                f"--num_renoise_steps must be >= 0 (0 = plain DDIM inversion), got {self.num_renoise_steps}.")
         if not 0.0 <= self.proportion_empty_prompts <= 1.0:
             raise ValueError(f"--proportion_empty_prompts must be in [0, 1], got {self.proportion_empty_prompts}.")
         if self.max_grad_norm < 0 or self.lr_warmup_steps < 0 or self.dataloader_num_workers < 0:
@@ -288,7 +291,8 @@ class SmPOConfig:
                 "load_lora_weights() applies to the base pipeline."
             )
         if (self.hub_model_id is not None or self.hub_private) and not self.push_to_hub:
-            raise ValueError("--hub_model_id/--hub_private only apply with --push_to_hub; add --push_to_hub or drop them.")
+            raise ValueError(
+                "--hub_model_id/--hub_private only apply with --push_to_hub; add --push_to_hub or drop them.")
         if self.resume_from_checkpoint not in (None, "latest") and not os.path.isdir(self.resume_from_checkpoint):
             raise ValueError(
                 f"--resume_from_checkpoint {self.resume_from_checkpoint!r} is not a folder; pass 'latest' or the "

@@ -868,7 +868,8 @@ def collate_preference_batch(items: list[dict | None]) -> dict:
     Returns a dict with
 
     * ``pixel_values``: float32 ``(B, 2, 3, H, W)``, winner first (cached items instead: ``latent_mean``,
-      ``latent_std`` ``(B, 2, C, h, w)``, ``prompt_hidden`` ``(B, L, D)``, SDXL ``prompt_pooled``); ``prob_w``: float32 ``(B,)``;
+      ``latent_std`` ``(B, 2, C, h, w)``, ``prompt_hidden`` ``(B, L, D)``, SDXL ``prompt_pooled``);
+      ``prob_w``: float32 ``(B,)``;
       ``original_sizes``, ``crop_top_lefts``: int64 ``(B, 2, 2)``; ``indices``: int64 ``(B,)``;
       ``captions``: list of B str;
     * ``batch_size`` (B), ``num_skipped`` (None items dropped from this batch) and the counts

@@ -46,8 +46,8 @@ def build_demo_inputs(folder: str, family: str = "sdxl", num_pairs: int = 64, se
     if not os.path.isfile(os.path.join(dataset_dir, "reward_stats.json")):
         raw = make_preference_dataset(num_pairs=num_pairs, seed=seed)
         labeler = RewardLabeler(CallableRewardModel(colourfulness_reward, name="colourfulness"))
-        labelled = raw.map(labeler, batched=True, batch_size=16, features=datasets.Features({**raw.features, **reward_features()}),
-                           load_from_cache_file=False)
+        features = datasets.Features({**raw.features, **reward_features()})
+        labelled = raw.map(labeler, batched=True, batch_size=16, features=features, load_from_cache_file=False)
         labelled.save_to_disk(dataset_dir)
         save_reward_statistics(dataset_dir, compute_reward_statistics(labelled, reward_model="colourfulness"))
     return model_dir, dataset_dir

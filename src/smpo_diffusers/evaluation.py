@@ -82,7 +82,8 @@ def win_rate(aligned: Sequence[float], base: Sequence[float], tie_tolerance: flo
     ``losses``, ``n``, ``rate = (wins + ties / 2) / n`` and its 95 % Wilson interval ``ci_low``, ``ci_high``."""
     aligned, base = np.asarray(aligned, dtype=np.float64), np.asarray(base, dtype=np.float64)
     if aligned.shape != base.shape or aligned.ndim != 1 or aligned.size == 0:
-        raise ValueError(f"win_rate needs two equal-length, non-empty score lists, got {aligned.shape} and {base.shape}.")
+        raise ValueError(
+            f"win_rate needs two equal-length, non-empty score lists, got {aligned.shape} and {base.shape}.")
     difference = aligned - base
     ties = int((np.abs(difference) <= tie_tolerance).sum())
     wins = int((difference > tie_tolerance).sum())
@@ -195,7 +196,8 @@ def read_prompts(source: str, column: str = "caption", split: str = "train", lim
 
         dataset = load_preference_dataset(source, split)
         if column not in dataset.column_names:
-            raise ValueError(f"{source!r} has no column {column!r} (columns: {dataset.column_names}); pass --prompt_column.")
+            raise ValueError(
+                f"{source!r} has no column {column!r} (columns: {dataset.column_names}); pass --prompt_column.")
         prompts = list(dict.fromkeys(p for p in dataset[column] if isinstance(p, str) and p.strip()))
     else:
         raise FileNotFoundError(

@@ -416,11 +416,12 @@ def _hyperparameter_rows(config: dict, reward_model: str | None, metrics: dict |
             ("Reward columns", ", ".join(config.get("reward_columns") or []) or None),
             ("Reward scale s", f"{_fmt(scale)} (from {source})" if scale is not None else None),
         ]
+    processes = config.get("num_processes")
     rows += [
         ("Training steps", f"{steps if steps is not None else '?'}" + (f" of {planned}" if planned else "")),
         ("Effective batch size", f"{config.get('effective_batch_size')} pairs ({config.get('train_batch_size')} per "
                                  f"device × {config.get('gradient_accumulation_steps')} accumulation × "
-                                 f"{config.get('num_processes')} process{'' if config.get('num_processes') == 1 else 'es'})"),
+                                 f"{processes} process{'' if processes == 1 else 'es'})"),
         ("Learning rate", f"{_fmt(config.get('learning_rate'))} ({config.get('lr_scheduler')}, "
                           f"{config.get('lr_warmup_steps')} warm-up steps)"),
         ("Optimiser", optimiser),

@@ -246,7 +246,8 @@ def sample_latents(vae_config, mean: torch.Tensor, std: torch.Tensor,
 
 
 def encode_images(vae: AutoencoderKL, pixel_values: torch.Tensor, generator: torch.Generator | None = None):
-    """``(N, 3, H, W)`` pixels in [-1, 1] -> scaled latents ``(N, C, H/f, W/f)`` in fp32 (sampled with ``generator``)."""
+    """``(N, 3, H, W)`` pixels in [-1, 1] -> scaled latents ``(N, C, H/f, W/f)`` in fp32 (sampled with
+    ``generator``)."""
     return sample_latents(vae.config, *latent_moments(vae, pixel_values), generator)
 
 

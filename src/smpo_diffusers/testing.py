@@ -95,6 +95,8 @@ def _scheduler_with_full_config(scheduler_class, config: dict, prediction_type: 
     )
     scheduler.register_to_config(**{k: v for k, v in config.items() if k not in accepted})
     return scheduler
+
+
 _IMAGE_FORMATS = ("JPEG", "PNG")
 
 

@@ -296,7 +296,8 @@ def _train_unet(unet, latents, embeddings, empty_embedding, caption_index, gener
         dropped = (torch.rand(batch_size, generator=generator) < uncond_fraction).to(device)
         conditions = torch.where(dropped[:, None, None], empty_embedding.to(device).expand_as(conditions), conditions)
         noise = torch.randn(x0.shape, generator=generator).to(device)
-        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch_size,), generator=generator).to(device)
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch_size,),
+                                  generator=generator).to(device)
         prediction = unet(noise_scheduler.add_noise(x0, noise, timesteps), timesteps,
                           encoder_hidden_states=conditions).sample
         loss = torch.nn.functional.mse_loss(prediction, noise)

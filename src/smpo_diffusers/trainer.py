@@ -58,6 +58,7 @@ from .latent_cache import CachedPairDataset, LatentCache, cache_settings
 
 logger = logging.getLogger(__name__)
 
+
 def _fsync_directory(path: str) -> None:
     """Persist a folder's entries (a rename into it); a no-op where the file system cannot fsync folders."""
     try:
@@ -112,7 +113,8 @@ class EpochShuffleSampler(torch.utils.data.Sampler):
         self.epoch = epoch
 
     def __iter__(self):
-        generator = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, self.epoch]).generate_state(1)[0]))
+        seed = int(np.random.SeedSequence([self.seed, self.epoch]).generate_state(1)[0])
+        generator = torch.Generator().manual_seed(seed)
         return iter(torch.randperm(self.num_samples, generator=generator).tolist())
 
     def __len__(self) -> int:
@@ -313,13 +315,14 @@ class SmPOTrainer:
 
     def _setup_models(self) -> None:
         config, parts, accelerator = self.config, self.parts, self.accelerator
-        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision,
-                                                                                 torch.float32)
+        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
+            accelerator.mixed_precision, torch.float32)
         if config.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
         device = accelerator.device
         # The SDXL VAE overflows in fp16; keep it fp32 unless a separate (fp16-safe) VAE is given.
-        vae_dtype = torch.float32 if parts.is_sdxl and not config.pretrained_vae_model_name_or_path else self.weight_dtype
+        fp16_unsafe_vae = parts.is_sdxl and not config.pretrained_vae_model_name_or_path
+        vae_dtype = torch.float32 if fp16_unsafe_vae else self.weight_dtype
         parts.vae.requires_grad_(False).to(device, dtype=vae_dtype).eval()
         for encoder in parts.text_encoders:
             encoder.requires_grad_(False).to(device, dtype=self.weight_dtype).eval()
@@ -449,7 +452,8 @@ class SmPOTrainer:
 
     # ------------------------------------------------------------------ one step
     def _unet_call(self, unet, latents, timesteps, conditioning):
-        return unet(latents.to(self.weight_dtype), timesteps, encoder_hidden_states=conditioning["encoder_hidden_states"],
+        return unet(latents.to(self.weight_dtype), timesteps,
+                    encoder_hidden_states=conditioning["encoder_hidden_states"],
                     added_cond_kwargs=conditioning.get("added_cond_kwargs")).sample
 
     def compute_loss(self, batch: dict, generator: torch.Generator) -> StepOutput:
@@ -757,7 +761,8 @@ class SmPOTrainer:
             if accelerator.is_main_process:
                 shutil.rmtree(partial, ignore_errors=True)
             previous = self._checkpoints()
-            kept = f"the previous checkpoint {previous[-1][1]} is intact" if previous else "no earlier checkpoint exists"
+            kept = (f"the previous checkpoint {previous[-1][1]} is intact" if previous
+                    else "no earlier checkpoint exists")
             raise OSError(
                 f"could not write checkpoint-{global_step} in {config.output_dir} ({error}); {kept}. Free disk space "
                 "or point --output_dir somewhere writable, then relaunch with --resume_from_checkpoint latest."
@@ -947,7 +952,6 @@ class SmPOTrainer:
                    "latent_cache": self.latent_cache_stats.as_dict() if self.latent_cache_stats else None}
         with open(os.path.join(output_dir, "training_metrics.json"), "w") as handle:
             json.dump(_finite_or_none(metrics), handle, indent=2, sort_keys=True, allow_nan=False)
-
 
     def _remove_other_weight_layouts(self, output_dir: str) -> None:
         """A folder holds one run's weights: drop those of another layout (a LoRA file, ``unet/``, a pipeline)

@@ -42,7 +42,8 @@ def main():
             digest.update(name.encode())
             digest.update(param.detach().cpu().contiguous().numpy().tobytes())
     record = {"rank": trainer.accelerator.process_index, "num_processes": trainer.accelerator.num_processes,
-              "seen": trainer.seen, "micro_batch_sizes": trainer.micro_batch_sizes, "weights_sha256": digest.hexdigest(), "global_step": trainer.global_step}
+              "seen": trainer.seen, "micro_batch_sizes": trainer.micro_batch_sizes,
+              "weights_sha256": digest.hexdigest(), "global_step": trainer.global_step}
     os.makedirs(record_dir, exist_ok=True)
     with open(os.path.join(record_dir, f"rank{record['rank']}.json"), "w") as handle:
         json.dump(record, handle)

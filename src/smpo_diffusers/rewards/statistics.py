@@ -62,10 +62,10 @@ def compute_reward_statistics(dataset_or_columns, reward_model: str | None = Non
         reward_model: name of the reward model that produced the scores (stored as given).
 
     Returns:
-        A JSON-ready dict: ``reward_model``; ``reward_columns`` (the two columns described); ``num_pairs``, ``num_valid_pairs``; ``count`` (number of
-        valid scores = 2 x valid pairs); ``min``, ``max``, ``mean``, ``std`` (population std,
-        ``ddof=0``) over both reward columns of the valid pairs, computed in float64 from the stored
-        float32 values; ``suggested_scale = max - min``. With no valid pair the five numbers are None.
+        A JSON-ready dict: ``reward_model``; ``reward_columns`` (the two columns described); ``num_pairs``,
+        ``num_valid_pairs``; ``count`` (number of valid scores = 2 x valid pairs); ``min``, ``max``, ``mean``,
+        ``std`` (population std, ``ddof=0``) over both reward columns of the valid pairs, computed in float64
+        from the stored float32 values; ``suggested_scale = max - min``. With no valid pair the five numbers are None.
     """
     if hasattr(dataset_or_columns, "select_columns"):  # a datasets.Dataset: read only what we need
         dataset_or_columns = dataset_or_columns.select_columns([*REWARD_COLUMNS, VALID_COLUMN]).to_dict()

@@ -261,7 +261,8 @@ class InversionScheduler(DDIMInverseScheduler):
         grid_levels = grid_levels[(grid_levels >= 0) & (grid_levels < num_train)]
         below = grid_levels.unsqueeze(0) < timesteps.unsqueeze(1)
         num_steps = below.sum(dim=1)
-        levels = torch.where(below, grid_levels.unsqueeze(0).expand_as(below), torch.full_like(below, -1, dtype=torch.long))
+        levels = torch.where(below, grid_levels.unsqueeze(0).expand_as(below),
+                             torch.full_like(below, -1, dtype=torch.long))
         width = int(num_steps.max()) if timesteps.numel() else 0
         return levels[:, :width], num_steps
 
