@@ -26,7 +26,7 @@ def lora_weights(path):
 def test_sdxl_lora_trains_saves_and_loads_into_the_pipeline(tmp_path, demo_inputs):
     model, data = demo_inputs["sdxl"]
     config = make_config(tmp_path, model, data, validation_prompts=["a red circle on a blue background"],
-                         validation_num_inference_steps=2)
+                         validation_num_inference_steps=2, rank=4, lora_alpha=16)
     trainer = SmPOTrainer(config)
     # One UNet in memory: the reference is the policy with adapters disabled.
     assert trainer.reference.frozen_unet is None
@@ -52,6 +52,11 @@ def test_sdxl_lora_trains_saves_and_loads_into_the_pipeline(tmp_path, demo_input
     pipe.load_lora_weights(out)
     after = pipe(generator=torch.Generator().manual_seed(0), **kwargs).images
     assert np.abs(before - after).max() > 1e-4
+    # the loaded adapter is the trained one, lora_alpha included (it scales the update by alpha / rank)
+    trained = StableDiffusionXLPipeline.from_pretrained(model, unet=trainer.unwrapped_unet)
+    trained.set_progress_bar_config(disable=True)
+    np.testing.assert_allclose(trained(generator=torch.Generator().manual_seed(0), **kwargs).images, after,
+                               atol=1e-5)
 
 
 def test_sd_full_unet_with_reference_inversion_and_full_pipeline(tmp_path, demo_inputs):

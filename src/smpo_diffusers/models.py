@@ -275,11 +275,14 @@ def lora_state_dict(unet) -> dict:
 
 
 def save_lora(path: str, unet, is_sdxl: bool) -> None:
-    """Write ``pytorch_lora_weights.safetensors`` loadable by the pipeline's ``load_lora_weights``."""
+    """Write ``pytorch_lora_weights.safetensors`` loadable by the pipeline's ``load_lora_weights``, with the
+    adapter's ``LoraConfig`` in the file's metadata (without it, loading assumes ``lora_alpha = rank`` and scales
+    the update by ``rank / lora_alpha``)."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     pipeline_class = StableDiffusionXLPipeline if is_sdxl else StableDiffusionPipeline
-    pipeline_class.save_lora_weights(path, unet_lora_layers=lora_state_dict(unet), safe_serialization=True)
+    pipeline_class.save_lora_weights(path, unet_lora_layers=lora_state_dict(unet), safe_serialization=True,
+                                     unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
 
 
 def load_lora_state_into_unet(unet, path: str) -> None:
