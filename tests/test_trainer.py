@@ -338,7 +338,9 @@ def test_lora_parameters_stay_fp32_under_bf16(tmp_path, demo_inputs, monkeypatch
     assert all(p.dtype == torch.float32 for p in lora)
 
 
-def test_saved_full_sd_pipeline_keeps_the_base_safety_checker(tmp_path, demo_inputs):
+def test_saved_full_sd_pipeline_holds_the_base_components_as_stored(tmp_path, demo_inputs, caplog):
+    """The VAE, text encoder and safety checker come from the base as stored (fp32 here), not the bf16 copies
+    training casts."""
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
     from transformers import CLIPConfig, CLIPImageProcessor
 
@@ -353,20 +355,30 @@ def test_saved_full_sd_pipeline_keeps_the_base_safety_checker(tmp_path, demo_inp
     base = str(tmp_path / "base-with-checker")
     StableDiffusionPipeline(**(tiny_sd_components() | {"safety_checker": checker, "feature_extractor": extractor})
                             ).save_pretrained(base, safe_serialization=True)
-    config = make_config(tmp_path, base, data, train_method="full", save_full_pipeline=True, max_train_steps=1)
+    config = make_config(tmp_path, base, data, train_method="full", save_full_pipeline=True, max_train_steps=1,
+                         mixed_precision="bf16")
     trainer = SmPOTrainer(config)
-    assert trainer.parts.safety_components is None  # read from the base only when a pipeline is saved
+    assert trainer.parts.vae.dtype == torch.bfloat16 and trainer.parts.text_encoders[0].dtype == torch.bfloat16
     trainer.save_model()
     saved = StableDiffusionPipeline.from_pretrained(config.output_dir)
     assert isinstance(saved.safety_checker, StableDiffusionSafetyChecker) and saved.feature_extractor is not None
     assert saved.config.requires_safety_checker is True
     assert torch.equal(saved.safety_checker.concept_embeds, checker.concept_embeds)
-    # validation renders without it; a base without a checker saves none (the other full-pipeline test)
+    reloaded_base = StableDiffusionPipeline.from_pretrained(base)
+    for name in ("vae", "text_encoder"):
+        for key, value in getattr(reloaded_base, name).state_dict().items():
+            assert torch.equal(getattr(saved, name).state_dict()[key], value), (name, key)
+    assert saved.unet.dtype == torch.float32
+    # validation renders without the checker; a base without one saves none (the other full-pipeline test)
     assert trainer.build_pipeline().safety_checker is None
-    # a checker of another class cannot be rebuilt: the error names the way out
-    index_path = os.path.join(base, "model_index.json")
-    index = json.load(open(index_path)) | {"safety_checker": ["my_package", "MyChecker"]}
-    json.dump(index, open(index_path, "w"))
-    with pytest.raises(ValueError, match="drop --save_full_pipeline"):
+
+    # in-process components: saved as held (the checker too), with a warning for the bf16 copies
+    components = StableDiffusionPipeline.from_pretrained(base).components
+    config = make_config(tmp_path, base, data, train_method="full", save_full_pipeline=True, max_train_steps=1,
+                         mixed_precision="bf16", output_dir=str(tmp_path / "in-process"))
+    trainer = SmPOTrainer(config, pipeline_components=components)
+    with caplog.at_level("WARNING", logger="smpo_diffusers.trainer"):
         trainer.save_model()
-    assert os.path.isfile(os.path.join(config.output_dir, "model_index.json"))  # nothing removed before the error
+    assert "saving the in-process AutoencoderKL, CLIPTextModel as training holds them" in caplog.text
+    saved = StableDiffusionPipeline.from_pretrained(config.output_dir)
+    assert isinstance(saved.safety_checker, StableDiffusionSafetyChecker)

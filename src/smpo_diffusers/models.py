@@ -30,7 +30,6 @@ __all__ = [
     "latent_moments",
     "sample_latents",
     "load_diffusion_parts",
-    "load_safety_components",
     "lora_state_dict",
     "load_lora_state_into_unet",
     "sdxl_time_ids",
@@ -49,10 +48,11 @@ class DiffusionParts:
     tokenizers: list
     scheduler: InversionScheduler
     is_sdxl: bool
-    safety_components: dict | None = None
-    """SD 1.x/2.x ``safety_checker``/``feature_extractor`` given in-process ({} when none were); None when the
-    parts came from a folder or Hub id, whose checker :func:`load_safety_components` reads only when a full
-    pipeline is saved (it is not needed for training)."""
+    source: str | None = None
+    """The folder or Hub id the parts were loaded from; None for in-process components."""
+    other_components: dict = field(default_factory=dict)
+    """In-process pipeline components training does not use (``safety_checker``, ``feature_extractor``,
+    ``image_encoder``), kept for a saved pipeline."""
     sampler_config: dict = field(default_factory=dict)
     """The base model's own scheduler config (``_class_name`` e.g. ``EulerDiscreteScheduler``, with its own
     options such as PNDM's ``skip_prk_steps``), kept for saved pipelines."""
@@ -130,12 +130,10 @@ def load_diffusion_parts(config, components: dict | None = None) -> DiffusionPar
     if getattr(parts["unet"].config, "addition_embed_type", None) == "text_time" and len(text_encoders) != 2:
         raise ValueError("The UNet expects SDXL added conditions but the model has no text_encoder_2/tokenizer_2.")
     scheduler_dict = dict(scheduler_config)
-    safety_components = None
-    if components is not None:
-        safety_components = {name: parts[name] for name in ("safety_checker", "feature_extractor")
-                             if parts.get(name) is not None}
+    used = {"unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"}
     return DiffusionParts(
-        safety_components=safety_components,
+        source=None if components is not None else config.pretrained_model_name_or_path,
+        other_components={name: module for name, module in parts.items() if name not in used and module is not None},
         sampler_config={key: value for key, value in scheduler_dict.items() if key != "_use_default_values"},
         unet=parts["unet"],
         vae=parts["vae"],
@@ -144,32 +142,6 @@ def load_diffusion_parts(config, components: dict | None = None) -> DiffusionPar
         scheduler=inversion_scheduler_from_config(scheduler_dict),
         is_sdxl=_is_sdxl(parts["unet"], text_encoders),
     )
-
-
-def load_safety_components(config) -> dict:
-    """The ``safety_checker`` and ``feature_extractor`` of the SD 1.x/2.x base at
-    ``config.pretrained_model_name_or_path``, so that a saved full pipeline filters images like its base; {}
-    when the base's ``model_index.json`` lists none (SDXL, or SD repos that set them to null)."""
-    from diffusers import DiffusionPipeline
-    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
-    from transformers import AutoImageProcessor
-
-    path = config.pretrained_model_name_or_path
-    common = {"revision": config.revision, "cache_dir": config.cache_dir}
-    index = DiffusionPipeline.load_config(path, **common)
-    library, class_name = (index.get("safety_checker") or [None, None])[:2]
-    if class_name is None:
-        return {}
-    if class_name != StableDiffusionSafetyChecker.__name__:
-        raise ValueError(
-            f"The base model's safety checker is a {library}.{class_name}, which a saved pipeline cannot rebuild; "
-            "save the UNet alone (drop --save_full_pipeline) and load it into the base pipeline."
-        )
-    return {
-        "safety_checker": StableDiffusionSafetyChecker.from_pretrained(
-            path, subfolder="safety_checker", variant=config.variant, **common),
-        "feature_extractor": AutoImageProcessor.from_pretrained(path, subfolder="feature_extractor", **common),
-    }
 
 
 # ---------------------------------------------------------------------------- encoding

@@ -49,7 +49,6 @@ from .models import (
     encode_prompts,
     load_diffusion_parts,
     load_lora_state_into_unet,
-    load_safety_components,
     sample_latents,
     save_lora,
     sdxl_time_ids,
@@ -855,8 +854,9 @@ class SmPOTrainer:
 
     # ------------------------------------------------------------------ outputs
     def build_pipeline(self, sampler: str = "ddim"):
-        """A diffusers pipeline around the current (unwrapped) UNet: with a DDIM sampler (``sampler="ddim"``, for
-        validation) or the base model's own scheduler class (``"base"``, for a saved pipeline)."""
+        """A diffusers pipeline around the current (unwrapped) UNet and the parts in memory: with a DDIM sampler
+        (``sampler="ddim"``, for validation, no safety checker) or the base model's own scheduler class and the
+        in-process components training does not use (``"base"``)."""
         import diffusers
         from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
@@ -868,19 +868,38 @@ class SmPOTrainer:
             scheduler = getattr(diffusers, name).from_config(parts.sampler_config)
         else:
             scheduler = DDIMScheduler.from_config(parts.scheduler.config)
-        common = dict(vae=parts.vae, unet=self.unwrapped_unet, scheduler=scheduler)
+        others = parts.other_components if sampler == "base" else {}
+        common = dict(vae=parts.vae, unet=self.unwrapped_unet, scheduler=scheduler,
+                      feature_extractor=others.get("feature_extractor"), image_encoder=others.get("image_encoder"))
         if parts.is_sdxl:
             return StableDiffusionXLPipeline(text_encoder=parts.text_encoders[0], text_encoder_2=parts.text_encoders[1],
                                              tokenizer=parts.tokenizers[0], tokenizer_2=parts.tokenizers[1],
                                              add_watermarker=False, **common)
-        safety = {}
-        if sampler == "base":  # a saved pipeline keeps the base's safety checker; validation renders without it
-            safety = (parts.safety_components if parts.safety_components is not None
-                      else load_safety_components(self.config))
         return StableDiffusionPipeline(text_encoder=parts.text_encoders[0], tokenizer=parts.tokenizers[0],
-                                       safety_checker=safety.get("safety_checker"),
-                                       feature_extractor=safety.get("feature_extractor"),
-                                       requires_safety_checker="safety_checker" in safety, **common)
+                                       safety_checker=others.get("safety_checker"),
+                                       requires_safety_checker="safety_checker" in others, **common)
+
+    def pipeline_to_save(self):
+        """What ``--save_full_pipeline`` writes: the trained UNet in the base's own pipeline, whose other
+        components (VAE, text encoders, tokenizers, scheduler and, for SD 1.x/2.x, the safety checker) are read
+        again from the base as it stores them, since training holds them cast to the weight dtype. In-process
+        parts (no base folder) are saved as held, with a warning where training cast them below fp32."""
+        from diffusers import AutoencoderKL, DiffusionPipeline
+
+        config, parts = self.config, self.parts
+        if parts.source is not None:
+            replaced = {"unet": self.unwrapped_unet}
+            if config.pretrained_vae_model_name_or_path:
+                replaced["vae"] = AutoencoderKL.from_pretrained(config.pretrained_vae_model_name_or_path,
+                                                                cache_dir=config.cache_dir)
+            return DiffusionPipeline.from_pretrained(parts.source, revision=config.revision, variant=config.variant,
+                                                     cache_dir=config.cache_dir, **replaced)
+        lowered = [type(module).__name__ for module in (parts.vae, *parts.text_encoders)
+                   if module.dtype != torch.float32]
+        if lowered:
+            logger.warning("saving the in-process %s as training holds them (cast to %s); build the trainer from a "
+                           "model folder to save the base's own weights", ", ".join(lowered), self.weight_dtype)
+        return self.build_pipeline(sampler="base")
 
     def log_validation(self, global_step: int, final: bool = False):
         """Render ``--validation_prompts`` with fixed seeds; save a PNG grid and log it. Main process only."""
@@ -924,7 +943,7 @@ class SmPOTrainer:
         if not accelerator.is_main_process:
             return
         unet = self.unwrapped_unet
-        pipeline = self.build_pipeline(sampler="base") if self.config.save_full_pipeline else None
+        pipeline = self.pipeline_to_save() if self.config.save_full_pipeline else None
         os.makedirs(output_dir, exist_ok=True)
         self._remove_other_weight_layouts(output_dir)
         if self.config.train_method == "lora":
