@@ -45,7 +45,24 @@ def test_odd_images_are_converted_resized_or_skipped_and_counted(tmp_path, demo_
                           dataset=dataset)
     metrics = trainer.train()
     assert np.isfinite(metrics["loss"])
-    assert trainer.skipped["undecodable_pairs"] == 1
+    assert trainer.skipped["undecodable_pairs"] == 1 and trainer.skipped["empty_updates"] == 0
+
+
+def test_a_dataset_of_undecodable_images_fails_instead_of_training_nothing(tmp_path, demo_inputs, caplog):
+    """Steps whose pairs all fail to decode are counted as empty updates; when no update trained anything the
+    run fails, naming the image columns, and saves no weights. Each bad pair counts once (epoch 0), not once per
+    epoch."""
+    rows = labelled(demo_inputs).select(range(4)).to_dict()
+    rows["jpg_0"] = [b"not an image"] * 4
+    dataset = Dataset.from_dict(rows, features=labelled(demo_inputs).features)
+    trainer = SmPOTrainer(config(tmp_path, demo_inputs["sdxl"][0], max_train_steps=4, train_batch_size=2),
+                          dataset=dataset)
+    expected = r"(?s)None of the 4 updates.*4 undecodable pairs.*jpg_0/jpg_1"
+    with caplog.at_level(logging.WARNING), pytest.raises(RuntimeError, match=expected):
+        trainer.train()
+    assert trainer.skipped["empty_updates"] == 4 and trainer.skipped["empty_batches"] == 4
+    assert "update 1 trained nothing" in caplog.text
+    assert not (tmp_path / "out" / "pytorch_lora_weights.safetensors").exists()
 
 
 def test_missing_columns_and_wrong_types_fail_before_models_load(tmp_path, demo_inputs):

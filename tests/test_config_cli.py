@@ -182,3 +182,11 @@ def test_demo_defaults_never_replace_typed_flags(tmp_path, monkeypatch):
     assert (config.train_batch_size, config.report_to, config.checkpointing_steps) == (1, "tensorboard", 500)
     assert config.max_train_steps == toy.TOY_TRAINING_DEFAULTS["max_train_steps"]  # not typed: the toy's value
     assert (config.pretrained_model_name_or_path, config.dataset_name) == ("toy-model", "toy-data")
+    # dashes, abbreviations and --no_ complements are the same options to the parser, so to --demo too
+    other = ["--demo", "--output-dir", str(tmp_path), "--learning-rate", "0.5", "--max_train_st", "3", "--gamma=2",
+             "--validation_prompts", "a", "b"]
+    assert given_flags(other) == {"demo", "output_dir", "learning_rate", "max_train_steps", "gamma",
+                                  "validation_prompts"}
+    config, demo = parse_training_args(other)
+    prepare_demo(config, demo, "sd", given=given_flags(other))
+    assert (config.learning_rate, config.max_train_steps, config.gamma) == (0.5, 3, 2.0)

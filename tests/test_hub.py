@@ -615,3 +615,19 @@ def test_card_leaves_out_a_validation_image_this_run_did_not_render(tmp_path):
     assert "![validation]" not in create_model_card(out).text
     rendered = write_output_folder(tmp_path / "rendered", validation=True, checkpoints=False)
     assert "![validation](validation.png)" in create_model_card(rendered).text
+
+
+def test_card_states_the_learning_rate_used_and_what_was_skipped(tmp_path):
+    out = write_output_folder(tmp_path / "out", scale_lr=True)
+    for name, update in (("training_config.json", {"effective_learning_rate": 1.6e-4}),
+                         ("training_metrics.json", {"skipped": {"nonfinite_updates": 2, "empty_updates": 0,
+                                                                "undecodable_pairs": 3, "empty_batches": 1}})):
+        path = os.path.join(out, name)
+        data = json.load(open(path)) | update
+        json.dump(data, open(path, "w"))
+    text = create_model_card(out).text
+    assert "| Learning rate | 0.00016 (`learning_rate` 1e-05 × the effective batch size, `--scale_lr`); " in text
+    assert ("Skipped during training: 2 updates skipped for a non-finite loss or gradient, 3 undecodable pairs."
+            in text)
+    plain = create_model_card(write_output_folder(tmp_path / "plain")).text
+    assert "| Learning rate | 1e-05; constant schedule" in plain and "Skipped during training" not in plain

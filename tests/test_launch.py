@@ -137,6 +137,7 @@ def test_two_processes_survive_micro_batches_that_decode_to_nothing(tmp_path, de
     assert empty > 0 and metrics["skipped"]["undecodable_pairs"] == metrics["skipped"]["empty_batches"] == empty
     assert metrics["unet_evaluations"] == {"inversion": 0, "policy": 2 * trained, "reference": 2 * trained}
     assert metrics["global_step"] == len(sizes) and metrics["final_metrics"]
+    assert metrics["skipped"]["empty_updates"] == sum(pair == (0, 0) for pair in sizes)
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
 """Faults: non-finite updates, failed saves, unwritable outputs, and SIGKILL at random moments."""
 
 import errno
+import json
 import os
 import pathlib
 import random
@@ -65,6 +66,8 @@ def test_too_many_consecutive_nonfinite_updates_stop_after_saving(tmp_path, demo
     saved = load_file(os.path.join(trainer.config.output_dir, "pytorch_lora_weights.safetensors"))
     assert saved and all(torch.isfinite(v).all() for v in saved.values())
     assert trainer.skipped["nonfinite_updates"] == 2
+    metrics = json.loads(pathlib.Path(trainer.config.output_dir, "training_metrics.json").read_text())
+    assert metrics["global_step"] == 2 and metrics["skipped"]["nonfinite_updates"] == 2  # updates before the stop
 
 
 def test_failed_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, demo_inputs, monkeypatch):

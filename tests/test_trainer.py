@@ -217,6 +217,12 @@ def test_checkpoints_of_another_run_and_a_changed_data_layout_are_refused(tmp_pa
     options = dict(max_train_steps=4, checkpointing_steps=2)
     first = make_config(tmp_path, model, data, **options)
     SmPOTrainer(first).train()
+    final = json.load(open(os.path.join(first.output_dir, "training_metrics.json")))
+    # a run killed after its last checkpoint (while saving or uploading) and resumed keeps its final metrics
+    SmPOTrainer(make_config(tmp_path, model, data, resume_from_checkpoint="latest", **options)).train()
+    again = json.load(open(os.path.join(first.output_dir, "training_metrics.json")))
+    assert again["final_metrics"] == final["final_metrics"] and again["final_metrics"]["loss"] is not None
+    assert again["global_step"] == 4
     older = os.path.join(first.output_dir, "checkpoint-2")
     with pytest.raises(ValueError, match=r"checkpoints past update 2 \(checkpoint-4\) from another run"):
         SmPOTrainer(make_config(tmp_path, model, data, resume_from_checkpoint=older, **options)).train()
@@ -382,3 +388,14 @@ def test_saved_full_sd_pipeline_holds_the_base_components_as_stored(tmp_path, de
     assert "saving the in-process AutoencoderKL, CLIPTextModel as training holds them" in caplog.text
     saved = StableDiffusionPipeline.from_pretrained(config.output_dir)
     assert isinstance(saved.safety_checker, StableDiffusionSafetyChecker)
+
+
+def test_scale_lr_multiplies_by_the_effective_batch_and_is_recorded(tmp_path, demo_inputs):
+    model, data = demo_inputs["sd"]
+    config = make_config(tmp_path, model, data, scale_lr=True, learning_rate=1e-4, train_batch_size=2,
+                         gradient_accumulation_steps=2, max_train_steps=1)
+    trainer = SmPOTrainer(config)
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(4e-4)
+    trainer.train()
+    saved = json.load(open(os.path.join(config.output_dir, "training_config.json")))
+    assert saved["learning_rate"] == 1e-4 and saved["effective_learning_rate"] == pytest.approx(4e-4)

@@ -60,9 +60,17 @@ def parse_training_args(argv: list[str] | None = None) -> tuple[SmPOConfig, Demo
 
 
 def given_flags(argv: list[str]) -> set[str]:
-    """The option names typed on a command line (``--train_batch_size 1`` and ``--train_batch_size=1`` give
-    ``train_batch_size``)."""
-    return {token[2:].split("=", 1)[0] for token in argv if token.startswith("--") and len(token) > 2}
+    """The options typed on a command line, as field names, resolved by the parser itself: ``--train_batch_size
+    1``, ``--train_batch_size=1``, ``--train-batch-size 1`` and an abbreviation such as ``--train_batch 1`` all
+    give ``train_batch_size``."""
+    import argparse
+
+    parser = HfArgumentParser((SmPOConfig, DemoArguments))
+    for action in parser._actions:  # only what is typed lands in the namespace
+        action.default = argparse.SUPPRESS
+        action.required = False
+    namespace, _ = parser.parse_known_args(args=argv)
+    return set(vars(namespace))
 
 
 def prepare_demo(config: SmPOConfig, demo: DemoArguments, family: str, given: set[str] | None = None) -> SmPOConfig:

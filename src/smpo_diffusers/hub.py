@@ -417,13 +417,18 @@ def _hyperparameter_rows(config: dict, reward_model: str | None, metrics: dict |
             ("Reward scale s", f"{_fmt(scale)} (from {source})" if scale is not None else None),
         ]
     processes = config.get("num_processes")
+    learning_rate = _fmt(config.get("learning_rate"))
+    effective = config.get("effective_learning_rate")
+    if config.get("scale_lr") and effective is not None:
+        learning_rate = (f"{_fmt(effective)} (`learning_rate` {learning_rate} × the effective batch size, "
+                         "`--scale_lr`)")
     rows += [
         ("Training steps", f"{steps if steps is not None else '?'}" + (f" of {planned}" if planned else "")),
         ("Effective batch size", f"{config.get('effective_batch_size')} pairs ({config.get('train_batch_size')} per "
                                  f"device × {config.get('gradient_accumulation_steps')} accumulation × "
                                  f"{processes} process{'' if processes == 1 else 'es'})"),
-        ("Learning rate", f"{_fmt(config.get('learning_rate'))} ({config.get('lr_scheduler')}, "
-                          f"{config.get('lr_warmup_steps')} warm-up steps)"),
+        ("Learning rate", f"{learning_rate}; {config.get('lr_scheduler')} schedule, "
+                          f"{config.get('lr_warmup_steps')} warm-up steps"),
         ("Optimiser", optimiser),
         ("Mixed precision", "no (fp32)" if config.get("mixed_precision") == "no" else config.get("mixed_precision")),
         ("Resolution", config.get("resolution")),
@@ -441,6 +446,14 @@ def _pairs_sentence(pairs: dict | None) -> str:
             f"{pairs.get('dropped_ties', 0)} ties, {pairs.get('dropped_invalid', 0)} invalid labels, "
             f"{pairs.get('dropped_nonfinite', 0)} non-finite rewards, {pairs.get('dropped_by_max_samples', 0)} beyond "
             f"max_train_samples).")
+
+
+def _skipped_sentence(skipped: dict | None) -> str:
+    names = {"nonfinite_updates": "updates skipped for a non-finite loss or gradient",
+             "fp16_overflow_updates": "fp16 overflow updates skipped by the gradient scaler",
+             "empty_updates": "updates with no decodable pair", "undecodable_pairs": "undecodable pairs"}
+    counted = [f"{skipped[key]} {text}" for key, text in names.items() if (skipped or {}).get(key)]
+    return f"Skipped during training: {', '.join(counted)}." if counted else ""
 
 
 def _card_body(*, config: dict, metrics: dict | None, layout: str, repo_id: str | None, base_id: str | None,
@@ -488,6 +501,9 @@ def _card_body(*, config: dict, metrics: dict | None, layout: str, repo_id: str 
                   "Averages over the last optimiser update (training batches, not a held-out evaluation).", ""]
     else:
         parts += ["No metrics were recorded.", ""]
+    skipped = _skipped_sentence((metrics or {}).get("skipped"))
+    if skipped:
+        parts += [skipped, ""]
     prompts = config.get("validation_prompts") or []
     if has_validation:
         parts += ["## Validation samples", "", f"![validation]({VALIDATION_IMAGE_NAME})", ""]

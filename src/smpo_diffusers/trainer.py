@@ -93,8 +93,9 @@ def _finite_or_none(value):
 
 
 PER_PROCESS_SKIPS = ("undecodable_pairs", "empty_batches")
-"""Skip counters each process keeps for its own data (summed over processes when reported); the update
-counters (non-finite, fp16 overflow) are decided jointly and equal on every process."""
+"""Skip counters each process keeps for its own data (summed over processes when reported): undecodable pairs
+(counted in epoch 0, so each pair once) and micro-batches with none left. The update counters (non-finite, fp16
+overflow, empty: no pair on any process) are decided jointly and equal on every process."""
 
 __all__ = ["SmPOTrainer", "StepOutput", "EpochShuffleSampler", "make_optimizer"]
 
@@ -206,8 +207,8 @@ class SmPOTrainer:
 
             check_hub_credentials(repo_id=config.hub_model_id)
         self.accelerator = accelerator or self._make_accelerator()
-        self.skipped = {"nonfinite_updates": 0, "fp16_overflow_updates": 0, "undecodable_pairs": 0,
-                        "empty_batches": 0}
+        self.skipped = {"nonfinite_updates": 0, "fp16_overflow_updates": 0, "empty_updates": 0,
+                        "undecodable_pairs": 0, "empty_batches": 0}
         self.consecutive_nonfinite = 0
         self._nonfinite_loss_in_update = False
         self.unet_evaluations = {"inversion": 0, "policy": 0, "reference": 0}
@@ -550,6 +551,7 @@ class SmPOTrainer:
             accelerator.init_trackers("smpo", config=self._tracker_config())
         global_step, first_epoch, resume_batch = self._maybe_resume()
         self._check_no_later_checkpoints(global_step)
+        self.global_step, start_step, trained_updates = global_step, global_step, 0
         progress = tqdm(range(self.max_train_steps), initial=global_step, desc="updates",
                         disable=not accelerator.is_local_main_process)
         window: list[dict] = []
@@ -566,7 +568,8 @@ class SmPOTrainer:
             self.train_dataset.set_epoch(epoch)
             for batch_index, batch in enumerate(loader, start=start):
                 generator = _step_generator(config.seed, epoch, batch_index, accelerator.process_index)
-                self.skipped["undecodable_pairs"] += int(batch.get("num_skipped", 0)) if batch else 0
+                if epoch == 0 and batch:  # every pair is drawn once an epoch: count each undecodable one once
+                    self.skipped["undecodable_pairs"] += int(batch.get("num_skipped", 0))
                 with accelerator.accumulate(self.unet):
                     step = self._micro_step(batch, generator)
                     if step is not None:
@@ -574,10 +577,17 @@ class SmPOTrainer:
                 if not accelerator.sync_gradients:
                     continue
                 global_step += 1
+                self.global_step = global_step
                 progress.update(1)
                 logs = self._reduce_metrics(window) | {"lr": self.lr_scheduler.get_last_lr()[0]}
                 window = []
-                self.last_metrics = logs
+                if "loss" in logs:
+                    trained_updates += 1
+                    self.last_metrics = logs
+                else:  # every micro-batch of the update, on every process, was empty
+                    self.skipped["empty_updates"] += 1
+                    logger.warning("update %d trained nothing: no pair in it could be decoded (%d empty updates "
+                                   "so far)", global_step, self.skipped["empty_updates"])
                 progress.set_postfix(loss=f"{logs.get('loss', float('nan')):.4f}",
                                      acc=f"{logs.get('implicit_acc', float('nan')):.2f}")
                 accelerator.log(logs, step=global_step)
@@ -590,7 +600,13 @@ class SmPOTrainer:
                     break
         progress.close()
         accelerator.wait_for_everyone()
-        self.global_step = global_step
+        if global_step > start_step and trained_updates == 0:
+            raise RuntimeError(
+                f"None of the {global_step - start_step} updates trained anything: no pair could be decoded "
+                f"({self.count_totals()[1]['undecodable_pairs']} undecodable pairs). Check the image columns "
+                "(jpg_0/jpg_1: encoded image bytes, {'bytes': ..., 'path': ...} cells or PIL images); no weights "
+                "were saved."
+            )
         self.save_model(config.output_dir)
         if config.validation_prompts:
             self.log_validation(global_step, final=True)
@@ -748,7 +764,8 @@ class SmPOTrainer:
             evaluations, skipped = self.count_totals()  # a collective: every process gets here
             if accelerator.is_main_process:
                 state = {"global_step": global_step, "epoch": epoch, "next_batch": next_batch,
-                         "data_layout": self._data_layout(), "unet_evaluations": evaluations, "skipped": skipped}
+                         "data_layout": self._data_layout(), "unet_evaluations": evaluations, "skipped": skipped,
+                         "last_metrics": self.last_metrics, "consecutive_nonfinite": self.consecutive_nonfinite}
                 with open(os.path.join(partial, TRAINER_STATE_NAME), "w") as handle:
                     json.dump(state, handle, indent=2)
                 _fsync_tree(partial)  # every file on disk before the rename makes the checkpoint visible
@@ -838,6 +855,8 @@ class SmPOTrainer:
             state = json.load(handle)
         self._check_data_layout(path, state.get("data_layout"))
         self.accelerator.load_state(path)
+        self.last_metrics = dict(state.get("last_metrics") or {})
+        self.consecutive_nonfinite = int(state.get("consecutive_nonfinite", 0))
         # The checkpoint holds totals over processes: the main process carries them on, the others count afresh
         # (per-process counts are summed again when written).
         if self.accelerator.is_main_process:
@@ -958,6 +977,7 @@ class SmPOTrainer:
             "reward_columns": list(self.reward_columns) if self.reward_columns else None,
             "reward_scale": self.reward_scale,
             "reward_scale_source": self.reward_scale_source,
+            "effective_learning_rate": self.learning_rate,
             "effective_batch_size": self.config.train_batch_size * self.config.gradient_accumulation_steps
             * accelerator.num_processes,
             "num_processes": accelerator.num_processes,
