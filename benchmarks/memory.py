@@ -85,7 +85,7 @@ def measure_tiny(work_dir: str, rank: int) -> list[dict]:
                 config = SmPOConfig(pretrained_model_name_or_path=model_dir, dataset_name=data_dir,
                                     output_dir=os.path.join(work_dir, f"mem-{method}-{optimizer}"), resolution=32,
                                     train_batch_size=1, max_train_steps=10, report_to="none", train_method=method,
-                                    rank=rank, mixed_precision="no", **flags)
+                                    mixed_precision="no", **flags, **({"rank": rank} if method == "lora" else {}))
                 trainer = SmPOTrainer(config)
                 batch = next(iter(trainer.train_dataloader))
                 step = trainer.compute_loss(batch, torch.Generator().manual_seed(0))

@@ -68,6 +68,9 @@ def test_load_save_to_disk_dataset_folder(tmp_path):
     assert loaded.column_names == ds.column_names
     assert loaded["caption"] == ds["caption"]
     assert loaded[3]["jpg_1"] == ds[3]["jpg_1"]
+    # one split in the folder: asking for another is an error, not the whole folder
+    with pytest.raises(ValueError, match="holds one split.*drop --dataset_split_name"):
+        load_preference_dataset(str(tmp_path / "saved"), split="validation_unique")
 
 
 def test_load_dataset_dict_folder_selects_split_and_lists_missing(tmp_path):

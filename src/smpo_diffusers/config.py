@@ -207,6 +207,12 @@ class SmPOConfig:
     hub_model_id: str | None = field(default=None, metadata=_help("Hub repository id (default: output folder name)."))
     hub_private: bool = field(default=False, metadata=_help("Create the Hub repository as private."))
 
+    def _changed(self, name: str) -> bool:
+        """Whether field ``name`` differs from its default."""
+        spec = type(self).__dataclass_fields__[name]
+        default = spec.default_factory() if spec.default_factory is not dataclasses.MISSING else spec.default
+        return getattr(self, name) != default
+
     def __post_init__(self):
         for name, choices in _CHOICES.items():
             value = getattr(self, name)
@@ -281,8 +287,15 @@ class SmPOConfig:
             )
         if self.loss_type == "dpo" and self.reward_scale is not None:
             raise ValueError("--reward_scale is only used by --loss_type smpo; drop it for --loss_type dpo.")
-        if self.train_method == "full" and self.lora_alpha is not None:
-            raise ValueError("--lora_alpha only applies to --train_method lora.")
+        lora_options = [name for name in ("rank", "lora_alpha", "lora_target_modules") if self._changed(name)]
+        if self.train_method == "full" and lora_options:
+            raise ValueError(f"--{'/--'.join(lora_options)} only apply to --train_method lora; drop them.")
+        if self.loss_type == "dpo" and self._changed("gamma"):
+            raise ValueError("--gamma scales SmPO's smoothed labels; --loss_type dpo uses hard labels. Drop it.")
+        adam_options = [name for name in ("adam_beta1", "adam_beta2", "adam_epsilon") if self._changed(name)]
+        if self.use_adafactor and adam_options:
+            raise ValueError(f"Adafactor ignores --{'/--'.join(adam_options)}; drop them (--adam_weight_decay "
+                             "applies to it).")
         if self.validation_steps is not None and not self.validation_prompts:
             raise ValueError("--validation_steps needs --validation_prompts.")
         if self.save_full_pipeline and self.train_method != "full":

@@ -122,9 +122,9 @@ def load_preference_dataset(
 
     ``dataset_name`` is tried in this order:
 
-    1. a folder written by ``Dataset.save_to_disk`` (``split`` is then ignored: the folder is one
-       split) or ``DatasetDict.save_to_disk`` (``split`` picks the split; a missing split raises a
-       ``ValueError`` listing the available ones);
+    1. a folder written by ``Dataset.save_to_disk`` (the folder is one split: ``split`` must be
+       ``"train"`` or the split it was saved from) or ``DatasetDict.save_to_disk`` (``split`` picks the
+       split; a missing split raises a ``ValueError`` listing the available ones);
     2. local data files: a file, a list of files, a glob (``data/*.parquet``) or a folder of
        ``.parquet``/``.json``/``.jsonl``/``.csv`` files, loaded with the matching ``datasets``
        builder. Explicit files/globs form the requested ``split``; in a folder, splits are inferred
@@ -155,6 +155,11 @@ def load_preference_dataset(
                 loaded = datasets.load_from_disk(expanded)
                 if isinstance(loaded, datasets.DatasetDict):
                     return _select_split(loaded, split, f"saved dataset {name!r}")
+                if split != "train" and str(loaded.split) != split:
+                    raise ValueError(
+                        f"{name!r} holds one split (saved with Dataset.save_to_disk), so split {split!r} cannot "
+                        "be selected from it: drop --dataset_split_name, or save a DatasetDict with that split."
+                    )
                 return loaded
             return _load_data_folder(expanded, split, cache_dir)
         if os.path.isdir(expanded):
