@@ -1,5 +1,6 @@
 """--cache_latents: cached items equal the pixel pipeline's, reuse across runs, invalidation, partial builds."""
 
+import glob
 import io
 import json
 import os
@@ -38,7 +39,7 @@ def awkward_pairs(demo_inputs):
     return Dataset.from_dict(rows, features=base.features)
 
 
-def test_cached_items_equal_the_pixel_pipeline_item_by_item(tmp_path, demo_inputs):
+def test_cached_items_equal_the_pixel_pipeline_item_by_item(tmp_path, demo_inputs, caplog):
     trainer = SmPOTrainer(make_config(tmp_path, demo_inputs["sdxl"][0], proportion_empty_prompts=0.5),
                           dataset=awkward_pairs(demo_inputs))
     cached = trainer.train_dataset
@@ -76,6 +77,22 @@ def test_cached_items_equal_the_pixel_pipeline_item_by_item(tmp_path, demo_input
     assert again.latent_cache_stats.pairs_built == 0 and again.latent_cache_stats.undecodable_pairs == 1
     batch = collate_preference_batch([cached[i] for i in range(4)])
     assert batch["latent_mean"].shape[:2] == (batch["batch_size"], 2) and "pixel_values" not in batch
+    # a damaged shard (a crash on a file system that lost its tail) is set aside and its entries encoded again
+    expected = [item and item["latent_mean"].clone() for item in map(cached.__getitem__, range(len(cached)))]
+    shard = sorted(glob.glob(os.path.join(again.latent_cache_stats.path, "pairs-*.safetensors")))[0]
+    with open(shard, "r+b") as handle:
+        handle.truncate(100)
+    with caplog.at_level("WARNING", logger="smpo_diffusers.latent_cache"):
+        repaired = SmPOTrainer(make_config(tmp_path, demo_inputs["sdxl"][0], name="repaired",
+                                           proportion_empty_prompts=0.5), dataset=awkward_pairs(demo_inputs))
+    assert "is unreadable" in caplog.text and repaired.latent_cache_stats.pairs_built > 0
+    assert os.path.isfile(os.path.join(os.path.dirname(shard), f".{os.path.basename(shard)}.corrupt"))
+    repaired.train_dataset.set_epoch(cached.epoch)  # the same flips
+    for i, mean in enumerate(expected):  # read before the mapped file shrank
+        item = repaired.train_dataset[i]
+        assert (item is None) == (mean is None)
+        if mean is not None:
+            torch.testing.assert_close(item["latent_mean"], mean)
 
 
 def test_cached_training_matches_uncached_and_reuses_the_cache(tmp_path, demo_inputs):

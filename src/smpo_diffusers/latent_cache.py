@@ -157,13 +157,30 @@ class LatentCache:
 
         entries, undecodable = {}, set()
         for shard in self._shards(prefix):
-            with safe_open(shard, framework="pt") as handle:
-                for name in handle.keys():
-                    key, field = name.rsplit(".", 1)
-                    entries[key] = shard
-                    if field == "undecodable":
-                        undecodable.add(key)
+            try:
+                with safe_open(shard, framework="pt") as handle:
+                    names = list(handle.keys())
+            except Exception as error:  # safetensors raises its own error type for a damaged header
+                self._set_aside(shard, error)
+                continue
+            for name in names:
+                key, field = name.rsplit(".", 1)
+                entries[key] = shard
+                if field == "undecodable":
+                    undecodable.add(key)
         return entries, undecodable
+
+    @staticmethod
+    def _set_aside(shard: str, error: Exception) -> None:
+        """Rename an unreadable shard to a hidden ``.corrupt`` name, so its entries count as missing and are
+        encoded again (another process may have done it already)."""
+        folder, name = os.path.split(shard)
+        try:
+            os.replace(shard, os.path.join(folder, f".{name}.corrupt"))
+        except FileNotFoundError:
+            return
+        logger.warning("latent cache shard %s is unreadable (%s); set aside as .%s.corrupt, its entries will be "
+                       "encoded again", shard, error, name)
 
     # ------------------------------------------------------------------ building
     def ensure(self, pairs, parts, *, resolution: int, weight_dtype: torch.dtype, accelerator=None,
@@ -282,6 +299,8 @@ class LatentCache:
         final = os.path.join(self.path, name)
         partial = os.path.join(self.path, f".{name}.tmp")
         save_file(tensors, partial, metadata={"format": str(CACHE_FORMAT_VERSION)})
+        with open(partial, "rb") as handle:  # on disk before the rename makes it visible
+            os.fsync(handle.fileno())
         os.replace(partial, final)
 
     # ------------------------------------------------------------------ reading
