@@ -203,6 +203,7 @@ def test_checkpoint_limit_and_partial_checkpoints_are_ignored(tmp_path, demo_inp
     names = sorted(n for n in os.listdir(config.output_dir) if n.startswith("checkpoint-"))
     assert names == ["checkpoint-2", "checkpoint-3", "checkpoint-9"]
     assert not os.path.exists(os.path.join(config.output_dir, ".checkpoint-7.tmp"))
+    assert not [n for n in os.listdir(config.output_dir) if n.startswith(".")]  # pruned ones leave nothing hidden
     assert [step for step, _ in trainer._checkpoints()] == [2, 3]
     ckpt = os.path.join(config.output_dir, "checkpoint-3")
     assert os.path.isfile(os.path.join(ckpt, "pytorch_lora_weights.safetensors"))
@@ -230,6 +231,9 @@ def test_checkpoints_of_another_run_and_a_changed_data_layout_are_refused(tmp_pa
         SmPOTrainer(make_config(tmp_path, model, data, **options)).train()
     with pytest.raises(ValueError, match=r"data layout changed \(train_batch_size 2 -> 4\)"):
         SmPOTrainer(make_config(tmp_path, model, data, max_train_steps=5, train_batch_size=4,
+                                resume_from_checkpoint="latest")).train()
+    with pytest.raises(ValueError, match=r"data layout changed \(pairs_sha256 [0-9a-f]{12} -> [0-9a-f]{12}\)"):
+        SmPOTrainer(make_config(tmp_path, model, data, max_train_steps=5, loss_type="dpo", beta_dpo=5000.0,
                                 resume_from_checkpoint="latest")).train()
     with pytest.raises(ValueError, match=r"seed 0 -> 1, num_pairs"):
         SmPOTrainer(make_config(tmp_path, model, data, max_train_steps=5, seed=1, max_train_samples=10,

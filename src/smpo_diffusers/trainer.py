@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import json
 import logging
 import math
@@ -786,7 +787,10 @@ class SmPOTrainer:
         if accelerator.is_main_process:
             if config.checkpoints_total_limit is not None:
                 for _, old in self._checkpoints()[:-config.checkpoints_total_limit]:
-                    shutil.rmtree(old, ignore_errors=True)
+                    # hidden first, then deleted: a crash mid-delete never leaves a half checkpoint for 'latest'
+                    doomed = os.path.join(config.output_dir, f".{os.path.basename(old)}.deleting.tmp")
+                    os.rename(old, doomed)
+                    shutil.rmtree(doomed, ignore_errors=True)
             logger.info("saved %s", final)
         accelerator.wait_for_everyone()
         return final
@@ -796,7 +800,19 @@ class SmPOTrainer:
         another layout."""
         return {"num_processes": self.accelerator.num_processes, "train_batch_size": self.config.train_batch_size,
                 "gradient_accumulation_steps": self.config.gradient_accumulation_steps, "seed": self.config.seed,
-                "num_pairs": len(self.train_dataset)}
+                "num_pairs": len(self.train_dataset), "pairs_sha256": self._pairs_digest()}
+
+    def _pairs_digest(self) -> str:
+        """A hash of the prepared pairs (rows, winners, preference probabilities, captions): other labels, another
+        loss type's ordering or another subset change it."""
+        if getattr(self, "_pairs_sha256", None) is None:
+            digest = hashlib.sha256()
+            for column in ("source_row", "winner_index", "prob_w"):
+                digest.update(np.ascontiguousarray(np.asarray(self.pairs[column])).tobytes())
+            for caption in self.pairs["caption"]:
+                digest.update(f"{caption}\0".encode())
+            self._pairs_sha256 = digest.hexdigest()
+        return self._pairs_sha256
 
     def _check_data_layout(self, path: str, saved: dict | None) -> None:
         if saved is None:  # written before layouts were recorded
@@ -804,12 +820,12 @@ class SmPOTrainer:
         now = self._data_layout()
         changed = {key: (saved[key], now[key]) for key in saved if key in now and saved[key] != now[key]}
         if changed:
-            listed = ", ".join(f"{key} {old} -> {new}" for key, (old, new) in changed.items())
+            listed = ", ".join(f"{key} {str(old)[:12]} -> {str(new)[:12]}" for key, (old, new) in changed.items())
             raise ValueError(
                 f"cannot resume from {path}: the data layout changed ({listed}). Its position in the epoch would "
                 "point at other pairs, silently skipping or repeating some. Resume with the checkpoint's settings "
-                "(processes, --train_batch_size, --gradient_accumulation_steps, --seed, the same pairs), or start a "
-                "new run in a new --output_dir."
+                "(processes, --train_batch_size, --gradient_accumulation_steps, --seed, the same pairs with the "
+                "same labels and --loss_type), or start a new run in a new --output_dir."
             )
 
     def _check_no_later_checkpoints(self, start_step: int) -> None:
