@@ -36,6 +36,7 @@ from smpo_diffusers.hub import (
     check_hub_credentials,
     create_model_card,
     push_main,
+    public_record,
     push_to_hub,
     redact,
     redacted_logging,
@@ -264,7 +265,16 @@ def test_push_uploads_the_release_files_with_a_valid_card(tmp_path, stub_hub, ca
     assert set(repo["files"]) == LORA_RELEASE
     assert repo["commits"] == [{"summary": "Upload SmPO-aligned weights", "paths": sorted(LORA_RELEASE)}]
     for path, content in repo["files"].items():
-        assert content == open(os.path.join(out, path), "rb").read(), path
+        if path in ("training_config.json", "training_metrics.json"):
+            # uploaded without local paths (home folders, user names); the local files keep them
+            assert str(tmp_path).encode() not in content
+            assert public_record(json.load(open(os.path.join(out, path)))) == json.loads(content)
+        else:
+            assert content == open(os.path.join(out, path), "rb").read(), path
+    uploaded = json.loads(repo["files"]["training_config.json"])
+    assert uploaded["output_dir"] == "run" and json.load(open(os.path.join(out, "training_config.json")))[
+        "output_dir"] == out
+    assert uploaded["pretrained_model_name_or_path"] == SDXL_BASE and uploaded["dataset_name"] == PICKAPIC
     assert url.startswith(f"{stub_hub.endpoint}/my-org/smpo-sdxl/commit/")
 
     # The card as the Hub would parse it back.

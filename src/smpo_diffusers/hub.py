@@ -29,7 +29,9 @@ import logging
 import os
 import re
 import shlex
+import shutil
 import sys
+import tempfile
 from typing import Any, Iterator
 
 __all__ = [
@@ -604,6 +606,48 @@ def _files_to_upload(output_dir: str, patterns: list[str]) -> list[str]:
     return sorted(filter_repo_objects(found, ignore_patterns=patterns))
 
 
+PUBLIC_JSON_FILES = (TRAINING_CONFIG_NAME, TRAINING_METRICS_NAME)
+"""Uploaded with local paths reduced to their last component (:func:`public_record`)."""
+
+
+def public_record(value):
+    """``value`` (parsed JSON) with every string that is a local path (absolute, or naming something that exists
+    here) reduced to its last component, as the card names local models: uploads do not publish home folders or
+    user names (the local files keep them). Hub ids and other strings stay."""
+    if isinstance(value, dict):
+        return {key: public_record(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [public_record(item) for item in value]
+    if isinstance(value, str) and value and (os.path.isabs(value) or value.startswith("~")
+                                             or os.path.exists(value)):
+        return _public_name(value)  # a Hub cache snapshot folder gives its Hub id
+    return value
+
+
+@contextlib.contextmanager
+def _staged_upload(output_dir: str, files: list[str]) -> Iterator[str]:
+    """A hidden temporary folder inside ``output_dir`` holding exactly what is uploaded: hard links to ``files``
+    (copies where links are refused) and :data:`PUBLIC_JSON_FILES` as public records. Removed afterwards."""
+    staging = tempfile.mkdtemp(prefix=".hub-upload-", suffix=".tmp", dir=output_dir)
+    try:
+        for relative in files:
+            source, target = os.path.join(output_dir, relative), os.path.join(staging, relative)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            if relative in PUBLIC_JSON_FILES:
+                with open(source) as handle:
+                    record = public_record(json.load(handle))
+                with open(target, "w") as handle:
+                    json.dump(record, handle, indent=2, sort_keys=True)
+                continue
+            try:
+                os.link(source, target)
+            except OSError:
+                shutil.copy2(source, target)
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def _refuse_files_with_token(output_dir: str, files: list[str], token: str) -> None:
     needle = token.encode()
     leaking = []
@@ -675,9 +719,9 @@ def push_to_hub(output_dir: str, repo_id: str | None = None, *, private: bool | 
     files = _files_to_upload(output_dir, patterns)
     _refuse_files_with_token(output_dir, files, token)
     logger.info("uploading %d files from %s to %s", len(files), output_dir, repo_url)
-    with _upload_errors(output_dir, repo_id, private, token):
-        commit = api.upload_folder(folder_path=output_dir, repo_id=target, repo_type="model",
-                                   ignore_patterns=patterns, commit_message=commit_message, token=token)
+    with _upload_errors(output_dir, repo_id, private, token), _staged_upload(output_dir, files) as staging:
+        commit = api.upload_folder(folder_path=staging, repo_id=target, repo_type="model",
+                                   commit_message=commit_message, token=token)
     url = str(getattr(commit, "commit_url", None) or repo_url)
     logger.info("pushed %s to %s", output_dir, url)
     return url
