@@ -46,6 +46,10 @@ def test_odd_images_are_converted_resized_or_skipped_and_counted(tmp_path, demo_
     metrics = trainer.train()
     assert np.isfinite(metrics["loss"])
     assert trainer.skipped["undecodable_pairs"] == 1 and trainer.skipped["empty_updates"] == 0
+    # rows 4 and 5 differ in size from their winner (resized); row 5 is below --resolution (upscaled)
+    saved = json.loads((tmp_path / "out" / "training_metrics.json").read_text())
+    assert saved["data"]["upscaled_pairs"] == 1 and saved["data"]["resized_pairs"] == 2
+    assert saved["skipped"]["undecodable_pairs"] == 1
 
 
 def test_a_dataset_of_undecodable_images_fails_instead_of_training_nothing(tmp_path, demo_inputs, caplog):

@@ -213,6 +213,9 @@ class SmPOTrainer:
         self.consecutive_nonfinite = 0
         self._nonfinite_loss_in_update = False
         self.unet_evaluations = {"inversion": 0, "policy": 0, "reference": 0}
+        self.data_counts = {"upscaled_pairs": 0, "resized_pairs": 0, "empty_prompts": 0}
+        """Per process, summed when reported: pairs with an image upscaled to the resolution and pairs whose loser
+        was resized to the winner's size (epoch 0: each pair once), captions emptied (every draw)."""
         self.last_metrics: dict = {}
 
         # Data is checked before any model is loaded.
@@ -569,8 +572,12 @@ class SmPOTrainer:
             self.train_dataset.set_epoch(epoch)
             for batch_index, batch in enumerate(loader, start=start):
                 generator = _step_generator(config.seed, epoch, batch_index, accelerator.process_index)
-                if epoch == 0 and batch:  # every pair is drawn once an epoch: count each undecodable one once
+                if epoch == 0 and batch:  # every pair is drawn once an epoch: count each pair once
                     self.skipped["undecodable_pairs"] += int(batch.get("num_skipped", 0))
+                    self.data_counts["upscaled_pairs"] += int(batch.get("num_upscaled", 0))
+                    self.data_counts["resized_pairs"] += int(batch.get("num_resized_pairs", 0))
+                if batch:
+                    self.data_counts["empty_prompts"] += int(batch.get("num_empty_prompts", 0))
                 with accelerator.accumulate(self.unet):
                     step = self._micro_step(batch, generator)
                     if step is not None:
@@ -762,11 +769,12 @@ class SmPOTrainer:
         try:
             accelerator.save_state(partial)
             accelerator.wait_for_everyone()
-            evaluations, skipped = self.count_totals()  # a collective: every process gets here
+            evaluations, skipped, data_counts = self.count_totals()  # a collective: every process gets here
             if accelerator.is_main_process:
                 state = {"global_step": global_step, "epoch": epoch, "next_batch": next_batch,
                          "data_layout": self._data_layout(), "unet_evaluations": evaluations, "skipped": skipped,
-                         "last_metrics": self.last_metrics, "consecutive_nonfinite": self.consecutive_nonfinite}
+                         "data_counts": data_counts, "last_metrics": self.last_metrics,
+                         "consecutive_nonfinite": self.consecutive_nonfinite}
                 with open(os.path.join(partial, TRAINER_STATE_NAME), "w") as handle:
                     json.dump(state, handle, indent=2)
                 _fsync_tree(partial)  # every file on disk before the rename makes the checkpoint visible
@@ -840,18 +848,19 @@ class SmPOTrainer:
                 "(--resume_from_checkpoint latest), move them away, or use a new --output_dir."
             )
 
-    def count_totals(self) -> tuple[dict, dict]:
-        """``(unet_evaluations, skipped)`` over all processes: per-process counts summed (UNet evaluations,
-        undecodable pairs, empty micro-batches); update counts are the same on every process. A collective
-        with several processes: every process must call it."""
-        evaluations, skipped = dict(self.unet_evaluations), dict(self.skipped)
+    def count_totals(self) -> tuple[dict, dict, dict]:
+        """``(unet_evaluations, skipped, data_counts)`` over all processes: per-process counts summed (UNet
+        evaluations, undecodable pairs, empty micro-batches, data counts); update counts are the same on every
+        process. A collective with several processes: every process must call it."""
+        evaluations, skipped, data_counts = dict(self.unet_evaluations), dict(self.skipped), dict(self.data_counts)
         if self.accelerator.num_processes > 1:
-            slots = [(evaluations, key) for key in sorted(evaluations)] + [(skipped, key) for key in PER_PROCESS_SKIPS]
+            slots = ([(evaluations, key) for key in sorted(evaluations)] + [(skipped, key) for key in PER_PROCESS_SKIPS]
+                     + [(data_counts, key) for key in sorted(data_counts)])
             values = torch.tensor([counts[key] for counts, key in slots], dtype=torch.float64,
                                   device=self.accelerator.device)
             for (counts, key), total in zip(slots, self.accelerator.reduce(values, reduction="sum").tolist()):
                 counts[key] = int(round(total))
-        return evaluations, skipped
+        return evaluations, skipped, data_counts
 
     def _maybe_resume(self) -> tuple[int, int, int]:
         choice = self.config.resume_from_checkpoint
@@ -878,6 +887,7 @@ class SmPOTrainer:
         if self.accelerator.is_main_process:
             self.unet_evaluations = dict(state.get("unet_evaluations", self.unet_evaluations))
             self.skipped.update(state.get("skipped", {}))
+            self.data_counts.update(state.get("data_counts", {}))
         else:
             self.skipped.update({key: value for key, value in state.get("skipped", {}).items()
                                  if key not in PER_PROCESS_SKIPS})
@@ -974,7 +984,7 @@ class SmPOTrainer:
         output_dir = output_dir or self.config.output_dir
         accelerator = self.accelerator
         accelerator.wait_for_everyone()
-        evaluations, skipped = self.count_totals()
+        evaluations, skipped, data_counts = self.count_totals()
         if not accelerator.is_main_process:
             return
         unet = self.unwrapped_unet
@@ -1003,7 +1013,7 @@ class SmPOTrainer:
         with open(os.path.join(output_dir, "training_config.json"), "w") as handle:
             json.dump(summary, handle, indent=2, sort_keys=True, default=str)
         metrics = {"global_step": getattr(self, "global_step", None), "final_metrics": self.last_metrics,
-                   "unet_evaluations": evaluations, "skipped": skipped,
+                   "unet_evaluations": evaluations, "skipped": skipped, "data": data_counts,
                    "latent_cache": self.latent_cache_stats.as_dict() if self.latent_cache_stats else None}
         with open(os.path.join(output_dir, "training_metrics.json"), "w") as handle:
             json.dump(_finite_or_none(metrics), handle, indent=2, sort_keys=True, allow_nan=False)
