@@ -23,7 +23,8 @@ def non_default_argv():
         "cache_latents": False, "latent_cache_dir": None,  # --cache_latents refuses --random_crop: parsed below
         "train_batch_size": 3, "gradient_accumulation_steps": 4, "max_train_steps": 9, "num_train_epochs": 2,
         "learning_rate": 3e-4, "scale_lr": True, "lr_scheduler": "cosine", "lr_warmup_steps": 5,
-        "use_8bit_adam": False, "use_adafactor": True, "adam_beta1": 0.8, "adam_beta2": 0.99,
+        "use_8bit_adam": False, "use_adafactor": False,  # Adafactor refuses the adam_* options: parsed below
+        "adam_beta1": 0.8, "adam_beta2": 0.99,
         "adam_weight_decay": 0.0, "adam_epsilon": 1e-6, "max_grad_norm": 2.0, "mixed_precision": "bf16",
         "gradient_checkpointing": True, "allow_tf32": True, "seed": 11, "max_consecutive_nonfinite": 3,
         "train_method": "lora", "rank": 4,
@@ -65,6 +66,10 @@ def test_every_flag_parses_from_the_command_line():
                                      "--latent_cache_dir", "lc"])
     assert config.inversion_weight_copy is True and config.compile_inversion_copy is True
     assert config.cache_latents is True and config.latent_cache_dir == "lc"
+    config, _ = parse_training_args(["--use_adafactor", "--adam_weight_decay", "0.01"])
+    assert config.use_adafactor is True and config.adam_weight_decay == 0.01
+    config, _ = parse_training_args(["--use_8bit_adam"])
+    assert config.use_8bit_adam is True
     with pytest.raises(ValueError, match="--demo_world"):
         parse_training_args(["--demo", "--demo_world", "mars"])
 
