@@ -484,6 +484,29 @@ def test_pair_transform_size_mismatch_and_upscaling():
         PairTransform(0)
 
 
+def test_pair_transform_resamples_only_the_kept_region(monkeypatch):
+    """Resize-then-crop computed as one resize of the source region: within one 8-bit level of resizing the whole
+    image and cropping, and a 1 x 2000 px image never becomes a 32 x 64000 intermediate."""
+    rng = np.random.default_rng(0)
+    for trial in range(20):
+        width, height, res = int(rng.integers(10, 120)), int(rng.integers(10, 120)), int(rng.integers(4, 40))
+        image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        transform = PairTransform(res, random_crop=bool(trial % 2), hflip=False)
+        sample = transform(image, image, np.random.default_rng(trial))
+        top, left = sample.crop_top_lefts[0].tolist()
+        whole = image.resize(transform.target_size(width, height), resample=Image.BILINEAR)
+        expected = np.asarray(whole.crop((left, top, left + res, top + res)), dtype=np.float32) / 127.5 - 1
+        assert np.abs(sample.pixel_values[0].numpy().transpose(1, 2, 0) - expected).max() <= 1.01 / 127.5
+    sizes = []
+    resize = Image.Image.resize
+    monkeypatch.setattr(Image.Image, "resize", lambda self, size, *a, **k: sizes.append(size) or resize(
+        self, size, *a, **k))
+    thin = Image.new("RGB", (1, 2000), (10, 200, 30))
+    sample = PairTransform(32, hflip=False)(thin, thin, np.random.default_rng(0))
+    assert sample.pixel_values.shape == (2, 3, 32, 32) and sample.upscaled
+    assert sizes and all(size == (32, 32) for size in sizes)
+
+
 # ----------------------------------------------------------------------------- torch dataset + collate
 
 

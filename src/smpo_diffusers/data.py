@@ -709,10 +709,13 @@ class PairTransform:
     1. If the loser's size differs from the winner's, the loser takes the winner's size
        (``resized_pair``).
     2. Both are resized (bilinear, antialiased when shrinking) so the winner's shorter side equals
-       ``resolution``; enlarging is allowed and flagged (``upscaled``). Steps 1-2 are done as one
-       resampling per image.
+       ``resolution``; enlarging is allowed and flagged (``upscaled``).
     3. One ``resolution`` x ``resolution`` crop box for both: centred (``top = round((H - res) / 2)``)
        or, with ``random_crop``, drawn uniformly from ``rng``.
+
+    Steps 1-3 are one resampling per image of just the source region the crop keeps (PIL's ``resize`` with a
+    ``box``; the filter still reads the pixels around it), so a very thin or very large image never
+    allocates its whole resized size.
     4. With ``hflip``, both are mirrored with probability 0.5 drawn from ``rng``.
     5. To float tensors in [-1, 1].
 
@@ -737,24 +740,25 @@ class PairTransform:
         res = self.resolution
         original_sizes = [(img_w.height, img_w.width), (img_l.height, img_l.width)]
         resized_pair = img_l.size != img_w.size
-        # Both go straight to the winner's target size: the loser takes the winner's aspect ratio
-        # in a single resampling step (same result as resizing it to the winner's size first).
-        size = self.target_size(*img_w.size)
+        # Both map to the winner's target size: the loser takes the winner's aspect ratio.
+        width, height = size = self.target_size(*img_w.size)
         upscaled = any(size[0] > image.width or size[1] > image.height for image in (img_w, img_l))
-        if img_w.size != size:
-            img_w = img_w.resize(size, resample=Image.BILINEAR)
-        if img_l.size != size:
-            img_l = img_l.resize(size, resample=Image.BILINEAR)
-
-        width, height = img_w.size
         if self.random_crop:
             top = int(rng.integers(0, height - res + 1))
             left = int(rng.integers(0, width - res + 1))
         else:
             top = int(round((height - res) / 2.0))
             left = int(round((width - res) / 2.0))
-        box = (left, top, left + res, top + res)
-        img_w, img_l = img_w.crop(box), img_l.crop(box)
+
+        def resized_crop(image):
+            """The crop box of the image resized to ``size``, resampled from the source region it covers."""
+            if image.size == size:
+                return image.crop((left, top, left + res, top + res))
+            scale_x, scale_y = image.width / width, image.height / height
+            box = (left * scale_x, top * scale_y, (left + res) * scale_x, (top + res) * scale_y)
+            return image.resize((res, res), resample=Image.BILINEAR, box=box)
+
+        img_w, img_l = resized_crop(img_w), resized_crop(img_l)
 
         flipped = bool(self.hflip and rng.random() < 0.5)
         if flipped:

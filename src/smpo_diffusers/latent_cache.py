@@ -46,7 +46,7 @@ from .data import EpochIndexedDataset, PairTransform, decode_image
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2
 PAIRS_PER_SHARD = 256
 CAPTIONS_PER_SHARD = 1024
 _FINGERPRINT_SAMPLES = 4096
