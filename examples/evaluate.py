@@ -4,7 +4,9 @@
     python examples/evaluate.py --base_model path/or/hub-id --aligned_model ./smpo-model \
         --prompts toy-heldout --reward_models toy --output_dir ./eval
 
-``--aligned_model``: a training --output_dir (LoRA weights or a unet/ folder) or a full pipeline folder.
+``--aligned_model``: a training --output_dir (LoRA weights or a unet/ folder), its LoRA file or a full pipeline
+folder. ``--base_model`` defaults to the base the run recorded (``training_config.json``); ``toy`` names the
+shipped toy pipeline.
 ``--prompts``: a built-in set (toy-heldout, toy-train, toy-all), a .txt file (one prompt a line) or a
 dataset (save_to_disk folder or parquet/json/csv file; --prompt_column picks the column).
 ``--reward_models``: ``toy`` and/or registry names (pickscore, clip, hpsv2, imagereward, aesthetic) or
@@ -20,14 +22,15 @@ import logging
 import sys
 
 from smpo_diffusers.cli import run_cli
-from smpo_diffusers.evaluation import evaluate, format_results_table, read_prompts, trained_base_model
+from smpo_diffusers.evaluation import (aligned_layout, evaluate, format_results_table, read_prompts,
+                                       trained_base_model)
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base_model", default=None,
-                        help="Base pipeline folder or Hub id (default: the base recorded in the aligned model's "
-                             "training_config.json, else the shipped toy pipeline).")
+                        help="Base pipeline folder or Hub id, or 'toy' for the shipped toy pipeline (default: the "
+                             "base recorded in the training_config.json of --aligned_model or beside it).")
     parser.add_argument("--aligned_model", required=True, help="LoRA/UNet output folder, LoRA file or pipeline.")
     parser.add_argument("--prompts", default="toy-heldout", help="Built-in set, .txt file or dataset path.")
     parser.add_argument("--prompt_column", default="caption")
@@ -48,8 +51,12 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     args = parse_args(argv)
+    aligned_layout(args.aligned_model)  # a missing or empty folder is reported as such
     base_model = args.base_model or trained_base_model(args.aligned_model)
     if base_model is None:
+        raise ValueError(f"no training_config.json in or beside {args.aligned_model} records its base model; pass "
+                         "--base_model (a pipeline folder or Hub id, or 'toy' for the shipped toy pipeline).")
+    if base_model == "toy":
         from smpo_diffusers.toy import toy_model_path
 
         base_model = toy_model_path()

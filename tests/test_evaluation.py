@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 
 from smpo_diffusers.evaluation import (compare_scores, evaluate, format_results_table, image_drift, load_pipeline,
-                                       mean_and_stderr, read_prompts, save_comparison_grid, wilson_interval,
-                                       win_rate)
+                                       mean_and_stderr, read_prompts, save_comparison_grid, trained_base_model,
+                                       wilson_interval, win_rate)
 from smpo_diffusers.testing import save_tiny_pipeline
 
 
@@ -126,7 +126,7 @@ def test_load_pipeline_rejects_a_folder_without_weights(tmp_path):
         load_pipeline(base, str(tmp_path / "empty"))
 
 
-def test_evaluate_cli_runs_end_to_end(tmp_path, capsys):
+def test_evaluate_cli_runs_end_to_end(tmp_path, capsys, monkeypatch):
     import importlib.util
 
     script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "evaluate.py")
@@ -151,3 +151,20 @@ def test_evaluate_cli_runs_end_to_end(tmp_path, capsys):
     results = cli.main(["--aligned_model", str(aligned), "--prompts", str(prompts), "--num_inference_steps", "2",
                         "--guidance_scale", "1", "--resolution", "32", "--output_dir", str(tmp_path / "eval2")])
     assert results["base_model"] == base
+    # one sample: no standard error, written as null (strict JSON), not NaN
+    json.loads((tmp_path / "eval2" / "results.json").read_text(), parse_constant=lambda name: pytest.fail(name))
+    # a LoRA file: the base recorded beside it
+    (aligned / "pytorch_lora_weights.safetensors").write_bytes(b"")
+    assert trained_base_model(str(aligned / "pytorch_lora_weights.safetensors")) == base
+    # nothing records the base: an error naming --base_model, not a silent comparison with the toy pipeline
+    (aligned / "training_config.json").unlink()
+    with pytest.raises(ValueError, match="pass --base_model"):
+        cli.main(["--aligned_model", str(aligned), "--output_dir", str(tmp_path / "eval3")])
+    # 'toy' names the shipped toy pipeline
+    from smpo_diffusers.toy import toy_model_path
+
+    seen = []
+    monkeypatch.setattr(cli, "evaluate", lambda base, *args, **kwargs: seen.append(base) or results)
+    monkeypatch.setattr(cli, "format_results_table", lambda results: "")
+    cli.main(["--base_model", "toy", "--aligned_model", str(aligned), "--output_dir", str(tmp_path / "eval4")])
+    assert seen == [toy_model_path()]

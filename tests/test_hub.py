@@ -325,6 +325,17 @@ def test_bare_name_defaults_private_repo_existing_repo_and_custom_logging_dir(tm
     assert stub_hub.routes().count("create") == 2
 
 
+def test_evaluation_folder_and_an_absolute_logging_dir_inside_the_output_stay_local(tmp_path, stub_hub):
+    folder = tmp_path / "run"
+    out = write_output_folder(folder, logging_dir=str(folder / "tb-logs"), validation=False)
+    for relative in ("tb-logs/events.out", "evaluation/results.json", "evaluation/grid.png"):
+        os.makedirs(os.path.dirname(os.path.join(out, relative)), exist_ok=True)
+        open(os.path.join(out, relative), "w").write(str(folder))  # names local folders
+    push_to_hub(out, "me/run", token=TOKEN, api=HfApi(endpoint=stub_hub.endpoint))
+    assert set(stub_hub.repos["me/run"]["files"]) == {"README.md", "pytorch_lora_weights.safetensors",
+                                                      "training_config.json", "training_metrics.json"}
+
+
 def test_hub_model_id_and_privacy_from_the_training_config_are_the_defaults(tmp_path, stub_hub):
     out = write_output_folder(tmp_path / "run", push_to_hub=True, hub_model_id="team/from-config", hub_private=True)
     push_to_hub(out, token=TOKEN, api=HfApi(endpoint=stub_hub.endpoint))
@@ -641,3 +652,33 @@ def test_card_states_the_learning_rate_used_and_what_was_skipped(tmp_path):
             in text)
     plain = create_model_card(write_output_folder(tmp_path / "plain")).text
     assert "| Learning rate | 1e-05; constant schedule" in plain and "Skipped during training" not in plain
+
+
+@pytest.mark.parametrize("loss_type,noise_source,says,never", [
+    ("smpo", "inversion", "by SmPO-Diffusion (Smoothed Preference Optimization with ReNoise inversion)", "hard labels"),
+    ("smpo", "random", "SmPO without its inversion", "obtained by inverting"),
+    ("dpo", "inversion", "Diffusion-DPO objective on latents obtained by ReNoise inversion", "smoothed preference"),
+    ("dpo", "random", "the Diffusion-DPO objective (the SmPO baseline)", "inverting the training images"),
+])
+def test_card_describes_the_objective_and_noise_the_run_used(tmp_path, loss_type, noise_source, says, never):
+    overrides = dict(loss_type=loss_type, noise_source=noise_source)
+    if noise_source == "random":
+        overrides.update(num_inversion_steps=None)
+    out = write_output_folder(tmp_path / "out", **overrides)
+    text = create_model_card(out).text
+    assert says in text and never not in text.split("## Training data")[0]
+
+
+def test_card_takes_the_reward_model_only_from_statistics_of_the_trained_columns(tmp_path):
+    from smpo_diffusers.rewards.statistics import save_reward_statistics
+
+    data = tmp_path / "prefs"
+    data.mkdir()
+    save_reward_statistics(str(data), {"reward_model": "clip", "count": 2, "min": 0.0, "max": 1.0, "mean": 0.5,
+                                       "std": 0.5, "suggested_scale": 1.0})  # describes reward_0/reward_1
+    out = write_output_folder(tmp_path / "out", dataset_name=str(data))
+    path = os.path.join(out, "training_config.json")
+    config = json.load(open(path))
+    assert "| Reward model | clip |" in create_model_card(out).text
+    json.dump(config | {"reward_columns": ["ps_score_0", "ps_score_1"]}, open(path, "w"))
+    assert "| Reward model | not recorded |" in create_model_card(out).text

@@ -23,6 +23,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .json_records import finite_or_none
+
 __all__ = [
     "BUILTIN_PROMPT_SETS",
     "compare_scores",
@@ -142,8 +144,10 @@ def aligned_layout(aligned_model: str) -> str:
 
 
 def trained_base_model(aligned_model: str) -> str | None:
-    """The ``pretrained_model_name_or_path`` recorded in a training output's ``training_config.json``, or None."""
-    path = os.path.join(aligned_model, "training_config.json")
+    """The ``pretrained_model_name_or_path`` recorded in a training output's ``training_config.json`` (for a
+    LoRA ``.safetensors`` file: the one beside it), or None."""
+    folder = os.path.dirname(aligned_model) if os.path.isfile(aligned_model) else aligned_model
+    path = os.path.join(folder, "training_config.json")
     if not os.path.isfile(path):
         return None
     with open(path) as handle:
@@ -350,7 +354,7 @@ def evaluate(base_model: str, aligned_model: str, prompts: Sequence[str], *, out
                    "aligned": {k: v.tolist() for k, v in aligned_scores.items()}},
     }
     with open(os.path.join(output_dir, "results.json"), "w") as handle:
-        json.dump(results, handle, indent=2)
+        json.dump(finite_or_none(results), handle, indent=2, allow_nan=False)
     with open(os.path.join(output_dir, "results.md"), "w") as handle:
         handle.write(format_results_table(results))
     save_comparison_grid(base_images, aligned_images, os.path.join(output_dir, "grid.png"), columns=grid_columns)

@@ -69,13 +69,15 @@ UPLOAD_IGNORE_PATTERNS = (
     "logs/**",  # tracker logs (the default --logging_dir)
     "wandb/**",
     "demo-inputs/**",  # --demo's generated base model and preference set
+    "evaluation/**",  # evaluate.py's comparison (names local model folders); share it deliberately if wanted
     "validation-step*.png",  # intermediate validation grids (the final one is validation.png)
     "*.tmp",
     "*.tmp-*",
     "*.tmp/**",
 )
 """fnmatch patterns (relative to the output folder) that :func:`push_to_hub` never uploads. A relative
-``--logging_dir`` other than ``logs`` read from ``training_config.json`` is excluded as well."""
+``--logging_dir`` other than ``logs`` read from ``training_config.json`` (or an absolute one inside the output
+folder) is excluded as well."""
 
 SECRET_SCAN_SUFFIXES = (".json", ".md", ".txt", ".yaml", ".yml", ".cfg", ".ini", ".toml", ".py", ".sh", ".env")
 SECRET_SCAN_MAX_BYTES = 16 * 1024 * 1024
@@ -283,17 +285,21 @@ def _public_name(name_or_path: str | None) -> str | None:
     return hub_id or os.path.basename(os.path.normpath(str(name_or_path))) or str(name_or_path)
 
 
-def _reward_model_from_dataset(dataset_name: str | None) -> str | None:
+def _reward_model_from_dataset(dataset_name: str | None, reward_columns: list | None) -> str | None:
+    """The reward model named by the dataset's ``reward_stats.json``, if it describes the columns the run
+    trained on."""
     if not dataset_name or not os.path.isdir(str(dataset_name)):
         return None
-    from .rewards.statistics import load_reward_statistics
+    from .rewards.statistics import REWARD_COLUMNS, load_reward_statistics
 
     try:
         stats = load_reward_statistics(dataset_name)
     except ValueError as error:
         logger.warning("ignoring unreadable reward statistics: %s", error)
         return None
-    return (stats or {}).get("reward_model")
+    if not stats or list(stats.get("reward_columns", REWARD_COLUMNS)) != list(reward_columns or REWARD_COLUMNS):
+        return None
+    return stats.get("reward_model")
 
 
 def default_license(family: str, base_model_id: str | None) -> str:
@@ -469,8 +475,21 @@ def _card_body(*, config: dict, metrics: dict | None, layout: str, repo_id: str 
                     f"a local preference set named `{_public_name(dataset)}`" if dataset else "an unrecorded dataset")
     what = {"lora": "LoRA adapter weights", "unet": "a fully fine-tuned UNet",
             "pipeline": "a complete pipeline with a fully fine-tuned UNet"}[layout]
-    objective = ("SmPO-Diffusion (Smoothed Preference Optimization with ReNoise inversion)"
-                 if config.get("loss_type") == "smpo" else "the Diffusion-DPO objective (the SmPO baseline)")
+    smoothed, inverted = config.get("loss_type") == "smpo", config.get("noise_source") == "inversion"
+    objective = {
+        (True, True): "SmPO-Diffusion (Smoothed Preference Optimization with ReNoise inversion)",
+        (True, False): "SmPO's smoothed preference labels with randomly noised latents (SmPO without its inversion)",
+        (False, True): "the Diffusion-DPO objective on latents obtained by ReNoise inversion",
+        (False, False): "the Diffusion-DPO objective (the SmPO baseline)",
+    }[smoothed, inverted]
+    how = [
+        "SmPO replaces the binary winner/loser label of Diffusion-DPO with a smoothed preference probability "
+        "computed from reward-model scores, so near-ties push the model only weakly. " if smoothed else
+        "The human winner/loser labels are used as they are (hard labels). ",
+        "The objective is evaluated on latents obtained by inverting the training images (ReNoise/DDIM "
+        "inversion) instead of on randomly noised ones." if inverted else
+        "The objective is evaluated on randomly noised latents, as in Diffusion-DPO.",
+    ]
     title = repo_id.split("/")[-1] if repo_id else "SmPO-aligned model"
     parts = [
         CARD_MARKER,
@@ -479,10 +498,7 @@ def _card_body(*, config: dict, metrics: dict | None, layout: str, repo_id: str 
         f"This repository holds {what} for {base_text}, aligned with human preferences by {objective} "
         "([paper](https://arxiv.org/abs/2506.02698)), trained with `smpo_diffusers`.",
         "",
-        "SmPO replaces the binary winner/loser label of Diffusion-DPO with a smoothed preference probability "
-        "computed from reward-model scores, so near-ties push the model only weakly, and it evaluates the "
-        "objective on latents obtained by inverting the training images (ReNoise/DDIM inversion) instead of on "
-        "randomly noised ones.",
+        "".join(how),
         "",
         "## Training data",
         "",
@@ -564,7 +580,7 @@ def create_model_card(output_dir: str, *, repo_id: str | None = None, reward_mod
     base_id = hub_id_or_none(config.get("pretrained_model_name_or_path"))
     dataset_id = hub_id_or_none(config.get("dataset_name"))
     if reward_model is None and config.get("loss_type") == "smpo":
-        reward_model = _reward_model_from_dataset(config.get("dataset_name"))
+        reward_model = _reward_model_from_dataset(config.get("dataset_name"), config.get("reward_columns"))
     tags = ["text-to-image", "diffusers", "smpo", "dpo", "lora" if layout == "lora" else "full-unet",
             _FAMILY_TAGS[family]]
     data = ModelCardData(
@@ -586,9 +602,12 @@ def create_model_card(output_dir: str, *, repo_id: str | None = None, reward_mod
 
 
 # ---------------------------------------------------------------------------- upload
-def _ignore_patterns(config: dict | None) -> list[str]:
+def _ignore_patterns(config: dict | None, output_dir: str) -> list[str]:
     patterns = list(UPLOAD_IGNORE_PATTERNS)
     logging_dir = (config or {}).get("logging_dir")
+    if logging_dir and os.path.isabs(logging_dir):
+        recorded = (config or {}).get("output_dir") or output_dir  # the folder may have moved since training
+        logging_dir = os.path.relpath(logging_dir, recorded)  # inside the output folder, or starts with ".."
     if logging_dir and not os.path.isabs(logging_dir):
         logging_dir = os.path.normpath(logging_dir).replace(os.sep, "/")
         if not logging_dir.startswith("..") and logging_dir not in (".", "logs"):
@@ -707,7 +726,7 @@ def push_to_hub(output_dir: str, repo_id: str | None = None, *, private: bool | 
     private = bool(config.get("hub_private", False)) if private is None else bool(private)
     if create_card:
         _ensure_card_is_ours(output_dir)
-    patterns = _ignore_patterns(config)
+    patterns = _ignore_patterns(config, output_dir)
     _refuse_files_with_token(output_dir, _files_to_upload(output_dir, patterns), token)
     api = api if api is not None else HfApi(library_name="smpo_diffusers", library_version=__version__)
     with _upload_errors(output_dir, repo_id, private, token):

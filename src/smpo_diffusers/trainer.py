@@ -54,6 +54,7 @@ from .models import (
     save_lora,
     sdxl_time_ids,
 )
+from .json_records import finite_or_none
 from .latent_cache import CachedPairDataset, LatentCache, cache_settings
 
 logger = logging.getLogger(__name__)
@@ -80,17 +81,6 @@ def _fsync_tree(folder: str) -> None:
             with open(os.path.join(root, name), "rb") as handle:
                 os.fsync(handle.fileno())
         _fsync_directory(root)
-
-
-def _finite_or_none(value):
-    """``value`` with every non-finite float replaced by None (strict JSON: a metric with nothing to average)."""
-    if isinstance(value, dict):
-        return {key: _finite_or_none(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite_or_none(item) for item in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 PER_PROCESS_SKIPS = ("undecodable_pairs", "empty_batches")
@@ -1016,7 +1006,7 @@ class SmPOTrainer:
                    "unet_evaluations": evaluations, "skipped": skipped, "data": data_counts,
                    "latent_cache": self.latent_cache_stats.as_dict() if self.latent_cache_stats else None}
         with open(os.path.join(output_dir, "training_metrics.json"), "w") as handle:
-            json.dump(_finite_or_none(metrics), handle, indent=2, sort_keys=True, allow_nan=False)
+            json.dump(finite_or_none(metrics), handle, indent=2, sort_keys=True, allow_nan=False)
 
     def _remove_other_weight_layouts(self, output_dir: str) -> None:
         """A folder holds one run's weights: drop those of another layout (a LoRA file, ``unet/``, a pipeline)
