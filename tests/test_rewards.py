@@ -562,6 +562,11 @@ def test_labeler_accepts_rgba_greyscale_and_pil_cells(pickscore):
 
     as_image_feature = datasets.Dataset.from_dict(rows).cast_column("jpg_0", datasets.Image())  # PIL cells
     assert as_image_feature.map(R.RewardLabeler(pickscore), batched=True)["label_valid"] == [True] * 3
+    # a corrupt file in an Image() column: datasets would raise while decoding; undecoded, the labeler counts it
+    broken = dict(rows, jpg_0=[rows["jpg_0"][0][:40], *rows["jpg_0"][1:]])
+    broken = datasets.Dataset.from_dict(broken).cast_column("jpg_0", datasets.Image())
+    labelled = R.undecoded_images(broken).map(R.RewardLabeler(pickscore), batched=True)
+    assert labelled["label_valid"] == [False, True, True]
     with pytest.raises(KeyError, match="jpg_1"):
         R.RewardLabeler(pickscore)({"caption": ["x"], "jpg_0": [rows["jpg_0"][0]]})
     with pytest.raises(TypeError, match="CallableRewardModel"):
@@ -717,6 +722,21 @@ def test_cli_ensemble_run_stores_member_statistics(tmp_path, saved_dataset, clip
     assert [m["name"] for m in members] == ["pickscore", "clip"] and all(m["std"] > 0 for m in members)
     calibration = json.loads((tmp_path / "ens" / ".shards" / "ensemble_calibration.json").read_text())
     assert calibration["num_images"] == 8 and calibration["statistics"] == members
+
+
+def test_given_ensemble_statistics_are_kept_and_weights_are_part_of_the_resume_key(
+        tmp_path, saved_dataset, clip_dir):
+    members = R.load_reward_model("pickscore,clip", f"{clip_dir},{clip_dir}", device="cpu").models
+    fixed = [{"mean": 100.0, "std": 10.0}, {"mean": 50.0, "std": 5.0}]
+    args = R.LabelingArguments(dataset_name=saved_dataset, output_dir=str(tmp_path / "ens"), batch_size=5)
+    first = R.label_dataset(args, reward_model=R.EnsembleRewardModel(members, weights=[1, 0], statistics=fixed))
+    stats = R.load_reward_statistics(args.output_dir)
+    assert [(m["mean"], m["std"]) for m in stats["ensemble_member_statistics"]] == [(100.0, 10.0), (50.0, 5.0)]
+    assert not (tmp_path / "ens" / ".shards" / "ensemble_calibration.json").exists()  # nothing re-estimated
+    before = datasets.load_from_disk(str(tmp_path / "ens"))["reward_0"]
+    again = R.label_dataset(args, reward_model=R.EnsembleRewardModel(members, weights=[0, 1], statistics=fixed))
+    assert first["num_shards_scored"] > 0 and again["num_shards_resumed"] == 0  # other weights: scored afresh
+    assert datasets.load_from_disk(str(tmp_path / "ens"))["reward_0"] != before
 
 
 def test_labeling_arguments_validate_and_parse():

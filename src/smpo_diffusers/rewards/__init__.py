@@ -2,10 +2,10 @@
 
 Typical use::
 
-    from smpo_diffusers.rewards import RewardLabeler, load_reward_model
+    from smpo_diffusers.rewards import RewardLabeler, load_reward_model, undecoded_images
 
     model = load_reward_model("pickscore", device="cuda", dtype="float16")
-    labelled = dataset.map(RewardLabeler(model), batched=True, batch_size=16)
+    labelled = undecoded_images(dataset).map(RewardLabeler(model), batched=True, batch_size=16)
 
 or the resumable job ``label_dataset(LabelingArguments(...))`` behind ``examples/label_rewards.py``.
 """
@@ -15,7 +15,8 @@ from .clip import CLIPRewardModel, CLIPScoreRewardModel, PickScoreRewardModel, c
 from .images import UnreadableImageError, load_image, to_rgb
 from ..data import load_preference_dataset
 from .job import LabelingArguments, label_dataset
-from .labeling import CAPTION_COLUMN, IMAGE_COLUMNS, RewardLabeler, reward_features, summarize_labels
+from .labeling import (CAPTION_COLUMN, IMAGE_COLUMNS, RewardLabeler, reward_features, summarize_labels,
+                       undecoded_images)
 from .optional import AestheticRewardModel, HPSv2RewardModel, ImageRewardRewardModel
 from .registry import available_reward_models, load_reward_model, register_reward_model, resolve_dtype
 from .statistics import (
@@ -49,6 +50,7 @@ __all__ = [
     "REWARD_COLUMNS",
     "REWARD_STATISTICS_FILENAME",
     "RewardLabeler",
+    "undecoded_images",
     "RewardModel",
     "UnreadableImageError",
     "VALID_COLUMN",

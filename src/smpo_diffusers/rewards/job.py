@@ -37,7 +37,8 @@ from ..data import load_preference_dataset
 from ..distributed import use_cpu_process_group
 from .base import EnsembleRewardModel, RewardModel
 from .images import UnreadableImageError, load_image
-from .labeling import CAPTION_COLUMN, IMAGE_COLUMNS, RewardLabeler, reward_features, summarize_labels
+from .labeling import (CAPTION_COLUMN, IMAGE_COLUMNS, RewardLabeler, reward_features, summarize_labels,
+                       undecoded_images)
 from .registry import load_reward_model
 from .statistics import REWARD_COLUMNS, VALID_COLUMN, compute_reward_statistics, save_reward_statistics
 
@@ -123,14 +124,7 @@ def _prepare_source(dataset, max_samples: int | None):
 def _scoring_view(dataset):
     """Only caption and image columns, with ``datasets.Image`` columns left undecoded so that a
     corrupted image reaches the labeler (and is counted) instead of failing inside ``datasets``."""
-    import datasets
-
-    view = dataset.select_columns([CAPTION_COLUMN, *IMAGE_COLUMNS])
-    for column in IMAGE_COLUMNS:
-        feature = view.features[column]
-        if isinstance(feature, datasets.Image) and feature.decode:
-            view = view.cast_column(column, datasets.Image(decode=False))
-    return view
+    return undecoded_images(dataset.select_columns([CAPTION_COLUMN, *IMAGE_COLUMNS]))
 
 
 def _shard_bounds(num_pairs: int, shard_size: int) -> list[tuple[int, int]]:
@@ -305,10 +299,15 @@ def label_dataset(args: LabelingArguments, reward_model: RewardModel | None = No
         "num_pairs": len(source),
         "shard_size": args.shard_size,
     }
-    if isinstance(reward_model, EnsembleRewardModel):
-        settings["ensemble_calibration_pairs"] = args.ensemble_calibration_pairs
+    calibrate = isinstance(reward_model, EnsembleRewardModel) and reward_model.statistics is None
+    if isinstance(reward_model, EnsembleRewardModel):  # what the ensemble's scores depend on besides its name
+        settings["ensemble_weights"] = list(reward_model.weights)
+        if calibrate:
+            settings["ensemble_calibration_pairs"] = args.ensemble_calibration_pairs
+        else:  # statistics given by the caller are used as they are
+            settings["ensemble_statistics"] = [{"mean": s["mean"], "std": s["std"]} for s in reward_model.statistics]
     os.makedirs(shards_dir, exist_ok=True)
-    if isinstance(reward_model, EnsembleRewardModel):
+    if calibrate:
         _calibrate_ensemble(reward_model, view, args, settings, shards_dir, state)
 
     bounds = _shard_bounds(len(source), args.shard_size)

@@ -7,6 +7,10 @@
 is missing or either of whose images cannot be decoded gets NaN rewards and
 ``label_valid=False``; the trainer skips such pairs. Count them from the output with
 :func:`summarize_labels` (the labeler's own counters only see the batches of its own process).
+
+With ``datasets.Image()`` columns, ``datasets`` decodes the images before the callback sees the batch and
+raises on a corrupt file; map over :func:`undecoded_images` of the dataset so that the labeler sees the bytes
+(``label_dataset`` does this itself).
 """
 
 from __future__ import annotations
@@ -23,11 +27,26 @@ from .statistics import REWARD_COLUMNS, VALID_COLUMN
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CAPTION_COLUMN", "IMAGE_COLUMNS", "RewardLabeler", "reward_features", "summarize_labels"]
+__all__ = ["CAPTION_COLUMN", "IMAGE_COLUMNS", "RewardLabeler", "reward_features", "summarize_labels",
+           "undecoded_images"]
 
 CAPTION_COLUMN = "caption"
 IMAGE_COLUMNS = ("jpg_0", "jpg_1")
 _MAX_LOGGED_PROBLEMS = 10
+
+
+def undecoded_images(dataset):
+    """``dataset`` with its ``datasets.Image`` columns (``jpg_0``, ``jpg_1``) cast to ``Image(decode=False)``:
+    cells become ``{"bytes", "path"}`` dicts, so a corrupt image reaches :class:`RewardLabeler` (and is counted)
+    instead of failing inside ``datasets``. The labelled output keeps that feature; cast back with
+    ``cast_column(name, datasets.Image())`` if decoded cells are wanted."""
+    import datasets
+
+    for column in IMAGE_COLUMNS:
+        feature = dataset.features.get(column)
+        if isinstance(feature, datasets.Image) and feature.decode:
+            dataset = dataset.cast_column(column, datasets.Image(decode=False))
+    return dataset
 
 
 def reward_features():
