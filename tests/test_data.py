@@ -294,6 +294,21 @@ def test_nonfinite_rewards_and_label_valid_are_dropped_and_counted():
     assert (stats.dropped_invalid, stats.dropped_nonfinite, stats.kept) == (1, 0, 4)
 
 
+def test_rows_marked_invalid_are_dropped_whatever_their_labels_and_float_flags_treat_nan_as_invalid():
+    ds = _table([1.0, 0.0, 1.0], label_valid=[True, True, False])
+    rows = ds.to_dict()
+    rows["label_0"][2] = None  # a failed labelling row may carry no label at all
+    ds = datasets.Dataset.from_dict(rows, features=ds.features)
+    pairs, stats = prepare_preference_pairs(ds, loss_type="dpo", reward_columns=None, reward_scale=None)
+    assert (stats.kept, stats.dropped_invalid) == (2, 1)
+    flags = ds.cast_column("label_valid", datasets.Value("float64")).to_dict()
+    flags["label_valid"] = [1.0, float("nan"), 0.0]
+    as_float = datasets.Dataset.from_dict(flags, features=datasets.Features(
+        {**ds.features, "label_valid": datasets.Value("float64")}))
+    pairs, stats = prepare_preference_pairs(as_float, loss_type="dpo", reward_columns=None, reward_scale=None)
+    assert (stats.kept, stats.dropped_invalid) == (1, 2) and pairs["caption"] == ["caption 0"]
+
+
 def test_reward_nulls_count_as_nonfinite():
     ds = _table([1.0, 0.0], [0.2, None], [0.1, 0.3])
     _, stats = prepare_preference_pairs(ds, loss_type="smpo", reward_columns=None, reward_scale=SCALE)

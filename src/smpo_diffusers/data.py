@@ -408,8 +408,9 @@ def prepare_preference_pairs(
     Steps (vectorised over the label/reward columns with numpy; image bytes are not read or copied):
 
     1. :func:`validate_preference_columns`; ``label_0`` must be in {0, 0.5, 1} and ``label_1`` (if
-       present) equal ``1 - label_0`` (tolerance :data:`LABEL_TOLERANCE`), else ``ValueError``.
-    2. Drop rows with ``label_valid`` False/null, then (SmPO) rows with a non-finite reward, then
+       present) equal ``1 - label_0`` (tolerance :data:`LABEL_TOLERANCE`), else ``ValueError`` (rows marked
+       ``label_valid`` False are not checked: they are dropped).
+    2. Drop rows with ``label_valid`` False/null/NaN, then (SmPO) rows with a non-finite reward, then
        human ties if ``tie_policy == "drop"``. ``tie_policy == "keep"`` keeps them.
     3. Order: ``"dpo"``: winner = image 0 iff ``label_0 == 1``, ``prob_w = 1`` (0.5 for a kept tie,
        i.e. zero gradient). ``"smpo"``: winner = the image with the higher reward (image 0 on equal
@@ -423,6 +424,7 @@ def prepare_preference_pairs(
     Raises ``ValueError`` if no pair survives, stating what was dropped and what to change.
     """
     import datasets
+    import pyarrow as pa
     import pyarrow.compute as pc
 
     from .losses import preference_probability
@@ -453,11 +455,23 @@ def prepare_preference_pairs(
     columns = _read_columns(dataset, names)
     total = len(dataset)
 
+    # Rows the labelling marked invalid are dropped below whatever their labels hold; a float label_valid
+    # column counts NaN as invalid (Arrow's cast would turn it into True).
+    marked_valid = np.ones(total, dtype=bool)
+    if "label_valid" in columns:
+        if pa.types.is_floating(columns["label_valid"].type):
+            flags = _as_float(columns["label_valid"])
+            marked_valid = np.isfinite(flags) & (flags != 0)
+        else:
+            marked_valid = np.asarray(
+                pc.fill_null(pc.cast(columns["label_valid"], "bool"), False).to_numpy(zero_copy_only=False),
+                dtype=bool,
+            )
     label_0 = _as_float(columns["label_0"])
     is_win_0 = np.abs(label_0 - 1.0) <= LABEL_TOLERANCE
     is_win_1 = np.abs(label_0) <= LABEL_TOLERANCE
     is_tie = np.abs(label_0 - 0.5) <= LABEL_TOLERANCE
-    bad_label = ~(is_win_0 | is_win_1 | is_tie)  # NaN/null compare False -> bad
+    bad_label = ~(is_win_0 | is_win_1 | is_tie) & marked_valid  # NaN/null compare False -> bad
     if bad_label.any():
         raise ValueError(
             f"label_0 must be 1 (image 0 preferred), 0 (image 1 preferred) or 0.5 (tie); "
@@ -466,7 +480,7 @@ def prepare_preference_pairs(
         )
     if "label_1" in columns:
         label_1 = _as_float(columns["label_1"])
-        inconsistent = ~(np.abs(label_0 + label_1 - 1.0) <= LABEL_TOLERANCE)
+        inconsistent = ~(np.abs(label_0 + label_1 - 1.0) <= LABEL_TOLERANCE) & marked_valid
         if inconsistent.any():
             pairs_shown = _example_rows(inconsistent, np.stack([label_0, label_1], axis=1))
             raise ValueError(
@@ -474,16 +488,8 @@ def prepare_preference_pairs(
                 f"({pairs_shown}). Fix the labels or drop the label_1 column."
             )
 
-    keep = np.ones(total, dtype=bool)
-    if "label_valid" in columns:
-        valid = np.asarray(
-            pc.fill_null(pc.cast(columns["label_valid"], "bool"), False).to_numpy(zero_copy_only=False),
-            dtype=bool,
-        )
-        dropped_invalid_mask = ~valid
-    else:
-        dropped_invalid_mask = np.zeros(total, dtype=bool)
-    keep &= ~dropped_invalid_mask
+    dropped_invalid_mask = ~marked_valid
+    keep = marked_valid.copy()
 
     winner_index = np.where(is_win_1, 1, 0).astype(np.int8)
     prob_w = np.where(is_tie, 0.5, 1.0)
