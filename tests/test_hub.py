@@ -682,3 +682,13 @@ def test_card_takes_the_reward_model_only_from_statistics_of_the_trained_columns
     assert "| Reward model | clip |" in create_model_card(out).text
     json.dump(config | {"reward_columns": ["ps_score_0", "ps_score_1"]}, open(path, "w"))
     assert "| Reward model | not recorded |" in create_model_card(out).text
+
+
+def test_card_mentions_a_local_vae_the_snippet_cannot_name(tmp_path):
+    vae = tmp_path / "private" / "my-fp16-fix-vae"
+    vae.mkdir(parents=True)
+    text = create_model_card(write_output_folder(tmp_path / "out", pretrained_vae_model_name_or_path=str(vae))).text
+    assert "separate VAE from a local folder named `my-fp16-fix-vae`" in text and str(tmp_path) not in text
+    hub_out = write_output_folder(tmp_path / "hub", pretrained_vae_model_name_or_path="madebyollin/sdxl-vae-fp16-fix")
+    hub_vae = create_model_card(hub_out).text
+    assert 'AutoencoderKL.from_pretrained("madebyollin/sdxl-vae-fp16-fix"' in hub_vae and "local folder" not in hub_vae

@@ -533,6 +533,10 @@ def _card_body(*, config: dict, metrics: dict | None, layout: str, repo_id: str 
     parts += ["## Usage", ""]
     if layout != "pipeline" and not base_id:
         parts += ["Training used a local base model folder; set `base_model` to its Hub id or path.", ""]
+    local_vae = config.get("pretrained_vae_model_name_or_path")
+    if layout != "pipeline" and local_vae and not hub_id_or_none(local_vae):
+        parts += [f"Training used a separate VAE from a local folder named `{_public_name(local_vae)}`; load it with "
+                  "`AutoencoderKL.from_pretrained(...)` and pass `vae=` to the pipeline as well.", ""]
     parts += ["```python", snippet, "```", "", "## Citation", "", "```bibtex", SMPO_CITATION, "```", ""]
     return "\n".join(parts)
 
