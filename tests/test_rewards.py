@@ -418,6 +418,13 @@ def test_ensemble_z_score_normalisation():
         ensemble.calibrate([images[0]] * 3, prompts[:3])
     with pytest.raises(ValueError, match="at least 2"):
         R.EnsembleRewardModel([bright])
+    # an image a member cannot score (NaN) is left out of the calibration, not fatal to it
+    flaky = R.CallableRewardModel(lambda ims, ps: [float("nan") if v > 0.4 else v for v in mean_pixel(ims, ps)],
+                                  name="flaky")
+    partial = R.EnsembleRewardModel([bright, flaky]).calibrate(images, prompts)
+    assert partial[0]["mean"] == pytest.approx(raw[:4].mean())  # the brightest image left out for both members
+    with pytest.raises(ValueError, match="at least 2 images that every member scores finite"):
+        R.EnsembleRewardModel([bright, flaky]).calibrate(images[3:], prompts[3:])
 
 
 def test_factory_builds_an_uncalibrated_ensemble(clip_dir):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import logging
 import math
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence, TypeVar
@@ -12,6 +13,8 @@ import torch
 from PIL import Image
 
 from .images import to_rgb
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["CallableRewardModel", "EnsembleRewardModel", "RewardModel", "map_in_threads", "split_contiguous"]
 
@@ -229,14 +232,19 @@ class EnsembleRewardModel(RewardModel):
         return torch.stack([m.score(images, prompts).to(self.device) for m in self.models])
 
     def calibrate(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[dict]:
-        """Estimate and set each member's mean/std (``ddof=0``) from the scores of a sample.
+        """Estimate and set each member's mean/std (``ddof=0``) from the scores of a sample. Images that any
+        member scores non-finite are left out (counted in a warning), as the labeller leaves out their pairs.
 
         Returns the statistics list (also stored in :attr:`statistics`)."""
         raw = self.member_scores(images, prompts).double()
+        finite = torch.isfinite(raw).all(dim=0)
+        if not finite.all():
+            logger.warning("ensemble calibration: %d of %d images have a non-finite member score and are left out",
+                           int((~finite).sum()), raw.shape[1])
+            raw = raw[:, finite]
         if raw.shape[1] < 2:
-            raise ValueError("calibrate() needs at least 2 scored images.")
-        if not torch.isfinite(raw).all():
-            raise ValueError("calibrate() got non-finite member scores; remove unreadable images first.")
+            raise ValueError("calibrate() needs at least 2 images that every member scores finite; calibrate on "
+                             "more (readable) images or pass statistics=[{'mean': .., 'std': ..}, ...].")
         stats = [{"mean": float(row.mean()), "std": float(row.std(unbiased=False))} for row in raw]
         self.set_statistics(stats)
         return self.statistics
