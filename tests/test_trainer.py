@@ -193,17 +193,28 @@ def test_resume_mid_epoch_equals_an_uninterrupted_run(tmp_path, demo_inputs, cac
         assert torch.equal(a[key], b[key]), key
 
 
-def test_checkpoint_limit_and_partial_checkpoints_are_ignored(tmp_path, demo_inputs):
+def test_checkpoint_limit_and_partial_checkpoints_are_ignored(tmp_path, demo_inputs, monkeypatch):
+    import shutil
+
+    import smpo_diffusers.trainer as trainer_module
+
     model, data = demo_inputs["sdxl"]
     config = make_config(tmp_path, model, data, max_train_steps=3, checkpointing_steps=1, checkpoints_total_limit=2)
     os.makedirs(os.path.join(config.output_dir, ".checkpoint-7.tmp"))
     os.makedirs(os.path.join(config.output_dir, "checkpoint-9"))  # no trainer_state.json: incomplete
     trainer = SmPOTrainer(config)
+    # a crash in the middle of pruning (here: the deletion never runs) leaves no visible half checkpoint
+    real_rmtree = shutil.rmtree
+    monkeypatch.setattr(trainer_module.shutil, "rmtree", lambda path, *args, **kwargs: None
+                        if ".deleting" in str(path) else real_rmtree(path, *args, **kwargs))
     trainer.train()
+    monkeypatch.undo()
     names = sorted(n for n in os.listdir(config.output_dir) if n.startswith("checkpoint-"))
     assert names == ["checkpoint-2", "checkpoint-3", "checkpoint-9"]
     assert not os.path.exists(os.path.join(config.output_dir, ".checkpoint-7.tmp"))
-    assert not [n for n in os.listdir(config.output_dir) if n.startswith(".")]  # pruned ones leave nothing hidden
+    assert sorted(n for n in os.listdir(config.output_dir) if n.startswith(".")) == [".checkpoint-1.deleting.tmp"]
+    trainer._clean_partial_checkpoints()  # what the next run does first
+    assert not [n for n in os.listdir(config.output_dir) if n.startswith(".")]
     assert [step for step, _ in trainer._checkpoints()] == [2, 3]
     ckpt = os.path.join(config.output_dir, "checkpoint-3")
     assert os.path.isfile(os.path.join(ckpt, "pytorch_lora_weights.safetensors"))
