@@ -233,3 +233,16 @@ def test_reader_keeps_a_bounded_number_of_shards_open(tmp_path, demo_inputs, mon
     monkeypatch.setattr(latent_cache.CacheReader, "MAX_OPEN_SHARDS", 3)
     items = [dataset[i] for i in range(len(dataset))] + [dataset[0]]
     assert len(dataset.reader._handles) <= 3 and all(item is not None for item in items)
+
+
+def test_a_shard_reaches_the_disk_before_the_rename_that_publishes_it(tmp_path, monkeypatch):
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+                        or real_fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda src, dst: events.append(("replace", str(src))) or real_replace(src, dst))
+    cache = LatentCache(str(tmp_path), {"hflip": False, "format": 2})
+    os.makedirs(cache.path)
+    cache._write_shard("pairs", {"0/any.latent_mean": torch.zeros(2, 4)})
+    kinds = [kind for kind, _ in events]
+    assert kinds == ["fsync", "replace"] and events[0][1] == events[1][1]  # the temporary file, then renamed
+    assert list(cache.index("pairs-")[0]) == ["0/any"]
