@@ -637,14 +637,14 @@ def public_record(value):
     """``value`` (parsed JSON) with every string that is a local path (absolute, or naming something that exists
     here) reduced to its last component, as the card names local models: uploads do not publish home folders or
     user names (the local files keep them). Hub ids and other strings stay."""
-    if isinstance(value, dict):
-        return {key: public_record(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [public_record(item) for item in value]
-    if isinstance(value, str) and value and (os.path.isabs(value) or value.startswith("~")
-                                             or os.path.exists(value)):
-        return _public_name(value)  # a Hub cache snapshot folder gives its Hub id
-    return value
+    from .json_records import map_leaves
+
+    def public(leaf):
+        if isinstance(leaf, str) and leaf and (os.path.isabs(leaf) or leaf.startswith("~") or os.path.exists(leaf)):
+            return _public_name(leaf)  # a Hub cache snapshot folder gives its Hub id
+        return leaf
+
+    return map_leaves(value, public)
 
 
 @contextlib.contextmanager

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import hashlib
 import json
 import logging
@@ -798,19 +799,18 @@ class SmPOTrainer:
         another layout."""
         return {"num_processes": self.accelerator.num_processes, "train_batch_size": self.config.train_batch_size,
                 "gradient_accumulation_steps": self.config.gradient_accumulation_steps, "seed": self.config.seed,
-                "num_pairs": len(self.train_dataset), "pairs_sha256": self._pairs_digest()}
+                "num_pairs": len(self.train_dataset), "pairs_sha256": self._pairs_digest}
 
+    @functools.cached_property
     def _pairs_digest(self) -> str:
         """A hash of the prepared pairs (rows, winners, preference probabilities, captions): other labels, another
         loss type's ordering or another subset change it."""
-        if getattr(self, "_pairs_sha256", None) is None:
-            digest = hashlib.sha256()
-            for column in ("source_row", "winner_index", "prob_w"):
-                digest.update(np.ascontiguousarray(np.asarray(self.pairs[column])).tobytes())
-            for caption in self.pairs["caption"]:
-                digest.update(f"{caption}\0".encode())
-            self._pairs_sha256 = digest.hexdigest()
-        return self._pairs_sha256
+        digest = hashlib.sha256()
+        for column in ("source_row", "winner_index", "prob_w"):
+            digest.update(np.ascontiguousarray(np.asarray(self.pairs[column])).tobytes())
+        for caption in self.pairs["caption"]:
+            digest.update(f"{caption}\0".encode())
+        return digest.hexdigest()
 
     def _check_data_layout(self, path: str, saved: dict | None) -> None:
         if saved is None:  # written before layouts were recorded
