@@ -4,6 +4,9 @@
     python examples/evaluate.py --base_model path/or/hub-id --aligned_model ./smpo-model \
         --prompts toy-heldout --reward_models toy --output_dir ./eval
 
+The sampling defaults (20 steps, guidance 3.0, batches of 64, fp32) suit the toy world; for SD/SDXL pass e.g.
+``--num_inference_steps 30 --guidance_scale 7.5 --batch_size 8 --dtype fp16`` (SDXL: ``--guidance_scale 5``).
+
 ``--aligned_model``: a training --output_dir (LoRA weights or a unet/ folder), its LoRA file or a full pipeline
 folder. ``--base_model`` defaults to the base the run recorded (``training_config.json``); ``toy`` names the
 shipped toy pipeline.
@@ -21,9 +24,14 @@ import argparse
 import logging
 import sys
 
+import torch
+
 from smpo_diffusers.cli import run_cli
 from smpo_diffusers.evaluation import (aligned_layout, evaluate, format_results_table, read_prompts,
                                        trained_base_model)
+
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def parse_args(argv=None):
@@ -43,7 +51,9 @@ def parse_args(argv=None):
     parser.add_argument("--guidance_scale", type=float, default=3.0)
     parser.add_argument("--resolution", type=int, default=None, help="Image size (default: the model's).")
     parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default=None, help="Where to render (default: cuda when available, else cpu).")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
+                        help="Weights' dtype for rendering (fp16/bf16 on a GPU for SD/SDXL-size models).")
     parser.add_argument("--output_dir", required=True)
     return parser.parse_args(argv)
 
@@ -65,7 +75,9 @@ def main(argv=None) -> dict:
     results = evaluate(base_model, args.aligned_model, prompts, output_dir=args.output_dir,
                        reward_names=args.reward_models, seeds_per_prompt=args.seeds_per_prompt, seed=args.seed,
                        num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
-                       resolution=args.resolution, batch_size=args.batch_size, device=args.device)
+                       resolution=args.resolution, batch_size=args.batch_size,
+                       device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+                       dtype=DTYPES[args.dtype])
     print(format_results_table(results))
     print(f"wrote results.json, results.md and grid.png to {args.output_dir}")
     return results

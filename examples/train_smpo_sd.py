@@ -5,9 +5,10 @@
         --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \
         --dataset_name ./pickapic-labelled --train_method lora --output_dir smpo-sd15-lora
 
-    python examples/train_smpo_sd.py --demo      # tiny in-process model, generated data, ~2 minutes on CPU
+    python examples/train_smpo_sd.py --demo      # the bundled toy world (SD-layout), then a before/after evaluation
 
-All flags: `python examples/train_smpo_sd.py --help` (they are the fields of `smpo_diffusers.SmPOConfig`).
+All flags: `python examples/train_smpo_sd.py --help` (the fields of `smpo_diffusers.SmPOConfig`,
+plus --demo and --demo_world: 'tiny-random' trains a random-weights tiny model of this script's family).
 """
 
 import sys

@@ -19,6 +19,17 @@ def demo_inputs(tmp_path_factory):
     return {"sdxl": (sdxl_model, sdxl_data), "sd": (sd_model, sd_data)}
 
 
+@pytest.fixture(scope="session")
+def toy_pairs(tmp_path_factory):
+    """The toy world's default preference set (192 pairs, what ``--demo`` and ``toy_alignment.py --quick`` build:
+    one pair per caption, seed 0), built once per session (~25 s); tests copy it where the code looks for it."""
+    from smpo_diffusers.toy import build_toy_preferences
+
+    folder = str(tmp_path_factory.mktemp("toy-pairs") / "pairs")
+    build_toy_preferences(folder, pairs_per_caption=1, seed=0)
+    return folder
+
+
 @pytest.fixture(autouse=True)
 def fresh_accelerate_state():
     """accelerate keeps process-wide singletons (precision, device, gradient state); each test gets new ones,

@@ -22,7 +22,8 @@ def non_default_argv():
         "dataloader_num_workers": 2, "proportion_empty_prompts": 0.1, "tie_policy": "keep",
         "cache_latents": False, "latent_cache_dir": None,  # --cache_latents refuses --random_crop: parsed below
         "train_batch_size": 3, "gradient_accumulation_steps": 4, "max_train_steps": 9, "num_train_epochs": 2,
-        "learning_rate": 3e-4, "scale_lr": True, "lr_scheduler": "cosine", "lr_warmup_steps": 5,
+        "learning_rate": 3e-4, "scale_lr": True, "lr_scheduler": "cosine_with_restarts", "lr_warmup_steps": 5,
+        "lr_num_cycles": 3, "lr_power": 1.0,  # the default: other values need --lr_scheduler polynomial (below)
         "use_8bit_adam": False, "use_adafactor": False,  # Adafactor refuses the adam_* options: parsed below
         "adam_beta1": 0.8, "adam_beta2": 0.99,
         "adam_weight_decay": 0.0, "adam_epsilon": 1e-6, "max_grad_norm": 2.0, "mixed_precision": "bf16",
@@ -35,7 +36,7 @@ def non_default_argv():
         "output_dir": "out", "logging_dir": "tb",
         "inversion_weight_copy": False,  # needs --inversion_model policy: parsed on its own below
         "compile_inversion_copy": False,  # needs --inversion_weight_copy: parsed on its own below
-        "report_to": "none", "checkpointing_steps": 50, "checkpoints_total_limit": 3,
+        "report_to": "wandb", "checkpointing_steps": 50, "checkpoints_total_limit": 3,
         "resume_from_checkpoint": "latest", "validation_prompts": ["a cat", "a dog"], "validation_steps": 10,
         "validation_num_inference_steps": 4, "save_full_pipeline": False, "push_to_hub": True,
         "hub_model_id": "me/model", "hub_private": True,
@@ -68,10 +69,14 @@ def test_every_flag_parses_from_the_command_line():
     assert config.cache_latents is True and config.latent_cache_dir == "lc"
     config, _ = parse_training_args(["--use_adafactor", "--adam_weight_decay", "0.01"])
     assert config.use_adafactor is True and config.adam_weight_decay == 0.01
+    config, _ = parse_training_args(["--lr_scheduler", "polynomial", "--lr_power", "2.5"])
+    assert config.lr_power == 2.5
     config, _ = parse_training_args(["--use_8bit_adam"])
     assert config.use_8bit_adam is True
     with pytest.raises(ValueError, match="--demo_world"):
         parse_training_args(["--demo", "--demo_world", "mars"])
+    with pytest.raises(ValueError, match="--demo_world only applies with --demo"):
+        parse_training_args(["--demo_world", "tiny-random"])
 
 
 def test_every_flag_is_used_by_the_library():
@@ -132,6 +137,18 @@ def test_help_lists_every_flag():
     ({"save_full_pipeline": True}, "--save_full_pipeline applies to --train_method full"),
     ({"resume_from_checkpoint": "/no/such/checkpoint"}, "is not a folder"),
     ({"mixed_precision": "fp8"}, "--mixed_precision"),
+    ({"max_grad_norm": float("nan")}, "--max_grad_norm must be a finite number >= 0"),
+    ({"adam_beta1": 1.5}, "--adam_beta1 must be in [0, 1)"),
+    ({"adam_beta2": -0.1}, "--adam_beta2 must be in [0, 1)"),
+    ({"adam_epsilon": -1e-8}, "--adam_epsilon must be a finite number >= 0"),
+    ({"adam_weight_decay": -0.01, "use_adafactor": True}, "--adam_weight_decay must be a finite number >= 0"),
+    ({"seed": -1}, "--seed must be in [0, 2**32)"),
+    ({"lr_num_cycles": 0, "lr_scheduler": "cosine_with_restarts"}, "--lr_num_cycles must be >= 1"),
+    ({"lr_num_cycles": 2}, "--lr_num_cycles only applies to --lr_scheduler cosine_with_restarts"),
+    ({"lr_power": 2.0, "lr_scheduler": "linear"}, "--lr_power only applies to --lr_scheduler polynomial"),
+    ({"lr_power": 0.0, "lr_scheduler": "polynomial"}, "--lr_power must be a positive number"),
+    ({"validation_num_inference_steps": 5}, "--validation_num_inference_steps needs --validation_prompts"),
+    ({"logging_dir": "tb", "report_to": "none"}, "--report_to none writes no tracker logs"),
 ])
 def test_config_errors_name_the_flag(kwargs, message):
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -147,15 +164,23 @@ def test_model_family_defaults():
     assert dpo.num_inversion_steps is None and dpo.resolution == 1024  # nothing is inverted: no grid to report
 
 
-def test_cli_requires_model_and_data_without_demo(tmp_path):
-    out = subprocess.run([sys.executable, str(SRC.parents[1] / "examples" / "train_smpo_sd.py"),
-                          "--output_dir", str(tmp_path)], capture_output=True, text=True)
-    assert out.returncode != 0 and "--pretrained_model_name_or_path and --dataset_name required" in out.stderr
+def test_cli_requires_model_and_data_without_demo(tmp_path, capsys):
+    from smpo_diffusers.cli import run_cli, train_main
+
+    with pytest.raises(SystemExit) as exit_info:  # what examples/train_smpo_*.py run
+        run_cli(train_main, ["--output_dir", str(tmp_path / "o"), "--report_to", "none"])
+    assert exit_info.value.code == 2
+    assert ("error: --pretrained_model_name_or_path and --dataset_name required (or pass --demo"
+            in capsys.readouterr().err)
 
 
 @pytest.mark.slow
-def test_toy_demo_trains_and_reports_before_after(tmp_path):
+def test_toy_demo_trains_and_reports_before_after(tmp_path, toy_pairs):
+    import shutil
+
     out = tmp_path / "demo"
+    # the pairs --demo builds on a first run (tests/test_toy.py checks building them); a later run reuses them
+    shutil.copytree(toy_pairs, out / "demo-inputs" / "toy-preferences-1x-seed0")
     result = subprocess.run([sys.executable, str(SRC.parents[1] / "examples" / "train_smpo_sdxl.py"), "--demo",
                              "--output_dir", str(out), "--max_train_steps", "3"],
                             capture_output=True, text=True, timeout=900)

@@ -4,6 +4,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from smpo_diffusers.evaluation import (compare_scores, evaluate, format_results_table, image_drift, load_pipeline,
@@ -78,6 +79,28 @@ def test_read_prompts_sources(tmp_path):
         read_prompts(str(tmp_path / "ds"), column="prompt")
     with pytest.raises(FileNotFoundError):
         read_prompts(str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="--max_prompts must be >= 1"):
+        read_prompts("toy-all", limit=-1)  # would silently drop the last prompt
+    with pytest.raises(ValueError, match="--prompt_column/--prompt_split select from a dataset"):
+        read_prompts(str(text), column="prompt")
+    with pytest.raises(ValueError, match="split 'test' cannot be selected.*drop --prompt_split"):
+        read_prompts(str(tmp_path / "ds"), split="test")
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"num_inference_steps": 0}, "--num_inference_steps must be >= 1"),
+    ({"num_inference_steps": -3}, "--num_inference_steps must be >= 1"),
+    ({"batch_size": 0}, "--batch_size must be >= 1"),
+    ({"resolution": 4}, "--resolution must be at least 8"),
+    ({"device": "cuda"}, "no CUDA GPU is visible"),
+])
+def test_evaluate_refuses_bad_settings_before_loading_anything(tmp_path, kwargs, message):
+    if kwargs.get("device") == "cuda" and torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    with pytest.raises(ValueError, match=message):
+        evaluate("no-such-base", str(tmp_path / "no-such-output"), ["a prompt"], output_dir=str(tmp_path / "e"),
+                 **kwargs)
+    assert not (tmp_path / "e").exists()
 
 
 def test_format_results_table_shows_means_errors_and_interval():
@@ -164,7 +187,25 @@ def test_evaluate_cli_runs_end_to_end(tmp_path, capsys, monkeypatch):
     from smpo_diffusers.toy import toy_model_path
 
     seen = []
-    monkeypatch.setattr(cli, "evaluate", lambda base, *args, **kwargs: seen.append(base) or results)
+    monkeypatch.setattr(cli, "evaluate", lambda base, *args, **kwargs: seen.append((base, kwargs)) or results)
     monkeypatch.setattr(cli, "format_results_table", lambda results: "")
     cli.main(["--base_model", "toy", "--aligned_model", str(aligned), "--output_dir", str(tmp_path / "eval4")])
-    assert seen == [toy_model_path()]
+    assert seen[0][0] == toy_model_path()
+    assert seen[0][1]["dtype"] == torch.float32 and seen[0][1]["device"] == "cpu"  # no GPU here
+    cli.main(["--base_model", "toy", "--aligned_model", str(aligned), "--output_dir", str(tmp_path / "eval5"),
+              "--dtype", "bf16", "--device", "meta"])
+    assert seen[1][1]["dtype"] == torch.bfloat16 and seen[1][1]["device"] == "meta"
+
+
+def test_evaluate_renders_in_the_requested_dtype(tmp_path, monkeypatch):
+    from smpo_diffusers import evaluation
+
+    base = save_tiny_pipeline(str(tmp_path / "base"), kind="sd", seed=0)
+    loaded = []
+    real_load = evaluation.load_pipeline
+    monkeypatch.setattr(evaluation, "load_pipeline",
+                        lambda *args, **kwargs: loaded.append(real_load(*args, **kwargs)) or loaded[-1])
+    results = evaluate(base, base, ["a red circle"], output_dir=str(tmp_path / "eval"), num_inference_steps=2,
+                       guidance_scale=1.0, resolution=32, progress=False, dtype=torch.bfloat16)
+    assert [pipeline.unet.dtype for pipeline in loaded] == [torch.bfloat16] * 2
+    assert results["dtype"] == "bfloat16" and np.isfinite(results["rewards"]["toy"]["base"]["mean"])

@@ -95,6 +95,8 @@ class StubHub:
     def handle(self, request):
         url = urlsplit(request.path)
         body = request.rfile.read(int(request.headers.get("Content-Length") or 0))
+        if url.path == "/api/agent-harnesses":  # huggingface_hub's own daily registry fetch: not ours to record
+            return self._send(request, 404, {"error": "not served by the stub"})
         route, repo = self._route(request.command, url.path)
         with self.lock:
             self.requests.append({"method": request.command, "path": url.path, "route": route, "repo": repo,
@@ -121,6 +123,10 @@ class StubHub:
             except (AssertionError, yaml.YAMLError) as error:
                 return self._send(request, 400, {"errors": [{"message": f"bad metadata: {error!r}"}]})
             return self._send(request, 200, {"errors": [], "warnings": []})
+        if route == "info":
+            if repo not in self.repos:
+                return self._send(request, 404, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"})
+            return self._send(request, 200, {"id": repo, "private": self.repos[repo]["visibility"] == "private"})
         if route in ("preupload", "commit") and repo not in self.repos:
             return self._send(request, 404, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"})
         if route == "preupload":
@@ -152,6 +158,9 @@ class StubHub:
         match = re.fullmatch(r"/api/models/([^/]+/[^/]+)/(preupload|commit)/[^/]+", path)
         if method == "POST" and match:
             return match.group(2), match.group(1)
+        match = re.fullmatch(r"/api/models/([^/]+/[^/]+)", path)
+        if method == "GET" and match:
+            return "info", match.group(1)
         return f"unknown {method} {path}", None
 
     @staticmethod
@@ -323,6 +332,12 @@ def test_bare_name_defaults_private_repo_existing_repo_and_custom_logging_dir(tm
     push_to_hub(out, "smpo-run", token=TOKEN, api=api, commit_message="second")
     assert [c["summary"] for c in repo["commits"]] == ["first", "second"]
     assert stub_hub.routes().count("create") == 2
+
+    # a private push onto an existing public repository would publish the weights: refused, nothing uploaded
+    stub_hub.repos["stub-user/public-run"] = {"files": {}, "commits": [], "visibility": "public"}
+    with pytest.raises(ValueError, match="already exists and is public"):
+        push_to_hub(out, "public-run", private=True, token=TOKEN, api=api)
+    assert stub_hub.repos["stub-user/public-run"]["commits"] == [] and stub_hub.routes()[-1] == "info"
 
 
 def test_evaluation_folder_and_an_absolute_logging_dir_inside_the_output_stay_local(tmp_path, stub_hub):
@@ -574,10 +589,22 @@ def test_command_line_uses_env_token_and_endpoint(tmp_path, stub_hub, monkeypatc
     card = ModelCard.load(os.path.join(out, "README.md"))
     assert card.data.license == "other" and "| Reward model | PickScore_v1 |" in card.text
 
+    # --no-private overrides the run's --hub_private
+    private_run = write_output_folder(tmp_path / "private-run", push_to_hub=True, hub_private=True)
+    push_main([private_run, "--hub_model_id", "org/public", "--no-private"])
+    assert stub_hub.repos["org/public"]["visibility"] == "public"
+    with pytest.raises(SystemExit) as exit_info:
+        push_main([out, "--no_model_card", "--license", "mit"])
+    assert exit_info.value.code == 2 and "--no_model_card writes none" in capsys.readouterr().err
+
     monkeypatch.delenv("HF_TOKEN")
     with pytest.raises(SystemExit) as exit_info:
         push_main([out])
-    assert exit_info.value.code == 1 and "hf auth login" in capsys.readouterr().err
+    assert exit_info.value.code == 2 and "hf auth login" in capsys.readouterr().err
+    monkeypatch.setenv("SMPO_DEBUG", "1")
+    with pytest.raises(HubAuthenticationError, match="hf auth login"):  # the traceback, on request
+        push_main([out])
+    monkeypatch.delenv("SMPO_DEBUG")
     with pytest.raises(SystemExit):
         push_main([out, "--hub_token", TOKEN])  # not a flag: tokens never go on the command line
 
@@ -596,9 +623,9 @@ def test_training_with_push_to_hub_uploads_the_final_output(tmp_path, stub_hub, 
                         validation_prompts=["a red circle"], validation_num_inference_steps=2,
                         push_to_hub=True, hub_model_id="my-org/tiny-smpo", hub_private=True)
     SmPOTrainer(config).train()
-    # huggingface_hub may also fetch its agent-harness registry once a day; that is the client's own business.
-    requests = [r for r in stub_hub.requests if r["path"] != "/api/agent-harnesses"]
-    assert [r["route"] for r in requests] == ["create", "validate-yaml", "preupload", "commit"]
+    requests = stub_hub.requests
+    # "info": a private push checks the repository is still private before uploading
+    assert [r["route"] for r in requests] == ["create", "info", "validate-yaml", "preupload", "commit"]
     create = json.loads(requests[0]["body"])
     assert create == {"name": "tiny-smpo", "organization": "my-org", "visibility": "private"}
     assert sorted(stub_hub.repos["my-org/tiny-smpo"]["files"]) == [

@@ -246,3 +246,40 @@ def test_a_shard_reaches_the_disk_before_the_rename_that_publishes_it(tmp_path, 
     kinds = [kind for kind, _ in events]
     assert kinds == ["fsync", "replace"] and events[0][1] == events[1][1]  # the temporary file, then renamed
     assert list(cache.index("pairs-")[0]) == ["0/any"]
+
+
+def test_path_only_images_key_entries_by_their_files(tmp_path, demo_inputs):
+    """Image cells that hold only a path: the dataset fingerprint covers the paths, not the files, so a rewritten
+    file or a file that was missing and is back must give new entries, not stale latents or a stale mark."""
+    from datasets import Image as ImageFeature
+
+    model, data = demo_inputs["sdxl"]
+    rows = load_from_disk(data).select(range(4)).to_dict()
+    for column in ("jpg_0", "jpg_1"):
+        for i, encoded in enumerate(rows[column]):
+            path = tmp_path / f"{column}-{i}.png"
+            path.write_bytes(encoded)
+            rows[column][i] = {"bytes": None, "path": str(path)}
+    dataset = Dataset.from_dict(rows).cast_column("jpg_0", ImageFeature()).cast_column("jpg_1", ImageFeature())
+    os.remove(tmp_path / "jpg_1-2.png")  # missing for now (a file system that was not mounted yet)
+
+    def build(name):
+        return SmPOTrainer(make_config(tmp_path, model, name=name, reward_scale=0.1, no_hflip=True), dataset=dataset)
+
+    first = build("first")
+    assert first.latent_cache_stats.pairs_built == 4 and first.latent_cache_stats.undecodable_pairs == 1
+    assert sum(first.train_dataset[i] is None for i in range(4)) == 1
+    again = build("again")
+    assert again.latent_cache_stats.pairs_built == 0 and again.latent_cache_stats.undecodable_pairs == 1
+
+    (tmp_path / "jpg_1-2.png").write_bytes(load_from_disk(data)["jpg_1"][2])
+    white = encode_image(Image.new("RGB", (32, 32), "white"))
+    (tmp_path / "jpg_0-0.png").write_bytes(white)  # rewritten in place
+    os.utime(tmp_path / "jpg_0-0.png", ns=(1, 1))  # even with an old modification time (the size differs)
+    later = build("later")
+    stats = later.latent_cache_stats
+    assert stats.pairs_built == 2 and stats.undecodable_pairs == 0 and stats.key == first.latent_cache_stats.key
+    pixels = PreferencePairDataset(later.pairs, PairTransform(32, hflip=False), seed=0)
+    for i in range(4):
+        mean, _ = latent_moments(later.parts.vae, pixels[i]["pixel_values"])
+        torch.testing.assert_close(later.train_dataset[i]["latent_mean"], mean, rtol=1e-4, atol=1e-5)

@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -93,10 +94,10 @@ def test_two_processes_disjoint_data_identical_weights_and_resume(tmp_path, demo
         "training_metrics.json"]
     assert json.loads((full_out / "training_config.json").read_text())["num_processes"] == 2
 
-    # Interrupted after 2 updates, then resumed on 2 processes: same final weights, bit for bit.
+    # Interrupted after 2 updates (the uninterrupted run's checkpoint-2 alone, as a run killed after writing it
+    # leaves it), then resumed on 2 processes: same final weights, bit for bit.
     resumed_out = tmp_path / "resumed"
-    launch([script, tmp_path / "rec-a", *common_flags(model, data, resumed_out, max_train_steps=2,
-                                                      checkpointing_steps=2)], processes=2)
+    shutil.copytree(full_out / "checkpoint-2", resumed_out / "checkpoint-2")
     launch([script, tmp_path / "rec-b", *common_flags(model, data, resumed_out, max_train_steps=4,
                                                       checkpointing_steps=2, resume_from_checkpoint="latest")],
            processes=2)

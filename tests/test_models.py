@@ -1,5 +1,7 @@
 """Model helpers: SDXL micro-conditioning and the inversion's weight-dtype policy copy."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -165,3 +167,31 @@ def test_compiled_inversion_copy_matches_and_compiles_at_most_twice(tmp_path, de
     torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-5, atol=1e-6)
     for a, b in zip(results[True][1], results[False][1]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_variant_files_and_a_separate_vae_are_what_gets_loaded(tmp_path):
+    """--variant picks the variant's weight files (a folder holding only fp16-named files loads with it and not
+    without it); --pretrained_vae_model_name_or_path replaces the pipeline's VAE."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline
+
+    from smpo_diffusers.models import load_diffusion_parts
+    from smpo_diffusers.testing import save_tiny_pipeline
+
+    base = save_tiny_pipeline(str(tmp_path / "base"), kind="sd", seed=0)
+    StableDiffusionPipeline.from_pretrained(base).save_pretrained(str(tmp_path / "variant"), variant="ema")
+    config = SmPOConfig(pretrained_model_name_or_path=str(tmp_path / "variant"), variant="ema", report_to="none")
+    parts = load_diffusion_parts(config)
+    reference = StableDiffusionPipeline.from_pretrained(base)
+    for loaded, saved in ((parts.unet, reference.unet), (parts.vae, reference.vae),
+                          (parts.text_encoders[0], reference.text_encoder)):
+        assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), saved.state_dict().values()))
+    with pytest.raises((OSError, ValueError)):
+        load_diffusion_parts(SmPOConfig(pretrained_model_name_or_path=str(tmp_path / "variant"), report_to="none"))
+
+    other_vae = os.path.join(save_tiny_pipeline(str(tmp_path / "other"), kind="sd", seed=1), "vae")
+    parts = load_diffusion_parts(SmPOConfig(pretrained_model_name_or_path=base, report_to="none",
+                                            pretrained_vae_model_name_or_path=other_vae))
+    wanted = AutoencoderKL.from_pretrained(other_vae).state_dict()
+    assert all(torch.equal(parts.vae.state_dict()[name], value) for name, value in wanted.items())
+    assert not torch.equal(parts.vae.state_dict()["encoder.conv_in.weight"],
+                           reference.vae.state_dict()["encoder.conv_in.weight"])

@@ -756,6 +756,8 @@ def test_labeling_arguments_validate_and_parse():
     assert (args.batch_size, args.shard_size, args.preprocess_threads, args.fp16) == (16, 1000, 4, False)
     with pytest.raises(ValueError, match="--shard_size must be >= 1"):
         R.LabelingArguments(dataset_name="d", output_dir="o", shard_size=0)
+    with pytest.raises(ValueError, match="--ensemble_calibration_pairs calibrates an ensemble"):
+        R.LabelingArguments(dataset_name="d", output_dir="o", reward_model="clip", ensemble_calibration_pairs=64)
 
 
 def test_load_preference_dataset_detects_formats(tmp_path):

@@ -414,3 +414,57 @@ def test_scale_lr_multiplies_by_the_effective_batch_and_is_recorded(tmp_path, de
     trainer.train()
     saved = json.load(open(os.path.join(config.output_dir, "training_config.json")))
     assert saved["learning_rate"] == 1e-4 and saved["effective_learning_rate"] == pytest.approx(4e-4)
+
+
+def test_non_default_options_reach_the_components(tmp_path, demo_inputs):
+    """Options whose effect no other test observes: each must change what the trainer builds or computes."""
+    import math
+
+    from smpo_diffusers.losses import smpo_loss
+
+    model, data = demo_inputs["sd"]
+    config = make_config(tmp_path, model, data, rank=2, lora_alpha=6, lora_target_modules=["to_q", "to_k"],
+                         adam_beta1=0.8, adam_beta2=0.95, adam_epsilon=1e-6, adam_weight_decay=0.05,
+                         lr_scheduler="cosine_with_restarts", lr_warmup_steps=1, lr_num_cycles=2, max_train_steps=4,
+                         gamma=2.0, beta_dpo=500.0, max_grad_norm=0.5, gradient_checkpointing=True,
+                         random_crop=True, resolution=16, validation_prompts=["a red circle"], validation_steps=2,
+                         validation_num_inference_steps=2)
+    trainer = SmPOTrainer(config)
+    unet = trainer.unwrapped_unet
+    lora = unet.peft_config["default"]
+    assert (lora.r, lora.lora_alpha, set(lora.target_modules)) == (2, 6, {"to_q", "to_k"})
+    assert {name.split(".lora_")[0].rsplit(".", 1)[-1] for name, _ in unet.named_parameters() if "lora_" in name} == {
+        "to_q", "to_k"}
+    defaults = trainer.optimizer.optimizer.defaults
+    assert (defaults["betas"], defaults["eps"], defaults["weight_decay"]) == ((0.8, 0.95), 1e-6, 0.05)
+    assert unet.is_gradient_checkpointing
+    # cosine with 2 hard restarts after 1 warm-up update over 4 updates (diffusers' formula)
+    factor = trainer.lr_scheduler.scheduler.lr_lambdas[0]
+    expected = [0.0] + [0.5 * (1 + math.cos(math.pi * ((2 * (s - 1) / 3) % 1.0))) for s in range(1, 4)]
+    assert [factor(s) for s in range(4)] == pytest.approx(expected)
+    transform = trainer.train_dataset.transform  # (tests/test_data.py checks what a random crop draws)
+    assert (transform.random_crop, transform.hflip, transform.resolution) == (True, True, 16)
+    # gamma and beta_dpo reach the loss (adapters moved off zero, so policy and reference differ)
+    with torch.no_grad():
+        for name, parameter in unet.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.1, generator=torch.Generator().manual_seed(1))
+    batch = next(iter(trainer.train_dataloader))
+    step = trainer.compute_loss(batch, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(step.weight, 2.0 * (2 * batch["prob_w"] - 1))
+    expected_loss = smpo_loss(step.policy_err_w, step.policy_err_l, step.ref_err_w, step.ref_err_l, batch["prob_w"],
+                              500.0, 2.0).loss
+    torch.testing.assert_close(step.loss.detach(), expected_loss)
+    assert abs(step.loss.item() - math.log(2)) > 1e-4
+    # max_grad_norm reaches the clipping; validation renders every --validation_steps updates
+    clipped = []
+    real_clip = trainer.accelerator.clip_grad_norm_
+    trainer.accelerator.clip_grad_norm_ = lambda params, norm: clipped.append(norm) or real_clip(params, norm)
+    trainer.train()
+    assert clipped == [0.5] * 4
+    assert sorted(name for name in os.listdir(config.output_dir) if name.startswith("validation")) == [
+        "validation-step2.png", "validation.png"]  # step 4 is the last: the final image
+    # num_train_epochs sets the length when max_train_steps is not given (2 pairs per update)
+    epochs = SmPOTrainer(make_config(tmp_path, model, data, max_train_steps=None, num_train_epochs=3,
+                                     output_dir=str(tmp_path / "epochs")))
+    assert epochs.max_train_steps == 3 * math.ceil(len(epochs.train_dataset) / 2) == 21

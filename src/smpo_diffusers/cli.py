@@ -6,6 +6,7 @@ import logging
 import os
 import sys
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 from transformers import HfArgumentParser
 
@@ -33,6 +34,8 @@ class DemoArguments:
     def __post_init__(self):
         if self.demo_world not in ("toy", "tiny-random"):
             raise ValueError(f"--demo_world {self.demo_world!r} is not supported; choose 'toy' or 'tiny-random'.")
+        if self.demo_world != "toy" and not self.demo:
+            raise ValueError("--demo_world only applies with --demo; add --demo or drop it.")
 
 
 INPUT_ERRORS = (ValueError, OSError, ImportError, FloatingPointError)
@@ -46,10 +49,16 @@ def run_cli(main, *args, **kwargs):
     try:
         return main(*args, **kwargs)
     except INPUT_ERRORS as error:
-        if os.environ.get("SMPO_DEBUG"):
-            raise
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
+        exit_with_input_error(error)
+
+
+def exit_with_input_error(error: BaseException) -> NoReturn:
+    """Call inside ``except``: print ``error: <message>`` and exit with status 2 (argparse's status for bad
+    input), or re-raise ``error`` with its traceback when ``SMPO_DEBUG=1`` is set."""
+    if os.environ.get("SMPO_DEBUG"):
+        raise error
+    print(f"error: {error}", file=sys.stderr)
+    raise SystemExit(2) from None
 
 
 def parse_training_args(argv: list[str] | None = None) -> tuple[SmPOConfig, DemoArguments]:
@@ -126,7 +135,7 @@ def train_main(argv: list[str] | None = None, family: str = "sdxl") -> dict:
     missing = [flag for flag, value in (("--pretrained_model_name_or_path", config.pretrained_model_name_or_path),
                                         ("--dataset_name", config.dataset_name)) if value is None]
     if missing:
-        raise SystemExit(f"error: {' and '.join(missing)} required (or pass --demo for the embedded default).")
+        raise ValueError(f"{' and '.join(missing)} required (or pass --demo for the embedded default).")
     from .trainer import SmPOTrainer
 
     trainer = SmPOTrainer(config)

@@ -113,6 +113,8 @@ class SmPOConfig:
     )
     lr_scheduler: str = field(default="constant", metadata=_help("diffusers.optimization schedule name."))
     lr_warmup_steps: int = field(default=0, metadata=_help("Warm-up updates."))
+    lr_num_cycles: int = field(default=1, metadata=_help("Hard restarts of --lr_scheduler cosine_with_restarts."))
+    lr_power: float = field(default=1.0, metadata=_help("Power factor of --lr_scheduler polynomial."))
     use_8bit_adam: bool = field(default=False, metadata=_help("bitsandbytes AdamW8bit (CUDA only)."))
     use_adafactor: bool = field(default=False, metadata=_help("transformers Adafactor (the reference SDXL choice)."))
     adam_beta1: float = field(default=0.9, metadata=_help("Adam beta1."))
@@ -241,8 +243,28 @@ class SmPOConfig:
                 f"--num_renoise_steps must be >= 0 (0 = plain DDIM inversion), got {self.num_renoise_steps}.")
         if not 0.0 <= self.proportion_empty_prompts <= 1.0:
             raise ValueError(f"--proportion_empty_prompts must be in [0, 1], got {self.proportion_empty_prompts}.")
-        if self.max_grad_norm < 0 or self.lr_warmup_steps < 0 or self.dataloader_num_workers < 0:
-            raise ValueError("--max_grad_norm, --lr_warmup_steps and --dataloader_num_workers must be >= 0.")
+        if not math.isfinite(self.max_grad_norm) or self.max_grad_norm < 0:
+            raise ValueError(f"--max_grad_norm must be a finite number >= 0 (0 disables clipping), got "
+                             f"{self.max_grad_norm}.")
+        if self.lr_warmup_steps < 0 or self.dataloader_num_workers < 0:
+            raise ValueError("--lr_warmup_steps and --dataloader_num_workers must be >= 0.")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"--{name} must be in [0, 1), got {getattr(self, name)}.")
+        for name in ("adam_epsilon", "adam_weight_decay"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"--{name} must be a finite number >= 0, got {value}.")
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"--seed must be in [0, 2**32), got {self.seed}.")
+        if self.lr_num_cycles < 1:
+            raise ValueError(f"--lr_num_cycles must be >= 1, got {self.lr_num_cycles}.")
+        if not (math.isfinite(self.lr_power) and self.lr_power > 0):
+            raise ValueError(f"--lr_power must be a positive number, got {self.lr_power}.")
+        if self._changed("lr_num_cycles") and self.lr_scheduler != "cosine_with_restarts":
+            raise ValueError("--lr_num_cycles only applies to --lr_scheduler cosine_with_restarts; drop it.")
+        if self._changed("lr_power") and self.lr_scheduler != "polynomial":
+            raise ValueError("--lr_power only applies to --lr_scheduler polynomial; drop it.")
         if self.resolution is not None and self.resolution < 8:
             raise ValueError(f"--resolution must be at least 8 pixels, got {self.resolution}; use e.g. 512 or 1024.")
         if self.reward_columns is not None and (
@@ -298,6 +320,9 @@ class SmPOConfig:
                              "applies to it).")
         if self.validation_steps is not None and not self.validation_prompts:
             raise ValueError("--validation_steps needs --validation_prompts.")
+        if self._changed("validation_num_inference_steps") and not self.validation_prompts:
+            raise ValueError("--validation_num_inference_steps needs --validation_prompts (nothing is rendered "
+                             "without them).")
         if self.save_full_pipeline and self.train_method != "full":
             raise ValueError(
                 "--save_full_pipeline applies to --train_method full; LoRA runs save adapter weights that "
@@ -306,6 +331,9 @@ class SmPOConfig:
         if (self.hub_model_id is not None or self.hub_private) and not self.push_to_hub:
             raise ValueError(
                 "--hub_model_id/--hub_private only apply with --push_to_hub; add --push_to_hub or drop them.")
+        if self._changed("logging_dir") and self.report_to == "none":
+            raise ValueError("--logging_dir is the trackers' folder; --report_to none writes no tracker logs. Drop "
+                             "it or pick a tracker.")
         if self.resume_from_checkpoint not in (None, "latest") and not os.path.isdir(self.resume_from_checkpoint):
             raise ValueError(
                 f"--resume_from_checkpoint {self.resume_from_checkpoint!r} is not a folder; pass 'latest' or the "

@@ -186,7 +186,13 @@ def load_pipeline(base_model: str, aligned_model: str | None = None, *, device: 
 def read_prompts(source: str, column: str = "caption", split: str = "train", limit: int | None = None) -> list[str]:
     """Prompts from a built-in set (:data:`BUILTIN_PROMPT_SETS`), a text file (one prompt a line, blank lines
     skipped), or a dataset's ``column`` (a ``save_to_disk`` folder, or a parquet/json/csv file); unique prompts
-    keep their first-seen order. ``limit`` keeps the first ``limit``."""
+    keep their first-seen order. ``limit`` keeps the first ``limit``. ``column`` and ``split`` apply to datasets
+    only: other values than the defaults with a built-in set or a text file are an error."""
+    if limit is not None and limit < 1:
+        raise ValueError(f"--max_prompts must be >= 1 when given, got {limit}.")
+    if (column != "caption" or split != "train") and (source in BUILTIN_PROMPT_SETS or source.endswith(".txt")):
+        raise ValueError(f"--prompt_column/--prompt_split select from a dataset; {source!r} is a "
+                         f"{'built-in set' if source in BUILTIN_PROMPT_SETS else 'text file'}. Drop them.")
     if source in BUILTIN_PROMPT_SETS:
         from .toy import toy_caption_split, toy_captions
 
@@ -198,7 +204,10 @@ def read_prompts(source: str, column: str = "caption", split: str = "train", lim
     elif os.path.exists(source):
         from .rewards import load_preference_dataset
 
-        dataset = load_preference_dataset(source, split)
+        try:
+            dataset = load_preference_dataset(source, split)
+        except ValueError as error:  # the loader names the training flag; this one is evaluate's
+            raise ValueError(str(error).replace("--dataset_split_name", "--prompt_split")) from error
         if column not in dataset.column_names:
             raise ValueError(
                 f"{source!r} has no column {column!r} (columns: {dataset.column_names}); pass --prompt_column.")
@@ -316,16 +325,25 @@ def format_results_table(results: dict) -> str:
 def evaluate(base_model: str, aligned_model: str, prompts: Sequence[str], *, output_dir: str,
              reward_names: Sequence[str] = ("toy",), seeds_per_prompt: int = 1, seed: int = 0,
              num_inference_steps: int = 20, guidance_scale: float = 3.0, resolution: int | None = None,
-             batch_size: int = 64, device: str | torch.device = "cpu", progress: bool = True,
-             model_names: tuple[str, str] = ("base", "aligned"), grid_columns: int = 16) -> dict:
+             batch_size: int = 64, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+             progress: bool = True, model_names: tuple[str, str] = ("base", "aligned"),
+             grid_columns: int = 16) -> dict:
     """Render ``prompts`` with the base and the aligned model from the same seeds, score, compare, write files.
 
     Sample ``j`` of prompt ``i`` uses seed ``seed + j * len(prompts) + i``. ``aligned_model`` is anything
-    :func:`load_pipeline` accepts. Writes ``results.json``, ``results.md`` and ``grid.png`` in ``output_dir``
+    :func:`load_pipeline` accepts; both pipelines are loaded in ``dtype`` (rewards score the decoded images, so
+    they do not depend on it). Writes ``results.json``, ``results.md`` and ``grid.png`` in ``output_dir``
     and returns the results dict (``rewards[name]`` as in :func:`compare_scores`, plus ``scores``)."""
     prompts = list(prompts)
     if not prompts:
         raise ValueError("evaluate needs at least one prompt.")
+    for name, value in (("num_inference_steps", num_inference_steps), ("batch_size", batch_size)):
+        if value < 1:
+            raise ValueError(f"--{name} must be >= 1, got {value}.")
+    if resolution is not None and resolution < 8:
+        raise ValueError(f"--resolution must be at least 8 pixels, got {resolution}.")
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA GPU is visible to torch here; use --device cpu.")
     if seeds_per_prompt < 1:
         raise ValueError(f"seeds_per_prompt must be >= 1, got {seeds_per_prompt}.")
     aligned_layout(aligned_model)  # a wrong path fails now, not after the base images are rendered
@@ -335,10 +353,10 @@ def evaluate(base_model: str, aligned_model: str, prompts: Sequence[str], *, out
     reward_models = resolve_reward_models(reward_names, device=device)
     common = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, height=resolution,
                   width=resolution, batch_size=batch_size, progress=progress)
-    base_images = generate_images(load_pipeline(base_model, device=device), all_prompts, seeds,
+    base_images = generate_images(load_pipeline(base_model, device=device, dtype=dtype), all_prompts, seeds,
                                   desc=f"{model_names[0]} images", **common)
-    aligned_images = generate_images(load_pipeline(base_model, aligned_model, device=device), all_prompts, seeds,
-                                     desc=f"{model_names[1]} images", **common)
+    aligned_images = generate_images(load_pipeline(base_model, aligned_model, device=device, dtype=dtype),
+                                     all_prompts, seeds, desc=f"{model_names[1]} images", **common)
     base_scores = score_images(reward_models, base_images, all_prompts)
     aligned_scores = score_images(reward_models, aligned_images, all_prompts)
     results = {
@@ -346,6 +364,7 @@ def evaluate(base_model: str, aligned_model: str, prompts: Sequence[str], *, out
         "models": {"base": model_names[0], "aligned": model_names[1]},
         "num_prompts": len(prompts), "seeds_per_prompt": seeds_per_prompt, "num_samples": len(all_prompts),
         "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, "seed": seed,
+        "dtype": str(dtype).removeprefix("torch."),
         "interval": "95% Wilson score interval; ties count half a win",
         "pixel_drift": image_drift(base_images, aligned_images),
         "rewards": {name: compare_scores(base_scores[name], aligned_scores[name]) for name in base_scores},

@@ -30,7 +30,6 @@ import os
 import re
 import shlex
 import shutil
-import sys
 import tempfile
 from typing import Any, Iterator
 
@@ -703,8 +702,10 @@ def push_to_hub(output_dir: str, repo_id: str | None = None, *, private: bool | 
         output_dir: a finished training output folder.
         repo_id: ``name`` or ``namespace/name``; default :func:`resolve_repo_id` (the config's
             ``hub_model_id``, else the folder name). A bare name lands in the token owner's namespace.
-        private: create the repository private (an existing repository keeps its visibility); default:
-            the run's ``hub_private`` from ``training_config.json`` (False when absent).
+        private: create the repository private; default: the run's ``hub_private`` from
+            ``training_config.json`` (False when absent). An existing repository keeps its visibility, so
+            ``private=True`` onto an existing *public* repository raises ``ValueError`` before anything is
+            uploaded (make it private on the Hub first, or push elsewhere).
         token: Hub token; default ``HF_TOKEN``, else the saved login (see :func:`check_hub_credentials`).
         commit_message: the commit's summary line.
         create_card: (re)write ``README.md`` with :func:`create_model_card` once the repository exists (so
@@ -737,6 +738,14 @@ def push_to_hub(output_dir: str, repo_id: str | None = None, *, private: bool | 
         repo_url = api.create_repo(repo_id, private=private, exist_ok=True, token=token)
     # A bare name is created in the token owner's namespace: the card's snippet needs the full id.
     target = getattr(repo_url, "repo_id", None) or repo_id
+    if private:
+        with _upload_errors(output_dir, repo_id, private, token):
+            visibility = api.model_info(target, token=token).private
+        if visibility is False:
+            raise ValueError(
+                f"{target} already exists and is public, so a private push would publish the weights. Make it "
+                f"private first (its Settings page, or huggingface_hub.update_repo_settings({target!r}, "
+                "private=True)), or push to another repository; nothing was uploaded.")
     if create_card:
         create_model_card(output_dir, repo_id=target, reward_model=reward_model, license=license)
     files = _files_to_upload(output_dir, patterns)
@@ -776,8 +785,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("output_dir", help="The --output_dir of a finished training run.")
     parser.add_argument("--hub_model_id", default=None,
                         help="'name' or 'namespace/name' (default: hub_model_id of the run, else the folder name).")
-    parser.add_argument("--private", action="store_true", default=None,
-                        help="Create the repository private (default: the run's --hub_private).")
+    parser.add_argument("--private", action=argparse.BooleanOptionalAction, default=None,
+                        help="Create the repository private, or (--no-private) public (default: the run's "
+                             "--hub_private).")
     parser.add_argument("--commit_message", default="Upload SmPO-aligned weights", help="Commit summary.")
     parser.add_argument("--reward_model", default=None,
                         help="Reward model name for the card (default: the local dataset's reward_stats.json).")
@@ -789,14 +799,19 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def push_main(argv: list[str] | None = None) -> str:
-    """Entry point of ``examples/push_to_hub.py``; prints and returns the commit URL. Errors exit with status 1."""
-    args = _parser().parse_args(argv)
+    """Entry point of ``examples/push_to_hub.py``; prints and returns the commit URL. Errors print
+    ``error: <message>`` and exit with status 2, like the other example scripts (``SMPO_DEBUG=1``: traceback)."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.no_model_card and (args.reward_model is not None or args.license is not None):
+        parser.error("--reward_model/--license fill in the model card; --no_model_card writes none. Drop one.")
     try:
         url = push_to_hub(args.output_dir, args.hub_model_id, private=args.private,
                           commit_message=args.commit_message, create_card=not args.no_model_card,
                           reward_model=args.reward_model, license=args.license)
     except (HubAuthenticationError, HubUploadError, FileNotFoundError, FileExistsError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(1) from None
+        from .cli import exit_with_input_error
+
+        exit_with_input_error(error)
     print(url)
     return url

@@ -25,7 +25,11 @@ Under several processes each rank builds a disjoint share of the missing entries
 
 Pair entries are keyed by the row in the raw dataset (``source_row``). When the two images have the same size
 the entry does not depend on which one won (``<row>/any``, image order); otherwise the transform resizes the
-loser to the winner's size and the entry is stored winner first under ``<row>/w<winner>``.
+loser to the winner's size and the entry is stored winner first under ``<row>/w<winner>``. An image cell that
+holds only a file path (``datasets.Image`` storage without bytes) is not covered by the dataset's fingerprint,
+so such a pair's key also carries a hash of its files' paths, sizes and modification times
+(``<row>-<hash>``, :func:`pair_entry_bases`): a file that is rewritten, or that was missing and is back, gets a
+new entry instead of a stale one (or a stale "undecodable" mark).
 """
 
 from __future__ import annotations
@@ -105,6 +109,42 @@ def cache_key(settings: dict) -> str:
 
 def caption_key(caption: str) -> str:
     return hashlib.sha256(caption.encode("utf-8")).hexdigest()[:32]
+
+
+def pair_entry_bases(pairs) -> list[str]:
+    """Per prepared pair, the stem of its cache entry keys: ``"<source_row>"`` when both image cells hold their
+    bytes, else ``"<source_row>-<hash>"`` with a hash of ``(path, size, mtime_ns)`` of each cell read from a
+    file (``missing`` for a file that cannot be stat'ed). Reads the cells' storage with pyarrow (no image bytes
+    are copied); costs one ``stat`` per path-only cell."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    rows = np.asarray(pairs["source_row"], dtype=np.int64)
+    files: list[list[str]] = [[] for _ in rows]
+    table = pairs.select_columns(["jpg_0", "jpg_1"]).with_format("arrow")[:]
+    for name in ("jpg_0", "jpg_1"):
+        column = table.column(name)
+        if not (pa.types.is_struct(column.type) and column.type.get_field_index("path") >= 0
+                and column.type.get_field_index("bytes") >= 0):
+            continue  # raw bytes: the fingerprint covers them
+        path_only = pc.and_(pc.is_null(pc.struct_field(column, "bytes")),
+                            pc.is_valid(pc.struct_field(column, "path")))
+        positions = np.flatnonzero(path_only.to_numpy(zero_copy_only=False))
+        if not len(positions):
+            continue
+        paths = pc.struct_field(column, "path").take(pa.array(positions)).to_pylist()
+        for position, path in zip(positions, paths):
+            files[position].append(f"{name}|{path}|{_file_stamp(path)}")
+    return [str(row) if not stamp else f"{row}-{hashlib.sha256(chr(0).join(stamp).encode()).hexdigest()[:16]}"
+            for row, stamp in zip(rows.tolist(), files)]
+
+
+def _file_stamp(path: str) -> str:
+    try:
+        status = os.stat(path)
+    except OSError:
+        return "missing"
+    return f"{status.st_size}:{status.st_mtime_ns}"
 
 
 def _caption_text(caption) -> str:
@@ -199,11 +239,12 @@ class LatentCache:
                 _atomic_write_text(settings_path, json.dumps(self.settings, indent=2, sort_keys=True, default=str))
         _barrier(accelerator)
 
-        rows = np.asarray(pairs["source_row"], dtype=np.int64)
-        winners = np.asarray(pairs["winner_index"], dtype=np.int64)
+        rows = np.asarray(pairs["source_row"], dtype=np.int64).tolist()
+        winners = np.asarray(pairs["winner_index"], dtype=np.int64).tolist()
+        bases = pair_entry_bases(pairs)
         have, _ = self.index("pairs-")
-        missing = sorted({(int(r), int(w)) for r, w in zip(rows, winners)
-                          if f"{r}/any" not in have and f"{r}/w{w}" not in have})
+        missing = sorted({(base, row, winner) for base, row, winner in zip(bases, rows, winners)
+                          if f"{base}/any" not in have and f"{base}/w{winner}" not in have})
         captions = {""} | {_caption_text(c) for c in pairs["caption"]}
         have_prompts, _ = self.index("prompts-")
         missing_prompts = sorted(c for c in captions if caption_key(c) not in have_prompts)
@@ -213,7 +254,7 @@ class LatentCache:
         self._build_prompts(missing_prompts[rank::world], parts, weight_dtype, batch_size)
         _barrier(accelerator)
         _, bad = self.index("pairs-")
-        undecodable = sum(f"{row}/any" in bad for row in set(rows.tolist()))  # whoever built them
+        undecodable = sum(f"{base}/any" in bad for base in set(bases))  # whoever built them
         if missing or missing_prompts:
             logger.info("latent cache %s: built %d pair and %d prompt entries (%d undecodable pairs)", self.path,
                         len(missing), len(missing_prompts), undecodable)
@@ -223,13 +264,15 @@ class LatentCache:
             logger.info("latent cache root %s also holds %d folders built for other settings (%.2f GB; each "
                         "settings.json says what for); delete those no run needs", os.path.dirname(self.path),
                         len(others), other_bytes / 1e9)
-        return CacheBuildStats(path=self.path, key=self.key, pairs_needed=len(set(zip(rows, winners))),
+        return CacheBuildStats(path=self.path, key=self.key, pairs_needed=len(set(zip(bases, winners))),
                                pairs_built=len(missing), prompts_needed=len(captions),
                                prompts_built=len(missing_prompts), undecodable_pairs=undecodable,
                                seconds=time.perf_counter() - start, other_entries=len(others),
                                other_entries_bytes=other_bytes)
 
-    def _build_pairs(self, pairs, todo: list[tuple[int, int]], parts, resolution: int, batch_size: int) -> None:
+    def _build_pairs(self, pairs, todo: list[tuple[str, int, int]], parts, resolution: int,
+                     batch_size: int) -> None:
+        """Encode the ``(entry base, source row, winner)`` pairs of ``todo`` into new shards."""
         if not todo:
             return
         from .models import latent_moments
@@ -242,17 +285,17 @@ class LatentCache:
             chunk = todo[shard_start:shard_start + PAIRS_PER_SHARD]
             for batch_start in range(0, len(chunk), batch_size):
                 decoded = []
-                for row, winner in chunk[batch_start:batch_start + batch_size]:
+                for base, row, winner in chunk[batch_start:batch_start + batch_size]:
                     cells = images[position[row]].to_pylist()[0]
                     img_0, img_1 = decode_image(cells["jpg_0"]), decode_image(cells["jpg_1"])
                     if img_0 is None or img_1 is None:
-                        tensors[f"{row}/any.undecodable"] = torch.ones(1, dtype=torch.int8)
+                        tensors[f"{base}/any.undecodable"] = torch.ones(1, dtype=torch.int8)
                         continue
                     if img_0.size == img_1.size:  # order-free: store in image order
-                        key, sample = f"{row}/any", transform(img_0, img_1, rng=None)
+                        key, sample = f"{base}/any", transform(img_0, img_1, rng=None)
                     else:  # the loser takes the winner's size: store winner first
                         lead = (img_0, img_1) if winner == 0 else (img_1, img_0)
-                        key, sample = f"{row}/w{winner}", transform(*lead, rng=None)
+                        key, sample = f"{base}/w{winner}", transform(*lead, rng=None)
                     decoded.append((key, sample))
                 if not decoded:
                     continue
@@ -335,12 +378,13 @@ class CacheReader:
             self._handles.move_to_end(shard)
         return handle.get_tensor(f"{key}.{name}")
 
-    def pair_entry(self, row: int, winner: int) -> tuple[str, bool] | None:
-        """``(entry key, winner_first)`` for a pair, or None when the cache lacks it."""
-        if f"{row}/w{winner}" in self.pair_index:
-            return f"{row}/w{winner}", True
-        if f"{row}/any" in self.pair_index:
-            return f"{row}/any", False
+    def pair_entry(self, base: str, winner: int) -> tuple[str, bool] | None:
+        """``(entry key, winner_first)`` for a pair whose entry stem is ``base`` (:func:`pair_entry_bases`), or
+        None when the cache lacks it."""
+        if f"{base}/w{winner}" in self.pair_index:
+            return f"{base}/w{winner}", True
+        if f"{base}/any" in self.pair_index:
+            return f"{base}/any", False
         return None
 
     def is_undecodable(self, key: str) -> bool:
@@ -369,14 +413,14 @@ class CachedPairDataset(EpochIndexedDataset):
 
     def __init__(self, pairs, reader: CacheReader, *, seed: int, proportion_empty_prompts: float = 0.0,
                  hflip: bool = True, is_sdxl: bool = False):
-        self.rows = np.asarray(pairs["source_row"], dtype=np.int64)
+        self.bases = pair_entry_bases(pairs)
         self.winners = np.asarray(pairs["winner_index"], dtype=np.int64)
         self.prob_w = np.asarray(pairs["prob_w"], dtype=np.float32)
         self.captions = list(pairs["caption"])
         self.reader = reader
         self.seed, self.hflip, self.is_sdxl = int(seed), bool(hflip), bool(is_sdxl)
         self.proportion_empty_prompts = float(proportion_empty_prompts)
-        missing = [int(r) for r, w in zip(self.rows, self.winners) if reader.pair_entry(int(r), int(w)) is None]
+        missing = [b for b, w in zip(self.bases, self.winners) if reader.pair_entry(b, int(w)) is None]
         missing_prompts = [c for c in {""} | {_caption_text(c) for c in self.captions} if not reader.has_prompt(c)]
         if missing or missing_prompts:
             raise RuntimeError(f"the latent cache lacks {len(missing)} pair and {len(missing_prompts)} prompt "
@@ -384,15 +428,15 @@ class CachedPairDataset(EpochIndexedDataset):
                                "--latent_cache_dir must be on a filesystem that all of them share.")
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.bases)
 
     def __getitem__(self, i: int) -> dict | None:
         index = self._checked_index(i)
         rng = np.random.default_rng([self.seed, self.epoch, index])
         empty_prompt = bool(rng.random() < self.proportion_empty_prompts)
         flipped = bool(self.hflip and rng.random() < 0.5)  # PairTransform's draw (centre crop: no crop draws)
-        row, winner = int(self.rows[index]), int(self.winners[index])
-        key, winner_first = self.reader.pair_entry(row, winner)
+        winner = int(self.winners[index])
+        key, winner_first = self.reader.pair_entry(self.bases[index], winner)
         if self.reader.is_undecodable(key):
             return None
         order = [0, 1] if winner_first or winner == 0 else [1, 0]
@@ -459,5 +503,6 @@ __all__ = [
     "caption_key",
     "module_fingerprint",
     "other_cache_entries",
+    "pair_entry_bases",
     "tokenizer_fingerprint",
 ]

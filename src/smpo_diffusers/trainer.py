@@ -171,7 +171,7 @@ def make_optimizer(config: SmPOConfig, params, lr: float):
                          weight_decay=config.adam_weight_decay)
     params = list(params)
     # On CUDA the fused kernel (all tensors in a few launches) instead of the default multi-tensor path:
-    # benchmarks/results/gpu_sdxl_step.md times the optimisers on an SDXL UNet.
+    # benchmarks/results/gpu_sdxl_step_h200.md times the optimisers on an SDXL UNet.
     fused = bool(params) and all(isinstance(p, torch.Tensor) and p.is_cuda for p in params)
     return torch.optim.AdamW(params, lr=lr, betas=(config.adam_beta1, config.adam_beta2),
                              weight_decay=config.adam_weight_decay, eps=config.adam_epsilon, fused=fused or None)
@@ -198,6 +198,8 @@ class SmPOTrainer:
             from .hub import check_hub_credentials
 
             check_hub_credentials(repo_id=config.hub_model_id)
+        if accelerator is not None:
+            self._check_given_accelerator(accelerator)
         self.accelerator = accelerator or self._make_accelerator()
         self.skipped = {"nonfinite_updates": 0, "fp16_overflow_updates": 0, "empty_updates": 0,
                         "undecodable_pairs": 0, "empty_batches": 0}
@@ -226,6 +228,10 @@ class SmPOTrainer:
         set_seed(config.seed)  # LoRA initialisation and anything else drawing from the global RNGs
         self.parts = load_diffusion_parts(config, pipeline_components)
         config.resolve_model_defaults(self.parts.is_sdxl)
+        levels = self.parts.scheduler.config.num_train_timesteps
+        if config.num_inversion_steps is not None and config.num_inversion_steps > levels:
+            raise ValueError(f"--num_inversion_steps {config.num_inversion_steps} exceeds the model's {levels} "
+                             f"noise levels; use at most {levels} (10 for SDXL and 5 for SD are the defaults).")
         factor = self.parts.vae_scale_factor
         if config.resolution % factor:
             raise ValueError(
@@ -252,6 +258,19 @@ class SmPOTrainer:
             os.remove(probe)
         except OSError as error:
             raise OSError(f"--output_dir {out!r} is not writable ({error}); choose a writable folder.") from error
+
+    def _check_given_accelerator(self, accelerator: Accelerator) -> None:
+        """An ``Accelerator`` passed in carries its own accumulation and precision; the config must agree, since
+        the step count, ``--scale_lr`` and the saved records read them from the config."""
+        config = self.config
+        if accelerator.gradient_accumulation_steps != config.gradient_accumulation_steps:
+            raise ValueError(
+                f"the given Accelerator accumulates {accelerator.gradient_accumulation_steps} micro-batches but "
+                f"gradient_accumulation_steps is {config.gradient_accumulation_steps}; make them equal.")
+        if config.mixed_precision is not None and config.mixed_precision != accelerator.mixed_precision:
+            raise ValueError(
+                f"the given Accelerator runs mixed_precision={accelerator.mixed_precision!r} but the config says "
+                f"{config.mixed_precision!r}; make them equal (or leave the config's None).")
 
     def _make_accelerator(self) -> Accelerator:
         config = self.config
@@ -314,6 +333,8 @@ class SmPOTrainer:
             accelerator.mixed_precision, torch.float32)
         if config.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
+        elif config.allow_tf32:
+            logger.warning("--allow_tf32 has no effect without a CUDA GPU (TF32 is an Ampere+ matmul mode).")
         device = accelerator.device
         # The SDXL VAE overflows in fp16; keep it fp32 unless a separate (fp16-safe) VAE is given.
         fp16_unsafe_vae = parts.is_sdxl and not config.pretrained_vae_model_name_or_path
@@ -406,6 +427,7 @@ class SmPOTrainer:
             config.lr_scheduler, optimizer=self.optimizer,
             num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
             num_training_steps=self.max_train_steps * accelerator.num_processes,
+            num_cycles=config.lr_num_cycles, power=config.lr_power,
         )
         self.unet, self.optimizer, self.train_dataloader, self.lr_scheduler = accelerator.prepare(
             self.unet, self.optimizer, self.train_dataloader, self.lr_scheduler
@@ -592,7 +614,8 @@ class SmPOTrainer:
                 accelerator.log(logs, step=global_step)
                 if global_step % config.checkpointing_steps == 0:
                     self.save_checkpoint(global_step, epoch, batch_index + 1)
-                if config.validation_steps and global_step % config.validation_steps == 0:
+                if (config.validation_steps and global_step % config.validation_steps == 0
+                        and global_step < self.max_train_steps):  # the last update gets the final rendering
                     self.log_validation(global_step)
                 if global_step >= self.max_train_steps:
                     done = True

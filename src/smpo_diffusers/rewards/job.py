@@ -101,6 +101,10 @@ class LabelingArguments:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}.")
         if self.max_samples is not None and self.max_samples < 1:
             raise ValueError(f"--max_samples must be >= 1, got {self.max_samples}.")
+        default_pairs = type(self).__dataclass_fields__["ensemble_calibration_pairs"].default
+        if self.ensemble_calibration_pairs != default_pairs and "," not in self.reward_model:
+            raise ValueError("--ensemble_calibration_pairs calibrates an ensemble (--reward_model a,b,...); one "
+                             f"reward model ({self.reward_model!r}) needs no calibration. Drop it.")
 
 
 def _prepare_source(dataset, max_samples: int | None):

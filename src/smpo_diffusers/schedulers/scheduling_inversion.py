@@ -231,7 +231,7 @@ class InversionScheduler(DDIMInverseScheduler):
 
         * ``exact``: sample ``i`` takes ``n_i = ceil(N (t_i + 1) / T)`` evenly spaced steps ending exactly
           at ``t_i`` (level ``j`` of ``n_i`` is ``floor(j (t_i + 1) / n_i) - 1``); every step spans at most
-          ``T / N`` levels and the mean of ``n_i`` over uniform ``t`` is ``(N + 1) / 2`` when ``N`` divides ``T``.
+          ``ceil(T / N)`` levels and the mean of ``n_i`` over uniform ``t`` is ``(N + 1) / 2`` when ``N`` divides ``T``.
         * ``reference``: the parent's ``set_timesteps(N)`` grid, truncated to levels strictly below ``t_i``.
 
         Returns ``(levels, num_steps)`` on the CPU: ``levels`` ``(B, max_steps)`` long, padded with ``-1``.
