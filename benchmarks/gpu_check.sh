@@ -44,7 +44,7 @@ EOF
 # once crashed (SIGSEGV) in accelerate's os.environ update racing a native thread left by an earlier test.
 parallel=()
 if python3 -c "import xdist" 2>/dev/null; then parallel=(-n auto); fi  # 16 CPUs there: one test per process
-timeout 200 python3 -m pytest -m cuda tests/test_cuda.py "${parallel[@]}" -q -rs -p no:cacheprovider 2>&1 \
+timeout 150 python3 -m pytest -m cuda tests/test_cuda.py "${parallel[@]}" -q -rs -p no:cacheprovider 2>&1 \
     | tee "$out/cuda_tests.log"
 tests_status=${PIPESTATUS[0]}
 

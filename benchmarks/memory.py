@@ -104,13 +104,15 @@ def compute_real(families: list[str], rank: int) -> list[dict]:
     for family in families:
         parts = real_model_parts_on_meta(family)
         one_unet = sum(p.numel() for p in parts["unet"].parameters()) * 2  # in the 2-byte weight dtype
-        for method in ("lora", "full"):
+        # the two methods with every optimiser, then with --inversion_weight_copy (AdamW, as the speed runs use it)
+        every = list(OPTIMIZER_FLAGS)
+        for method, optimizers, copy in (("lora", every, False), ("full", every, False), ("lora", ["adamw"], True),
+                                         ("full", ["adamw"], True)):
             estimates = estimate_training_bytes(parts["unet"], parts["vae"], parts["text_encoders"],
-                                                is_sdxl=parts["is_sdxl"], train_method=method,
-                                                optimizers=list(OPTIMIZER_FLAGS), weight_dtype=torch.bfloat16,
-                                                rank=rank)
+                                                is_sdxl=parts["is_sdxl"], train_method=method, optimizers=optimizers,
+                                                weight_dtype=torch.bfloat16, rank=rank, inversion_copy=copy)
             for optimizer, estimate in estimates.items():
-                rows.append({"family": family, "method": method, "optimizer": optimizer,
+                rows.append({"family": family, "method": method + (" +copy" if copy else ""), "optimizer": optimizer,
                              "computed": estimate.by_category,
                              "unet_parameters": estimate.unet_parameters,
                              "trainable_parameters": estimate.trainable_parameters, "one_unet": one_unet})
@@ -133,7 +135,8 @@ def command_line() -> str:
 
 def render(tiny: list[dict], real: list[dict], elapsed: float, rank: int) -> str:
     short = {"policy_trainable": "policy trainable", "policy_frozen": "policy frozen", "gradients": "grads",
-             "optimizer_state": "optimiser", "reference_copy": "reference copy", "vae": "VAE",
+             "optimizer_state": "optimiser", "reference_copy": "reference copy", "inversion_copy": "inversion copy",
+             "vae": "VAE",
              "text_encoders": "text encoders"}
     lines = [
         "# Resident memory of parameters, gradients and optimiser state",
@@ -176,7 +179,8 @@ def render(tiny: list[dict], real: list[dict], elapsed: float, rank: int) -> str
         "computed (bitsandbytes block-wise layout: 256-element blocks, fp32 state for tensors under 4096 elements). "
         "`UNet weights ratio` = resident UNet parameter bytes (policy, adapters, reference copy) / (one UNet in the "
         f"weight dtype + adapters): LoRA must stay <= {LORA_BOUND}; full holds an fp32 policy and a 2-byte reference "
-        "(ratio 3).",
+        "(ratio 3). `+copy` rows add `--inversion_weight_copy`: one more UNet in the weight dtype (its own column, "
+        "not in the ratio), an opt-in trade of memory for inversion speed that doubles LoRA's UNet weights.",
         "",
         "| model | UNet params | method | trainable params | optimiser | "
         + " | ".join(short[c] for c in RESIDENT_CATEGORIES) + " | total GB | x UNet | UNet weights ratio |",
@@ -184,7 +188,7 @@ def render(tiny: list[dict], real: list[dict], elapsed: float, rank: int) -> str
     ] if real else []
     for r in real:
         c = r["computed"]
-        adapters = c["policy_trainable"] if r["method"] == "lora" else 0
+        adapters = c["policy_trainable"] if r["method"].startswith("lora") else 0
         unet_ratio = f"{unet_resident(c) / (r['one_unet'] + adapters):.3f}"
         lines.append(f"| {r['family']} | {r['unet_parameters']:,} | {r['method']} | {r['trainable_parameters']:,} | "
                      f"{r['optimizer']} | " + " | ".join(f"{c[k] / GB:.2f}" for k in RESIDENT_CATEGORIES)

@@ -33,7 +33,7 @@ same group::
 The predicted SmPO/DPO ratio uses each step's hook counts; the measured ratio uses the mean step times over the
 same steps. A naive FLOP-only model (c_fb = 3 c_f, no overhead) is printed for comparison.
 
-    OMP_NUM_THREADS=2 PYTHONPATH=src python benchmarks/step_cost.py
+    OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/step_cost.py
 """
 
 from __future__ import annotations
@@ -280,10 +280,11 @@ def render(rows: list[dict], args, elapsed: float) -> str:
         "on a shared machine). "
         "Naive = FLOP-only model with c_fb = 3 c_f and no overhead.",
         "",
-        "Known bias of the model: in LoRA mode `c_f` is calibrated on the reference forward, which runs the policy "
-        "with its adapters disabled, while inversion runs it with adapters enabled. On the tiny UNet that costs "
-        "about +35% per forward at 8x8 latents (32 px; per-call overhead dominates) and +8% at 32x32 (128 px), so "
-        "the model under-predicts LoRA SmPO time, most at 32 px.",
+        "Known limit of the model: `c_f` is calibrated on the reference forward (batch 2B, LoRA: adapters "
+        "disabled), while the inversion's calls have other batch sizes (the samples still inverting) and, with "
+        "LoRA, adapters enabled; per-call overhead makes the tiny UNet's cost per sample-evaluation depend on both, "
+        "so the inversion's ms per evaluation (its stage time / its hook count) can differ from `c_f` by 10-20% "
+        "either way.",
         "",
         "## Evaluations per pair",
         "",

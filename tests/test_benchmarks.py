@@ -166,12 +166,14 @@ def test_eight_bit_adam_state_is_computed_from_shapes():
         optimizer_state_bytes([big], "sgd")
 
 
-@pytest.mark.parametrize("method,optimizer", [("lora", "adamw"), ("full", "adafactor")])
-def test_tiny_trainer_bytes_are_measured_exactly_and_lora_keeps_one_unet(tmp_path, demo_inputs, method, optimizer):
+@pytest.mark.parametrize("method,optimizer,copy", [("lora", "adamw", False), ("full", "adafactor", False),
+                                                   ("lora", "adamw", True)])
+def test_tiny_trainer_bytes_are_measured_exactly_and_lora_keeps_one_unet(tmp_path, demo_inputs, method, optimizer,
+                                                                         copy):
     model, data = demo_inputs["sdxl"]
     config = SmPOConfig(pretrained_model_name_or_path=model, dataset_name=data, output_dir=str(tmp_path / "o"),
                         resolution=32, train_batch_size=1, max_train_steps=2, report_to="none", train_method=method,
-                        use_adafactor=optimizer == "adafactor")
+                        use_adafactor=optimizer == "adafactor", inversion_weight_copy=copy)
     trainer = SmPOTrainer(config)
     step = trainer.compute_loss(next(iter(trainer.train_dataloader)), torch.Generator().manual_seed(0))
     trainer.accelerator.backward(step.loss)
@@ -180,12 +182,14 @@ def test_tiny_trainer_bytes_are_measured_exactly_and_lora_keeps_one_unet(tmp_pat
     components = tiny_sdxl_components(seed=0)
     computed = estimate_training_bytes(components["unet"], components["vae"],
                                        [components["text_encoder"], components["text_encoder_2"]], is_sdxl=True,
-                                       train_method=method, optimizers=[optimizer],
-                                       weight_dtype=torch.float32)[optimizer].by_category
+                                       train_method=method, optimizers=[optimizer], weight_dtype=torch.float32,
+                                       inversion_copy=copy)[optimizer].by_category
     assert {c: measured[c] for c in RESIDENT_CATEGORIES} == computed
     assert measured["optimizer_state"] > 0 and measured["gradients"] == measured["policy_trainable"]
     one_unet = tensor_bytes(module_tensors(components["unet"]))
     unet_resident = measured["policy_trainable"] + measured["policy_frozen"] + measured["reference_copy"]
+    # --inversion_weight_copy: one more UNet in the weight dtype (fp32 here), outside the one-UNet bound
+    assert measured["inversion_copy"] == (one_unet if copy else 0)
     if method == "lora":
         assert measured["reference_copy"] == 0
         assert unet_resident <= 1.05 * (one_unet + measured["policy_trainable"])
@@ -208,6 +212,9 @@ def test_memory_script_computes_real_sd15_on_meta_and_renders():
         lora = rows["lora", optimizer]
         assert lora["reference_copy"] == 0 and lora["policy_frozen"] == 2 * n
         assert memory.unet_resident(lora) <= 1.05 * (2 * n + lora["policy_trainable"])
+    for method in ("lora", "full"):  # --inversion_weight_copy: one more 2-byte UNet, nothing else changes
+        with_copy, without = rows[f"{method} +copy", "adamw"], rows[method, "adamw"]
+        assert with_copy == without | {"inversion_copy": 2 * n} and without["inversion_copy"] == 0
     tiny = [{"method": "lora", "optimizer": "adamw8bit", "source": "computed (no CUDA + bitsandbytes)",
              "measured": None, "one_unet": 100,
              "computed": dict.fromkeys(RESIDENT_CATEGORIES, 0) | {"policy_frozen": 100, "policy_trainable": 4}}]
@@ -229,6 +236,9 @@ def test_gpu_sdxl_step_smoke_runs_on_cpu(tmp_path):
         assert result["flop_ratio"] == pytest.approx((24 + 2 * gpu.BACKWARD_FLOP_MULTIPLIER[result["method"]])
                                                      / (2 + 2 * gpu.BACKWARD_FLOP_MULTIPLIER[result["method"]]))
     assert all(result["warmup_s"] > 0 for result in report["results"])
+    copied = report["results"][0]  # the +copy set-up: the DPO baseline runs without the copy it cannot use
+    assert copied["modes"]["smpo"]["resident_gb"]["inversion_copy"] > 0
+    assert copied["modes"]["dpo"]["resident_gb"].get("inversion_copy", 0) == 0
     assert report["forward_tflop"] > 0
     saved = json.loads((tmp_path / "gpu.json").read_text())
     assert saved["device"].startswith("CPU") or torch.cuda.is_available()

@@ -464,7 +464,9 @@ def test_non_default_options_reach_the_components(tmp_path, demo_inputs):
     assert clipped == [0.5] * 4
     assert sorted(name for name in os.listdir(config.output_dir) if name.startswith("validation")) == [
         "validation-step2.png", "validation.png"]  # step 4 is the last: the final image
-    # num_train_epochs sets the length when max_train_steps is not given (2 pairs per update)
+    # num_train_epochs sets the length when max_train_steps is not given (2 pairs per update); tie_policy keep
+    # keeps the 2 human ties the default drops (16 pairs instead of 14)
     epochs = SmPOTrainer(make_config(tmp_path, model, data, max_train_steps=None, num_train_epochs=3,
-                                     output_dir=str(tmp_path / "epochs")))
-    assert epochs.max_train_steps == 3 * math.ceil(len(epochs.train_dataset) / 2) == 21
+                                     tie_policy="keep", output_dir=str(tmp_path / "epochs")))
+    assert epochs.pair_statistics.kept_ties == 2 and trainer.pair_statistics.dropped_ties == 2
+    assert epochs.max_train_steps == 3 * math.ceil(len(epochs.train_dataset) / 2) == 24

@@ -480,7 +480,7 @@ def optimizer_state_tensors(optimizer) -> list[torch.Tensor]:
 
 
 RESIDENT_CATEGORIES = ("policy_trainable", "policy_frozen", "gradients", "optimizer_state", "reference_copy",
-                       "vae", "text_encoders")
+                       "inversion_copy", "vae", "text_encoders")
 
 
 def trainer_resident_bytes(trainer) -> dict[str, int]:
@@ -488,6 +488,7 @@ def trainer_resident_bytes(trainer) -> dict[str, int]:
 
     Gradients count only while they exist (after ``backward``, before ``zero_grad``); optimiser state only
     after the first ``step``. Storages shared between categories are counted in the first category listed.
+    Tensors count wherever they live: with ``--cache_latents`` the VAE and text encoders sit in CPU memory.
     """
     unet = trainer.unwrapped_unet
     counter = ByteCounter()
@@ -497,6 +498,8 @@ def trainer_resident_bytes(trainer) -> dict[str, int]:
     counter.add("gradients", [p.grad for p in trainable if p.grad is not None])
     counter.add("optimizer_state", optimizer_state_tensors(trainer.optimizer))
     counter.add("reference_copy", module_tensors(trainer.reference.frozen_unet))
+    copy = getattr(trainer, "inversion_copy", None)  # --inversion_weight_copy: one more UNet, weight dtype
+    counter.add("inversion_copy", module_tensors(copy.module if copy is not None else None))
     counter.add("vae", module_tensors(trainer.parts.vae))
     counter.add("text_encoders", [t for encoder in trainer.parts.text_encoders for t in module_tensors(encoder)])
     return dict(counter.by_category) | {"total": counter.total}
@@ -566,7 +569,7 @@ def estimate_training_bytes(unet, vae, text_encoders: list, *, is_sdxl: bool, tr
                             optimizers: tuple[str, ...] | list[str], weight_dtype: torch.dtype, rank: int = 8,
                             lora_alpha: int | None = None,
                             target_modules: tuple[str, ...] = ("to_k", "to_q", "to_v", "to_out.0"),
-                            separate_vae: bool = False) -> dict[str, TrainingBytes]:
+                            separate_vae: bool = False, inversion_copy: bool = False) -> dict[str, TrainingBytes]:
     """Resident bytes of parameters, gradients and optimiser state of a training set-up, without training.
 
     Give the models as loaded (any device; on the meta device real sizes cost no memory). The UNet is
@@ -574,7 +577,8 @@ def estimate_training_bytes(unet, vae, text_encoders: list, *, is_sdxl: bool, tr
     adapters, the reference being the same UNet with adapters off; full - an fp32 trainable UNet plus a frozen
     reference copy in ``weight_dtype``. The VAE is fp32 for SDXL unless ``separate_vae``, else ``weight_dtype``;
     text encoders are in ``weight_dtype``. Gradients: one per trainable parameter, in its dtype. Optimiser
-    state: :func:`optimizer_state_bytes`. Activations are not included.
+    state: :func:`optimizer_state_bytes`. ``inversion_copy`` (``--inversion_weight_copy``): one more UNet in
+    ``weight_dtype`` (LoRA merged into it). Activations are not included.
 
     Returns ``{optimizer: TrainingBytes}`` for each name in ``optimizers`` (categories as
     :data:`RESIDENT_CATEGORIES`).
@@ -604,6 +608,7 @@ def estimate_training_bytes(unet, vae, text_encoders: list, *, is_sdxl: bool, tr
     counter.add("gradients", [torch.empty_like(p, device="meta") for p in trainable])
     counter.by_category["optimizer_state"] = 0
     counter.add("reference_copy", module_tensors(reference))
+    counter.by_category["inversion_copy"] = _bytes_in_dtype(unet, weight_dtype) if inversion_copy else 0
     counter.by_category["vae"] = _bytes_in_dtype(vae, vae_dtype)
     counter.by_category["text_encoders"] = sum(_bytes_in_dtype(encoder, weight_dtype) for encoder in text_encoders)
     results = {}
