@@ -620,7 +620,7 @@ def test_training_with_push_to_hub_uploads_the_final_output(tmp_path, stub_hub, 
     out = tmp_path / "run"
     config = SmPOConfig(pretrained_model_name_or_path=model, dataset_name=data, output_dir=str(out), resolution=32,
                         train_batch_size=2, max_train_steps=2, checkpointing_steps=1, report_to="tensorboard",
-                        validation_prompts=["a red circle"], validation_num_inference_steps=2,
+                        logging_dir="tb-runs", validation_prompts=["a red circle"], validation_num_inference_steps=2,
                         push_to_hub=True, hub_model_id="my-org/tiny-smpo", hub_private=True)
     SmPOTrainer(config).train()
     requests = stub_hub.requests
@@ -634,7 +634,8 @@ def test_training_with_push_to_hub_uploads_the_final_output(tmp_path, stub_hub, 
     card = ModelCard.load(str(out / "README.md"))
     assert {"smpo", "dpo", "lora", "text-to-image", "diffusers"} <= set(card.data.tags)
     assert card.data.library_name == "diffusers" and "validation.png" in card.text
-    assert (out / "checkpoint-2").is_dir() and (out / "logs").is_dir()  # kept locally, never uploaded
+    assert (out / "checkpoint-2").is_dir() and not (out / "logs").exists()  # kept locally, never uploaded
+    assert any(name.startswith("events.out.tfevents") for _, _, names in os.walk(out / "tb-runs") for name in names)
     assert_token_in_no_file(out)
     assert all(TOKEN not in record.getMessage() for record in caplog.records)
 
