@@ -203,7 +203,7 @@ def test_register_reward_model(clip_dir):
         R.registry._REGISTRY.pop("toy-mean")
 
 
-def test_callable_backend(tmp_path, monkeypatch):
+def test_callable_backend(tmp_path, monkeypatch, caplog):
     images = [Image.new("RGB", (4, 4), (v, v, v)) for v in (0, 51, 255)]
     prompts = ["a", "bb", "ccc"]
     expected = torch.tensor(mean_pixel(images, prompts), dtype=torch.float32)
@@ -229,6 +229,9 @@ def test_callable_backend(tmp_path, monkeypatch):
         wrong.score(images, prompts)
     with pytest.raises(ValueError, match="no model or processor path"):
         R.load_reward_model(mean_pixel, "some/path")
+    with caplog.at_level("WARNING", logger="smpo_diffusers.rewards.registry"):  # --fp16 cannot reach a function
+        R.load_reward_model("my_rewards:brightness", device="cpu", dtype="fp16")
+    assert "does not apply to the reward function my_rewards:brightness" in caplog.text
 
 
 @pytest.mark.parametrize(

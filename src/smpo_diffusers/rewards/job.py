@@ -88,7 +88,8 @@ class LabelingArguments:
         default=4,
         metadata={"help": "Threads per process for image decoding and preprocessing (same scores)."},
     )
-    fp16: bool = field(default=False, metadata={"help": "Run the reward model in float16 (CUDA only)."})
+    fp16: bool = field(default=False, metadata={"help": "Run the reward model in float16 (CUDA only; a "
+                                                        "module:function reward keeps its own precision)."})
     cache_dir: Optional[str] = field(default=None, metadata={"help": "Cache folder for datasets and models."})
     ensemble_calibration_pairs: int = field(
         default=256,

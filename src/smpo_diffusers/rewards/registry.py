@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import Callable, Sequence
 
 import torch
@@ -12,6 +13,8 @@ from .clip import CLIPScoreRewardModel, PickScoreRewardModel
 from .optional import AestheticRewardModel, HPSv2RewardModel, ImageRewardRewardModel
 
 __all__ = ["available_reward_models", "load_reward_model", "register_reward_model", "resolve_dtype"]
+
+logger = logging.getLogger(__name__)
 
 RewardFactory = Callable[..., RewardModel]
 """``factory(model_name_or_path, processor_name_or_path, *, device, dtype, cache_dir, max_batch_size,
@@ -139,6 +142,9 @@ def load_reward_model(
             return obj
         if not callable(obj):
             raise TypeError(f"{name!r} is neither a RewardModel nor a callable.")
+        if dtype not in (None, torch.float32):
+            logger.warning("dtype %s does not apply to the reward function %s: it scores in whatever precision "
+                           "it computes in.", dtype, label or obj)
         out_device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         return CallableRewardModel(
             obj,
