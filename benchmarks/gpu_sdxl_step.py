@@ -472,7 +472,7 @@ def render(report: dict) -> str:
             lines.append(f"| {r['setup']} | {r['status']} |" + " - |" * 16)
             continue
         for mode, m in r["modes"].items():
-            resident = sum(m.get("resident_gb", r["resident_gb"]).values())
+            resident = sum(m["resident_gb"].values())
             peak = "-" if m["peak_gb"] is None else f"{m['peak_gb']:.1f}"
             ratios = (f"{r['smpo_over_dpo']:.2f} | {r['flop_ratio']:.2f} | {r['warmup_s']:.1f}" if mode == "smpo"
                       else " | | ")

@@ -224,11 +224,12 @@ class LatentCache:
 
     # ------------------------------------------------------------------ building
     def ensure(self, pairs, parts, *, resolution: int, weight_dtype: torch.dtype, accelerator=None,
-               batch_size: int = 8) -> CacheBuildStats:
+               batch_size: int = 8, entry_bases: list[str] | None = None) -> CacheBuildStats:
         """Compute and write every entry ``pairs`` needs that the cache lacks; returns what was done.
 
         ``pairs``: the output of :func:`~smpo_diffusers.data.prepare_preference_pairs`. ``parts``: the models
-        (VAE and text encoders on the device they should run on). Collective under several processes.
+        (VAE and text encoders on the device they should run on). ``entry_bases``: :func:`pair_entry_bases` of
+        ``pairs`` when the caller has it (computed here otherwise). Collective under several processes.
         """
         start = time.perf_counter()
         rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
@@ -241,7 +242,7 @@ class LatentCache:
 
         rows = np.asarray(pairs["source_row"], dtype=np.int64).tolist()
         winners = np.asarray(pairs["winner_index"], dtype=np.int64).tolist()
-        bases = pair_entry_bases(pairs)
+        bases = entry_bases if entry_bases is not None else pair_entry_bases(pairs)
         have, _ = self.index("pairs-")
         missing = sorted({(base, row, winner) for base, row, winner in zip(bases, rows, winners)
                           if f"{base}/any" not in have and f"{base}/w{winner}" not in have})
@@ -412,8 +413,8 @@ class CachedPairDataset(EpochIndexedDataset):
     """
 
     def __init__(self, pairs, reader: CacheReader, *, seed: int, proportion_empty_prompts: float = 0.0,
-                 hflip: bool = True, is_sdxl: bool = False):
-        self.bases = pair_entry_bases(pairs)
+                 hflip: bool = True, is_sdxl: bool = False, entry_bases: list[str] | None = None):
+        self.bases = entry_bases if entry_bases is not None else pair_entry_bases(pairs)
         self.winners = np.asarray(pairs["winner_index"], dtype=np.int64)
         self.prob_w = np.asarray(pairs["prob_w"], dtype=np.float32)
         self.captions = list(pairs["caption"])

@@ -56,7 +56,7 @@ from .models import (
     sdxl_time_ids,
 )
 from .json_records import finite_or_none
-from .latent_cache import CachedPairDataset, LatentCache, cache_settings
+from .latent_cache import CachedPairDataset, LatentCache, cache_settings, pair_entry_bases
 
 logger = logging.getLogger(__name__)
 
@@ -382,8 +382,9 @@ class SmPOTrainer:
                                   resolution=config.resolution, hflip=not config.no_hflip, vae_dtype=parts.vae.dtype,
                                   weight_dtype=self.weight_dtype)
         cache = LatentCache(config.latent_cache_root, settings)
+        bases = pair_entry_bases(self.pairs)  # one stat per path-only image, shared by the build and the reader
         stats = cache.ensure(self.pairs, parts, resolution=config.resolution, weight_dtype=self.weight_dtype,
-                             accelerator=self.accelerator, batch_size=config.train_batch_size)
+                             accelerator=self.accelerator, batch_size=config.train_batch_size, entry_bases=bases)
         self.latent_cache_stats = stats
         logger.info("latent cache %s: %d/%d pair entries built, %d/%d prompts built, %d undecodable, %.1f s",
                     stats.path, stats.pairs_built, stats.pairs_needed, stats.prompts_built, stats.prompts_needed,
@@ -391,7 +392,7 @@ class SmPOTrainer:
         self._move_encoders(torch.device("cpu"))
         return CachedPairDataset(self.pairs, cache.reader(), seed=config.seed,
                                  proportion_empty_prompts=config.proportion_empty_prompts,
-                                 hflip=not config.no_hflip, is_sdxl=parts.is_sdxl)
+                                 hflip=not config.no_hflip, is_sdxl=parts.is_sdxl, entry_bases=bases)
 
     def _move_encoders(self, device) -> None:
         self.parts.vae.to(device)
