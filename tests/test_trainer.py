@@ -416,7 +416,7 @@ def test_scale_lr_multiplies_by_the_effective_batch_and_is_recorded(tmp_path, de
     assert saved["learning_rate"] == 1e-4 and saved["effective_learning_rate"] == pytest.approx(4e-4)
 
 
-def test_non_default_options_reach_the_components(tmp_path, demo_inputs):
+def test_non_default_options_reach_the_components(tmp_path, demo_inputs, caplog):
     """Options whose effect no other test observes: each must change what the trainer builds or computes."""
     import math
 
@@ -428,8 +428,11 @@ def test_non_default_options_reach_the_components(tmp_path, demo_inputs):
                          lr_scheduler="cosine_with_restarts", lr_warmup_steps=1, lr_num_cycles=2, max_train_steps=4,
                          gamma=2.0, beta_dpo=500.0, max_grad_norm=0.5, gradient_checkpointing=True,
                          random_crop=True, resolution=16, validation_prompts=["a red circle"], validation_steps=2,
-                         validation_num_inference_steps=2)
-    trainer = SmPOTrainer(config)
+                         validation_num_inference_steps=2, allow_tf32=True)
+    with caplog.at_level("WARNING", logger="smpo_diffusers.trainer"):
+        trainer = SmPOTrainer(config)
+    if not torch.cuda.is_available():  # TF32 is a CUDA matmul mode: said, not silently ignored
+        assert "--allow_tf32 has no effect without a CUDA GPU" in caplog.text
     unet = trainer.unwrapped_unet
     lora = unet.peft_config["default"]
     assert (lora.r, lora.lora_alpha, set(lora.target_modules)) == (2, 6, {"to_q", "to_k"})
