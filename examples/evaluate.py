@@ -9,7 +9,10 @@ The sampling defaults (20 steps, guidance 3.0, batches of 64, fp32) suit the toy
 
 ``--aligned_model``: a training --output_dir (LoRA weights or a unet/ folder), its LoRA file or a full pipeline
 folder. ``--base_model`` defaults to the base the run recorded (``training_config.json``); ``toy`` names the
-shipped toy pipeline.
+shipped toy pipeline. The base is read as training read it: the recorded ``--revision`` and ``--variant`` (when
+``--base_model`` is the recorded base) and the recorded separate VAE, used by both models so that only the
+UNet differs (``--base_revision``, ``--base_variant``, ``--vae`` override them; ``--vae base`` keeps the base
+pipeline's own VAE).
 ``--prompts``: a built-in set (toy-heldout, toy-train, toy-all), a .txt file (one prompt a line) or a
 dataset (save_to_disk folder or parquet/json/csv file; --prompt_column picks the column).
 ``--reward_models``: ``toy`` and/or registry names (pickscore, clip, hpsv2, imagereward, aesthetic) or
@@ -28,7 +31,7 @@ import torch
 
 from smpo_diffusers.cli import run_cli
 from smpo_diffusers.evaluation import (aligned_layout, evaluate, format_results_table, read_prompts,
-                                       trained_base_model)
+                                       trained_base_settings)
 
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -39,6 +42,13 @@ def parse_args(argv=None):
     parser.add_argument("--base_model", default=None,
                         help="Base pipeline folder or Hub id, or 'toy' for the shipped toy pipeline (default: the "
                              "base recorded in the training_config.json of --aligned_model or beside it).")
+    parser.add_argument("--base_revision", default=None,
+                        help="Revision of a Hub base (default: the one training used, when --base_model is its base).")
+    parser.add_argument("--base_variant", default=None,
+                        help="Weight-file variant of the base, e.g. fp16 (default: as training, for its base).")
+    parser.add_argument("--vae", default=None,
+                        help="VAE folder or Hub id for both models (default: the separate VAE training used, if any; "
+                             "'base': the base pipeline's own; ./base names a folder).")
     parser.add_argument("--aligned_model", required=True, help="LoRA/UNet output folder, LoRA file or pipeline.")
     parser.add_argument("--prompts", default="toy-heldout", help="Built-in set, .txt file or dataset path.")
     parser.add_argument("--prompt_column", default="caption")
@@ -62,7 +72,8 @@ def main(argv=None) -> dict:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     args = parse_args(argv)
     aligned_layout(args.aligned_model)  # a missing or empty folder is reported as such
-    base_model = args.base_model or trained_base_model(args.aligned_model)
+    recorded = trained_base_settings(args.aligned_model) or {}
+    base_model = args.base_model or recorded.get("base_model")
     if base_model is None:
         raise ValueError(f"no training_config.json in or beside {args.aligned_model} records its base model; pass "
                          "--base_model (a pipeline folder or Hub id, or 'toy' for the shipped toy pipeline).")
@@ -70,14 +81,20 @@ def main(argv=None) -> dict:
         from smpo_diffusers.toy import toy_model_path
 
         base_model = toy_model_path()
-    logging.getLogger(__name__).info("base model: %s", base_model)
+    same_base = base_model == recorded.get("base_model")
+    revision = args.base_revision or (recorded.get("revision") if same_base else None)
+    variant = args.base_variant or (recorded.get("variant") if same_base else None)
+    vae = args.vae or recorded.get("vae")
+    vae = None if vae == "base" else vae
+    logging.getLogger(__name__).info("base model: %s (revision %s, variant %s); VAE: %s", base_model,
+                                     revision or "default", variant or "none", vae or "the base's own")
     prompts = read_prompts(args.prompts, column=args.prompt_column, split=args.prompt_split, limit=args.max_prompts)
     results = evaluate(base_model, args.aligned_model, prompts, output_dir=args.output_dir,
                        reward_names=args.reward_models, seeds_per_prompt=args.seeds_per_prompt, seed=args.seed,
                        num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
                        resolution=args.resolution, batch_size=args.batch_size,
                        device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
-                       dtype=DTYPES[args.dtype])
+                       dtype=DTYPES[args.dtype], base_revision=revision, base_variant=variant, vae=vae)
     print(format_results_table(results))
     print(f"wrote results.json, results.md and grid.png to {args.output_dir}")
     return results

@@ -209,3 +209,57 @@ def test_evaluate_renders_in_the_requested_dtype(tmp_path, monkeypatch):
                        guidance_scale=1.0, resolution=32, progress=False, dtype=torch.bfloat16)
     assert [pipeline.unet.dtype for pipeline in loaded] == [torch.bfloat16] * 2
     assert results["dtype"] == "bfloat16" and np.isfinite(results["rewards"]["toy"]["base"]["mean"])
+
+
+def test_base_is_read_as_training_read_it(tmp_path, monkeypatch):
+    """The recorded --revision, --variant and separate VAE reach both renders (base and aligned, so only the UNet
+    differs); flags override them; another --base_model drops the recorded revision/variant; --vae base keeps the
+    base pipeline's own VAE. load_pipeline obeys each of them."""
+    import importlib.util
+
+    from diffusers import AutoencoderKL, StableDiffusionPipeline
+    from huggingface_hub import constants as hf_constants
+
+    from smpo_diffusers.testing import add_to_hub_cache
+
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "evaluate.py")
+    spec = importlib.util.spec_from_file_location("evaluate_cli", script)
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    cache, repo_id = str(tmp_path / "hub-cache"), "someone/tiny-sd"
+    add_to_hub_cache(save_tiny_pipeline(str(tmp_path / "main"), kind="sd", seed=0), cache, repo_id, "a" * 40)
+    v1 = save_tiny_pipeline(str(tmp_path / "v1"), kind="sd", seed=1)
+    StableDiffusionPipeline.from_pretrained(v1).save_pretrained(str(tmp_path / "v1-ema"), variant="ema")
+    add_to_hub_cache(str(tmp_path / "v1-ema"), cache, repo_id, "b" * 40, refs=("v1",))
+    other_vae = os.path.join(save_tiny_pipeline(str(tmp_path / "other"), kind="sd", seed=2), "vae")
+    aligned = tmp_path / "aligned"
+    os.makedirs(aligned)
+    os.symlink(os.path.join(v1, "unet"), aligned / "unet")
+    (aligned / "training_config.json").write_text(json.dumps({
+        "pretrained_model_name_or_path": repo_id, "revision": "v1", "variant": "ema",
+        "pretrained_vae_model_name_or_path": other_vae}))
+
+    seen = []
+    monkeypatch.setattr(cli, "evaluate", lambda base, aligned, prompts, **kwargs: seen.append((base, kwargs)) or {})
+    monkeypatch.setattr(cli, "format_results_table", lambda results: "")
+    common = ["--aligned_model", str(aligned), "--prompts", "toy-heldout", "--output_dir", str(tmp_path / "e")]
+    cli.main(common)
+    cli.main(common + ["--base_revision", "main", "--base_variant", "fp16", "--vae", "base"])
+    cli.main(common + ["--base_model", str(tmp_path / "main")])
+    loading = [(base, kwargs["base_revision"], kwargs["base_variant"], kwargs["vae"]) for base, kwargs in seen]
+    assert loading == [(repo_id, "v1", "ema", other_vae), (repo_id, "main", "fp16", None),
+                       (str(tmp_path / "main"), None, None, other_vae)]
+
+    def same_weights(module, wanted):
+        return all(torch.equal(module.state_dict()[name], value) for name, value in wanted.state_dict().items())
+
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", cache)
+    reference = StableDiffusionPipeline.from_pretrained(v1)
+    pipeline = load_pipeline(repo_id, revision="v1", variant="ema", vae=other_vae)
+    assert same_weights(pipeline.unet, reference.unet) and same_weights(pipeline.text_encoder,
+                                                                        reference.text_encoder)
+    assert same_weights(pipeline.vae, AutoencoderKL.from_pretrained(other_vae))
+    assert same_weights(load_pipeline(repo_id).unet, StableDiffusionPipeline.from_pretrained(
+        str(tmp_path / "main")).unet)
+    with pytest.raises((OSError, ValueError)):  # v1 holds only ema-named files
+        load_pipeline(repo_id, revision="v1")

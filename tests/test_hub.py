@@ -720,3 +720,43 @@ def test_card_mentions_a_local_vae_the_snippet_cannot_name(tmp_path):
     hub_out = write_output_folder(tmp_path / "hub", pretrained_vae_model_name_or_path="madebyollin/sdxl-vae-fp16-fix")
     hub_vae = create_model_card(hub_out).text
     assert 'AutoencoderKL.from_pretrained("madebyollin/sdxl-vae-fp16-fix"' in hub_vae and "local folder" not in hub_vae
+
+
+def test_card_snippet_loads_the_base_at_the_revision_and_variant_training_read(tmp_path, monkeypatch):
+    """A run on revision v1 (ema weight files) of a Hub base: the card's snippet passes revision= and variant=, and
+    run as written (offline, from a Hub cache) it loads that snapshot's weights. A Hub-cache snapshot folder given
+    as the base path names its commit."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from smpo_diffusers.hub import base_revision
+    from smpo_diffusers.models import add_lora_adapters, save_lora
+    from smpo_diffusers.testing import add_to_hub_cache, save_tiny_pipeline
+
+    cache, repo_id, v1_commit = str(tmp_path / "hub-cache"), "someone/tiny-sd", "b" * 40
+    add_to_hub_cache(save_tiny_pipeline(str(tmp_path / "main"), kind="sd", seed=0), cache, repo_id, "a" * 40)
+    StableDiffusionPipeline.from_pretrained(save_tiny_pipeline(str(tmp_path / "v1"), kind="sd", seed=1)
+                                            ).save_pretrained(str(tmp_path / "v1-ema"), variant="ema")
+    snapshot = add_to_hub_cache(str(tmp_path / "v1-ema"), cache, repo_id, v1_commit, refs=("v1",))
+    out = write_output_folder(tmp_path / "out", family="sd", layout="lora", validation=False, checkpoints=False,
+                              pretrained_model_name_or_path=repo_id, revision="v1", variant="ema")
+    pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "v1"), safety_checker=None)
+    add_lora_adapters(pipe.unet, rank=2, alpha=2, target_modules=["to_q", "to_v"])
+    save_lora(out, pipe.unet, is_sdxl=False)
+    code = _snippet(create_model_card(out, repo_id="me/tiny").text)
+    assert 'revision="v1", variant="ema"' in code
+    code = code.replace(json.dumps("me/tiny"), json.dumps(out)).replace("num_inference_steps=30",
+                                                                        "num_inference_steps=2")
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", cache)
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    exec(compile(code, "model-card-snippet", "exec"), scope)
+    wanted = StableDiffusionPipeline.from_pretrained(str(tmp_path / "v1")).vae.state_dict()
+    assert all(torch.equal(scope["pipeline"].vae.state_dict()[name], value) for name, value in wanted.items())
+
+    assert base_revision({"pretrained_model_name_or_path": snapshot}) == v1_commit
+    assert base_revision({"pretrained_model_name_or_path": snapshot, "revision": "v1"}) == "v1"
+    assert base_revision({"pretrained_model_name_or_path": repo_id}) is None
+    out_snapshot = write_output_folder(tmp_path / "snap", family="sd", layout="lora", validation=False,
+                                       checkpoints=False, pretrained_model_name_or_path=snapshot)
+    assert f'revision="{v1_commit}"' in _snippet(create_model_card(out_snapshot, repo_id="me/tiny").text)

@@ -195,3 +195,46 @@ def test_variant_files_and_a_separate_vae_are_what_gets_loaded(tmp_path):
     assert all(torch.equal(parts.vae.state_dict()[name], value) for name, value in wanted.items())
     assert not torch.equal(parts.vae.state_dict()["encoder.conv_in.weight"],
                            reference.vae.state_dict()["encoder.conv_in.weight"])
+
+
+def test_revision_and_cache_dir_read_that_snapshot_of_a_hub_model(tmp_path, demo_inputs):
+    """--revision (a branch, tag or commit) and --cache_dir select what is read for a Hub id, offline here from a
+    Hub cache laid out as huggingface_hub writes it: the training parts and --save_full_pipeline's re-read of the
+    base both come from the requested snapshot, not from the default branch or the default cache."""
+    from diffusers import StableDiffusionPipeline
+
+    from smpo_diffusers.models import load_diffusion_parts
+    from smpo_diffusers.testing import add_to_hub_cache, save_tiny_pipeline
+    from smpo_diffusers.trainer import SmPOTrainer
+
+    cache, repo_id = str(tmp_path / "hub-cache"), "someone/tiny-sd"
+    main_commit, v1_commit = "a" * 40, "b" * 40
+    for seed, commit, refs in ((0, main_commit, ("main",)), (1, v1_commit, ("v1",))):
+        add_to_hub_cache(save_tiny_pipeline(str(tmp_path / f"seed{seed}"), kind="sd", seed=seed), cache, repo_id,
+                         commit, refs=refs)
+    snapshots = {revision: StableDiffusionPipeline.from_pretrained(str(tmp_path / f"seed{seed}"))
+                 for revision, seed in ((None, 0), ("v1", 1))}
+
+    def same_weights(module, wanted):
+        return all(torch.equal(module.state_dict()[name], value) for name, value in wanted.state_dict().items())
+
+    for revision, expected in ((None, None), ("v1", "v1"), (v1_commit, "v1"), ("main", None)):
+        parts = load_diffusion_parts(SmPOConfig(pretrained_model_name_or_path=repo_id, cache_dir=cache,
+                                                revision=revision, report_to="none"))
+        assert same_weights(parts.unet, snapshots[expected].unet), revision
+        assert same_weights(parts.vae, snapshots[expected].vae), revision
+        assert same_weights(parts.text_encoders[0], snapshots[expected].text_encoder), revision
+    with pytest.raises(OSError):  # the default cache does not hold it: cache_dir is what found it
+        load_diffusion_parts(SmPOConfig(pretrained_model_name_or_path=repo_id, report_to="none"))
+    with pytest.raises(OSError):
+        load_diffusion_parts(SmPOConfig(pretrained_model_name_or_path=repo_id, cache_dir=cache, revision="v2",
+                                        report_to="none"))
+
+    _, data = demo_inputs["sd"]
+    trainer = SmPOTrainer(SmPOConfig(pretrained_model_name_or_path=repo_id, cache_dir=cache, revision="v1",
+                                     dataset_name=data, output_dir=str(tmp_path / "out"), resolution=32,
+                                     train_method="full", save_full_pipeline=True, report_to="none"))
+    trainer.save_model()
+    saved = StableDiffusionPipeline.from_pretrained(str(tmp_path / "out"))
+    assert same_weights(saved.vae, snapshots["v1"].vae) and same_weights(saved.text_encoder,
+                                                                         snapshots["v1"].text_encoder)

@@ -143,34 +143,51 @@ def aligned_layout(aligned_model: str) -> str:
         ) from None
 
 
-def trained_base_model(aligned_model: str) -> str | None:
-    """The ``pretrained_model_name_or_path`` recorded in a training output's ``training_config.json`` (for a
-    LoRA ``.safetensors`` file: the one beside it), or None."""
+def trained_base_settings(aligned_model: str) -> dict | None:
+    """How a training run read its base, from its ``training_config.json`` (for a LoRA ``.safetensors`` file:
+    the one beside it): ``base_model``, ``revision`` (as :func:`smpo_diffusers.hub.base_revision` resolves
+    it), ``variant`` and ``vae`` (``--pretrained_vae_model_name_or_path``), or None without a record."""
+    from .hub import base_revision
+
     folder = os.path.dirname(aligned_model) if os.path.isfile(aligned_model) else aligned_model
     path = os.path.join(folder, "training_config.json")
     if not os.path.isfile(path):
         return None
     with open(path) as handle:
-        return json.load(handle).get("pretrained_model_name_or_path")
+        config = json.load(handle)
+    return {"base_model": config.get("pretrained_model_name_or_path"), "revision": base_revision(config),
+            "variant": config.get("variant"), "vae": config.get("pretrained_vae_model_name_or_path")}
+
+
+def trained_base_model(aligned_model: str) -> str | None:
+    """The ``pretrained_model_name_or_path`` recorded in a training output's ``training_config.json`` (for a
+    LoRA ``.safetensors`` file: the one beside it), or None."""
+    return (trained_base_settings(aligned_model) or {}).get("base_model")
 
 
 def load_pipeline(base_model: str, aligned_model: str | None = None, *, device: str | torch.device = "cpu",
-                  dtype: torch.dtype = torch.float32):
-    """Load the base pipeline (any diffusers SD/SDXL folder or Hub id) and apply ``aligned_model``:
+                  dtype: torch.dtype = torch.float32, revision: str | None = None, variant: str | None = None,
+                  vae: str | None = None):
+    """Load the base pipeline (any diffusers SD/SDXL folder or Hub id, at ``revision``, with ``variant`` weight
+    files) and apply ``aligned_model``:
 
     * a folder or file with LoRA weights (``pytorch_lora_weights.safetensors``) -> ``load_lora_weights``;
     * a folder with ``unet/`` (a full-UNet run) -> that UNet replaces the base one;
-    * a folder with ``model_index.json`` -> loaded as a pipeline of its own.
+    * a folder with ``model_index.json`` -> loaded as a pipeline of its own (``revision``/``variant`` and
+      ``vae`` are the base's and do not apply: the saved pipeline holds the VAE training used).
 
-    Returns the pipeline on ``device`` with its progress bar disabled."""
-    from diffusers import DiffusionPipeline, UNet2DConditionModel
+    ``vae``: a separate VAE folder or Hub id that replaces the base pipeline's (training's
+    ``--pretrained_vae_model_name_or_path``). Returns the pipeline on ``device``, progress bar disabled."""
+    from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
 
     dtype_kwargs = {} if dtype == torch.float32 else {"torch_dtype": dtype}
     layout = aligned_layout(aligned_model) if aligned_model is not None else None
     if layout == "pipeline":
         pipeline = DiffusionPipeline.from_pretrained(aligned_model, **dtype_kwargs)
     else:
-        pipeline = DiffusionPipeline.from_pretrained(base_model, **dtype_kwargs)
+        replaced = {"vae": AutoencoderKL.from_pretrained(vae, **dtype_kwargs)} if vae else {}
+        pipeline = DiffusionPipeline.from_pretrained(base_model, revision=revision, variant=variant, **replaced,
+                                                     **dtype_kwargs)
         if layout == "lora":
             lora_file = aligned_model if aligned_model.endswith(".safetensors") else os.path.join(
                 aligned_model, "pytorch_lora_weights.safetensors")
@@ -327,13 +344,16 @@ def evaluate(base_model: str, aligned_model: str, prompts: Sequence[str], *, out
              num_inference_steps: int = 20, guidance_scale: float = 3.0, resolution: int | None = None,
              batch_size: int = 64, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
              progress: bool = True, model_names: tuple[str, str] = ("base", "aligned"),
-             grid_columns: int = 16) -> dict:
+             grid_columns: int = 16, base_revision: str | None = None, base_variant: str | None = None,
+             vae: str | None = None) -> dict:
     """Render ``prompts`` with the base and the aligned model from the same seeds, score, compare, write files.
 
     Sample ``j`` of prompt ``i`` uses seed ``seed + j * len(prompts) + i``. ``aligned_model`` is anything
     :func:`load_pipeline` accepts; both pipelines are loaded in ``dtype`` (rewards score the decoded images, so
-    they do not depend on it). Writes ``results.json``, ``results.md`` and ``grid.png`` in ``output_dir``
-    and returns the results dict (``rewards[name]`` as in :func:`compare_scores`, plus ``scores``)."""
+    they do not depend on it), the base at ``base_revision`` with ``base_variant`` files and both with ``vae``
+    in place of the base's VAE when given (a saved full pipeline keeps its own). Writes ``results.json``,
+    ``results.md`` and ``grid.png`` in ``output_dir`` and returns the results dict (``rewards[name]`` as in
+    :func:`compare_scores`, plus ``scores``)."""
     prompts = list(prompts)
     if not prompts:
         raise ValueError("evaluate needs at least one prompt.")
@@ -353,14 +373,16 @@ def evaluate(base_model: str, aligned_model: str, prompts: Sequence[str], *, out
     reward_models = resolve_reward_models(reward_names, device=device)
     common = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, height=resolution,
                   width=resolution, batch_size=batch_size, progress=progress)
-    base_images = generate_images(load_pipeline(base_model, device=device, dtype=dtype), all_prompts, seeds,
+    loading = dict(device=device, dtype=dtype, revision=base_revision, variant=base_variant, vae=vae)
+    base_images = generate_images(load_pipeline(base_model, **loading), all_prompts, seeds,
                                   desc=f"{model_names[0]} images", **common)
-    aligned_images = generate_images(load_pipeline(base_model, aligned_model, device=device, dtype=dtype),
+    aligned_images = generate_images(load_pipeline(base_model, aligned_model, **loading),
                                      all_prompts, seeds, desc=f"{model_names[1]} images", **common)
     base_scores = score_images(reward_models, base_images, all_prompts)
     aligned_scores = score_images(reward_models, aligned_images, all_prompts)
     results = {
-        "base_model": str(base_model), "aligned_model": str(aligned_model),
+        "base_model": str(base_model), "base_revision": base_revision, "base_variant": base_variant, "vae": vae,
+        "aligned_model": str(aligned_model),
         "models": {"base": model_names[0], "aligned": model_names[1]},
         "num_prompts": len(prompts), "seeds_per_prompt": seeds_per_prompt, "num_samples": len(all_prompts),
         "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, "seed": seed,

@@ -40,6 +40,7 @@ __all__ = [
     "UPLOAD_IGNORE_PATTERNS",
     "check_hub_credentials",
     "create_model_card",
+    "base_revision",
     "hub_id_or_none",
     "push_main",
     "push_to_hub",
@@ -106,7 +107,7 @@ _PIPELINE_CLASSES = {"sdxl": "StableDiffusionXLPipeline", "sd": "StableDiffusion
 _FAMILY_TAGS = {"sdxl": "stable-diffusion-xl", "sd": "stable-diffusion"}
 _DEFAULT_LICENSES = {"sdxl": "openrail++", "sd": "creativeml-openrail-m"}
 _LOCAL_DATA_SUFFIXES = (".parquet", ".json", ".jsonl", ".csv", ".arrow", ".txt")
-_HUB_CACHE_SNAPSHOT = re.compile(r"(?:^|/)(?:models|datasets)--([^/]+)/snapshots/[^/]+/?$")
+_HUB_CACHE_SNAPSHOT = re.compile(r"(?:^|/)(?:models|datasets)--([^/]+)/snapshots/([^/]+)/?$")
 
 
 class HubAuthenticationError(RuntimeError):
@@ -263,7 +264,7 @@ def hub_id_or_none(name_or_path: str | None) -> str | None:
         return None
     value = str(name_or_path)
     if os.path.exists(value) or value.startswith((".", "~", "/")) or "\\" in value:
-        match = _HUB_CACHE_SNAPSHOT.search(os.path.abspath(os.path.expanduser(value)).replace(os.sep, "/"))
+        match = _hub_cache_snapshot(value)
         return match.group(1).replace("--", "/", 1) if match else None
     if value.lower().endswith(_LOCAL_DATA_SUFFIXES):
         return None
@@ -274,6 +275,20 @@ def hub_id_or_none(name_or_path: str | None) -> str | None:
     except HFValidationError:
         return None
     return value
+
+
+def _hub_cache_snapshot(path: str):
+    return _HUB_CACHE_SNAPSHOT.search(os.path.abspath(os.path.expanduser(path)).replace(os.sep, "/"))
+
+
+def base_revision(config: dict) -> str | None:
+    """The base model's revision a training run used: ``--revision``, else the commit of a local Hub cache
+    snapshot folder given as ``--pretrained_model_name_or_path``, else None (the default branch)."""
+    if config.get("revision"):
+        return str(config["revision"])
+    path = config.get("pretrained_model_name_or_path")
+    match = _hub_cache_snapshot(str(path)) if path and os.path.exists(str(path)) else None
+    return match.group(2) if match else None
 
 
 def _public_name(name_or_path: str | None) -> str | None:
@@ -333,13 +348,14 @@ def _py(text: str) -> str:
 
 
 def usage_snippet(*, layout: str, family: str, repo_id: str, base_model: str | None, prompt: str,
-                  vae: str | None = None) -> str:
+                  vae: str | None = None, revision: str | None = None, variant: str | None = None) -> str:
     """Python code that loads the uploaded weights with diffusers and renders ``prompt``.
 
     ``layout``: ``"lora"`` (``load_lora_weights`` on the base pipeline), ``"unet"`` (the trained UNet in
     ``subfolder="unet"`` plugged into the base pipeline) or ``"pipeline"`` (``DiffusionPipeline``).
     ``base_model``: the base pipeline's id or path (None: a placeholder to fill in). ``vae``: a separate
-    VAE id used in training (LoRA/UNet layouts only). Runs on CUDA in fp16, else on CPU in fp32."""
+    VAE id used in training (LoRA/UNet layouts only). ``revision``/``variant``: the base's, as training read it
+    (LoRA/UNet layouts only). Runs on CUDA in fp16, else on CPU in fp32."""
     if layout not in ("lora", "unet", "pipeline"):
         raise ValueError(f"layout must be 'lora', 'unet' or 'pipeline', got {layout!r}.")
     pipeline_class = "DiffusionPipeline" if layout == "pipeline" else _PIPELINE_CLASSES[family]
@@ -364,6 +380,8 @@ def usage_snippet(*, layout: str, family: str, repo_id: str, base_model: str | N
             lines.append(f'unet = UNet2DConditionModel.from_pretrained({_py(repo_id)}, subfolder="unet", '
                          "torch_dtype=dtype)")
             components.append("unet=unet")
+        components += [f"{name}={_py(value)}" for name, value in (("revision", revision), ("variant", variant))
+                       if value]
         extra = "".join(f"{item}, " for item in components)
         lines.append(f"pipeline = {pipeline_class}.from_pretrained(base_model, {extra}torch_dtype=dtype).to(device)")
         if layout == "lora":
@@ -528,7 +546,8 @@ def _card_body(*, config: dict, metrics: dict | None, layout: str, repo_id: str 
             parts += ["Prompts, left to right:", ""] + [f"{i + 1}. {p}" for i, p in enumerate(prompts)] + [""]
     snippet = usage_snippet(layout=layout, family=family, repo_id=repo_id or "REPO_ID", base_model=base_id,
                             prompt=prompts[0] if prompts else "a photo of a corgi wearing sunglasses",
-                            vae=hub_id_or_none(config.get("pretrained_vae_model_name_or_path")))
+                            vae=hub_id_or_none(config.get("pretrained_vae_model_name_or_path")),
+                            revision=base_revision(config) if base_id else None, variant=config.get("variant"))
     parts += ["## Usage", ""]
     if layout != "pipeline" and not base_id:
         parts += ["Training used a local base model folder; set `base_model` to its Hub id or path.", ""]

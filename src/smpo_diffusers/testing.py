@@ -8,6 +8,8 @@ Everything here is built in-process from fixed configurations and a seed:
   Default resolution is :data:`TINY_RESOLUTION` (32 px); the VAE downsamples by
   :data:`TINY_VAE_SCALE_FACTOR` (4), so latents are ``(4, 8, 8)``.
 * :func:`save_tiny_pipeline` - writes such a pipeline to disk in the ordinary Diffusers layout.
+* :func:`add_to_hub_cache` - files a saved pipeline under a Hub id and revision in a local Hub cache, so that
+  ``from_pretrained(repo_id, revision=..., cache_dir=...)`` reads it offline.
 * :func:`tiny_clip_model` - a tiny ``CLIPModel`` + ``CLIPProcessor`` (reward-model stand-in).
 * :func:`make_preference_dataset` - a synthetic preference set in the Pick-a-Pic v2 layout.
 """
@@ -350,6 +352,29 @@ def save_tiny_pipeline(
     return path
 
 
+def add_to_hub_cache(folder: str | os.PathLike, cache_dir: str | os.PathLike, repo_id: str, commit: str,
+                     refs: tuple[str, ...] = ("main",)) -> str:
+    """Copy a saved pipeline ``folder`` into ``cache_dir`` as the snapshot of model ``repo_id`` at ``commit``
+    (40 hex digits), with each of ``refs`` (branch or tag names) pointing at it: the layout
+    ``huggingface_hub`` writes when it downloads, read without network under ``HF_HUB_OFFLINE=1``. Files a
+    download would have looked for and not found (a tokenizer folder's ``config.json``) are recorded as
+    absent, as the Hub cache does. Returns the snapshot folder."""
+    import shutil
+
+    repo_folder = os.path.join(str(cache_dir), "models--" + repo_id.replace("/", "--"))
+    snapshot = os.path.join(repo_folder, "snapshots", commit)
+    shutil.copytree(str(folder), snapshot)
+    os.makedirs(os.path.join(repo_folder, "refs"), exist_ok=True)
+    for ref in refs:
+        with open(os.path.join(repo_folder, "refs", ref), "w") as handle:
+            handle.write(commit)
+    for name in os.listdir(snapshot):
+        if name.startswith("tokenizer") and not os.path.exists(os.path.join(snapshot, name, "config.json")):
+            os.makedirs(os.path.join(repo_folder, ".no_exist", commit, name), exist_ok=True)
+            open(os.path.join(repo_folder, ".no_exist", commit, name, "config.json"), "w").close()
+    return snapshot
+
+
 def tiny_clip_model(seed: int = 0):
     """A tiny ``CLIPModel`` and matching ``CLIPProcessor`` (reward-model stand-in, e.g. PickScore).
 
@@ -570,6 +595,7 @@ __all__ = [
     "SDXL_SCHEDULER_CONFIG",
     "TINY_RESOLUTION",
     "TINY_VAE_SCALE_FACTOR",
+    "add_to_hub_cache",
     "encode_image",
     "make_preference_dataset",
     "save_tiny_pipeline",
