@@ -79,34 +79,36 @@ def read_records(folder):
 def test_two_processes_disjoint_data_identical_weights_and_resume(tmp_path, demo_inputs):
     model, data = demo_inputs["sdxl"]
     script = ROOT / "tests" / "scripts" / "record_training.py"
-    # Uninterrupted: 4 updates on 2 processes.
+    # Uninterrupted: 6 updates on 2 processes, a checkpoint after 5 (in the second epoch).
     full_out = tmp_path / "full"
-    result = launch([script, tmp_path / "rec-full", *common_flags(model, data, full_out, max_train_steps=4,
-                                                                  checkpointing_steps=2)], processes=2)
+    result = launch([script, tmp_path / "rec-full", *common_flags(model, data, full_out, max_train_steps=6,
+                                                                  checkpointing_steps=5)], processes=2)
     full = read_records(tmp_path / "rec-full")
-    for step in range(4):  # each micro-batch: the two ranks hold different pairs
+    for step in range(6):  # each micro-batch: the two ranks hold different pairs
         assert not set(full[0]["seen"][step]) & set(full[1]["seen"][step])
     assert full[0]["weights_sha256"] == full[1]["weights_sha256"]
     # Only the main process writes: one save line per checkpoint, no per-rank output files.
-    assert result.stderr.count(f"saved {full_out / 'checkpoint-2'}") == 1
+    assert result.stderr.count(f"saved {full_out / 'checkpoint-5'}") == 1
     assert sorted(p.name for p in full_out.iterdir()) == [
-        "README.md", "checkpoint-2", "checkpoint-4", "pytorch_lora_weights.safetensors", "training_config.json",
+        "README.md", "checkpoint-5", "pytorch_lora_weights.safetensors", "training_config.json",
         "training_metrics.json"]
     assert json.loads((full_out / "training_config.json").read_text())["num_processes"] == 2
 
-    # Interrupted after 2 updates (the uninterrupted run's checkpoint-2 alone, as a run killed after writing it
-    # leaves it), then resumed on 2 processes: same final weights, bit for bit.
+    # Interrupted after 5 updates, inside the second epoch (the uninterrupted run's checkpoint-5 alone, as a run
+    # killed after writing it leaves it), then resumed on 2 processes: same final weights, bit for bit.
+    state = json.loads((full_out / "checkpoint-5" / "trainer_state.json").read_text())
+    assert state["epoch"] == 1 and state["next_batch"] > 0, state  # mid-epoch, after the first epoch
     resumed_out = tmp_path / "resumed"
-    shutil.copytree(full_out / "checkpoint-2", resumed_out / "checkpoint-2")
-    launch([script, tmp_path / "rec-b", *common_flags(model, data, resumed_out, max_train_steps=4,
-                                                      checkpointing_steps=2, resume_from_checkpoint="latest")],
+    shutil.copytree(full_out / "checkpoint-5", resumed_out / "checkpoint-5")
+    launch([script, tmp_path / "rec-b", *common_flags(model, data, resumed_out, max_train_steps=6,
+                                                      checkpointing_steps=5, resume_from_checkpoint="latest")],
            processes=2)
     resumed = read_records(tmp_path / "rec-b")
-    assert resumed[0]["global_step"] == 4
-    assert resumed[0]["weights_sha256"] == resumed[1]["weights_sha256"] == full[0]["weights_sha256"]
-    # the resumed run trained exactly the micro-batches the uninterrupted run had left
+    assert resumed[0]["global_step"] == 6
+    # the resumed run trained exactly the micro-batches the uninterrupted run had left, in the epoch's order
     for rank in (0, 1):
-        assert resumed[rank]["seen"] == full[rank]["seen"][2:]
+        assert resumed[rank]["seen"] == full[rank]["seen"][5:]
+    assert resumed[0]["weights_sha256"] == resumed[1]["weights_sha256"] == full[0]["weights_sha256"]
 
 
 @pytest.mark.slow
@@ -138,7 +140,10 @@ def test_two_processes_survive_micro_batches_that_decode_to_nothing(tmp_path, de
     assert empty > 0 and metrics["skipped"]["undecodable_pairs"] == metrics["skipped"]["empty_batches"] == empty
     assert metrics["unet_evaluations"] == {"inversion": 0, "policy": 2 * trained, "reference": 2 * trained}
     assert metrics["global_step"] == len(sizes) and metrics["final_metrics"]
-    assert metrics["skipped"]["empty_updates"] == sum(pair == (0, 0) for pair in sizes)
+    empty_updates = sum(pair == (0, 0) for pair in sizes)
+    assert metrics["skipped"]["empty_updates"] == empty_updates > 0, sizes
+    # an update no process trained takes no optimiser step (AdamW's decay and momentum would move the weights)
+    assert records[0]["optimizer_steps"] == records[1]["optimizer_steps"] == len(sizes) - empty_updates
 
 
 @pytest.mark.slow

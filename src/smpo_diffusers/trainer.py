@@ -205,6 +205,7 @@ class SmPOTrainer:
                         "undecodable_pairs": 0, "empty_batches": 0}
         self.consecutive_nonfinite = 0
         self._nonfinite_loss_in_update = False
+        self._pairs_in_update = False  # did this process train a pair in the current update
         self.unet_evaluations = {"inversion": 0, "policy": 0, "reference": 0}
         self.data_counts = {"upscaled_pairs": 0, "resized_pairs": 0, "empty_prompts": 0}
         """Per process, summed when reported: pairs with an image upscaled to the resolution and pairs whose loser
@@ -579,10 +580,12 @@ class SmPOTrainer:
                 break
             start = resume_batch if epoch == first_epoch else 0
             loader = accelerator.skip_first_batches(self.train_dataloader, start) if start else self.train_dataloader
-            # Data order (our sampler) and augmentation (our dataset) depend only on the epoch. accelerate's
-            # loaders would otherwise use their own iteration count, which restarts at 0 after a resume, and a
-            # loader made by skip_first_batches passes the epoch to the sampler but not to the dataset.
+            # Data order (our sampler) and augmentation (our dataset) depend only on the epoch, set here on both.
+            # accelerate's loaders would otherwise use their own iteration count, which restarts at 0 after a
+            # resume; a loader made by skip_first_batches does not pass the epoch to the dataset, nor, with
+            # several processes (its batch sampler then wraps accelerate's shard), to the sampler.
             loader.set_epoch(epoch)
+            self.sampler.set_epoch(epoch)
             self.train_dataset.set_epoch(epoch)
             for batch_index, batch in enumerate(loader, start=start):
                 generator = _step_generator(config.seed, epoch, batch_index, accelerator.process_index)
@@ -661,6 +664,7 @@ class SmPOTrainer:
         for stage, count in step.unet_evaluations.items():
             self.unet_evaluations[stage] += count
         self._nonfinite_loss_in_update |= not bool(torch.isfinite(step.loss.detach()))
+        self._pairs_in_update = True
         accelerator.backward(step.loss)
         if accelerator.sync_gradients:
             self._finish_update()
@@ -685,7 +689,11 @@ class SmPOTrainer:
         return self._unet_call(self.unet, latents, timesteps, conditioning).float().sum() * 0.0
 
     def _finish_update(self) -> None:
-        """Clip, check finiteness on every process, then step the optimiser and LR schedule (or skip)."""
+        """Clip, check finiteness on every process, then step the optimiser and LR schedule (or skip).
+
+        An update in which no process trained a pair (every micro-batch empty; the gradients are the zeros of
+        the placeholder forwards) takes no step, as with one process: AdamW's weight decay and momentum would
+        otherwise still move the weights."""
         accelerator = self.accelerator
         max_norm = self.config.max_grad_norm if self.config.max_grad_norm > 0 else float("inf")
         grad_norm = accelerator.clip_grad_norm_(self.trainable_params, max_norm)
@@ -693,9 +701,14 @@ class SmPOTrainer:
         # With fp16 gradient scaling an overflowing step is the scaler's business: it skips the step and lowers
         # the scale. A non-finite *loss* (in any micro-batch of the update) is a real problem in every precision.
         nonfinite, self._nonfinite_loss_in_update = self._nonfinite_loss_in_update, False
+        trained, self._pairs_in_update = self._pairs_in_update, False
         if not fp16_scaled:
             nonfinite = nonfinite or not torch.isfinite(torch.as_tensor(grad_norm)).item()
-        if self._on_any_process(nonfinite):
+        nonfinite, trained = self._on_any_process(nonfinite, trained)
+        if not trained:
+            self.optimizer.zero_grad(set_to_none=True)
+            return
+        if nonfinite:
             self._skip_nonfinite_update()
             return
         self.optimizer.step()
@@ -708,11 +721,15 @@ class SmPOTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.consecutive_nonfinite = 0
 
-    def _on_any_process(self, flag: bool) -> bool:
+    def _on_any_process(self, *flags: bool) -> tuple[bool, ...]:
+        """Each flag OR-ed over the processes (one all-reduce for all of them)."""
         if self.accelerator.num_processes == 1:
-            return bool(flag)
-        value = torch.tensor([1.0 if flag else 0.0], device=self.accelerator.device)
-        return bool(self.accelerator.reduce(value, reduction="sum").item() > 0)
+            values = tuple(bool(flag) for flag in flags)
+        else:
+            counts = self.accelerator.reduce(torch.tensor([float(bool(flag)) for flag in flags],
+                                                          device=self.accelerator.device), reduction="sum")
+            values = tuple(bool(count > 0) for count in counts.tolist())
+        return values
 
     def _skip_nonfinite_update(self) -> None:
         """Drop the accumulated gradients of a non-finite update; stop after too many in a row."""

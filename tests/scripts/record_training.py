@@ -41,7 +41,10 @@ def main():
         if param.requires_grad:
             digest.update(name.encode())
             digest.update(param.detach().cpu().contiguous().numpy().tobytes())
+    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate's wrapper holds it
+    steps = {int(state["step"]) for state in optimizer.state.values() if "step" in state}
     record = {"rank": trainer.accelerator.process_index, "num_processes": trainer.accelerator.num_processes,
+              "optimizer_steps": max(steps, default=0),
               "seen": trainer.seen, "micro_batch_sizes": trainer.micro_batch_sizes,
               "weights_sha256": digest.hexdigest(), "global_step": trainer.global_step}
     os.makedirs(record_dir, exist_ok=True)
