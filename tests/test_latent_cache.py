@@ -15,7 +15,7 @@ from PIL import Image
 from smpo_diffusers import SmPOConfig, SmPOTrainer
 from smpo_diffusers.data import PairTransform, PreferencePairDataset, collate_preference_batch
 from smpo_diffusers.latent_cache import (LatentCache, cache_key, cache_settings, module_fingerprint,
-                                         other_cache_entries)
+                                         other_cache_entries, pair_entry_bases)
 from smpo_diffusers.models import encode_prompts, latent_moments
 from smpo_diffusers.testing import encode_image
 
@@ -279,6 +279,16 @@ def test_path_only_images_key_entries_by_their_files(tmp_path, demo_inputs):
     later = build("later")
     stats = later.latent_cache_stats
     assert stats.pairs_built == 2 and stats.undecodable_pairs == 0 and stats.key == first.latent_cache_stats.key
+    # a same-size rewrite that keeps the modification time (cp -p, rsync -t) is a new entry too
+    status = os.stat(tmp_path / "jpg_1-3.png")
+    (tmp_path / "jpg_1-3.png").write_bytes((tmp_path / "jpg_1-3.png").read_bytes())
+    os.utime(tmp_path / "jpg_1-3.png", ns=(status.st_atime_ns, status.st_mtime_ns))
+    assert os.stat(tmp_path / "jpg_1-3.png").st_mtime_ns == status.st_mtime_ns
+    assert pair_entry_bases(later.pairs)[3] != later.train_dataset.bases[3]
+    # a row mapping (select/shuffle) gives each pair the stem it has without one
+    mapped = later.pairs.select([3, 1, 0])
+    assert mapped._indices is not None
+    assert pair_entry_bases(mapped) == [pair_entry_bases(later.pairs)[i] for i in (3, 1, 0)]
     pixels = PreferencePairDataset(later.pairs, PairTransform(32, hflip=False), seed=0)
     for i in range(4):
         mean, _ = latent_moments(later.parts.vae, pixels[i]["pixel_values"])

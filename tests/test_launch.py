@@ -194,3 +194,14 @@ def test_two_processes_build_one_latent_cache_together(tmp_path, demo_inputs):
     launch([ROOT / "examples" / "train_smpo_sdxl.py", *common_flags(model, data, tmp_path / "one", **flags)])
     one = json.loads((tmp_path / "one" / "training_metrics.json").read_text())["latent_cache"]
     assert one["key"] == two["key"] and one["pairs_built"] == 0 and one["prompts_built"] == 0
+
+
+def test_values_computed_on_main_and_checked_on_every_process(tmp_path):
+    """computed_on_main: only rank 0 computes, both ranks hold its value; same_on_every_process: a value that
+    differs by rank raises on every rank (one rank raising alone would leave the other waiting)."""
+    launch([ROOT / "tests" / "scripts" / "shared_values.py", tmp_path / "rec"], processes=2)
+    records = [json.loads((tmp_path / "rec" / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert [r["calls"] for r in records] == [[0], []]
+    assert records[0]["shared"] == records[1]["shared"] == {"computed_by": 0, "stems": ["0-abc", "1-abc", "2-abc"]}
+    for record in records:
+        assert record["error"].startswith("the processes disagree on a per-rank value: ['rank-0', 'rank-1']")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import io
 import json
@@ -747,6 +748,16 @@ def test_given_ensemble_statistics_are_kept_and_weights_are_part_of_the_resume_k
     again = R.label_dataset(args, reward_model=R.EnsembleRewardModel(members, weights=[0, 1], statistics=fixed))
     assert first["num_shards_scored"] > 0 and again["num_shards_resumed"] == 0  # other weights: scored afresh
     assert datasets.load_from_disk(str(tmp_path / "ens"))["reward_0"] != before
+    # --ensemble_calibration_pairs: for an ensemble that calibrates (also one given in-process), else an error
+    with pytest.raises(ValueError, match="'pickscore\\+clip' has its statistics. Drop --ensemble_calibration_pairs"):
+        R.label_dataset(dataclasses.replace(args, ensemble_calibration_pairs=4),
+                        reward_model=R.EnsembleRewardModel(members, statistics=fixed))
+    with pytest.raises(ValueError, match="'pickscore' needs no calibration. Drop --ensemble_calibration_pairs"):
+        R.label_dataset(dataclasses.replace(args, ensemble_calibration_pairs=4), reward_model=members[0])
+    calibrated = dataclasses.replace(args, output_dir=str(tmp_path / "given"), ensemble_calibration_pairs=4)
+    R.label_dataset(calibrated, reward_model=R.EnsembleRewardModel(members))
+    calibration = json.loads((tmp_path / "given" / ".shards" / "ensemble_calibration.json").read_text())
+    assert calibration["num_images"] == 8
 
 
 def test_labeling_arguments_validate_and_parse():
@@ -759,8 +770,6 @@ def test_labeling_arguments_validate_and_parse():
     assert (args.batch_size, args.shard_size, args.preprocess_threads, args.fp16) == (16, 1000, 4, False)
     with pytest.raises(ValueError, match="--shard_size must be >= 1"):
         R.LabelingArguments(dataset_name="d", output_dir="o", shard_size=0)
-    with pytest.raises(ValueError, match="--ensemble_calibration_pairs calibrates an ensemble"):
-        R.LabelingArguments(dataset_name="d", output_dir="o", reward_model="clip", ensemble_calibration_pairs=64)
 
 
 def test_load_preference_dataset_detects_formats(tmp_path):

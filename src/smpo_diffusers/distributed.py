@@ -10,3 +10,29 @@ def use_cpu_process_group() -> bool:
     without GPUs. accelerate only joins such processes into one (gloo) group when told to use the CPU;
     otherwise every process would silently run the whole job alone."""
     return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def computed_on_main(compute, state):
+    """``compute()`` evaluated by the main process alone and sent to the others (pickled, one broadcast), so that
+    every process holds the same value even where the others would see something else (per-node file copies,
+    other mount points). ``state``: an ``accelerate`` ``PartialState``/``Accelerator``."""
+    if state.num_processes == 1:
+        return compute()
+    from accelerate.utils import broadcast_object_list
+
+    payload = [compute() if state.is_main_process else None]
+    broadcast_object_list(payload, from_process=0)
+    return payload[0]
+
+
+def same_on_every_process(value: str, state, what: str) -> None:
+    """Raise ``ValueError`` on every process (never on some only: the others would wait forever) when the
+    processes hold different ``value``; ``what`` names it in the message."""
+    if state.num_processes == 1:
+        return
+    from accelerate.utils import gather_object
+
+    values = gather_object([value])
+    if len(set(values)) > 1:
+        raise ValueError(f"the processes disagree on {what}: {values} (rank order). Every process must read the "
+                         "same model weights, dataset and options.")

@@ -27,9 +27,10 @@ Pair entries are keyed by the row in the raw dataset (``source_row``). When the 
 the entry does not depend on which one won (``<row>/any``, image order); otherwise the transform resizes the
 loser to the winner's size and the entry is stored winner first under ``<row>/w<winner>``. An image cell that
 holds only a file path (``datasets.Image`` storage without bytes) is not covered by the dataset's fingerprint,
-so such a pair's key also carries a hash of its files' paths, sizes and modification times
-(``<row>-<hash>``, :func:`pair_entry_bases`): a file that is rewritten, or that was missing and is back, gets a
-new entry instead of a stale one (or a stale "undecodable" mark).
+so such a pair's key also carries a hash of its files' paths, sizes, modification and change times and inodes
+(``<row>-<hash>``, :func:`pair_entry_bases`, computed by the main process and shared with the others): a file
+that is rewritten, or that was missing and is back, gets a new entry instead of a stale one (or a stale
+"undecodable" mark).
 """
 
 from __future__ import annotations
@@ -113,26 +114,30 @@ def caption_key(caption: str) -> str:
 
 def pair_entry_bases(pairs) -> list[str]:
     """Per prepared pair, the stem of its cache entry keys: ``"<source_row>"`` when both image cells hold their
-    bytes, else ``"<source_row>-<hash>"`` with a hash of ``(path, size, mtime_ns)`` of each cell read from a
-    file (``missing`` for a file that cannot be stat'ed). Reads the cells' storage with pyarrow (no image bytes
-    are copied); costs one ``stat`` per path-only cell."""
+    bytes, else ``"<source_row>-<hash>"`` with a hash of the path and :func:`_file_stamp` of each cell read from
+    a file (``missing`` for a file that cannot be stat'ed). Reads the cells' storage with pyarrow in whole
+    columns of the underlying table, through the dataset's row mapping when it has one (no image bytes are
+    copied, no per-row gathering); costs one ``stat`` per path-only cell."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
     rows = np.asarray(pairs["source_row"], dtype=np.int64)
     files: list[list[str]] = [[] for _ in rows]
-    table = pairs.select_columns(["jpg_0", "jpg_1"]).with_format("arrow")[:]
+    table = pairs.data.table  # every underlying row; pairs[i] is table row mapping[i] (select/filter/shuffle)
+    mapping = getattr(pairs, "_indices", None)
+    mapping = None if mapping is None else mapping.column(0).to_numpy()
     for name in ("jpg_0", "jpg_1"):
         column = table.column(name)
         if not (pa.types.is_struct(column.type) and column.type.get_field_index("path") >= 0
                 and column.type.get_field_index("bytes") >= 0):
             continue  # raw bytes: the fingerprint covers them
         path_only = pc.and_(pc.is_null(pc.struct_field(column, "bytes")),
-                            pc.is_valid(pc.struct_field(column, "path")))
-        positions = np.flatnonzero(path_only.to_numpy(zero_copy_only=False))
+                            pc.is_valid(pc.struct_field(column, "path"))).to_numpy(zero_copy_only=False)
+        positions = np.flatnonzero(path_only if mapping is None else path_only[mapping])
         if not len(positions):
             continue
-        paths = pc.struct_field(column, "path").take(pa.array(positions)).to_pylist()
+        table_rows = positions if mapping is None else mapping[positions]
+        paths = pc.struct_field(column, "path").take(pa.array(table_rows)).to_pylist()
         for position, path in zip(positions, paths):
             files[position].append(f"{name}|{path}|{_file_stamp(path)}")
     return [str(row) if not stamp else f"{row}-{hashlib.sha256(chr(0).join(stamp).encode()).hexdigest()[:16]}"
@@ -140,11 +145,13 @@ def pair_entry_bases(pairs) -> list[str]:
 
 
 def _file_stamp(path: str) -> str:
+    """``size:mtime:ctime:inode`` of a file, or ``missing``: a rewrite shows in one of them even when the size and
+    modification time are kept (``cp -p``, ``rsync -t``), and so does a permission fix after a failed read."""
     try:
         status = os.stat(path)
     except OSError:
         return "missing"
-    return f"{status.st_size}:{status.st_mtime_ns}"
+    return f"{status.st_size}:{status.st_mtime_ns}:{status.st_ctime_ns}:{status.st_ino}"
 
 
 def _caption_text(caption) -> str:

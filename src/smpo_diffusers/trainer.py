@@ -31,7 +31,7 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 
 from .config import PICKSCORE_REWARD_SCALE, SmPOConfig
-from .distributed import use_cpu_process_group
+from .distributed import computed_on_main, same_on_every_process, use_cpu_process_group
 from .data import (
     PairTransform,
     PreferencePairDataset,
@@ -383,7 +383,10 @@ class SmPOTrainer:
                                   resolution=config.resolution, hflip=not config.no_hflip, vae_dtype=parts.vae.dtype,
                                   weight_dtype=self.weight_dtype)
         cache = LatentCache(config.latent_cache_root, settings)
-        bases = pair_entry_bases(self.pairs)  # one stat per path-only image, shared by the build and the reader
+        same_on_every_process(cache.key, self.accelerator, "the latent-cache key (model weights, data, settings)")
+        # one stat per path-only image, by the main process (another node may hold copies with other times),
+        # shared by the build and the reader
+        bases = computed_on_main(lambda: pair_entry_bases(self.pairs), self.accelerator)
         stats = cache.ensure(self.pairs, parts, resolution=config.resolution, weight_dtype=self.weight_dtype,
                              accelerator=self.accelerator, batch_size=config.train_batch_size, entry_bases=bases)
         self.latent_cache_stats = stats

@@ -102,10 +102,6 @@ class LabelingArguments:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}.")
         if self.max_samples is not None and self.max_samples < 1:
             raise ValueError(f"--max_samples must be >= 1, got {self.max_samples}.")
-        default_pairs = type(self).__dataclass_fields__["ensemble_calibration_pairs"].default
-        if self.ensemble_calibration_pairs != default_pairs and "," not in self.reward_model:
-            raise ValueError("--ensemble_calibration_pairs calibrates an ensemble (--reward_model a,b,...); one "
-                             f"reward model ({self.reward_model!r}) needs no calibration. Drop it.")
 
 
 def _prepare_source(dataset, max_samples: int | None):
@@ -305,6 +301,13 @@ def label_dataset(args: LabelingArguments, reward_model: RewardModel | None = No
         "shard_size": args.shard_size,
     }
     calibrate = isinstance(reward_model, EnsembleRewardModel) and reward_model.statistics is None
+    default_pairs = LabelingArguments.__dataclass_fields__["ensemble_calibration_pairs"].default
+    if args.ensemble_calibration_pairs != default_pairs and not calibrate:
+        raise ValueError(
+            "--ensemble_calibration_pairs calibrates an ensemble without given statistics (--reward_model a,b,...); "
+            f"the reward model {reward_model.name!r} "
+            f"{'has its statistics' if isinstance(reward_model, EnsembleRewardModel) else 'needs no calibration'}."
+            " Drop --ensemble_calibration_pairs.")
     if isinstance(reward_model, EnsembleRewardModel):  # what the ensemble's scores depend on besides its name
         settings["ensemble_weights"] = list(reward_model.weights)
         if calibrate:

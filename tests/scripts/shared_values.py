@@ -1,0 +1,38 @@
+"""Under `accelerate launch` with 2 processes: what distributed.computed_on_main and same_on_every_process do.
+
+Usage: accelerate launch ... tests/scripts/shared_values.py RECORD_DIR
+Writes RECORD_DIR/rank{R}.json: the value each rank got from computed_on_main (only the main process computes),
+and the error each rank got from same_on_every_process for a value that differs by rank (every rank must raise).
+"""
+
+import json
+import os
+import sys
+
+from accelerate import PartialState
+
+from smpo_diffusers.distributed import computed_on_main, same_on_every_process, use_cpu_process_group
+
+
+def main():
+    state = PartialState(cpu=use_cpu_process_group())
+    calls = []
+
+    def compute():
+        calls.append(state.process_index)
+        return {"computed_by": state.process_index, "stems": [f"{row}-abc" for row in range(3)]}
+
+    shared = computed_on_main(compute, state)
+    same_on_every_process("same", state, "a value every rank shares")  # no error
+    try:
+        same_on_every_process(f"rank-{state.process_index}", state, "a per-rank value")
+        error = None
+    except ValueError as caught:
+        error = str(caught)
+    os.makedirs(sys.argv[1], exist_ok=True)
+    with open(os.path.join(sys.argv[1], f"rank{state.process_index}.json"), "w") as handle:
+        json.dump({"rank": state.process_index, "shared": shared, "calls": calls, "error": error}, handle)
+
+
+if __name__ == "__main__":
+    main()
