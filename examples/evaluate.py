@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 import torch
@@ -71,6 +72,9 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     args = parse_args(argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("evaluate.py renders in one process; run it with `python examples/evaluate.py ...`, not "
+                         "under accelerate launch with several processes (each would render and write the same files).")
     aligned_layout(args.aligned_model)  # a missing or empty folder is reported as such
     recorded = trained_base_settings(args.aligned_model) or {}
     base_model = args.base_model or recorded.get("base_model")

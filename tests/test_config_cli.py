@@ -229,3 +229,15 @@ def test_demo_defaults_never_replace_typed_flags(tmp_path, monkeypatch):
     config, demo = parse_training_args(other)
     prepare_demo(config, demo, "sd", given=given_flags(other))
     assert (config.learning_rate, config.max_train_steps, config.gamma) == (0.5, 3, 2.0)
+
+
+def test_demo_values_are_validated_like_typed_ones(tmp_path, monkeypatch, capsys):
+    """--logging_dir with --demo: the demo turns trackers off, so the directory would be ignored: an error, as when
+    --report_to none is typed."""
+    import smpo_diffusers.toy as toy
+    from smpo_diffusers.cli import run_cli, train_main
+
+    monkeypatch.setattr(toy, "build_toy_demo_inputs", lambda folder, seed: ("toy-model", "toy-data"))
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(train_main, ["--demo", "--output_dir", str(tmp_path), "--logging_dir", "tb"])
+    assert exit_info.value.code == 2 and "--report_to none writes no tracker logs" in capsys.readouterr().err

@@ -93,6 +93,7 @@ def test_read_prompts_sources(tmp_path):
     ({"batch_size": 0}, "--batch_size must be >= 1"),
     ({"resolution": 4}, "--resolution must be at least 8"),
     ({"device": "cuda"}, "no CUDA GPU is visible"),
+    ({"device": "gpu"}, "--device 'gpu' is not a torch device"),
 ])
 def test_evaluate_refuses_bad_settings_before_loading_anything(tmp_path, kwargs, message):
     if kwargs.get("device") == "cuda" and torch.cuda.is_available():
@@ -191,7 +192,12 @@ def test_evaluate_cli_runs_end_to_end(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(cli, "format_results_table", lambda results: "")
     cli.main(["--base_model", "toy", "--aligned_model", str(aligned), "--output_dir", str(tmp_path / "eval4")])
     assert seen[0][0] == toy_model_path()
-    assert seen[0][1]["dtype"] == torch.float32 and seen[0][1]["device"] == "cpu"  # no GPU here
+    assert seen[0][1]["dtype"] == torch.float32
+    assert seen[0][1]["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="not under accelerate launch with several processes"):
+        cli.main(["--base_model", "toy", "--aligned_model", str(aligned), "--output_dir", str(tmp_path / "x")])
+    monkeypatch.delenv("WORLD_SIZE")
     cli.main(["--base_model", "toy", "--aligned_model", str(aligned), "--output_dir", str(tmp_path / "eval5"),
               "--dtype", "bf16", "--device", "meta"])
     assert seen[1][1]["dtype"] == torch.bfloat16 and seen[1][1]["device"] == "meta"

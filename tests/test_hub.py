@@ -442,6 +442,7 @@ def test_failed_upload_names_the_retry_command_and_keeps_the_output(tmp_path, st
     message = str(error.value)
     assert f"python examples/push_to_hub.py {out} --hub_model_id me/smpo --private" in message
     assert "smpo_diffusers.hub.push_to_hub(" in message and "intact" in message and TOKEN not in message
+    assert "private=True)" in message
     assert isinstance(error.value.__cause__, HfHubHTTPError)
     assert error.value.__cause__.response.status_code == 500
     # the real client retried the commit before giving up; nothing was committed
@@ -589,8 +590,13 @@ def test_command_line_uses_env_token_and_endpoint(tmp_path, stub_hub, monkeypatc
     card = ModelCard.load(os.path.join(out, "README.md"))
     assert card.data.license == "other" and "| Reward model | PickScore_v1 |" in card.text
 
-    # --no-private overrides the run's --hub_private
+    # --no-private overrides the run's --hub_private (and its retry hint keeps it)
     private_run = write_output_folder(tmp_path / "private-run", push_to_hub=True, hub_private=True)
+    stub_hub.fail["commit"] = 400
+    with pytest.raises(SystemExit):
+        push_main([private_run, "--hub_model_id", "org/public", "--no-private"])
+    assert "--hub_model_id org/public --no-private" in capsys.readouterr().err
+    del stub_hub.fail["commit"]
     push_main([private_run, "--hub_model_id", "org/public", "--no-private"])
     assert stub_hub.repos["org/public"]["visibility"] == "public"
     with pytest.raises(SystemExit) as exit_info:
@@ -624,9 +630,9 @@ def test_training_with_push_to_hub_uploads_the_final_output(tmp_path, stub_hub, 
                         push_to_hub=True, hub_model_id="my-org/tiny-smpo", hub_private=True)
     SmPOTrainer(config).train()
     requests = stub_hub.requests
-    # "info": a private push checks the repository is still private before uploading
-    assert [r["route"] for r in requests] == ["create", "info", "validate-yaml", "preupload", "commit"]
-    create = json.loads(requests[0]["body"])
+    # "info": before training, and again before uploading, a private push checks the repository is new or private
+    assert [r["route"] for r in requests] == ["info", "create", "info", "validate-yaml", "preupload", "commit"]
+    create = json.loads(requests[1]["body"])
     assert create == {"name": "tiny-smpo", "organization": "my-org", "visibility": "private"}
     assert sorted(stub_hub.repos["my-org/tiny-smpo"]["files"]) == [
         "README.md", "pytorch_lora_weights.safetensors", "training_config.json", "training_metrics.json",
@@ -638,6 +644,26 @@ def test_training_with_push_to_hub_uploads_the_final_output(tmp_path, stub_hub, 
     assert any(name.startswith("events.out.tfevents") for _, _, names in os.walk(out / "tb-runs") for name in names)
     assert_token_in_no_file(out)
     assert all(TOKEN not in record.getMessage() for record in caplog.records)
+
+
+def test_private_push_onto_a_public_repository_fails_before_training(
+        tmp_path, stub_hub, monkeypatch, caplog, demo_inputs):
+    from smpo_diffusers import SmPOTrainer
+
+    monkeypatch.setattr(hf_constants, "ENDPOINT", stub_hub.endpoint)
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    HfApi(endpoint=stub_hub.endpoint).create_repo("my-org/public", token=TOKEN)
+    model, data = demo_inputs["sdxl"]
+    options = dict(pretrained_model_name_or_path=model, dataset_name=data, output_dir=str(tmp_path / "o"),
+                   resolution=32, report_to="none", push_to_hub=True, hub_private=True)
+    with pytest.raises(ValueError, match="my-org/public already exists and is public.*nothing was trained"):
+        SmPOTrainer(SmPOConfig(**options, hub_model_id="my-org/public"))
+    assert not (tmp_path / "o" / "pytorch_lora_weights.safetensors").exists()
+    # a Hub that cannot answer (here: no whoami route for a bare name) is warned about, not a reason to refuse
+    with caplog.at_level("WARNING", logger="smpo_diffusers.hub"):
+        hub.check_private_push_target("bare-name", TOKEN)
+    assert "could not check that bare-name is private or new before training" in caplog.text
+    assert TOKEN not in caplog.text
 
 
 def test_push_to_hub_without_a_token_fails_before_training(tmp_path, demo_inputs):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -131,7 +132,14 @@ def train_main(argv: list[str] | None = None, family: str = "sdxl") -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     config, demo = parse_training_args(argv)
     if demo.demo:
-        prepare_demo(config, demo, family, given=given_flags(argv))
+        from accelerate import PartialState
+
+        from .distributed import use_cpu_process_group
+
+        # under accelerate launch the main process builds the inputs; the others then find them built
+        with PartialState(cpu=use_cpu_process_group()).main_process_first():
+            prepare_demo(config, demo, family, given=given_flags(argv))
+        config = dataclasses.replace(config)  # validated again with the demo's values in place
     missing = [flag for flag, value in (("--pretrained_model_name_or_path", config.pretrained_model_name_or_path),
                                         ("--dataset_name", config.dataset_name)) if value is None]
     if missing:

@@ -362,7 +362,11 @@ def evaluate(base_model: str, aligned_model: str, prompts: Sequence[str], *, out
             raise ValueError(f"--{name} must be >= 1, got {value}.")
     if resolution is not None and resolution < 8:
         raise ValueError(f"--resolution must be at least 8 pixels, got {resolution}.")
-    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+    try:
+        device = torch.device(device)
+    except RuntimeError as error:
+        raise ValueError(f"--device {device!r} is not a torch device ({error}); use cpu, cuda or cuda:N.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA GPU is visible to torch here; use --device cpu.")
     if seeds_per_prompt < 1:
         raise ValueError(f"seeds_per_prompt must be >= 1, got {seeds_per_prompt}.")

@@ -41,6 +41,7 @@ __all__ = [
     "check_hub_credentials",
     "create_model_card",
     "base_revision",
+    "check_private_push_target",
     "hub_id_or_none",
     "push_main",
     "push_to_hub",
@@ -193,6 +194,35 @@ def check_hub_credentials(token: str | None = None, *, repo_id: str | None = Non
     if not resolved:
         raise HubAuthenticationError(f"No Hugging Face token found, so nothing can be pushed to the Hub. {LOGIN_HELP}")
     return resolved
+
+
+def check_private_push_target(repo_id: str, token: str, api=None) -> None:
+    """Before training, for ``--push_to_hub --hub_private``: refuse a target that already exists and is public
+    (the final push would refuse it only after training, see :func:`push_to_hub`). A repository that does not
+    exist yet is fine; a Hub that cannot be asked is warned about (the push checks again). A bare name is looked
+    up in the token owner's namespace, where the push would create it."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    api = api if api is not None else HfApi()
+    try:
+        with redacted_logging(token):
+            full_id = repo_id if "/" in repo_id else f"{api.whoami(token=token)['name']}/{repo_id}"
+            public = api.model_info(full_id, token=token).private is False
+    except RepositoryNotFoundError:
+        return
+    except Exception as error:  # the network or the Hub: not a reason to refuse training
+        logger.warning("could not check that %s is private or new before training (%s); the push after training "
+                       "checks again", repo_id, redact(f"{type(error).__name__}: {error}", token))
+        return
+    if public:
+        raise ValueError(_public_target_message(full_id, "nothing was trained or uploaded"))
+
+
+def _public_target_message(repo_id: str, outcome: str) -> str:
+    return (f"{repo_id} already exists and is public, so a private push would publish the weights. Make it "
+            f"private first (its Settings page, or huggingface_hub.update_repo_settings({repo_id!r}, "
+            f"private=True)), or push to another repository; {outcome}.")
 
 
 def _validate_repo_id(repo_id: str, source: str) -> None:
@@ -706,10 +736,11 @@ def _refuse_files_with_token(output_dir: str, files: list[str], token: str) -> N
 
 
 def _retry_hint(output_dir: str, repo_id: str, private: bool) -> str:
-    flags = " --private" if private else ""
+    """The push command to run again, with the visibility spelled out (a run's --hub_private would otherwise
+    override a --no-private push)."""
+    flags = " --private" if private else " --no-private"
     return (f"  python examples/push_to_hub.py {shlex.quote(output_dir)} --hub_model_id {shlex.quote(repo_id)}{flags}\n"
-            f"or, from Python:\n  smpo_diffusers.hub.push_to_hub({output_dir!r}, {repo_id!r}"
-            f"{', private=True' if private else ''})")
+            f"or, from Python:\n  smpo_diffusers.hub.push_to_hub({output_dir!r}, {repo_id!r}, private={private})")
 
 
 def push_to_hub(output_dir: str, repo_id: str | None = None, *, private: bool | None = None, token: str | None = None,
@@ -761,10 +792,7 @@ def push_to_hub(output_dir: str, repo_id: str | None = None, *, private: bool | 
         with _upload_errors(output_dir, repo_id, private, token):
             visibility = api.model_info(target, token=token).private
         if visibility is False:
-            raise ValueError(
-                f"{target} already exists and is public, so a private push would publish the weights. Make it "
-                f"private first (its Settings page, or huggingface_hub.update_repo_settings({target!r}, "
-                "private=True)), or push to another repository; nothing was uploaded.")
+            raise ValueError(_public_target_message(target, "nothing was uploaded"))
     if create_card:
         create_model_card(output_dir, repo_id=target, reward_model=reward_model, license=license)
     files = _files_to_upload(output_dir, patterns)

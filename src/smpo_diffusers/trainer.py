@@ -195,9 +195,11 @@ class SmPOTrainer:
         self.config = config
         self._check_output_dir_writable()
         if config.push_to_hub:  # fail before hours of training, not after
-            from .hub import check_hub_credentials
+            from .hub import check_hub_credentials, check_private_push_target, resolve_repo_id
 
-            check_hub_credentials(repo_id=config.hub_model_id)
+            token = check_hub_credentials(repo_id=config.hub_model_id)
+            if config.hub_private:  # every process asks, so that all of them stop (none waits for the others)
+                check_private_push_target(config.hub_model_id or resolve_repo_id(config.output_dir), token)
         if accelerator is not None:
             self._check_given_accelerator(accelerator)
         self.accelerator = accelerator or self._make_accelerator()
