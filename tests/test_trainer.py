@@ -473,3 +473,27 @@ def test_non_default_options_reach_the_components(tmp_path, demo_inputs, caplog)
                                      tie_policy="keep", output_dir=str(tmp_path / "epochs")))
     assert epochs.pair_statistics.kept_ties == 2 and trainer.pair_statistics.dropped_ties == 2
     assert epochs.max_train_steps == 3 * math.ceil(len(epochs.train_dataset) / 2) == 24
+
+
+def test_update_metrics_average_per_pair_across_micro_batches():
+    """A micro-batch of 1 pair and one of 3 pairs: the update's accuracy is 3 of 4 pairs, not the mean of the two
+    micro-batch means; the residual averages its finite entries only; a metric no pair produced is left out."""
+    import types
+
+    from smpo_diffusers.trainer import StepOutput
+
+    def step(correct, residual, loss):
+        pairs = len(correct)
+        ones = torch.ones(pairs)
+        return StepOutput(loss=torch.tensor(loss), implicit_accuracy=torch.tensor(correct, dtype=torch.float32),
+                          reward_margin=ones, weight=ones, policy_err_w=ones, policy_err_l=ones, ref_err_w=ones,
+                          ref_err_l=ones, inversion_residual=torch.tensor(residual), timesteps=ones.long(),
+                          unet_evaluations={})
+
+    window = [step([0.0], [float("nan")], 4.0).metrics(),
+              step([1.0, 1.0, 1.0], [1.0, 2.0, float("nan")], 0.0).metrics()]
+    fake = types.SimpleNamespace(accelerator=types.SimpleNamespace(num_processes=1))
+    logs = SmPOTrainer._reduce_metrics(fake, window)
+    assert logs["implicit_acc"] == 0.75 and logs["loss"] == 1.0 and logs["inversion_residual"] == 1.5
+    logs = SmPOTrainer._reduce_metrics(fake, [step([1.0], [float("nan")], 0.5).metrics()])
+    assert "inversion_residual" not in logs and logs["loss"] == 0.5

@@ -138,19 +138,18 @@ class StepOutput:
                     "ref_err_w", "ref_err_l", "inversion_residual")
     """The keys of :meth:`metrics`, in the order processes reduce them."""
 
-    def metrics(self) -> dict:
+    def metrics(self) -> dict[str, tuple[float, int]]:
+        """Per metric ``(sum over the micro-batch's pairs, number of pairs)``, so that updates and processes
+        average per pair however the pairs fall into micro-batches (the loss counts as its mean times the pairs;
+        the inversion residual counts only its finite entries)."""
+        pairs = int(self.implicit_accuracy.numel())
         residual = self.inversion_residual[torch.isfinite(self.inversion_residual)]
-        return {
-            "loss": self.loss.detach().item(),
-            "implicit_acc": self.implicit_accuracy.mean().item(),
-            "reward_margin": self.reward_margin.mean().item(),
-            "preference_weight": self.weight.mean().item(),
-            "policy_err_w": self.policy_err_w.mean().item(),
-            "policy_err_l": self.policy_err_l.mean().item(),
-            "ref_err_w": self.ref_err_w.mean().item(),
-            "ref_err_l": self.ref_err_l.mean().item(),
-            "inversion_residual": residual.mean().item() if residual.numel() else math.nan,
-        }
+        per_pair = {"implicit_acc": self.implicit_accuracy, "reward_margin": self.reward_margin,
+                    "preference_weight": self.weight, "policy_err_w": self.policy_err_w,
+                    "policy_err_l": self.policy_err_l, "ref_err_w": self.ref_err_w, "ref_err_l": self.ref_err_l}
+        return {"loss": (self.loss.detach().item() * pairs, pairs),
+                **{name: (values.detach().double().sum().item(), pairs) for name, values in per_pair.items()},
+                "inversion_residual": (residual.double().sum().item(), int(residual.numel()))}
 
 
 def make_optimizer(config: SmPOConfig, params, lr: float):
@@ -756,15 +755,16 @@ class SmPOTrainer:
             )
 
     def _reduce_metrics(self, window: list[dict]) -> dict:
-        """Each metric's mean over the update's micro-batches on every process (one all-reduce of sums and
-        counts, which every process joins even when all its micro-batches were empty). A NaN entry makes the mean
-        NaN; a metric no micro-batch produced is left out."""
+        """Each metric's mean per pair over the update's micro-batches on every process (one all-reduce of sums
+        and counts, which every process joins even when all its micro-batches were empty). A NaN entry makes the
+        mean NaN; a metric no pair produced is left out."""
         names = StepOutput.METRIC_NAMES
         sums = torch.zeros(2, len(names), dtype=torch.float64)
         for entry in window:
             for column, name in enumerate(names):
-                sums[0, column] += entry[name]
-                sums[1, column] += 1
+                total, count = entry[name]
+                sums[0, column] += total
+                sums[1, column] += count
         if self.accelerator.num_processes > 1:
             sums = self.accelerator.reduce(sums.to(self.accelerator.device), reduction="sum").cpu()
         return {name: float(sums[0, column] / sums[1, column])
