@@ -624,3 +624,25 @@ def test_undecodable_pair_gives_none_and_collate_counts_it():
 def test_dataset_requires_prepared_pairs():
     with pytest.raises(ValueError, match="prepare_preference_pairs"):
         PreferencePairDataset(make_preference_dataset(num_pairs=2), PairTransform(8), seed=0)
+
+
+def test_padding_index_is_dropped_without_counting_as_a_skip():
+    """The sampler's end-of-epoch padding: an item marked as padding, dropped by the collate, no skip counted; the
+    sampler pads its permutation to a multiple (each real index still exactly once)."""
+    from smpo_diffusers.data import PADDING_INDEX
+    from smpo_diffusers.trainer import EpochShuffleSampler
+
+    pairs, _ = prepare_preference_pairs(make_preference_dataset(num_pairs=3, seed=0), loss_type="dpo",
+                                        reward_columns=None, reward_scale=None)
+    dataset = PreferencePairDataset(pairs, PairTransform(16), seed=0)
+    batch = collate_preference_batch([dataset[0], dataset[PADDING_INDEX], None])
+    assert batch["batch_size"] == 1 and batch["num_skipped"] == 1 and batch["indices"].tolist() == [0]
+    only_padding = collate_preference_batch([dataset[PADDING_INDEX]] * 2)
+    assert only_padding["batch_size"] == 0 and only_padding["num_skipped"] == 0
+    with pytest.raises(IndexError):
+        dataset[-2]
+    sampler = EpochShuffleSampler(13, seed=0, pad_to_multiple=6)
+    order = list(sampler)
+    assert len(sampler) == len(order) == 18 and order[13:] == [PADDING_INDEX] * 5
+    assert sorted(order[:13]) == list(range(13))
+    assert list(EpochShuffleSampler(13, seed=0)) == order[:13]  # padding leaves the order as it is

@@ -147,6 +147,27 @@ def test_two_processes_survive_micro_batches_that_decode_to_nothing(tmp_path, de
 
 
 @pytest.mark.slow
+def test_two_processes_draw_each_pair_once_an_epoch(tmp_path, demo_inputs):
+    """13 pairs, batches of 3, 2 processes: the epoch's end is padded (not filled with repeated pairs, as
+    accelerate's even batches would), so each pair is trained exactly once, both processes take the same number
+    of micro-batches, and the padding is not reported as a skip."""
+    model, data = demo_inputs["sd"]
+    out = tmp_path / "out"
+    launch([ROOT / "tests" / "scripts" / "record_training.py", tmp_path / "rec",
+            *common_flags(model, data, out, train_batch_size=3, max_train_samples=13, loss_type="dpo",
+                          noise_source="random", num_train_epochs=1)], processes=2)
+    records = read_records(tmp_path / "rec")
+    kept = json.loads((out / "training_config.json").read_text())["pairs"]["kept"]
+    seen = [index for record in records for micro_batch in record["seen"] for index in micro_batch]
+    assert kept == 13 and sorted(seen) == list(range(13))
+    assert [len(r["micro_batch_sizes"]) for r in records] == [3, 3]
+    assert sorted(size for r in records for size in r["micro_batch_sizes"]) == [0, 1, 3, 3, 3, 3]
+    metrics = json.loads((out / "training_metrics.json").read_text())
+    assert metrics["skipped"]["empty_batches"] == metrics["skipped"]["undecodable_pairs"] == 0
+    assert metrics["global_step"] == 3 and records[0]["optimizer_steps"] == 3
+
+
+@pytest.mark.slow
 def test_two_process_labelling_equals_one_process(tmp_path):
     from datasets import load_from_disk
 

@@ -784,8 +784,18 @@ class PairTransform:
 # ----------------------------------------------------------------------------- torch dataset
 
 
+PADDING_INDEX = -1
+"""A sampler index that stands for no pair: :class:`EpochIndexedDataset` gives :data:`PADDING_ITEM` for it and
+:func:`collate_preference_batch` drops it without counting it as a skip. The trainer's sampler pads the last
+batches of an epoch with it so that every process gets the same number of full-size batches and accelerate
+has nothing to fill (it would repeat pairs from the start of the epoch)."""
+
+PADDING_ITEM = {"padding": True}
+
+
 class EpochIndexedDataset(torch.utils.data.Dataset):
-    """What the pair datasets share: an epoch that seeds per-item randomness, and bounds-checked indices."""
+    """What the pair datasets share: an epoch that seeds per-item randomness, bounds-checked indices and the
+    padding index. Subclasses implement ``_item(index)`` (None for an undecodable pair)."""
 
     epoch = 0
 
@@ -794,11 +804,16 @@ class EpochIndexedDataset(torch.utils.data.Dataset):
             raise ValueError(f"epoch must be >= 0, got {epoch}.")
         self.epoch = int(epoch)
 
-    def _checked_index(self, i) -> int:
+    def __getitem__(self, i: int) -> dict | None:
         index = int(i)
+        if index == PADDING_INDEX:
+            return dict(PADDING_ITEM)
         if not 0 <= index < len(self):
             raise IndexError(f"index {i} out of range for {len(self)} pairs")
-        return index
+        return self._item(index)
+
+    def _item(self, index: int) -> dict | None:
+        raise NotImplementedError
 
 
 class PreferencePairDataset(EpochIndexedDataset):
@@ -841,8 +856,7 @@ class PreferencePairDataset(EpochIndexedDataset):
     def __len__(self) -> int:
         return len(self._rows)
 
-    def __getitem__(self, i: int) -> dict | None:
-        index = self._checked_index(i)
+    def _item(self, index: int) -> dict | None:
         row = self._rows[index].to_pylist()[0]
         rng = np.random.default_rng([self.seed, self.epoch, index])
         empty_prompt = bool(rng.random() < self.proportion_empty_prompts)
@@ -878,7 +892,8 @@ CACHED_ITEM_TENSORS = ("latent_mean", "latent_std", "prompt_hidden", "prompt_poo
 
 
 def collate_preference_batch(items: list[dict | None]) -> dict:
-    """Stack :class:`PreferencePairDataset` items; None items (undecodable pairs) are dropped.
+    """Stack :class:`PreferencePairDataset` items; None items (undecodable pairs) and padding items
+    (:data:`PADDING_INDEX`) are dropped.
 
     Returns a dict with
 
@@ -887,13 +902,15 @@ def collate_preference_batch(items: list[dict | None]) -> dict:
       ``prob_w``: float32 ``(B,)``;
       ``original_sizes``, ``crop_top_lefts``: int64 ``(B, 2, 2)``; ``indices``: int64 ``(B,)``;
       ``captions``: list of B str;
-    * ``batch_size`` (B), ``num_skipped`` (None items dropped from this batch) and the counts
+    * ``batch_size`` (B), ``num_skipped`` (None items dropped from this batch; padding is not counted) and the
+      counts
       ``num_empty_prompts``, ``num_missing_captions``, ``num_resized_pairs``, ``num_upscaled``.
 
     If every item was None, B = 0 and ``pixel_values``, ``prob_w``, ``original_sizes``,
     ``crop_top_lefts`` and ``indices`` are None and ``captions`` is ``[]``: the caller skips the
     step and adds ``num_skipped`` to its counter.
     """
+    items = [item for item in items if item is None or not item.get("padding")]
     kept = [item for item in items if item is not None]
     batch: dict[str, Any] = {
         "batch_size": len(kept),
@@ -928,6 +945,7 @@ __all__ = [
     "PairStatistics",
     "PairTransform",
     "EpochIndexedDataset",
+    "PADDING_INDEX",
     "PreferencePairDataset",
     "collate_preference_batch",
     "decode_image",

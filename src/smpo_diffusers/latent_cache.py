@@ -438,8 +438,7 @@ class CachedPairDataset(EpochIndexedDataset):
     def __len__(self) -> int:
         return len(self.bases)
 
-    def __getitem__(self, i: int) -> dict | None:
-        index = self._checked_index(i)
+    def _item(self, index: int) -> dict | None:
         rng = np.random.default_rng([self.seed, self.epoch, index])
         empty_prompt = bool(rng.random() < self.proportion_empty_prompts)
         flipped = bool(self.hflip and rng.random() < 0.5)  # PairTransform's draw (centre crop: no crop draws)

@@ -33,6 +33,7 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from .config import PICKSCORE_REWARD_SCALE, SmPOConfig
 from .distributed import computed_on_main, same_on_every_process, use_cpu_process_group
 from .data import (
+    PADDING_INDEX,
     PairTransform,
     PreferencePairDataset,
     collate_preference_batch,
@@ -96,10 +97,18 @@ TRAINER_STATE_NAME = "trainer_state.json"
 
 
 class EpochShuffleSampler(torch.utils.data.Sampler):
-    """A permutation of ``range(n)`` that depends only on ``(seed, epoch)``, so data order survives resumes."""
+    """A permutation of ``range(n)`` that depends only on ``(seed, epoch)``, so data order survives resumes,
+    followed by :data:`~smpo_diffusers.data.PADDING_INDEX` up to a multiple of ``pad_to_multiple``.
 
-    def __init__(self, num_samples: int, seed: int):
+    With N processes and batches of B the trainer pads to N·B: every process then gets the same number of
+    full-size batches, each pair is drawn exactly once an epoch, and accelerate (``even_batches``) has nothing
+    to fill with repeated pairs. Padding never fills a whole round of N batches, so no update is padding only."""
+
+    def __init__(self, num_samples: int, seed: int, pad_to_multiple: int = 1):
+        if pad_to_multiple < 1:
+            raise ValueError(f"pad_to_multiple must be >= 1, got {pad_to_multiple}.")
         self.num_samples, self.seed, self.epoch = num_samples, seed, 0
+        self.padding = -num_samples % pad_to_multiple
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -107,10 +116,11 @@ class EpochShuffleSampler(torch.utils.data.Sampler):
     def __iter__(self):
         seed = int(np.random.SeedSequence([self.seed, self.epoch]).generate_state(1)[0])
         generator = torch.Generator().manual_seed(seed)
-        return iter(torch.randperm(self.num_samples, generator=generator).tolist())
+        order = torch.randperm(self.num_samples, generator=generator).tolist()
+        return iter(order + [PADDING_INDEX] * self.padding)
 
     def __len__(self) -> int:
-        return self.num_samples
+        return self.num_samples + self.padding
 
 
 def _step_generator(*keys: int) -> torch.Generator:
@@ -370,7 +380,9 @@ class SmPOTrainer:
             transform = PairTransform(config.resolution, random_crop=config.random_crop, hflip=not config.no_hflip)
             self.train_dataset = PreferencePairDataset(self.pairs, transform, seed=config.seed,
                                                        proportion_empty_prompts=config.proportion_empty_prompts)
-        self.sampler = EpochShuffleSampler(len(self.train_dataset), config.seed)
+        processes = self.accelerator.num_processes
+        self.sampler = EpochShuffleSampler(len(self.train_dataset), config.seed,
+                                           pad_to_multiple=config.train_batch_size * processes if processes > 1 else 1)
         self.train_dataloader = torch.utils.data.DataLoader(
             self.train_dataset, batch_size=config.train_batch_size, sampler=self.sampler,
             collate_fn=collate_preference_batch, num_workers=config.dataloader_num_workers,
@@ -655,10 +667,10 @@ class SmPOTrainer:
     def _micro_step(self, batch, generator) -> StepOutput | None:
         accelerator = self.accelerator
         if batch is None or not batch.get("batch_size"):
-            # Every pair of this micro-batch failed to decode (counted). Alone we simply skip it; with several
-            # processes this rank still runs the wrapped UNet once (times zero) so that it joins the gradient
-            # all-reduce the others are in.
-            self.skipped["empty_batches"] += 1
+            # Every pair of this micro-batch failed to decode (counted), or it is the epoch's end padding (several
+            # processes only; not a skip). Alone we simply skip it; with several processes this rank still runs
+            # the wrapped UNet once (times zero) so that it joins the gradient all-reduce the others are in.
+            self.skipped["empty_batches"] += int(bool(batch and batch.get("num_skipped")))
             if accelerator.num_processes > 1:
                 accelerator.backward(self._placeholder_policy_loss())
             if accelerator.sync_gradients and any(p.grad is not None for p in self.trainable_params):

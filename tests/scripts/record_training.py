@@ -1,8 +1,8 @@
 """Run SmPO training under `accelerate launch` and record, per rank, what that rank trained on.
 
 Usage: accelerate launch ... tests/scripts/record_training.py RECORD_DIR [SmPOConfig flags]
-Writes RECORD_DIR/rank{R}.json with the pair indices of every micro-batch and a digest of the final
-trainable weights as that rank holds them. Everything else is the ordinary library code path.
+Writes RECORD_DIR/rank{R}.json with the pair indices of every micro-batch ([] when it held none) and a digest
+of the final trainable weights as that rank holds them. Everything else is the ordinary library code path.
 """
 
 import hashlib
@@ -20,12 +20,10 @@ class RecordingTrainer(SmPOTrainer):
     seen: list
     micro_batch_sizes: list
 
-    def compute_loss(self, batch, generator):
-        self.seen.append(batch["indices"].tolist())
-        return super().compute_loss(batch, generator)
-
     def _micro_step(self, batch, generator):
-        self.micro_batch_sizes.append(int(batch.get("batch_size", 0)) if batch else 0)
+        size = int(batch.get("batch_size", 0)) if batch else 0
+        self.micro_batch_sizes.append(size)
+        self.seen.append(batch["indices"].tolist() if size else [])  # [] for a micro-batch with no pair
         return super()._micro_step(batch, generator)
 
 
