@@ -277,7 +277,12 @@ def test_gpu_check_script_passes_benchmark_arguments_on(tmp_path):
     mirror.mkdir()
     for name in ("src", "benchmarks", "tests"):
         (mirror / name).symlink_to(os.path.join(root, name))
-    env = {**os.environ, "PYTHONPATH": ""}
+    bin_dir = os.path.dirname(sys.executable)  # the script calls python3: this interpreter (a venv's, say)
+    if not os.path.exists(os.path.join(bin_dir, "python3")):
+        bin_dir = tmp_path / "bin"
+        bin_dir.mkdir()
+        (bin_dir / "python3").symlink_to(sys.executable)
+    env = {**os.environ, "PYTHONPATH": "", "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
 
     bad = subprocess.run(["bash", "benchmarks/gpu_check.sh", str(tmp_path / "out"), "1", "--only",
                           "full bf16 warp-drive"], cwd=mirror, env=env, capture_output=True, text=True, timeout=300)
