@@ -10,9 +10,9 @@ The sampling defaults (20 steps, guidance 3.0, batches of 64, fp32) suit the toy
 ``--aligned_model``: a training --output_dir (LoRA weights or a unet/ folder), its LoRA file or a full pipeline
 folder. ``--base_model`` defaults to the base the run recorded (``training_config.json``); ``toy`` names the
 shipped toy pipeline. The base is read as training read it: the recorded ``--revision`` and ``--variant`` (when
-``--base_model`` is the recorded base) and the recorded separate VAE, used by both models so that only the
-UNet differs (``--base_revision``, ``--base_variant``, ``--vae`` override them; ``--vae base`` keeps the base
-pipeline's own VAE).
+``--base_model`` is the recorded base), the recorded separate VAE, used by both models so that only the UNet
+differs, and the recorded ``--cache_dir`` (``--base_revision``, ``--base_variant``, ``--vae``, ``--cache_dir``
+override them; ``--vae base`` keeps the base pipeline's own VAE).
 ``--prompts``: a built-in set (toy-heldout, toy-train, toy-all), a .txt file (one prompt a line) or a
 dataset (save_to_disk folder or parquet/json/csv file; --prompt_column picks the column).
 ``--reward_models``: ``toy`` and/or registry names (pickscore, clip, hpsv2, imagereward, aesthetic) or
@@ -50,6 +50,8 @@ def parse_args(argv=None):
     parser.add_argument("--vae", default=None,
                         help="VAE folder or Hub id for both models (default: the separate VAE training used, if any; "
                              "'base': the base pipeline's own; ./base names a folder).")
+    parser.add_argument("--cache_dir", default=None,
+                        help="Hub cache to read Hub ids from (default: the --cache_dir training recorded, if any).")
     parser.add_argument("--aligned_model", required=True, help="LoRA/UNet output folder, LoRA file or pipeline.")
     parser.add_argument("--prompts", default="toy-heldout", help="Built-in set, .txt file or dataset path.")
     parser.add_argument("--prompt_column", default="caption")
@@ -90,6 +92,7 @@ def main(argv=None) -> dict:
     variant = args.base_variant or (recorded.get("variant") if same_base else None)
     vae = args.vae or recorded.get("vae")
     vae = None if vae == "base" else vae
+    cache_dir = args.cache_dir or recorded.get("cache_dir")
     logging.getLogger(__name__).info("base model: %s (revision %s, variant %s); VAE: %s", base_model,
                                      revision or "default", variant or "none", vae or "the base's own")
     prompts = read_prompts(args.prompts, column=args.prompt_column, split=args.prompt_split, limit=args.max_prompts)
@@ -98,7 +101,8 @@ def main(argv=None) -> dict:
                        num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
                        resolution=args.resolution, batch_size=args.batch_size,
                        device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
-                       dtype=DTYPES[args.dtype], base_revision=revision, base_variant=variant, vae=vae)
+                       dtype=DTYPES[args.dtype], base_revision=revision, base_variant=variant, vae=vae,
+                       cache_dir=cache_dir)
     print(format_results_table(results))
     print(f"wrote results.json, results.md and grid.png to {args.output_dir}")
     return results

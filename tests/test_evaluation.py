@@ -218,14 +218,12 @@ def test_evaluate_renders_in_the_requested_dtype(tmp_path, monkeypatch):
 
 
 def test_base_is_read_as_training_read_it(tmp_path, monkeypatch):
-    """The recorded --revision, --variant and separate VAE reach both renders (base and aligned, so only the UNet
-    differs); flags override them; another --base_model drops the recorded revision/variant; --vae base keeps the
-    base pipeline's own VAE. load_pipeline obeys each of them."""
+    """The recorded --revision, --variant, separate VAE and --cache_dir reach both renders (base and aligned, so
+    only the UNet differs); flags override them; another --base_model drops the recorded revision/variant;
+    --vae base keeps the base pipeline's own VAE. load_pipeline obeys each of them."""
     import importlib.util
 
     from diffusers import AutoencoderKL, StableDiffusionPipeline
-    from huggingface_hub import constants as hf_constants
-
     from smpo_diffusers.testing import add_to_hub_cache
 
     script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "evaluate.py")
@@ -243,7 +241,7 @@ def test_base_is_read_as_training_read_it(tmp_path, monkeypatch):
     os.symlink(os.path.join(v1, "unet"), aligned / "unet")
     (aligned / "training_config.json").write_text(json.dumps({
         "pretrained_model_name_or_path": repo_id, "revision": "v1", "variant": "ema",
-        "pretrained_vae_model_name_or_path": other_vae}))
+        "pretrained_vae_model_name_or_path": other_vae, "cache_dir": cache}))
 
     seen = []
     monkeypatch.setattr(cli, "evaluate", lambda base, aligned, prompts, **kwargs: seen.append((base, kwargs)) or {})
@@ -252,20 +250,22 @@ def test_base_is_read_as_training_read_it(tmp_path, monkeypatch):
     cli.main(common)
     cli.main(common + ["--base_revision", "main", "--base_variant", "fp16", "--vae", "base"])
     cli.main(common + ["--base_model", str(tmp_path / "main")])
-    loading = [(base, kwargs["base_revision"], kwargs["base_variant"], kwargs["vae"]) for base, kwargs in seen]
-    assert loading == [(repo_id, "v1", "ema", other_vae), (repo_id, "main", "fp16", None),
-                       (str(tmp_path / "main"), None, None, other_vae)]
+    loading = [(base, kwargs["base_revision"], kwargs["base_variant"], kwargs["vae"], kwargs["cache_dir"])
+               for base, kwargs in seen]
+    assert loading == [(repo_id, "v1", "ema", other_vae, cache), (repo_id, "main", "fp16", None, cache),
+                       (str(tmp_path / "main"), None, None, other_vae, cache)]
 
     def same_weights(module, wanted):
         return all(torch.equal(module.state_dict()[name], value) for name, value in wanted.state_dict().items())
 
-    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", cache)
     reference = StableDiffusionPipeline.from_pretrained(v1)
-    pipeline = load_pipeline(repo_id, revision="v1", variant="ema", vae=other_vae)
+    with pytest.raises(OSError):  # not in the default cache: cache_dir is what finds it
+        load_pipeline(repo_id)
+    pipeline = load_pipeline(repo_id, revision="v1", variant="ema", vae=other_vae, cache_dir=cache)
     assert same_weights(pipeline.unet, reference.unet) and same_weights(pipeline.text_encoder,
                                                                         reference.text_encoder)
     assert same_weights(pipeline.vae, AutoencoderKL.from_pretrained(other_vae))
-    assert same_weights(load_pipeline(repo_id).unet, StableDiffusionPipeline.from_pretrained(
+    assert same_weights(load_pipeline(repo_id, cache_dir=cache).unet, StableDiffusionPipeline.from_pretrained(
         str(tmp_path / "main")).unet)
     with pytest.raises((OSError, ValueError)):  # v1 holds only ema-named files
-        load_pipeline(repo_id, revision="v1")
+        load_pipeline(repo_id, revision="v1", cache_dir=cache)

@@ -781,7 +781,9 @@ def test_card_snippet_loads_the_base_at_the_revision_and_variant_training_read(t
     assert all(torch.equal(scope["pipeline"].vae.state_dict()[name], value) for name, value in wanted.items())
 
     assert base_revision({"pretrained_model_name_or_path": snapshot}) == v1_commit
-    assert base_revision({"pretrained_model_name_or_path": snapshot, "revision": "v1"}) == "v1"
+    assert base_revision({"pretrained_model_name_or_path": snapshot, "revision": "v1"}) == v1_commit  # as read
+    missing = snapshot.replace(v1_commit, "c" * 40)  # a pruned cache: the path still names its commit
+    assert base_revision({"pretrained_model_name_or_path": missing}) == "c" * 40
     assert base_revision({"pretrained_model_name_or_path": repo_id}) is None
     out_snapshot = write_output_folder(tmp_path / "snap", family="sd", layout="lora", validation=False,
                                        checkpoints=False, pretrained_model_name_or_path=snapshot)

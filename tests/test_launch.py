@@ -226,3 +226,7 @@ def test_values_computed_on_main_and_checked_on_every_process(tmp_path):
     assert records[0]["shared"] == records[1]["shared"] == {"computed_by": 0, "stems": ["0-abc", "1-abc", "2-abc"]}
     for record in records:
         assert record["error"].startswith("the processes disagree on a per-rank value: ['rank-0', 'rank-1']")
+    # a computation that fails on the main process stops every process (none waits in the broadcast)
+    assert records[0]["failure"] == "OSError: disk gone"
+    assert records[1]["failure"] == ("RuntimeError: the main process failed to compute a shared value: "
+                                     "OSError: disk gone")

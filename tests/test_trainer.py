@@ -497,3 +497,30 @@ def test_update_metrics_average_per_pair_across_micro_batches():
     assert logs["implicit_acc"] == 0.75 and logs["loss"] == 1.0 and logs["inversion_residual"] == 1.5
     logs = SmPOTrainer._reduce_metrics(fake, [step([1.0], [float("nan")], 0.5).metrics()])
     assert "inversion_residual" not in logs and logs["loss"] == 0.5
+
+
+def test_an_update_no_process_trained_takes_no_step_and_unscales_nothing(tmp_path, demo_inputs, monkeypatch):
+    """With several processes an all-empty update arrives with the placeholder's zero gradients: no optimiser step
+    (AdamW's decay would move the weights) and no clipping (clipping unscales fp16 gradients, and a scaler left
+    unscaled-but-not-updated fails the next update). A trained update with the same zero gradients does step."""
+    model, data = demo_inputs["sd"]
+    trainer = SmPOTrainer(make_config(tmp_path, model, data, adam_weight_decay=0.5))
+    before = [p.detach().clone() for p in trainer.trainable_params]
+    for param in trainer.trainable_params:
+        param.grad = torch.zeros_like(param)
+
+    def no_clipping(*args, **kwargs):
+        raise AssertionError("clip_grad_norm_ (which unscales) ran for an update that trained nothing")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer.accelerator, "clip_grad_norm_", no_clipping)
+        trainer._pairs_in_update = False
+        trainer._finish_update()
+    assert all(p.grad is None for p in trainer.trainable_params)
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.trainable_params))
+    trainer.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, lambda step: 1.0)
+    for param in trainer.trainable_params:
+        param.grad = torch.zeros_like(param)
+    trainer._pairs_in_update = True
+    trainer._finish_update()
+    assert not all(torch.equal(a, b) for a, b in zip(before, trainer.trainable_params))  # decay moved them

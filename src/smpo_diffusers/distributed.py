@@ -15,14 +15,26 @@ def use_cpu_process_group() -> bool:
 def computed_on_main(compute, state):
     """``compute()`` evaluated by the main process alone and sent to the others (pickled, one broadcast), so that
     every process holds the same value even where the others would see something else (per-node file copies,
-    other mount points). ``state``: an ``accelerate`` ``PartialState``/``Accelerator``."""
+    other mount points). An exception on the main process is raised there and, as a ``RuntimeError`` naming it,
+    on the others. ``state``: an ``accelerate`` ``PartialState``/``Accelerator``."""
     if state.num_processes == 1:
         return compute()
     from accelerate.utils import broadcast_object_list
 
-    payload = [compute() if state.is_main_process else None]
+    payload = [None]
+    if state.is_main_process:
+        try:
+            payload = [(True, compute())]
+        except Exception as error:  # sent too, so that every process stops instead of waiting in the broadcast
+            payload = [(False, f"{type(error).__name__}: {error}")]
+            failure = error
     broadcast_object_list(payload, from_process=0)
-    return payload[0]
+    ok, value = payload[0]
+    if not ok:
+        if state.is_main_process:
+            raise failure
+        raise RuntimeError(f"the main process failed to compute a shared value: {value}")
+    return value
 
 
 def same_on_every_process(value: str, state, what: str) -> None:

@@ -146,7 +146,8 @@ def aligned_layout(aligned_model: str) -> str:
 def trained_base_settings(aligned_model: str) -> dict | None:
     """How a training run read its base, from its ``training_config.json`` (for a LoRA ``.safetensors`` file:
     the one beside it): ``base_model``, ``revision`` (as :func:`smpo_diffusers.hub.base_revision` resolves
-    it), ``variant`` and ``vae`` (``--pretrained_vae_model_name_or_path``), or None without a record."""
+    it), ``variant``, ``vae`` (``--pretrained_vae_model_name_or_path``) and ``cache_dir``, or None without a
+    record."""
     from .hub import base_revision
 
     folder = os.path.dirname(aligned_model) if os.path.isfile(aligned_model) else aligned_model
@@ -156,7 +157,8 @@ def trained_base_settings(aligned_model: str) -> dict | None:
     with open(path) as handle:
         config = json.load(handle)
     return {"base_model": config.get("pretrained_model_name_or_path"), "revision": base_revision(config),
-            "variant": config.get("variant"), "vae": config.get("pretrained_vae_model_name_or_path")}
+            "variant": config.get("variant"), "vae": config.get("pretrained_vae_model_name_or_path"),
+            "cache_dir": config.get("cache_dir")}
 
 
 def trained_base_model(aligned_model: str) -> str | None:
@@ -167,7 +169,7 @@ def trained_base_model(aligned_model: str) -> str | None:
 
 def load_pipeline(base_model: str, aligned_model: str | None = None, *, device: str | torch.device = "cpu",
                   dtype: torch.dtype = torch.float32, revision: str | None = None, variant: str | None = None,
-                  vae: str | None = None):
+                  vae: str | None = None, cache_dir: str | None = None):
     """Load the base pipeline (any diffusers SD/SDXL folder or Hub id, at ``revision``, with ``variant`` weight
     files) and apply ``aligned_model``:
 
@@ -177,23 +179,25 @@ def load_pipeline(base_model: str, aligned_model: str | None = None, *, device: 
       ``vae`` are the base's and do not apply: the saved pipeline holds the VAE training used).
 
     ``vae``: a separate VAE folder or Hub id that replaces the base pipeline's (training's
-    ``--pretrained_vae_model_name_or_path``). Returns the pipeline on ``device``, progress bar disabled."""
+    ``--pretrained_vae_model_name_or_path``). ``cache_dir``: the Hub cache to read Hub ids from (default: the
+    usual one). Returns the pipeline on ``device``, progress bar disabled."""
     from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
 
-    dtype_kwargs = {} if dtype == torch.float32 else {"torch_dtype": dtype}
+    read_kwargs = ({} if dtype == torch.float32 else {"torch_dtype": dtype}) | (
+        {"cache_dir": cache_dir} if cache_dir else {})
     layout = aligned_layout(aligned_model) if aligned_model is not None else None
     if layout == "pipeline":
-        pipeline = DiffusionPipeline.from_pretrained(aligned_model, **dtype_kwargs)
+        pipeline = DiffusionPipeline.from_pretrained(aligned_model, **read_kwargs)
     else:
-        replaced = {"vae": AutoencoderKL.from_pretrained(vae, **dtype_kwargs)} if vae else {}
+        replaced = {"vae": AutoencoderKL.from_pretrained(vae, **read_kwargs)} if vae else {}
         pipeline = DiffusionPipeline.from_pretrained(base_model, revision=revision, variant=variant, **replaced,
-                                                     **dtype_kwargs)
+                                                     **read_kwargs)
         if layout == "lora":
             lora_file = aligned_model if aligned_model.endswith(".safetensors") else os.path.join(
                 aligned_model, "pytorch_lora_weights.safetensors")
             pipeline.load_lora_weights(os.path.dirname(lora_file) or ".", weight_name=os.path.basename(lora_file))
         elif layout == "unet":
-            pipeline.unet = UNet2DConditionModel.from_pretrained(aligned_model, subfolder="unet", **dtype_kwargs)
+            pipeline.unet = UNet2DConditionModel.from_pretrained(aligned_model, subfolder="unet", **read_kwargs)
     if hasattr(pipeline, "safety_checker"):
         pipeline.safety_checker = None
     pipeline.set_progress_bar_config(disable=True)
@@ -345,13 +349,14 @@ def evaluate(base_model: str, aligned_model: str, prompts: Sequence[str], *, out
              batch_size: int = 64, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
              progress: bool = True, model_names: tuple[str, str] = ("base", "aligned"),
              grid_columns: int = 16, base_revision: str | None = None, base_variant: str | None = None,
-             vae: str | None = None) -> dict:
+             vae: str | None = None, cache_dir: str | None = None) -> dict:
     """Render ``prompts`` with the base and the aligned model from the same seeds, score, compare, write files.
 
     Sample ``j`` of prompt ``i`` uses seed ``seed + j * len(prompts) + i``. ``aligned_model`` is anything
     :func:`load_pipeline` accepts; both pipelines are loaded in ``dtype`` (rewards score the decoded images, so
     they do not depend on it), the base at ``base_revision`` with ``base_variant`` files and both with ``vae``
-    in place of the base's VAE when given (a saved full pipeline keeps its own). Writes ``results.json``,
+    in place of the base's VAE when given (a saved full pipeline keeps its own), Hub ids read from
+    ``cache_dir`` when given. Writes ``results.json``,
     ``results.md`` and ``grid.png`` in ``output_dir`` and returns the results dict (``rewards[name]`` as in
     :func:`compare_scores`, plus ``scores``)."""
     prompts = list(prompts)
@@ -377,7 +382,8 @@ def evaluate(base_model: str, aligned_model: str, prompts: Sequence[str], *, out
     reward_models = resolve_reward_models(reward_names, device=device)
     common = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, height=resolution,
                   width=resolution, batch_size=batch_size, progress=progress)
-    loading = dict(device=device, dtype=dtype, revision=base_revision, variant=base_variant, vae=vae)
+    loading = dict(device=device, dtype=dtype, revision=base_revision, variant=base_variant, vae=vae,
+                   cache_dir=cache_dir)
     base_images = generate_images(load_pipeline(base_model, **loading), all_prompts, seeds,
                                   desc=f"{model_names[0]} images", **common)
     aligned_images = generate_images(load_pipeline(base_model, aligned_model, **loading),

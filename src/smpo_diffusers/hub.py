@@ -312,13 +312,14 @@ def _hub_cache_snapshot(path: str):
 
 
 def base_revision(config: dict) -> str | None:
-    """The base model's revision a training run used: ``--revision``, else the commit of a local Hub cache
-    snapshot folder given as ``--pretrained_model_name_or_path``, else None (the default branch)."""
-    if config.get("revision"):
-        return str(config["revision"])
+    """The base model's revision a training run read: the commit of a local Hub cache snapshot folder given as
+    ``--pretrained_model_name_or_path`` (what was read, whatever ``--revision`` said; the folder need not exist
+    any more), else ``--revision``, else None (the default branch)."""
     path = config.get("pretrained_model_name_or_path")
-    match = _hub_cache_snapshot(str(path)) if path and os.path.exists(str(path)) else None
-    return match.group(2) if match else None
+    match = _hub_cache_snapshot(str(path)) if path else None
+    if match:
+        return match.group(2)
+    return str(config["revision"]) if config.get("revision") else None
 
 
 def _public_name(name_or_path: str | None) -> str | None:

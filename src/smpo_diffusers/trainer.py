@@ -380,9 +380,11 @@ class SmPOTrainer:
             transform = PairTransform(config.resolution, random_crop=config.random_crop, hflip=not config.no_hflip)
             self.train_dataset = PreferencePairDataset(self.pairs, transform, seed=config.seed,
                                                        proportion_empty_prompts=config.proportion_empty_prompts)
+        # pad to one round of batches (N batches of B; an accelerator that splits batches: one batch of B)
         processes = self.accelerator.num_processes
+        per_round = config.train_batch_size * (1 if getattr(self.accelerator, "split_batches", False) else processes)
         self.sampler = EpochShuffleSampler(len(self.train_dataset), config.seed,
-                                           pad_to_multiple=config.train_batch_size * processes if processes > 1 else 1)
+                                           pad_to_multiple=per_round if processes > 1 else 1)
         self.train_dataloader = torch.utils.data.DataLoader(
             self.train_dataset, batch_size=config.train_batch_size, sampler=self.sampler,
             collate_fn=collate_preference_batch, num_workers=config.dataloader_num_workers,
@@ -711,19 +713,19 @@ class SmPOTrainer:
         the placeholder forwards) takes no step, as with one process: AdamW's weight decay and momentum would
         otherwise still move the weights."""
         accelerator = self.accelerator
-        max_norm = self.config.max_grad_norm if self.config.max_grad_norm > 0 else float("inf")
-        grad_norm = accelerator.clip_grad_norm_(self.trainable_params, max_norm)
-        fp16_scaled = accelerator.scaler is not None
-        # With fp16 gradient scaling an overflowing step is the scaler's business: it skips the step and lowers
-        # the scale. A non-finite *loss* (in any micro-batch of the update) is a real problem in every precision.
         nonfinite, self._nonfinite_loss_in_update = self._nonfinite_loss_in_update, False
         trained, self._pairs_in_update = self._pairs_in_update, False
-        if not fp16_scaled:
-            nonfinite = nonfinite or not torch.isfinite(torch.as_tensor(grad_norm)).item()
-        nonfinite, trained = self._on_any_process(nonfinite, trained)
-        if not trained:
+        (trained,) = self._on_any_process(trained)
+        if not trained:  # before clipping: nothing was unscaled, so an fp16 grad scaler's cycle stays closed
             self.optimizer.zero_grad(set_to_none=True)
             return
+        max_norm = self.config.max_grad_norm if self.config.max_grad_norm > 0 else float("inf")
+        grad_norm = accelerator.clip_grad_norm_(self.trainable_params, max_norm)
+        # With fp16 gradient scaling an overflowing step is the scaler's business: it skips the step and lowers
+        # the scale. A non-finite *loss* (in any micro-batch of the update) is a real problem in every precision.
+        if accelerator.scaler is None:
+            nonfinite = nonfinite or not torch.isfinite(torch.as_tensor(grad_norm)).item()
+        (nonfinite,) = self._on_any_process(nonfinite)
         if nonfinite:
             self._skip_nonfinite_update()
             return

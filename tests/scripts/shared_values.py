@@ -2,7 +2,8 @@
 
 Usage: accelerate launch ... tests/scripts/shared_values.py RECORD_DIR
 Writes RECORD_DIR/rank{R}.json: the value each rank got from computed_on_main (only the main process computes),
-and the error each rank got from same_on_every_process for a value that differs by rank (every rank must raise).
+the error each rank got from same_on_every_process for a value that differs by rank (every rank must raise), and
+what each rank got when the main process's computation raised.
 """
 
 import json
@@ -29,9 +30,19 @@ def main():
         error = None
     except ValueError as caught:
         error = str(caught)
+
+    def broken():
+        raise OSError("disk gone")
+
+    try:
+        computed_on_main(broken, state)
+        failure = None
+    except (OSError, RuntimeError) as caught:
+        failure = f"{type(caught).__name__}: {caught}"
     os.makedirs(sys.argv[1], exist_ok=True)
     with open(os.path.join(sys.argv[1], f"rank{state.process_index}.json"), "w") as handle:
-        json.dump({"rank": state.process_index, "shared": shared, "calls": calls, "error": error}, handle)
+        json.dump({"rank": state.process_index, "shared": shared, "calls": calls, "error": error,
+                   "failure": failure}, handle)
 
 
 if __name__ == "__main__":
