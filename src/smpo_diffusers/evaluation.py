@@ -356,9 +356,8 @@ def evaluate(base_model: str, aligned_model: str, prompts: Sequence[str], *, out
     :func:`load_pipeline` accepts; both pipelines are loaded in ``dtype`` (rewards score the decoded images, so
     they do not depend on it), the base at ``base_revision`` with ``base_variant`` files and both with ``vae``
     in place of the base's VAE when given (a saved full pipeline keeps its own), Hub ids read from
-    ``cache_dir`` when given. Writes ``results.json``,
-    ``results.md`` and ``grid.png`` in ``output_dir`` and returns the results dict (``rewards[name]`` as in
-    :func:`compare_scores`, plus ``scores``)."""
+    ``cache_dir`` when given. Writes ``results.json``, ``results.md`` and ``grid.png`` in ``output_dir`` and
+    returns the results dict (``rewards[name]`` as in :func:`compare_scores`, plus ``scores``)."""
     prompts = list(prompts)
     if not prompts:
         raise ValueError("evaluate needs at least one prompt.")
