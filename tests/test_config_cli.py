@@ -177,6 +177,21 @@ def test_cli_requires_model_and_data_without_demo(tmp_path, capsys):
             in capsys.readouterr().err)
 
 
+def test_cli_leaves_its_process_group_after_a_finished_run(tmp_path):
+    """A process still inside a gloo group at exit can abort (status -6) after a finished run: run_cli leaves it."""
+    import torch.distributed as dist
+
+    from smpo_diffusers.cli import run_cli
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        assert run_cli(lambda value: value * 2, 21) == 42
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 @pytest.mark.slow
 def test_toy_demo_trains_and_reports_before_after(tmp_path, toy_pairs):
     import shutil

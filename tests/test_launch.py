@@ -230,3 +230,4 @@ def test_values_computed_on_main_and_checked_on_every_process(tmp_path):
     assert records[0]["failure"] == "OSError: disk gone"
     assert records[1]["failure"] == ("RuntimeError: the main process failed to compute a shared value: "
                                      "OSError: disk gone")
+    assert all(record["left_group"] for record in records)

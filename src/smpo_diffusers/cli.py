@@ -46,11 +46,16 @@ missing files, unreachable Hub ids and full disks)."""
 
 def run_cli(main, *args, **kwargs):
     """Run a CLI entry point: an input error prints ``error: <message>`` and exits with status 2 instead of a
-    traceback. ``SMPO_DEBUG=1`` in the environment re-raises it (with the traceback)."""
+    traceback. ``SMPO_DEBUG=1`` in the environment re-raises it (with the traceback). After a run that finished,
+    the process leaves its process group (``accelerate launch`` with several processes)."""
     try:
-        return main(*args, **kwargs)
+        result = main(*args, **kwargs)
     except INPUT_ERRORS as error:
         exit_with_input_error(error)
+    from .distributed import leave_process_group
+
+    leave_process_group()
+    return result
 
 
 def exit_with_input_error(error: BaseException) -> NoReturn:

@@ -12,6 +12,17 @@ def use_cpu_process_group() -> bool:
     return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def leave_process_group() -> None:
+    """Wait for the other processes, then leave the default process group (no-op without one). Call at the end of
+    a finished job: a process that exits still inside a gloo group can abort at interpreter exit ("terminate called
+    without an active exception", status -6) and turn a finished run into a failed one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def computed_on_main(compute, state):
     """``compute()`` evaluated by the main process alone and sent to the others (pickled, one broadcast), so that
     every process holds the same value even where the others would see something else (per-node file copies,

@@ -3,16 +3,18 @@
 Usage: accelerate launch ... tests/scripts/shared_values.py RECORD_DIR
 Writes RECORD_DIR/rank{R}.json: the value each rank got from computed_on_main (only the main process computes),
 the error each rank got from same_on_every_process for a value that differs by rank (every rank must raise), and
-what each rank got when the main process's computation raised.
+what each rank got when the main process's computation raised, and whether it then left the process group.
 """
 
 import json
 import os
 import sys
 
+import torch.distributed
 from accelerate import PartialState
 
-from smpo_diffusers.distributed import computed_on_main, same_on_every_process, use_cpu_process_group
+from smpo_diffusers.distributed import (
+    computed_on_main, leave_process_group, same_on_every_process, use_cpu_process_group)
 
 
 def main():
@@ -39,10 +41,11 @@ def main():
         failure = None
     except (OSError, RuntimeError) as caught:
         failure = f"{type(caught).__name__}: {caught}"
+    leave_process_group()
     os.makedirs(sys.argv[1], exist_ok=True)
     with open(os.path.join(sys.argv[1], f"rank{state.process_index}.json"), "w") as handle:
         json.dump({"rank": state.process_index, "shared": shared, "calls": calls, "error": error,
-                   "failure": failure}, handle)
+                   "failure": failure, "left_group": not torch.distributed.is_initialized()}, handle)
 
 
 if __name__ == "__main__":
