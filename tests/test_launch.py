@@ -150,12 +150,13 @@ def test_two_processes_survive_micro_batches_that_decode_to_nothing(tmp_path, de
 def test_two_processes_draw_each_pair_once_an_epoch(tmp_path, demo_inputs):
     """13 pairs, batches of 3, 2 processes: the epoch's end is padded (not filled with repeated pairs, as
     accelerate's even batches would), so each pair is trained exactly once, both processes take the same number
-    of micro-batches, and the padding is not reported as a skip."""
+    of micro-batches, and the padding is not reported as a skip. Every pair weighs the same: each update steps
+    with the mean gradient over the pairs trained in it, the last one (one pair, the rest padding) included."""
     model, data = demo_inputs["sd"]
     out = tmp_path / "out"
-    launch([ROOT / "tests" / "scripts" / "record_training.py", tmp_path / "rec",
+    launch([ROOT / "tests" / "scripts" / "record_training.py", tmp_path / "rec", "--probe_loss",
             *common_flags(model, data, out, train_batch_size=3, max_train_samples=13, loss_type="dpo",
-                          noise_source="random", num_train_epochs=1)], processes=2)
+                          noise_source="random", num_train_epochs=1, max_grad_norm=0)], processes=2)
     records = read_records(tmp_path / "rec")
     kept = json.loads((out / "training_config.json").read_text())["pairs"]["kept"]
     seen = [index for record in records for micro_batch in record["seen"] for index in micro_batch]
@@ -165,6 +166,12 @@ def test_two_processes_draw_each_pair_once_an_epoch(tmp_path, demo_inputs):
     metrics = json.loads((out / "training_metrics.json").read_text())
     assert metrics["skipped"]["empty_batches"] == metrics["skipped"]["undecodable_pairs"] == 0
     assert metrics["global_step"] == 3 and records[0]["optimizer_steps"] == 3
+    # the probe's gradient is the mean of (pair index + 1) over the update's pairs, on both processes
+    rounds = [records[0]["seen"][update] + records[1]["seen"][update] for update in range(3)]
+    expected = [np.mean(np.array(pairs) + 1) for pairs in rounds]
+    assert [len(pairs) for pairs in rounds] == [6, 6, 1]
+    for record in records:
+        np.testing.assert_allclose(record["step_gradients"], expected, rtol=1e-6)
 
 
 @pytest.mark.slow

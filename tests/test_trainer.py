@@ -292,6 +292,31 @@ def test_fp16_loss_scaling_survives_a_skipped_update(tmp_path, demo_inputs):
     assert all(torch.isfinite(p).all() for p in trainer.trainable_params)
 
 
+def test_every_pair_weighs_the_same_in_an_update(tmp_path, demo_inputs):
+    """14 pairs in micro-batches of 4, two per update: updates of 4 + 4 and of 4 + 2 pairs. With the probe loss
+    (tests/scripts/record_training.py: its gradient is the mean of pair index + 1 over a micro-batch), each
+    update steps with the mean over its own pairs; a mean of micro-batch means would give the 2-pair micro-batch
+    the weight of 4 pairs."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "record_training", os.path.join(os.path.dirname(__file__), "scripts", "record_training.py"))
+    record_training = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(record_training)
+
+    class ProbeTrainer(record_training.RecordingTrainer):
+        probe_loss = True
+
+    model, data = demo_inputs["sd"]
+    trainer = ProbeTrainer(make_config(tmp_path, model, data, train_batch_size=4, gradient_accumulation_steps=2,
+                                       max_train_steps=2, max_grad_norm=0, loss_type="dpo", noise_source="random"))
+    trainer.train()
+    assert trainer.micro_batch_sizes == [4, 4, 4, 2]
+    updates = [trainer.seen[0] + trainer.seen[1], trainer.seen[2] + trainer.seen[3]]
+    np.testing.assert_allclose(trainer.step_gradients, [np.mean(np.array(pairs) + 1) for pairs in updates],
+                               rtol=1e-6)
+
+
 def test_reward_scale_sources(tmp_path, demo_inputs):
     model, data = demo_inputs["sdxl"]
     stats = json.load(open(os.path.join(data, "reward_stats.json")))

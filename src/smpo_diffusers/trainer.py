@@ -148,11 +148,16 @@ class StepOutput:
                     "ref_err_w", "ref_err_l", "inversion_residual")
     """The keys of :meth:`metrics`, in the order processes reduce them."""
 
+    @property
+    def num_pairs(self) -> int:
+        """Pairs in the micro-batch (``B``)."""
+        return int(self.implicit_accuracy.numel())
+
     def metrics(self) -> dict[str, tuple[float, int]]:
         """Per metric ``(sum over the micro-batch's pairs, number of pairs)``, so that updates and processes
         average per pair however the pairs fall into micro-batches (the loss counts as its mean times the pairs;
         the inversion residual counts only its finite entries)."""
-        pairs = int(self.implicit_accuracy.numel())
+        pairs = self.num_pairs
         residual = self.inversion_residual[torch.isfinite(self.inversion_residual)]
         per_pair = {"implicit_acc": self.implicit_accuracy, "reward_margin": self.reward_margin,
                     "preference_weight": self.weight, "policy_err_w": self.policy_err_w,
@@ -216,7 +221,7 @@ class SmPOTrainer:
                         "undecodable_pairs": 0, "empty_batches": 0}
         self.consecutive_nonfinite = 0
         self._nonfinite_loss_in_update = False
-        self._pairs_in_update = False  # did this process train a pair in the current update
+        self._pairs_in_update = 0  # pairs this process trained in the current update
         self.unet_evaluations = {"inversion": 0, "policy": 0, "reference": 0}
         self.data_counts = {"upscaled_pairs": 0, "resized_pairs": 0, "empty_prompts": 0}
         """Per process, summed when reported: pairs with an image upscaled to the resolution and pairs whose loser
@@ -682,8 +687,11 @@ class SmPOTrainer:
         for stage, count in step.unet_evaluations.items():
             self.unet_evaluations[stage] += count
         self._nonfinite_loss_in_update |= not bool(torch.isfinite(step.loss.detach()))
-        self._pairs_in_update = True
-        accelerator.backward(step.loss)
+        self._pairs_in_update += step.num_pairs
+        # step.loss is this micro-batch's mean over its pairs: weighted by its share of a full micro-batch, every
+        # pair counts the same in the update (_finish_update turns the sum into the mean over the pairs trained)
+        full = self.pairs_per_micro_batch
+        accelerator.backward(step.loss if step.num_pairs == full else step.loss * (step.num_pairs / full))
         if accelerator.sync_gradients:
             self._finish_update()
         return step
@@ -706,19 +714,40 @@ class SmPOTrainer:
         timesteps = torch.zeros(1, dtype=torch.long, device=device)
         return self._unet_call(self.unet, latents, timesteps, conditioning).float().sum() * 0.0
 
+    @property
+    def pairs_per_micro_batch(self) -> int:
+        """Pairs in a full micro-batch on one process: ``train_batch_size``, or its share when the accelerator
+        splits batches across the processes."""
+        if getattr(self.accelerator, "split_batches", False):
+            return self.config.train_batch_size // self.accelerator.num_processes
+        return self.config.train_batch_size
+
     def _finish_update(self) -> None:
-        """Clip, check finiteness on every process, then step the optimiser and LR schedule (or skip).
+        """Average over the pairs trained, clip, check finiteness on every process, then step the optimiser and
+        LR schedule (or skip).
+
+        The accumulated gradient is the sum over the update's pairs divided by the pairs a full update holds
+        (micro-batch losses weighted by their pair counts, then accelerate's division by the accumulation steps
+        and DDP's mean over processes). An update with fewer pairs (undecodable pairs, the epoch's last partial
+        micro-batch or update, the padding at an epoch's end on several processes) is scaled up here to the mean
+        over the pairs it did train, so that every pair weighs the same in every update.
 
         An update in which no process trained a pair (every micro-batch empty; the gradients are the zeros of
         the placeholder forwards) takes no step, as with one process: AdamW's weight decay and momentum would
         otherwise still move the weights."""
         accelerator = self.accelerator
         nonfinite, self._nonfinite_loss_in_update = self._nonfinite_loss_in_update, False
-        trained, self._pairs_in_update = self._pairs_in_update, False
-        (trained,) = self._on_any_process(trained)
+        trained, self._pairs_in_update = self._pairs_in_update, 0
+        if accelerator.num_processes > 1:
+            trained = int(accelerator.reduce(torch.tensor([trained], device=accelerator.device), "sum").item())
         if not trained:  # before clipping: nothing was unscaled, so an fp16 grad scaler's cycle stays closed
             self.optimizer.zero_grad(set_to_none=True)
             return
+        full_update = self.pairs_per_micro_batch * self.config.gradient_accumulation_steps * accelerator.num_processes
+        if trained != full_update:
+            for param in self.trainable_params:
+                if param.grad is not None:
+                    param.grad.mul_(full_update / trained)
         max_norm = self.config.max_grad_norm if self.config.max_grad_norm > 0 else float("inf")
         grad_norm = accelerator.clip_grad_norm_(self.trainable_params, max_norm)
         # With fp16 gradient scaling an overflowing step is the scaler's business: it skips the step and lowers
