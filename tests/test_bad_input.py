@@ -204,12 +204,21 @@ def test_a_reused_output_dir_holds_one_kind_of_weights(tmp_path, demo_inputs):
 
 def test_settings_the_model_or_a_given_accelerator_contradict_are_refused(tmp_path, demo_inputs):
     from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration
 
     with pytest.raises(ValueError, match="accumulates 4 micro-batches but gradient_accumulation_steps is 1"):
         SmPOTrainer(config(tmp_path), dataset=labelled(demo_inputs),
                     accelerator=Accelerator(gradient_accumulation_steps=4))
     with pytest.raises(ValueError, match="mixed_precision='no' but the config says 'bf16'"):
         SmPOTrainer(config(tmp_path, mixed_precision="bf16"), dataset=labelled(demo_inputs), accelerator=Accelerator())
+    # batching and the data order belong to the trainer (train_batch_size is per process; resume skips batches)
+    for option in ("split_batches", "dispatch_batches", "use_stateful_dataloader"):
+        try:
+            given = Accelerator(dataloader_config=DataLoaderConfiguration(**{option: True}))
+        except ImportError:  # use_stateful_dataloader needs torchdata
+            continue
+        with pytest.raises(ValueError, match=f"has {option}=True, which the trainer does not support"):
+            SmPOTrainer(config(tmp_path), dataset=labelled(demo_inputs), accelerator=given)
     model = demo_inputs["sd"][0]  # 1000 noise levels
     with pytest.raises(ValueError, match="--num_inversion_steps 5000 exceeds the model's 1000 noise levels"):
         SmPOTrainer(config(tmp_path, model, num_inversion_steps=5000), dataset=labelled(demo_inputs, "sd"))

@@ -278,8 +278,20 @@ class SmPOTrainer:
 
     def _check_given_accelerator(self, accelerator: Accelerator) -> None:
         """An ``Accelerator`` passed in carries its own accumulation and precision; the config must agree, since
-        the step count, ``--scale_lr`` and the saved records read them from the config."""
+        the step count, ``--scale_lr`` and the saved records read them from the config. Its data-loader options
+        must leave batching and the data order to the trainer: ``train_batch_size`` is per process (the step
+        count, the LR schedule and ``--scale_lr`` count it so), and the trainer resumes the data order itself."""
         config = self.config
+        loader_options = accelerator.dataloader_config
+        unsupported = {"split_batches": (loader_options.split_batches, "train_batch_size is per process; pass "
+                                         "train_batch_size // num_processes instead"),
+                       "dispatch_batches": (loader_options.dispatch_batches, "every process reads its own pairs"),
+                       "use_stateful_dataloader": (loader_options.use_stateful_dataloader, "a resume would skip "
+                                                   "the trained batches twice")}
+        for name, (value, reason) in unsupported.items():
+            if value:
+                raise ValueError(f"the given Accelerator has {name}=True, which the trainer does not support "
+                                 f"({reason}); build it with DataLoaderConfiguration({name}=False).")
         if accelerator.gradient_accumulation_steps != config.gradient_accumulation_steps:
             raise ValueError(
                 f"the given Accelerator accumulates {accelerator.gradient_accumulation_steps} micro-batches but "
@@ -385,11 +397,10 @@ class SmPOTrainer:
             transform = PairTransform(config.resolution, random_crop=config.random_crop, hflip=not config.no_hflip)
             self.train_dataset = PreferencePairDataset(self.pairs, transform, seed=config.seed,
                                                        proportion_empty_prompts=config.proportion_empty_prompts)
-        # pad to one round of batches (N batches of B; an accelerator that splits batches: one batch of B)
+        # pad to one round of batches (N batches of B)
         processes = self.accelerator.num_processes
-        per_round = config.train_batch_size * (1 if getattr(self.accelerator, "split_batches", False) else processes)
         self.sampler = EpochShuffleSampler(len(self.train_dataset), config.seed,
-                                           pad_to_multiple=per_round if processes > 1 else 1)
+                                           pad_to_multiple=config.train_batch_size * processes if processes > 1 else 1)
         self.train_dataloader = torch.utils.data.DataLoader(
             self.train_dataset, batch_size=config.train_batch_size, sampler=self.sampler,
             collate_fn=collate_preference_batch, num_workers=config.dataloader_num_workers,
@@ -690,7 +701,7 @@ class SmPOTrainer:
         self._pairs_in_update += step.num_pairs
         # step.loss is this micro-batch's mean over its pairs: weighted by its share of a full micro-batch, every
         # pair counts the same in the update (_finish_update turns the sum into the mean over the pairs trained)
-        full = self.pairs_per_micro_batch
+        full = self.config.train_batch_size
         accelerator.backward(step.loss if step.num_pairs == full else step.loss * (step.num_pairs / full))
         if accelerator.sync_gradients:
             self._finish_update()
@@ -714,14 +725,6 @@ class SmPOTrainer:
         timesteps = torch.zeros(1, dtype=torch.long, device=device)
         return self._unet_call(self.unet, latents, timesteps, conditioning).float().sum() * 0.0
 
-    @property
-    def pairs_per_micro_batch(self) -> int:
-        """Pairs in a full micro-batch on one process: ``train_batch_size``, or its share when the accelerator
-        splits batches across the processes."""
-        if getattr(self.accelerator, "split_batches", False):
-            return self.config.train_batch_size // self.accelerator.num_processes
-        return self.config.train_batch_size
-
     def _finish_update(self) -> None:
         """Average over the pairs trained, clip, check finiteness on every process, then step the optimiser and
         LR schedule (or skip).
@@ -743,7 +746,7 @@ class SmPOTrainer:
         if not trained:  # before clipping: nothing was unscaled, so an fp16 grad scaler's cycle stays closed
             self.optimizer.zero_grad(set_to_none=True)
             return
-        full_update = self.pairs_per_micro_batch * self.config.gradient_accumulation_steps * accelerator.num_processes
+        full_update = self.config.train_batch_size * self.config.gradient_accumulation_steps * accelerator.num_processes
         if trained != full_update:
             for param in self.trainable_params:
                 if param.grad is not None:
