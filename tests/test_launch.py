@@ -235,6 +235,43 @@ def test_values_computed_on_main_and_checked_on_every_process(tmp_path):
         assert record["error"].startswith("the processes disagree on a per-rank value: ['rank-0', 'rank-1']")
     # a computation that fails on the main process stops every process (none waits in the broadcast)
     assert records[0]["failure"] == "OSError: disk gone"
-    assert records[1]["failure"] == ("RuntimeError: the main process failed to compute a shared value: "
+    assert records[1]["failure"] == ("OtherProcessFailed: the main process failed to compute a shared value: "
                                      "OSError: disk gone")
     assert all(record["left_group"] for record in records)
+
+
+@pytest.mark.slow
+def test_a_checkpoint_write_failing_on_the_main_process_stops_every_process(tmp_path, demo_inputs):
+    """The main process alone fails to finish checkpoint-1 (disk full): both processes raise (the other one used to
+    wait for it at the next barrier), nothing half-written is left, and the message says how to go on."""
+    model, data = demo_inputs["sd"]
+    out = tmp_path / "out"
+    launch([ROOT / "tests" / "scripts" / "fail_on_one_process.py", tmp_path / "rec", "checkpoint",
+            *common_flags(model, data, out, max_train_steps=2, checkpointing_steps=1, loss_type="dpo",
+                          noise_source="random")], processes=2, timeout=300)
+    ended = [json.loads((tmp_path / "rec" / f"rank{rank}.json").read_text())["ended"] for rank in (0, 1)]
+    advice = "no earlier checkpoint exists. Free disk space or point --output_dir somewhere writable"
+    assert ended[0].startswith(f"OSError: could not write checkpoint-1 in {out} ([Errno 28] No space left")
+    assert ended[1].startswith(f"OSError: could not write checkpoint-1 in {out} (the main process failed to write "
+                               "checkpoint-1: OSError: [Errno 28] No space left on device)")
+    assert all(advice in text for text in ended)
+    assert not [p.name for p in out.iterdir() if "checkpoint" in p.name]
+
+
+@pytest.mark.slow
+def test_a_shard_write_failing_on_one_process_stops_every_labelling_process(tmp_path):
+    from smpo_diffusers.testing import make_preference_dataset, tiny_clip_model
+
+    clip, processor = tiny_clip_model()
+    clip.save_pretrained(tmp_path / "clip")
+    processor.save_pretrained(tmp_path / "clip")
+    make_preference_dataset(num_pairs=8, seed=2).save_to_disk(str(tmp_path / "raw"))
+    launch([ROOT / "tests" / "scripts" / "fail_on_one_process.py", tmp_path / "rec", "labelling",
+            "--dataset_name", tmp_path / "raw", "--reward_model", "pickscore", "--reward_model_name_or_path",
+            tmp_path / "clip", "--batch_size", "4", "--shard_size", "2", "--output_dir", tmp_path / "labelled"],
+           processes=2, timeout=300)
+    ended = [json.loads((tmp_path / "rec" / f"rank{rank}.json").read_text())["ended"] for rank in (0, 1)]
+    assert ended[1] == "OSError: [Errno 28] No space left on device"
+    assert ended[0] == ("OtherProcessFailed: another process failed to score its shards "
+                        "(process 1: OSError: [Errno 28] No space left on device)")
+    assert not (tmp_path / "labelled" / "labeling_summary.json").exists()

@@ -23,11 +23,17 @@ def leave_process_group() -> None:
         dist.destroy_process_group()
 
 
-def computed_on_main(compute, state):
+class OtherProcessFailed(RuntimeError):
+    """Raised on the processes that did not fail when another one did, so that every process stops (none is left
+    waiting for the failed one at the next collective)."""
+
+
+def computed_on_main(compute, state, what: str = "compute a shared value"):
     """``compute()`` evaluated by the main process alone and sent to the others (pickled, one broadcast), so that
     every process holds the same value even where the others would see something else (per-node file copies,
-    other mount points). An exception on the main process is raised there and, as a ``RuntimeError`` naming it,
-    on the others. ``state``: an ``accelerate`` ``PartialState``/``Accelerator``."""
+    other mount points); also a main-only step the others wait for. An exception on the main process is raised
+    there and, as :class:`OtherProcessFailed` naming it (``"the main process failed to <what>: ..."``), on the
+    others. ``state``: an ``accelerate`` ``PartialState``/``Accelerator``."""
     if state.num_processes == 1:
         return compute()
     from accelerate.utils import broadcast_object_list
@@ -44,8 +50,23 @@ def computed_on_main(compute, state):
     if not ok:
         if state.is_main_process:
             raise failure
-        raise RuntimeError(f"the main process failed to compute a shared value: {value}")
+        raise OtherProcessFailed(f"the main process failed to {what}: {value}")
     return value
+
+
+def raise_if_any_process_failed(error: BaseException | None, state, what: str) -> None:
+    """A collective every process calls with the exception it caught doing its part of ``what`` (or ``None``): if
+    any process failed, every process raises, the failed ones their own exception and the others
+    :class:`OtherProcessFailed` naming each failure."""
+    if state.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        failures = gather_object([None if error is None else f"{type(error).__name__}: {error}"])
+        if error is None and any(failures):
+            named = "; ".join(f"process {rank}: {text}" for rank, text in enumerate(failures) if text)
+            raise OtherProcessFailed(f"another process failed to {what} ({named})")
+    if error is not None:
+        raise error
 
 
 def same_on_every_process(value: str, state, what: str) -> None:

@@ -31,7 +31,8 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 
 from .config import PICKSCORE_REWARD_SCALE, SmPOConfig
-from .distributed import computed_on_main, same_on_every_process, use_cpu_process_group
+from .distributed import (
+    OtherProcessFailed, computed_on_main, raise_if_any_process_failed, same_on_every_process, use_cpu_process_group)
 from .data import (
     PADDING_INDEX,
     PairTransform,
@@ -842,30 +843,39 @@ class SmPOTrainer:
 
     def save_checkpoint(self, global_step: int, epoch: int, next_batch: int) -> str:
         """Write ``checkpoint-N`` atomically: everything goes to a hidden temporary folder that is renamed when
-        complete, so a checkpoint is never visible (or picked by ``latest``) half-written."""
+        complete, so a checkpoint is never visible (or picked by ``latest``) half-written. A write that fails on
+        any process stops every process with an error (none is left waiting for the failed one)."""
         config, accelerator = self.config, self.accelerator
         final = os.path.join(config.output_dir, f"checkpoint-{global_step}")
         partial = os.path.join(config.output_dir, f".checkpoint-{global_step}.tmp")
         if accelerator.is_main_process:
             shutil.rmtree(partial, ignore_errors=True)
         accelerator.wait_for_everyone()
+
+        def publish():  # main process: the trainer state, then every file on disk before the rename shows it
+            state = {"global_step": global_step, "epoch": epoch, "next_batch": next_batch,
+                     "data_layout": self._data_layout(), "unet_evaluations": evaluations, "skipped": skipped,
+                     "data_counts": data_counts, "last_metrics": self.last_metrics,
+                     "consecutive_nonfinite": self.consecutive_nonfinite}
+            with open(os.path.join(partial, TRAINER_STATE_NAME), "w") as handle:
+                json.dump(state, handle, indent=2)
+            _fsync_tree(partial)
+            if os.path.exists(final):  # only a step saved twice (never after the later-checkpoint check)
+                shutil.rmtree(final)
+            os.rename(partial, final)
+            _fsync_directory(config.output_dir)
+
+        what = f"write checkpoint-{global_step}"
         try:
-            accelerator.save_state(partial)
-            accelerator.wait_for_everyone()
+            failure = None
+            try:
+                accelerator.save_state(partial)  # every process writes its part (RNG states; weights on main)
+            except OSError as error:
+                failure = error
+            raise_if_any_process_failed(failure, accelerator, what)
             evaluations, skipped, data_counts = self.count_totals()  # a collective: every process gets here
-            if accelerator.is_main_process:
-                state = {"global_step": global_step, "epoch": epoch, "next_batch": next_batch,
-                         "data_layout": self._data_layout(), "unet_evaluations": evaluations, "skipped": skipped,
-                         "data_counts": data_counts, "last_metrics": self.last_metrics,
-                         "consecutive_nonfinite": self.consecutive_nonfinite}
-                with open(os.path.join(partial, TRAINER_STATE_NAME), "w") as handle:
-                    json.dump(state, handle, indent=2)
-                _fsync_tree(partial)  # every file on disk before the rename makes the checkpoint visible
-                if os.path.exists(final):  # only a step saved twice (never after the later-checkpoint check)
-                    shutil.rmtree(final)
-                os.rename(partial, final)
-                _fsync_directory(config.output_dir)
-        except OSError as error:
+            computed_on_main(publish, accelerator, what)
+        except (OSError, OtherProcessFailed) as error:
             if accelerator.is_main_process:
                 shutil.rmtree(partial, ignore_errors=True)
             previous = self._checkpoints()
@@ -875,15 +885,17 @@ class SmPOTrainer:
                 f"could not write checkpoint-{global_step} in {config.output_dir} ({error}); {kept}. Free disk space "
                 "or point --output_dir somewhere writable, then relaunch with --resume_from_checkpoint latest."
             ) from error
+
+        def prune():  # main process: hidden first, then deleted, so a crash mid-delete leaves no half checkpoint
+            for _, old in self._checkpoints()[:-config.checkpoints_total_limit]:
+                doomed = os.path.join(config.output_dir, f".{os.path.basename(old)}.deleting.tmp")
+                os.rename(old, doomed)
+                shutil.rmtree(doomed, ignore_errors=True)
+
+        if config.checkpoints_total_limit is not None:
+            computed_on_main(prune, accelerator, f"remove checkpoints beyond --checkpoints_total_limit after {what}")
         if accelerator.is_main_process:
-            if config.checkpoints_total_limit is not None:
-                for _, old in self._checkpoints()[:-config.checkpoints_total_limit]:
-                    # hidden first, then deleted: a crash mid-delete never leaves a half checkpoint for 'latest'
-                    doomed = os.path.join(config.output_dir, f".{os.path.basename(old)}.deleting.tmp")
-                    os.rename(old, doomed)
-                    shutil.rmtree(doomed, ignore_errors=True)
             logger.info("saved %s", final)
-        accelerator.wait_for_everyone()
         return final
 
     def _data_layout(self) -> dict:

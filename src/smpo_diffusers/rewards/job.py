@@ -34,7 +34,7 @@ from typing import Any, Optional
 import torch
 
 from ..data import load_preference_dataset
-from ..distributed import use_cpu_process_group
+from ..distributed import computed_on_main, raise_if_any_process_failed, use_cpu_process_group
 from .base import EnsembleRewardModel, RewardModel
 from .images import UnreadableImageError, load_image
 from .labeling import (CAPTION_COLUMN, IMAGE_COLUMNS, RewardLabeler, reward_features, summarize_labels,
@@ -324,36 +324,45 @@ def label_dataset(args: LabelingArguments, reward_model: RewardModel | None = No
     labeler = RewardLabeler(reward_model)
     report = {"pairs_scored": 0, "shards_scored": 0, "shards_resumed": 0}
     scoring_started = time.perf_counter()
-    for index in sorted(owned):
-        start, stop = bounds[index]
-        fingerprint = {**settings, "shard_index": index, "start": start, "stop": stop}
-        path = _shard_path(shards_dir, index)
-        if _shard_is_done(path, fingerprint):
-            report["shards_resumed"] += 1
-            continue
-        labelled = view.select(range(start, stop)).map(
-            labeler,
-            batched=True,
-            batch_size=args.batch_size,
-            remove_columns=view.column_names,
-            features=reward_features(),
-            keep_in_memory=True,
-            load_from_cache_file=False,
-            new_fingerprint=datasets.fingerprint.Hasher.hash(_normalised(fingerprint)),
-            desc=f"Scoring shard {index + 1}/{len(bounds)}",
+
+    def score_owned_shards():
+        for index in sorted(owned):
+            start, stop = bounds[index]
+            fingerprint = {**settings, "shard_index": index, "start": start, "stop": stop}
+            path = _shard_path(shards_dir, index)
+            if _shard_is_done(path, fingerprint):
+                report["shards_resumed"] += 1
+                continue
+            labelled = view.select(range(start, stop)).map(
+                labeler,
+                batched=True,
+                batch_size=args.batch_size,
+                remove_columns=view.column_names,
+                features=reward_features(),
+                keep_in_memory=True,
+                load_from_cache_file=False,
+                new_fingerprint=datasets.fingerprint.Hasher.hash(_normalised(fingerprint)),
+                desc=f"Scoring shard {index + 1}/{len(bounds)}",
+            )
+            _save_shard(labelled, path, fingerprint)
+            report["pairs_scored"] += stop - start
+            report["shards_scored"] += 1
+        report["scoring_seconds"] = time.perf_counter() - scoring_started
+        _write_json(
+            os.path.join(shards_dir, f"run-rank-{state.process_index:05d}-of-{state.num_processes:05d}.json"),
+            report,
         )
-        _save_shard(labelled, path, fingerprint)
-        report["pairs_scored"] += stop - start
-        report["shards_scored"] += 1
-    report["scoring_seconds"] = time.perf_counter() - scoring_started
-    _write_json(
-        os.path.join(shards_dir, f"run-rank-{state.process_index:05d}-of-{state.num_processes:05d}.json"),
-        report,
-    )
-    state.wait_for_everyone()
+
+    failure = None
+    try:
+        score_owned_shards()
+    except Exception as error:  # every process learns of it: none is left waiting for this one
+        failure = error
+    raise_if_any_process_failed(failure, state, "score its shards")
 
     summary_path = os.path.join(output_dir, SUMMARY_FILENAME)
-    if state.is_main_process:
+
+    def assemble():  # main process: the shards into one labelled dataset, its statistics and summary
         rewards = datasets.concatenate_datasets(
             [datasets.load_from_disk(_shard_path(shards_dir, i)) for i in range(len(bounds))]
         )
@@ -402,5 +411,6 @@ def label_dataset(args: LabelingArguments, reward_model: RewardModel | None = No
                 summary["num_invalid_pairs"],
                 summary["num_pairs"],
             )
-    state.wait_for_everyone()
+
+    computed_on_main(assemble, state, "assemble the labelled dataset")
     return _read_json(summary_path)

@@ -1,0 +1,57 @@
+"""Under `accelerate launch` with 2 processes: a write fails on one process only; every process must stop with an
+error instead of leaving the others waiting for it at the next collective.
+
+Usage: accelerate launch ... tests/scripts/fail_on_one_process.py RECORD_DIR checkpoint [SmPOConfig flags]
+       accelerate launch ... tests/scripts/fail_on_one_process.py RECORD_DIR labelling [LabelingArguments flags]
+``checkpoint``: the main process's last step of writing checkpoint-N (syncing it to disk) raises "No space left
+on device". ``labelling``: process 1's first shard write raises it. Writes RECORD_DIR/rank{R}.json with the
+exception each process ended with, then leaves the process group without waiting for the others.
+"""
+
+import json
+import os
+import sys
+
+import torch.distributed
+from transformers import HfArgumentParser
+
+import smpo_diffusers.rewards.job as job
+import smpo_diffusers.trainer as trainer_module
+from smpo_diffusers.cli import parse_training_args
+from smpo_diffusers.rewards import LabelingArguments, label_dataset
+
+RANK = int(os.environ["RANK"])
+
+
+def disk_full(*args, **kwargs):
+    raise OSError(28, "No space left on device")
+
+
+def main():
+    record_dir, mode, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
+    if mode == "checkpoint":
+        if RANK == 0:
+            trainer_module._fsync_tree = disk_full
+        config, _ = parse_training_args(argv)
+        run = trainer_module.SmPOTrainer(config).train
+    else:
+        if RANK == 1:
+            job._save_shard = disk_full
+        (args,) = HfArgumentParser(LabelingArguments).parse_args_into_dataclasses(args=argv)
+
+        def run():
+            return label_dataset(args)
+    try:
+        run()
+        ended = None
+    except Exception as error:
+        ended = f"{type(error).__name__}: {error}"
+    os.makedirs(record_dir, exist_ok=True)
+    with open(os.path.join(record_dir, f"rank{RANK}.json"), "w") as handle:
+        json.dump({"rank": RANK, "ended": ended}, handle)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
