@@ -204,7 +204,7 @@ def test_a_reused_output_dir_holds_one_kind_of_weights(tmp_path, demo_inputs):
 
 def test_settings_the_model_or_a_given_accelerator_contradict_are_refused(tmp_path, demo_inputs):
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration
+    from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin
 
     with pytest.raises(ValueError, match="accumulates 4 micro-batches but gradient_accumulation_steps is 1"):
         SmPOTrainer(config(tmp_path), dataset=labelled(demo_inputs),
@@ -219,6 +219,10 @@ def test_settings_the_model_or_a_given_accelerator_contradict_are_refused(tmp_pa
             continue
         with pytest.raises(ValueError, match=f"has {option}=True, which the trainer does not support"):
             SmPOTrainer(config(tmp_path), dataset=labelled(demo_inputs), accelerator=given)
+    plugin = GradientAccumulationPlugin(num_steps=1, sync_with_dataloader=False)
+    given = Accelerator(gradient_accumulation_plugin=plugin)
+    with pytest.raises(ValueError, match=r"sync_with_dataloader=False\), which the trainer does not support"):
+        SmPOTrainer(config(tmp_path), dataset=labelled(demo_inputs), accelerator=given)
     model = demo_inputs["sd"][0]  # 1000 noise levels
     with pytest.raises(ValueError, match="--num_inversion_steps 5000 exceeds the model's 1000 noise levels"):
         SmPOTrainer(config(tmp_path, model, num_inversion_steps=5000), dataset=labelled(demo_inputs, "sd"))

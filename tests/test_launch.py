@@ -240,22 +240,45 @@ def test_values_computed_on_main_and_checked_on_every_process(tmp_path):
     assert all(record["left_group"] for record in records)
 
 
+FULL_DISK = "OSError: [Errno 28] No space left on device"
+TORCH_SAVE_FAILED = "RuntimeError: [enforce fail at inline_container.cc:603] . PytorchStreamWriter failed writing file"
+
+
 @pytest.mark.slow
-def test_a_checkpoint_write_failing_on_the_main_process_stops_every_process(tmp_path, demo_inputs):
-    """The main process alone fails to finish checkpoint-1 (disk full): both processes raise (the other one used to
-    wait for it at the next barrier), nothing half-written is left, and the message says how to go on."""
+@pytest.mark.parametrize("mode, failed_rank, failure", [
+    ("checkpoint-publish", 0, FULL_DISK), ("checkpoint-save", 1, TORCH_SAVE_FAILED)])
+def test_a_checkpoint_write_failing_on_one_process_stops_every_process(
+        tmp_path, demo_inputs, mode, failed_rank, failure):
+    """One process alone fails to write checkpoint-1 (the main process finishing it; process 1 in accelerate's
+    save_state): both processes raise with the advice (the other one used to wait for it at the next barrier),
+    and nothing half-written is left."""
     model, data = demo_inputs["sd"]
     out = tmp_path / "out"
-    launch([ROOT / "tests" / "scripts" / "fail_on_one_process.py", tmp_path / "rec", "checkpoint",
+    launch([ROOT / "tests" / "scripts" / "fail_on_one_process.py", tmp_path / "rec", mode,
             *common_flags(model, data, out, max_train_steps=2, checkpointing_steps=1, loss_type="dpo",
                           noise_source="random")], processes=2, timeout=300)
     ended = [json.loads((tmp_path / "rec" / f"rank{rank}.json").read_text())["ended"] for rank in (0, 1)]
-    advice = "no earlier checkpoint exists. Free disk space or point --output_dir somewhere writable"
-    assert ended[0].startswith(f"OSError: could not write checkpoint-1 in {out} ([Errno 28] No space left")
-    assert ended[1].startswith(f"OSError: could not write checkpoint-1 in {out} (the main process failed to write "
-                               "checkpoint-1: OSError: [Errno 28] No space left on device)")
+    advice = "; no earlier checkpoint exists. Free disk space or point --output_dir somewhere writable"
+    detail = failure.removeprefix("OSError: ")
+    failed, other = ended[failed_rank], ended[1 - failed_rank]
+    assert failed.startswith(f"OSError: could not write checkpoint-1 in {out} ({detail}")
+    cause = ("the main process failed to write checkpoint-1: " if failed_rank == 0 else
+             "another process failed to write checkpoint-1 (process 1: ")
+    assert other.startswith(f"OSError: could not write checkpoint-1 in {out} ({cause}{failure}")
     assert all(advice in text for text in ended)
     assert not [p.name for p in out.iterdir() if "checkpoint" in p.name]
+
+
+@pytest.mark.slow
+def test_a_latent_cache_write_failing_on_one_process_stops_every_process(tmp_path, demo_inputs):
+    model, data = demo_inputs["sd"]
+    launch([ROOT / "tests" / "scripts" / "fail_on_one_process.py", tmp_path / "rec", "latent-cache",
+            *common_flags(model, data, tmp_path / "out", max_train_steps=1, cache_latents=True,
+                          latent_cache_dir=tmp_path / "cache")], processes=2, timeout=300)
+    ended = [json.loads((tmp_path / "rec" / f"rank{rank}.json").read_text())["ended"] for rank in (0, 1)]
+    assert ended[1] == FULL_DISK
+    assert ended[0].startswith("OtherProcessFailed: another process failed to write its latent-cache entries in ")
+    assert ended[0].endswith(f"(process 1: {FULL_DISK})")
 
 
 @pytest.mark.slow
@@ -271,7 +294,6 @@ def test_a_shard_write_failing_on_one_process_stops_every_labelling_process(tmp_
             tmp_path / "clip", "--batch_size", "4", "--shard_size", "2", "--output_dir", tmp_path / "labelled"],
            processes=2, timeout=300)
     ended = [json.loads((tmp_path / "rec" / f"rank{rank}.json").read_text())["ended"] for rank in (0, 1)]
-    assert ended[1] == "OSError: [Errno 28] No space left on device"
-    assert ended[0] == ("OtherProcessFailed: another process failed to score its shards "
-                        "(process 1: OSError: [Errno 28] No space left on device)")
+    assert ended[1] == FULL_DISK
+    assert ended[0] == f"OtherProcessFailed: another process failed to score its shards (process 1: {FULL_DISK})"
     assert not (tmp_path / "labelled" / "labeling_summary.json").exists()

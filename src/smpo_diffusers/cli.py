@@ -12,6 +12,7 @@ from typing import NoReturn
 from transformers import HfArgumentParser
 
 from .config import SmPOConfig
+from .distributed import OtherProcessFailed
 
 __all__ = ["DemoArguments", "parse_training_args", "train_main"]
 
@@ -39,9 +40,9 @@ class DemoArguments:
             raise ValueError("--demo_world only applies with --demo; add --demo or drop it.")
 
 
-INPUT_ERRORS = (ValueError, OSError, ImportError, FloatingPointError)
+INPUT_ERRORS = (ValueError, OSError, ImportError, FloatingPointError, OtherProcessFailed)
 """What bad flags, paths, datasets or settings raise, each with a message that names the fix (``OSError`` covers
-missing files, unreachable Hub ids and full disks)."""
+missing files, unreachable Hub ids and full disks; ``OtherProcessFailed``: such an error on another process)."""
 
 
 def run_cli(main, *args, **kwargs):

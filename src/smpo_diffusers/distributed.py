@@ -33,8 +33,8 @@ def computed_on_main(compute, state, what: str = "compute a shared value"):
     every process holds the same value even where the others would see something else (per-node file copies,
     other mount points); also a main-only step the others wait for. An exception on the main process is raised
     there and, as :class:`OtherProcessFailed` naming it (``"the main process failed to <what>: ..."``), on the
-    others. ``state``: an ``accelerate`` ``PartialState``/``Accelerator``."""
-    if state.num_processes == 1:
+    others. ``state``: an ``accelerate`` ``PartialState``/``Accelerator`` (``None``: a single process)."""
+    if state is None or state.num_processes == 1:
         return compute()
     from accelerate.utils import broadcast_object_list
 
@@ -57,8 +57,8 @@ def computed_on_main(compute, state, what: str = "compute a shared value"):
 def raise_if_any_process_failed(error: BaseException | None, state, what: str) -> None:
     """A collective every process calls with the exception it caught doing its part of ``what`` (or ``None``): if
     any process failed, every process raises, the failed ones their own exception and the others
-    :class:`OtherProcessFailed` naming each failure."""
-    if state.num_processes > 1:
+    :class:`OtherProcessFailed` naming each failure. ``state`` as in :func:`computed_on_main`."""
+    if state is not None and state.num_processes > 1:
         from accelerate.utils import gather_object
 
         failures = gather_object([None if error is None else f"{type(error).__name__}: {error}"])

@@ -48,6 +48,7 @@ import numpy as np
 import torch
 
 from .data import EpochIndexedDataset, PairTransform, decode_image
+from .distributed import computed_on_main, raise_if_any_process_failed
 
 logger = logging.getLogger(__name__)
 
@@ -240,12 +241,14 @@ class LatentCache:
         """
         start = time.perf_counter()
         rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
-        if rank == 0:
+
+        def create_folder():  # main process; a failure stops every process (none waits for it)
             os.makedirs(self.path, exist_ok=True)
             settings_path = os.path.join(self.path, "settings.json")
             if not os.path.exists(settings_path):
                 _atomic_write_text(settings_path, json.dumps(self.settings, indent=2, sort_keys=True, default=str))
-        _barrier(accelerator)
+
+        computed_on_main(create_folder, accelerator, f"create the latent cache {self.path}")
 
         rows = np.asarray(pairs["source_row"], dtype=np.int64).tolist()
         winners = np.asarray(pairs["winner_index"], dtype=np.int64).tolist()
@@ -258,9 +261,13 @@ class LatentCache:
         missing_prompts = sorted(c for c in captions if caption_key(c) not in have_prompts)
         _barrier(accelerator)  # every rank has listed the shards before any rank writes one
 
-        self._build_pairs(pairs, missing[rank::world], parts, resolution, batch_size)
-        self._build_prompts(missing_prompts[rank::world], parts, weight_dtype, batch_size)
-        _barrier(accelerator)
+        failure = None
+        try:  # each process its share; a failure on any of them (disk full, out of memory) stops all of them
+            self._build_pairs(pairs, missing[rank::world], parts, resolution, batch_size)
+            self._build_prompts(missing_prompts[rank::world], parts, weight_dtype, batch_size)
+        except Exception as error:
+            failure = error
+        raise_if_any_process_failed(failure, accelerator, f"write its latent-cache entries in {self.path}")
         _, bad = self.index("pairs-")
         undecodable = sum(f"{base}/any" in bad for base in set(bases))  # whoever built them
         if missing or missing_prompts:

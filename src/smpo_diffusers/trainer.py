@@ -293,6 +293,10 @@ class SmPOTrainer:
             if value:
                 raise ValueError(f"the given Accelerator has {name}=True, which the trainer does not support "
                                  f"({reason}); build it with DataLoaderConfiguration({name}=False).")
+        if not accelerator.gradient_state.sync_with_dataloader:
+            raise ValueError("the given Accelerator has GradientAccumulationPlugin(sync_with_dataloader=False), which "
+                             "the trainer does not support (an epoch's short last update would run into the next "
+                             "epoch, and checkpoints record positions by epoch); leave it True.")
         if accelerator.gradient_accumulation_steps != config.gradient_accumulation_steps:
             raise ValueError(
                 f"the given Accelerator accumulates {accelerator.gradient_accumulation_steps} micro-batches but "
@@ -655,7 +659,9 @@ class SmPOTrainer:
                     self.save_checkpoint(global_step, epoch, batch_index + 1)
                 if (config.validation_steps and global_step % config.validation_steps == 0
                         and global_step < self.max_train_steps):  # the last update gets the final rendering
-                    self.log_validation(global_step)
+                    # the main process renders while the others wait; a failure there stops every process
+                    computed_on_main(lambda: self.log_validation(global_step), accelerator,
+                                     "render the validation images")
                 if global_step >= self.max_train_steps:
                     done = True
                     break
@@ -868,22 +874,23 @@ class SmPOTrainer:
         what = f"write checkpoint-{global_step}"
         try:
             failure = None
-            try:
+            try:  # a full disk shows as OSError, torch.save's RuntimeError or a SafetensorError
                 accelerator.save_state(partial)  # every process writes its part (RNG states; weights on main)
-            except OSError as error:
+            except Exception as error:
                 failure = error
             raise_if_any_process_failed(failure, accelerator, what)
             evaluations, skipped, data_counts = self.count_totals()  # a collective: every process gets here
             computed_on_main(publish, accelerator, what)
-        except (OSError, OtherProcessFailed) as error:
+        except Exception as error:
             if accelerator.is_main_process:
                 shutil.rmtree(partial, ignore_errors=True)
             previous = self._checkpoints()
             kept = (f"the previous checkpoint {previous[-1][1]} is intact" if previous
                     else "no earlier checkpoint exists")
+            detail = error if isinstance(error, (OSError, OtherProcessFailed)) else f"{type(error).__name__}: {error}"
             raise OSError(
-                f"could not write checkpoint-{global_step} in {config.output_dir} ({error}); {kept}. Free disk space "
-                "or point --output_dir somewhere writable, then relaunch with --resume_from_checkpoint latest."
+                f"could not write checkpoint-{global_step} in {config.output_dir} ({detail}); {kept}. Free disk "
+                "space or point --output_dir somewhere writable, then relaunch with --resume_from_checkpoint latest."
             ) from error
 
         def prune():  # main process: hidden first, then deleted, so a crash mid-delete leaves no half checkpoint

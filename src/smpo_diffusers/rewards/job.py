@@ -228,16 +228,18 @@ def _calibrate_ensemble(
     model: EnsembleRewardModel, view, args, settings: dict, shards_dir: str, state
 ) -> None:
     """Main process estimates member statistics (or reuses those of an interrupted run with the same
-    settings, stored in ``.shards/ensemble_calibration.json``); every process then loads them."""
+    settings, stored in ``.shards/ensemble_calibration.json``) and sends them to every process."""
     path = os.path.join(shards_dir, CALIBRATION_FILENAME)
-    if state.is_main_process:
+
+    def calibrate():  # main process; a failure stops every process
         stored = _read_json(path)
         if not (stored and stored.get("settings") == _normalised(settings)):
             images, prompts = _calibration_sample(view, args.ensemble_calibration_pairs)
             statistics = model.calibrate(images, prompts)
             _write_json(path, {"settings": settings, "statistics": statistics, "num_images": len(images)})
-    state.wait_for_everyone()
-    model.set_statistics(_read_json(path)["statistics"])
+        return _read_json(path)["statistics"]
+
+    model.set_statistics(computed_on_main(calibrate, state, "calibrate the reward ensemble"))
 
 
 def label_dataset(args: LabelingArguments, reward_model: RewardModel | None = None) -> dict[str, Any]:
