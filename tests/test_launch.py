@@ -35,6 +35,23 @@ def common_flags(model, data, out, **extra):
     return argv
 
 
+def labelling_inputs(tmp_path, num_pairs):
+    """A tiny CLIP reward model and a raw preference set of ``num_pairs`` under tmp_path; their label_rewards flags."""
+    from smpo_diffusers.testing import make_preference_dataset, tiny_clip_model
+
+    clip, processor = tiny_clip_model()
+    clip.save_pretrained(tmp_path / "clip")
+    processor.save_pretrained(tmp_path / "clip")
+    make_preference_dataset(num_pairs=num_pairs, seed=2).save_to_disk(str(tmp_path / "raw"))
+    return ["--dataset_name", tmp_path / "raw", "--reward_model", "pickscore", "--reward_model_name_or_path",
+            tmp_path / "clip", "--batch_size", "4"]
+
+
+def read_endings(folder):
+    """What each of the 2 processes of tests/scripts/fail_on_one_process.py ended with."""
+    return [json.loads((folder / f"rank{rank}.json").read_text())["ended"] for rank in (0, 1)]
+
+
 @pytest.mark.slow
 def test_accelerate_launch_sdxl_lora_example(tmp_path, demo_inputs):
     from diffusers import StableDiffusionXLPipeline
@@ -178,14 +195,7 @@ def test_two_processes_draw_each_pair_once_an_epoch(tmp_path, demo_inputs):
 def test_two_process_labelling_equals_one_process(tmp_path):
     from datasets import load_from_disk
 
-    from smpo_diffusers.testing import make_preference_dataset, tiny_clip_model
-
-    clip, processor = tiny_clip_model()
-    clip.save_pretrained(tmp_path / "clip")
-    processor.save_pretrained(tmp_path / "clip")
-    make_preference_dataset(num_pairs=12, seed=2).save_to_disk(str(tmp_path / "raw"))
-    args = ["--dataset_name", tmp_path / "raw", "--reward_model", "pickscore", "--reward_model_name_or_path",
-            tmp_path / "clip", "--batch_size", "4", "--shard_size", "3"]
+    args = labelling_inputs(tmp_path, num_pairs=12) + ["--shard_size", "3"]
     script = ROOT / "examples" / "label_rewards.py"
     launch([script, *args, "--output_dir", tmp_path / "one"])
     result = launch([script, *args, "--output_dir", tmp_path / "two"], processes=2)
@@ -257,7 +267,7 @@ def test_a_checkpoint_write_failing_on_one_process_stops_every_process(
     launch([ROOT / "tests" / "scripts" / "fail_on_one_process.py", tmp_path / "rec", mode,
             *common_flags(model, data, out, max_train_steps=2, checkpointing_steps=1, loss_type="dpo",
                           noise_source="random")], processes=2, timeout=300)
-    ended = [json.loads((tmp_path / "rec" / f"rank{rank}.json").read_text())["ended"] for rank in (0, 1)]
+    ended = read_endings(tmp_path / "rec")
     advice = "; no earlier checkpoint exists. Free disk space or point --output_dir somewhere writable"
     detail = failure.removeprefix("OSError: ")
     failed, other = ended[failed_rank], ended[1 - failed_rank]
@@ -275,7 +285,7 @@ def test_a_latent_cache_write_failing_on_one_process_stops_every_process(tmp_pat
     launch([ROOT / "tests" / "scripts" / "fail_on_one_process.py", tmp_path / "rec", "latent-cache",
             *common_flags(model, data, tmp_path / "out", max_train_steps=1, cache_latents=True,
                           latent_cache_dir=tmp_path / "cache")], processes=2, timeout=300)
-    ended = [json.loads((tmp_path / "rec" / f"rank{rank}.json").read_text())["ended"] for rank in (0, 1)]
+    ended = read_endings(tmp_path / "rec")
     assert ended[1] == FULL_DISK
     assert ended[0].startswith("OtherProcessFailed: another process failed to write its latent-cache entries in ")
     assert ended[0].endswith(f"(process 1: {FULL_DISK})")
@@ -283,17 +293,10 @@ def test_a_latent_cache_write_failing_on_one_process_stops_every_process(tmp_pat
 
 @pytest.mark.slow
 def test_a_shard_write_failing_on_one_process_stops_every_labelling_process(tmp_path):
-    from smpo_diffusers.testing import make_preference_dataset, tiny_clip_model
-
-    clip, processor = tiny_clip_model()
-    clip.save_pretrained(tmp_path / "clip")
-    processor.save_pretrained(tmp_path / "clip")
-    make_preference_dataset(num_pairs=8, seed=2).save_to_disk(str(tmp_path / "raw"))
     launch([ROOT / "tests" / "scripts" / "fail_on_one_process.py", tmp_path / "rec", "labelling",
-            "--dataset_name", tmp_path / "raw", "--reward_model", "pickscore", "--reward_model_name_or_path",
-            tmp_path / "clip", "--batch_size", "4", "--shard_size", "2", "--output_dir", tmp_path / "labelled"],
+            *labelling_inputs(tmp_path, num_pairs=8), "--shard_size", "2", "--output_dir", tmp_path / "labelled"],
            processes=2, timeout=300)
-    ended = [json.loads((tmp_path / "rec" / f"rank{rank}.json").read_text())["ended"] for rank in (0, 1)]
+    ended = read_endings(tmp_path / "rec")
     assert ended[1] == FULL_DISK
     assert ended[0] == f"OtherProcessFailed: another process failed to score its shards (process 1: {FULL_DISK})"
     assert not (tmp_path / "labelled" / "labeling_summary.json").exists()
