@@ -292,11 +292,15 @@ def test_a_latent_cache_write_failing_on_one_process_stops_every_process(tmp_pat
 
 
 @pytest.mark.slow
-def test_a_shard_write_failing_on_one_process_stops_every_labelling_process(tmp_path):
-    launch([ROOT / "tests" / "scripts" / "fail_on_one_process.py", tmp_path / "rec", "labelling",
+@pytest.mark.parametrize("mode, failed_rank, what", [("labelling", 1, "score its shards"),
+                                                     ("labelling-load", 0, "load the dataset")])
+def test_a_failure_on_one_labelling_process_stops_every_process(tmp_path, mode, failed_rank, what):
+    """Process 1's shard write fails, or the main process's dataset load (the others wait for it to load first)."""
+    launch([ROOT / "tests" / "scripts" / "fail_on_one_process.py", tmp_path / "rec", mode,
             *labelling_inputs(tmp_path, num_pairs=8), "--shard_size", "2", "--output_dir", tmp_path / "labelled"],
            processes=2, timeout=300)
     ended = read_endings(tmp_path / "rec")
-    assert ended[1] == FULL_DISK
-    assert ended[0] == f"OtherProcessFailed: another process failed to score its shards (process 1: {FULL_DISK})"
+    assert ended[failed_rank] == FULL_DISK
+    assert ended[1 - failed_rank].startswith(f"OtherProcessFailed: another process failed to {what}")
+    assert ended[1 - failed_rank].endswith(f"(process {failed_rank}: {FULL_DISK})")
     assert not (tmp_path / "labelled" / "labeling_summary.json").exists()

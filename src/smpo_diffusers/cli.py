@@ -12,7 +12,7 @@ from typing import NoReturn
 from transformers import HfArgumentParser
 
 from .config import SmPOConfig
-from .distributed import OtherProcessFailed
+from .distributed import OtherProcessFailed, leave_process_group, main_process_first, use_cpu_process_group
 
 __all__ = ["DemoArguments", "parse_training_args", "train_main"]
 
@@ -53,8 +53,6 @@ def run_cli(main, *args, **kwargs):
         result = main(*args, **kwargs)
     except INPUT_ERRORS as error:
         exit_with_input_error(error)
-    from .distributed import leave_process_group
-
     leave_process_group()
     return result
 
@@ -140,11 +138,9 @@ def train_main(argv: list[str] | None = None, family: str = "sdxl") -> dict:
     if demo.demo:
         from accelerate import PartialState
 
-        from .distributed import use_cpu_process_group
-
         # under accelerate launch the main process builds the inputs; the others then find them built
-        with PartialState(cpu=use_cpu_process_group()).main_process_first():
-            prepare_demo(config, demo, family, given=given_flags(argv))
+        main_process_first(lambda: prepare_demo(config, demo, family, given=given_flags(argv)),
+                           PartialState(cpu=use_cpu_process_group()), "prepare the demo inputs")
         config = dataclasses.replace(config)  # validated again with the demo's values in place
     missing = [flag for flag, value in (("--pretrained_model_name_or_path", config.pretrained_model_name_or_path),
                                         ("--dataset_name", config.dataset_name)) if value is None]

@@ -69,6 +69,23 @@ def raise_if_any_process_failed(error: BaseException | None, state, what: str) -
         raise error
 
 
+def main_process_first(load, state, what: str):
+    """``load()`` on the main process, then on the others (so that they find what it downloaded or cached), like
+    ``accelerate``'s ``main_process_first`` but a failure on any process stops every process (the others would
+    otherwise wait at the barrier the failed one never reaches). ``state`` as in :func:`computed_on_main`."""
+    if state is None or state.num_processes == 1:
+        return load()
+    value, failure = None, None
+    for turn in ("main", "others"):
+        if state.is_main_process == (turn == "main"):
+            try:
+                value = load()
+            except Exception as error:
+                failure = error
+        raise_if_any_process_failed(failure, state, what)
+    return value
+
+
 def same_on_every_process(value: str, state, what: str) -> None:
     """Raise ``ValueError`` on every process (never on some only: the others would wait forever) when the
     processes hold different ``value``; ``what`` names it in the message."""

@@ -604,9 +604,12 @@ class SmPOTrainer:
         from tqdm.auto import tqdm
 
         config, accelerator = self.config, self.accelerator
-        if accelerator.is_main_process:
+
+        def start():  # main process; a failure stops every process (none waits for it in the first all-reduce)
             self._clean_partial_checkpoints()
             accelerator.init_trackers("smpo", config=self._tracker_config())
+
+        computed_on_main(start, accelerator, "start the run (old partial checkpoints, trackers)")
         global_step, first_epoch, resume_batch = self._maybe_resume()
         self._check_no_later_checkpoints(global_step)
         self.global_step, start_step, trained_updates = global_step, global_step, 0

@@ -2,11 +2,12 @@
 error instead of leaving the others waiting for it at the next collective.
 
 Usage: accelerate launch ... tests/scripts/fail_on_one_process.py RECORD_DIR MODE [SmPOConfig flags]
-       accelerate launch ... tests/scripts/fail_on_one_process.py RECORD_DIR labelling [LabelingArguments flags]
+       accelerate launch ... tests/scripts/fail_on_one_process.py RECORD_DIR labelling[-load] [LabelingArguments]
 MODE, training: ``checkpoint-publish``: the main process's last step of writing checkpoint-N (syncing it to
 disk) raises "No space left on device"; ``checkpoint-save``: process 1's accelerate save_state raises the
 RuntimeError torch.save gives on a full disk; ``latent-cache``: process 1's latent-cache writes raise "No space
-left on device". ``labelling``: process 1's first shard write raises it. Writes RECORD_DIR/rank{R}.json with the
+left on device". ``labelling``: process 1's first shard write raises it; ``labelling-load``: the main process's
+dataset load (the first, before the others load) raises it. Writes RECORD_DIR/rank{R}.json with the
 exception each process ended with, then leaves the process group without waiting for the others.
 """
 
@@ -37,7 +38,7 @@ def torch_save_on_a_full_disk(*args, **kwargs):
 
 def main():
     record_dir, mode, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
-    if mode != "labelling":
+    if not mode.startswith("labelling"):
         if mode == "checkpoint-publish" and RANK == 0:
             trainer_module._fsync_tree = disk_full
         elif mode == "checkpoint-save" and RANK == 1:
@@ -49,8 +50,10 @@ def main():
         def run():
             return trainer_module.SmPOTrainer(config).train()
     else:
-        if RANK == 1:
+        if mode == "labelling" and RANK == 1:
             job._save_shard = disk_full
+        elif mode == "labelling-load" and RANK == 0:
+            job.load_preference_dataset = disk_full
         (args,) = HfArgumentParser(LabelingArguments).parse_args_into_dataclasses(args=argv)
 
         def run():

@@ -34,7 +34,7 @@ from typing import Any, Optional
 import torch
 
 from ..data import load_preference_dataset
-from ..distributed import computed_on_main, raise_if_any_process_failed, use_cpu_process_group
+from ..distributed import computed_on_main, main_process_first, raise_if_any_process_failed, use_cpu_process_group
 from .base import EnsembleRewardModel, RewardModel
 from .images import UnreadableImageError, load_image
 from .labeling import (CAPTION_COLUMN, IMAGE_COLUMNS, RewardLabeler, reward_features, summarize_labels,
@@ -270,8 +270,9 @@ def label_dataset(args: LabelingArguments, reward_model: RewardModel | None = No
         raise ValueError("--output_dir must differ from --dataset_name (the source would be overwritten).")
     shards_dir = os.path.join(output_dir, SHARDS_DIRNAME)
 
-    with state.main_process_first():
-        source = load_preference_dataset(args.dataset_name, args.dataset_split_name, args.cache_dir)
+    source = main_process_first(
+        lambda: load_preference_dataset(args.dataset_name, args.dataset_split_name, args.cache_dir), state,
+        f"load the dataset {args.dataset_name}")
     source_fingerprint = getattr(source, "_fingerprint", None)
     source = _prepare_source(source, args.max_samples)
     view = _scoring_view(source)
