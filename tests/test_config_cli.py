@@ -178,15 +178,23 @@ def test_cli_requires_model_and_data_without_demo(tmp_path, capsys):
 
 
 def test_cli_leaves_its_process_group_after_a_finished_run(tmp_path):
-    """A process still inside a gloo group at exit can abort (status -6) after a finished run: run_cli leaves it."""
+    """A process still inside a gloo group at exit can abort (status -6): run_cli leaves it after a finished run
+    and before exiting on an input error."""
     import torch.distributed as dist
 
     from smpo_diffusers.cli import run_cli
 
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    def refused():
+        raise ValueError("--flag is bad; pass another")
+
     try:
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'finished'}", rank=0, world_size=1)
         assert run_cli(lambda value: value * 2, 21) == 42
         assert not dist.is_initialized()
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'refused'}", rank=0, world_size=1)
+        with pytest.raises(SystemExit) as exit_info:  # an input error leaves it too (without waiting)
+            run_cli(refused)
+        assert exit_info.value.code == 2 and not dist.is_initialized()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

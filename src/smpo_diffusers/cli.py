@@ -52,6 +52,7 @@ def run_cli(main, *args, **kwargs):
     try:
         result = main(*args, **kwargs)
     except INPUT_ERRORS as error:
+        leave_process_group(wait=False)  # every process stops (the others raised too, or were told to)
         exit_with_input_error(error)
     leave_process_group()
     return result
@@ -139,7 +140,8 @@ def train_main(argv: list[str] | None = None, family: str = "sdxl") -> dict:
         from accelerate import PartialState
 
         # under accelerate launch the main process builds the inputs; the others then find them built
-        main_process_first(lambda: prepare_demo(config, demo, family, given=given_flags(argv)),
+        given = given_flags(argv)
+        main_process_first(lambda: prepare_demo(config, demo, family, given=given),
                            PartialState(cpu=use_cpu_process_group()), "prepare the demo inputs")
         config = dataclasses.replace(config)  # validated again with the demo's values in place
     missing = [flag for flag, value in (("--pretrained_model_name_or_path", config.pretrained_model_name_or_path),

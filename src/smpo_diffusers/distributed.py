@@ -12,14 +12,15 @@ def use_cpu_process_group() -> bool:
     return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def leave_process_group() -> None:
-    """Wait for the other processes, then leave the default process group (no-op without one). Call at the end of
-    a finished job: a process that exits still inside a gloo group can abort at interpreter exit ("terminate called
-    without an active exception", status -6) and turn a finished run into a failed one."""
+def leave_process_group(wait: bool = True) -> None:
+    """Wait for the other processes (``wait``), then leave the default process group (no-op without one). Call
+    at the end of a job: a process that exits still inside a gloo group can abort at interpreter exit ("terminate
+    called without an active exception", status -6) and turn a finished run, or an error's status, into a crash."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -69,21 +70,27 @@ def raise_if_any_process_failed(error: BaseException | None, state, what: str) -
         raise error
 
 
+def on_every_process(work, state, what: str):
+    """``work()`` on every process, then a collective (it also serves as a barrier): a failure on any process
+    stops every process, as :func:`raise_if_any_process_failed` says. Returns this process's ``work()``."""
+    value, failure = None, None
+    try:
+        value = work()
+    except Exception as error:
+        failure = error
+    raise_if_any_process_failed(failure, state, what)
+    return value
+
+
 def main_process_first(load, state, what: str):
     """``load()`` on the main process, then on the others (so that they find what it downloaded or cached), like
     ``accelerate``'s ``main_process_first`` but a failure on any process stops every process (the others would
     otherwise wait at the barrier the failed one never reaches). ``state`` as in :func:`computed_on_main`."""
     if state is None or state.num_processes == 1:
         return load()
-    value, failure = None, None
-    for turn in ("main", "others"):
-        if state.is_main_process == (turn == "main"):
-            try:
-                value = load()
-            except Exception as error:
-                failure = error
-        raise_if_any_process_failed(failure, state, what)
-    return value
+    main_value = on_every_process(load if state.is_main_process else lambda: None, state, what)
+    other_value = on_every_process(lambda: None if state.is_main_process else load(), state, what)
+    return main_value if state.is_main_process else other_value
 
 
 def same_on_every_process(value: str, state, what: str) -> None:

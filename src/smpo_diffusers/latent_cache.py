@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from .data import EpochIndexedDataset, PairTransform, decode_image
-from .distributed import computed_on_main, raise_if_any_process_failed
+from .distributed import computed_on_main, on_every_process
 
 logger = logging.getLogger(__name__)
 
@@ -250,24 +250,26 @@ class LatentCache:
 
         computed_on_main(create_folder, accelerator, f"create the latent cache {self.path}")
 
-        rows = np.asarray(pairs["source_row"], dtype=np.int64).tolist()
-        winners = np.asarray(pairs["winner_index"], dtype=np.int64).tolist()
-        bases = entry_bases if entry_bases is not None else pair_entry_bases(pairs)
-        have, _ = self.index("pairs-")
-        missing = sorted({(base, row, winner) for base, row, winner in zip(bases, rows, winners)
-                          if f"{base}/any" not in have and f"{base}/w{winner}" not in have})
-        captions = {""} | {_caption_text(c) for c in pairs["caption"]}
-        have_prompts, _ = self.index("prompts-")
-        missing_prompts = sorted(c for c in captions if caption_key(c) not in have_prompts)
-        _barrier(accelerator)  # every rank has listed the shards before any rank writes one
+        def list_missing():
+            rows = np.asarray(pairs["source_row"], dtype=np.int64).tolist()
+            winners = np.asarray(pairs["winner_index"], dtype=np.int64).tolist()
+            bases = entry_bases if entry_bases is not None else pair_entry_bases(pairs)
+            have, _ = self.index("pairs-")
+            missing = sorted({(base, row, winner) for base, row, winner in zip(bases, rows, winners)
+                              if f"{base}/any" not in have and f"{base}/w{winner}" not in have})
+            captions = {""} | {_caption_text(c) for c in pairs["caption"]}
+            have_prompts, _ = self.index("prompts-")
+            missing_prompts = sorted(c for c in captions if caption_key(c) not in have_prompts)
+            return bases, winners, captions, missing, missing_prompts
 
-        failure = None
-        try:  # each process its share; a failure on any of them (disk full, out of memory) stops all of them
+        def build_share():  # each process its share of what is missing
             self._build_pairs(pairs, missing[rank::world], parts, resolution, batch_size)
             self._build_prompts(missing_prompts[rank::world], parts, weight_dtype, batch_size)
-        except Exception as error:
-            failure = error
-        raise_if_any_process_failed(failure, accelerator, f"write its latent-cache entries in {self.path}")
+
+        # every rank has listed the shards before any rank writes one; a failure on any rank stops them all
+        bases, winners, captions, missing, missing_prompts = on_every_process(
+            list_missing, accelerator, f"list the latent cache {self.path}")
+        on_every_process(build_share, accelerator, f"write its latent-cache entries in {self.path}")
         _, bad = self.index("pairs-")
         undecodable = sum(f"{base}/any" in bad for base in set(bases))  # whoever built them
         if missing or missing_prompts:
@@ -499,11 +501,6 @@ def _atomic_write_text(path: str, text: str) -> None:
     with open(partial, "w") as handle:
         handle.write(text)
     os.replace(partial, path)
-
-
-def _barrier(accelerator) -> None:
-    if accelerator is not None and accelerator.num_processes > 1:
-        accelerator.wait_for_everyone()
 
 
 __all__ = [

@@ -32,7 +32,7 @@ from accelerate.utils import ProjectConfiguration, set_seed
 
 from .config import PICKSCORE_REWARD_SCALE, SmPOConfig
 from .distributed import (
-    OtherProcessFailed, computed_on_main, raise_if_any_process_failed, same_on_every_process, use_cpu_process_group)
+    OtherProcessFailed, computed_on_main, on_every_process, same_on_every_process, use_cpu_process_group)
 from .data import (
     PADDING_INDEX,
     PairTransform,
@@ -875,14 +875,10 @@ class SmPOTrainer:
             _fsync_directory(config.output_dir)
 
         what = f"write checkpoint-{global_step}"
-        try:
-            failure = None
-            try:  # a full disk shows as OSError, torch.save's RuntimeError or a SafetensorError
-                accelerator.save_state(partial)  # every process writes its part (RNG states; weights on main)
-            except Exception as error:
-                failure = error
-            raise_if_any_process_failed(failure, accelerator, what)
-            evaluations, skipped, data_counts = self.count_totals()  # a collective: every process gets here
+        evaluations, skipped, data_counts = self.count_totals()  # a collective: every process gets here
+        try:  # only writes in here: a full disk shows as OSError, torch.save's RuntimeError or a SafetensorError
+            # every process writes its part (RNG states; weights on main)
+            on_every_process(lambda: accelerator.save_state(partial), accelerator, what)
             computed_on_main(publish, accelerator, what)
         except Exception as error:
             if accelerator.is_main_process:

@@ -34,7 +34,7 @@ from typing import Any, Optional
 import torch
 
 from ..data import load_preference_dataset
-from ..distributed import computed_on_main, main_process_first, raise_if_any_process_failed, use_cpu_process_group
+from ..distributed import computed_on_main, main_process_first, on_every_process, use_cpu_process_group
 from .base import EnsembleRewardModel, RewardModel
 from .images import UnreadableImageError, load_image
 from .labeling import (CAPTION_COLUMN, IMAGE_COLUMNS, RewardLabeler, reward_features, summarize_labels,
@@ -356,12 +356,7 @@ def label_dataset(args: LabelingArguments, reward_model: RewardModel | None = No
             report,
         )
 
-    failure = None
-    try:
-        score_owned_shards()
-    except Exception as error:  # every process learns of it: none is left waiting for this one
-        failure = error
-    raise_if_any_process_failed(failure, state, "score its shards")
+    on_every_process(score_owned_shards, state, "score its shards")  # a failure stops every process
 
     summary_path = os.path.join(output_dir, SUMMARY_FILENAME)
 
