@@ -55,30 +55,25 @@ def computed_on_main(compute, state, what: str = "compute a shared value"):
     return value
 
 
-def raise_if_any_process_failed(error: BaseException | None, state, what: str) -> None:
-    """A collective every process calls with the exception it caught doing its part of ``what`` (or ``None``): if
-    any process failed, every process raises, the failed ones their own exception and the others
-    :class:`OtherProcessFailed` naming each failure. ``state`` as in :func:`computed_on_main`."""
-    if state is not None and state.num_processes > 1:
-        from accelerate.utils import gather_object
-
-        failures = gather_object([None if error is None else f"{type(error).__name__}: {error}"])
-        if error is None and any(failures):
-            named = "; ".join(f"process {rank}: {text}" for rank, text in enumerate(failures) if text)
-            raise OtherProcessFailed(f"another process failed to {what} ({named})")
-    if error is not None:
-        raise error
-
-
 def on_every_process(work, state, what: str):
-    """``work()`` on every process, then a collective (it also serves as a barrier): a failure on any process
-    stops every process, as :func:`raise_if_any_process_failed` says. Returns this process's ``work()``."""
+    """``work()`` on every process, then a collective (a gather of each process's exception, which also serves as
+    a barrier): if any process failed, every process raises, the failed ones their own exception and the others
+    :class:`OtherProcessFailed` naming each failure. Returns this process's ``work()``. ``state`` as in
+    :func:`computed_on_main`."""
     value, failure = None, None
     try:
         value = work()
     except Exception as error:
         failure = error
-    raise_if_any_process_failed(failure, state, what)
+    if state is not None and state.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        failures = gather_object([None if failure is None else f"{type(failure).__name__}: {failure}"])
+        if failure is None and any(failures):
+            named = "; ".join(f"process {rank}: {text}" for rank, text in enumerate(failures) if text)
+            raise OtherProcessFailed(f"another process failed to {what} ({named})")
+    if failure is not None:
+        raise failure
     return value
 
 

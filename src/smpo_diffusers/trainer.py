@@ -751,8 +751,7 @@ class SmPOTrainer:
         accelerator = self.accelerator
         nonfinite, self._nonfinite_loss_in_update = self._nonfinite_loss_in_update, False
         trained, self._pairs_in_update = self._pairs_in_update, 0
-        if accelerator.num_processes > 1:
-            trained = int(accelerator.reduce(torch.tensor([trained], device=accelerator.device), "sum").item())
+        trained = int(self._summed_over_processes(trained))
         if not trained:  # before clipping: nothing was unscaled, so an fp16 grad scaler's cycle stays closed
             self.optimizer.zero_grad(set_to_none=True)
             return
@@ -767,7 +766,7 @@ class SmPOTrainer:
         # the scale. A non-finite *loss* (in any micro-batch of the update) is a real problem in every precision.
         if accelerator.scaler is None:
             nonfinite = nonfinite or not torch.isfinite(torch.as_tensor(grad_norm)).item()
-        (nonfinite,) = self._on_any_process(nonfinite)
+        nonfinite = self._summed_over_processes(nonfinite) > 0
         if nonfinite:
             self._skip_nonfinite_update()
             return
@@ -781,15 +780,12 @@ class SmPOTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.consecutive_nonfinite = 0
 
-    def _on_any_process(self, *flags: bool) -> tuple[bool, ...]:
-        """Each flag OR-ed over the processes (one all-reduce for all of them)."""
+    def _summed_over_processes(self, value: float) -> float:
+        """``value`` (a count, or a flag as 0/1) summed over the processes: one all-reduce."""
         if self.accelerator.num_processes == 1:
-            values = tuple(bool(flag) for flag in flags)
-        else:
-            counts = self.accelerator.reduce(torch.tensor([float(bool(flag)) for flag in flags],
-                                                          device=self.accelerator.device), reduction="sum")
-            values = tuple(bool(count > 0) for count in counts.tolist())
-        return values
+            return float(value)
+        return self.accelerator.reduce(torch.tensor([float(value)], device=self.accelerator.device),
+                                       reduction="sum").item()
 
     def _skip_nonfinite_update(self) -> None:
         """Drop the accumulated gradients of a non-finite update; stop after too many in a row."""
