@@ -12,7 +12,8 @@ folder. ``--base_model`` defaults to the base the run recorded (``training_confi
 shipped toy pipeline. The base is read as training read it: the recorded ``--revision`` and ``--variant`` (when
 ``--base_model`` is the recorded base), the recorded separate VAE, used by both models so that only the UNet
 differs, and the recorded ``--cache_dir`` (``--base_revision``, ``--base_variant``, ``--vae``, ``--cache_dir``
-override them; ``--vae base`` keeps the base pipeline's own VAE).
+override them; ``--vae base`` keeps the base pipeline's own VAE). A saved full pipeline holds the VAE training
+used, so ``--vae`` is refused with one: it would change the base's VAE only.
 ``--prompts``: a built-in set (toy-heldout, toy-train, toy-all), a .txt file (one prompt a line) or a
 dataset (save_to_disk folder or parquet/json/csv file; --prompt_column picks the column).
 ``--reward_models``: ``toy`` and/or registry names (pickscore, clip, hpsv2, imagereward, aesthetic) or
@@ -49,21 +50,36 @@ def parse_args(argv=None):
                         help="Weight-file variant of the base, e.g. fp16 (default: as training, for its base).")
     parser.add_argument("--vae", default=None,
                         help="VAE folder or Hub id for both models (default: the separate VAE training used, if any; "
-                             "'base': the base pipeline's own; ./base names a folder).")
+                             "'base': the base pipeline's own; ./base names a folder). Not with a saved full "
+                             "pipeline as --aligned_model: it keeps the VAE training saved in it.")
     parser.add_argument("--cache_dir", default=None,
-                        help="Hub cache to read Hub ids from (default: the --cache_dir training recorded, if any).")
+                        help="Hub cache to read Hub ids from: base, VAE and reward checkpoints (default: the "
+                             "--cache_dir training recorded, if any).")
     parser.add_argument("--aligned_model", required=True, help="LoRA/UNet output folder, LoRA file or pipeline.")
     parser.add_argument("--prompts", default="toy-heldout", help="Built-in set, .txt file or dataset path.")
-    parser.add_argument("--prompt_column", default="caption")
-    parser.add_argument("--prompt_split", default="train")
-    parser.add_argument("--max_prompts", type=int, default=None)
-    parser.add_argument("--seeds_per_prompt", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--reward_models", nargs="+", default=["toy"])
-    parser.add_argument("--num_inference_steps", type=int, default=20)
-    parser.add_argument("--guidance_scale", type=float, default=3.0)
+    parser.add_argument("--prompt_column", default="caption",
+                        help="Dataset column holding the prompts (datasets only; default: caption).")
+    parser.add_argument("--prompt_split", default="train",
+                        help="Dataset split to read the prompts from (datasets only; default: train).")
+    parser.add_argument("--max_prompts", type=int, default=None,
+                        help="Keep only the first N prompts read (default: all).")
+    parser.add_argument("--seeds_per_prompt", type=int, default=1,
+                        help="Samples per prompt and model, each from its own seed (default: 1).")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="First seed: sample j of prompt i uses seed + j * number of prompts + i, the same for "
+                             "both models (default: 0).")
+    parser.add_argument("--reward_models", nargs="+", default=["toy"],
+                        help="One or more rewards to score with: toy, registry names (pickscore, clip, hpsv2, "
+                             "imagereward, aesthetic) or module:function paths (default: toy).")
+    parser.add_argument("--num_inference_steps", type=int, default=20,
+                        help="Denoising steps per image, >= 1 (default: 20).")
+    parser.add_argument("--guidance_scale", type=float, default=3.0,
+                        help="Classifier-free guidance scale, finite and >= 0; 1 or less renders without guidance "
+                             "(default: 3.0).")
     parser.add_argument("--resolution", type=int, default=None, help="Image size (default: the model's).")
-    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--batch_size", type=int, default=64,
+                        help="Images per pipeline call, >= 1 (default: 64; lower it when rendering runs out of "
+                             "memory).")
     parser.add_argument("--device", default=None, help="Where to render (default: cuda when available, else cpu).")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
                         help="Weights' dtype for rendering (fp16/bf16 on a GPU for SD/SDXL-size models).")
@@ -77,7 +93,12 @@ def main(argv=None) -> dict:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("evaluate.py renders in one process; run it with `python examples/evaluate.py ...`, not "
                          "under accelerate launch with several processes (each would render and write the same files).")
-    aligned_layout(args.aligned_model)  # a missing or empty folder is reported as such
+    layout = aligned_layout(args.aligned_model)  # a missing or empty folder is reported as such
+    if layout == "pipeline" and args.vae is not None:
+        raise ValueError(f"--vae {args.vae!r} would replace the base's VAE only: --aligned_model "
+                         f"{args.aligned_model} is a saved full pipeline and keeps the VAE training saved in it, so "
+                         "the two models would differ in VAE as well as UNet. Drop --vae (the base then uses the "
+                         "separate VAE training recorded, the one the pipeline holds).")
     recorded = trained_base_settings(args.aligned_model) or {}
     base_model = args.base_model or recorded.get("base_model")
     if base_model is None:

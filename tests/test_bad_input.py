@@ -226,3 +226,9 @@ def test_settings_the_model_or_a_given_accelerator_contradict_are_refused(tmp_pa
     model = demo_inputs["sd"][0]  # 1000 noise levels
     with pytest.raises(ValueError, match="--num_inversion_steps 5000 exceeds the model's 1000 noise levels"):
         SmPOTrainer(config(tmp_path, model, num_inversion_steps=5000), dataset=labelled(demo_inputs, "sd"))
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_8bit_adam_without_a_gpu_is_refused_before_anything_loads(tmp_path):
+    with pytest.raises(ValueError, match="--use_8bit_adam needs a CUDA GPU .* but this run trains on cpu"):
+        SmPOTrainer(config(tmp_path, dataset_name="/nonexistent/data", use_8bit_adam=True))

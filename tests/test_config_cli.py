@@ -21,7 +21,8 @@ def non_default_argv():
         "max_train_samples": 7, "resolution": 64, "random_crop": True, "no_hflip": True,
         "dataloader_num_workers": 2, "proportion_empty_prompts": 0.1, "tie_policy": "keep",
         "cache_latents": False, "latent_cache_dir": None,  # --cache_latents refuses --random_crop: parsed below
-        "train_batch_size": 3, "gradient_accumulation_steps": 4, "max_train_steps": 9, "num_train_epochs": 2,
+        "train_batch_size": 3, "gradient_accumulation_steps": 4, "max_train_steps": 9,
+        "num_train_epochs": 1,  # the default: another value with --max_train_steps is refused (parsed below)
         "learning_rate": 3e-4, "scale_lr": True, "lr_scheduler": "cosine_with_restarts", "lr_warmup_steps": 5,
         "lr_num_cycles": 3, "lr_power": 1.0,  # the default: other values need --lr_scheduler polynomial (below)
         "use_8bit_adam": False, "use_adafactor": False,  # Adafactor refuses the adam_* options: parsed below
@@ -71,6 +72,8 @@ def test_every_flag_parses_from_the_command_line():
     assert config.use_adafactor is True and config.adam_weight_decay == 0.01
     config, _ = parse_training_args(["--lr_scheduler", "polynomial", "--lr_power", "2.5"])
     assert config.lr_power == 2.5
+    config, _ = parse_training_args(["--num_train_epochs", "2"])
+    assert config.num_train_epochs == 2 and config.max_train_steps is None
     config, _ = parse_training_args(["--use_8bit_adam"])
     assert config.use_8bit_adam is True
     with pytest.raises(ValueError, match="--demo_world"):
@@ -152,6 +155,8 @@ def test_help_lists_every_flag():
     ({"lr_power": 0.0, "lr_scheduler": "polynomial"}, "--lr_power must be a positive number"),
     ({"validation_num_inference_steps": 5}, "--validation_num_inference_steps needs --validation_prompts"),
     ({"logging_dir": "tb", "report_to": "none"}, "--report_to none writes no tracker logs"),
+    ({"max_train_steps": 100, "num_train_epochs": 3}, "--num_train_epochs 3 would be ignored; give one of them"),
+    ({"loss_type": "dpo", "tie_policy": "keep"}, "--tie_policy keep with --loss_type dpo"),
 ])
 def test_config_errors_name_the_flag(kwargs, message):
     with pytest.raises(ValueError, match=re.escape(message)):

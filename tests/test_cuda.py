@@ -34,6 +34,8 @@ def test_tiny_training_on_gpu(tmp_path, demo_inputs, precision, optimiser, metho
     assert trainer.accelerator.device.type == "cuda"
     if optimiser == "adamw":
         assert trainer.optimizer.optimizer.defaults["fused"] is True
+    expected = {"adamw": "AdamW", "adamw8bit": "AdamW8bit", "adafactor": "Adafactor"}[optimiser]
+    assert type(trainer.optimizer.optimizer).__name__ == expected
     if method == "lora":
         lora = [p for n, p in trainer.unwrapped_unet.named_parameters() if "lora" in n]
         assert lora and all(p.dtype == torch.float32 for p in lora)

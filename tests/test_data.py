@@ -100,6 +100,9 @@ def test_load_parquet_file_glob_and_folder(tmp_path):
         [str(folder / "part-1.parquet"), str(folder / "part-0.parquet")], cache_dir=cache
     )
     assert sorted(listed["caption"]) == sorted(ds["caption"])
+    # explicit files are one split: another split name would have no effect
+    with pytest.raises(ValueError, match="data files, which form one split, so split 'test' cannot be selected"):
+        load_preference_dataset(str(folder / "*.parquet"), split="test", cache_dir=cache)
 
 
 def test_load_folder_infers_splits_from_file_names(tmp_path):
@@ -317,8 +320,11 @@ def test_reward_nulls_count_as_nonfinite():
 
 def test_empty_after_filtering_explains_what_was_dropped():
     ds = _table([0.5, 0.5, 1.0], label_valid=[True, True, False])
-    with pytest.raises(ValueError, match=r"1 with label_valid False.*2 human ties.*tie_policy='keep'"):
+    with pytest.raises(ValueError, match=r"1 with label_valid False.*2 human ties.*use --loss_type smpo"):
         prepare_preference_pairs(ds, loss_type="dpo", reward_columns=None, reward_scale=None)
+    rewarded = _table([0.5, 0.5, 1.0], [0.2, 0.3, 0.1], [0.1, 0.4, 0.2], label_valid=[True, True, False])
+    with pytest.raises(ValueError, match=r"2 human ties.*Use tie_policy='keep' if the set is mostly ties"):
+        prepare_preference_pairs(rewarded, loss_type="smpo", reward_columns=None, reward_scale=SCALE)
 
 
 def test_max_train_samples_is_deterministic_and_matches_shuffle_select():

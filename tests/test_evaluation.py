@@ -94,6 +94,9 @@ def test_read_prompts_sources(tmp_path):
     ({"resolution": 4}, "--resolution must be at least 8"),
     ({"device": "cuda"}, "no CUDA GPU is visible"),
     ({"device": "gpu"}, "--device 'gpu' is not a torch device"),
+    ({"guidance_scale": float("nan")}, "--guidance_scale must be a finite number >= 0"),  # would turn guidance off
+    ({"guidance_scale": float("inf")}, "--guidance_scale must be a finite number >= 0"),
+    ({"guidance_scale": -1.0}, "--guidance_scale must be a finite number >= 0"),
 ])
 def test_evaluate_refuses_bad_settings_before_loading_anything(tmp_path, kwargs, message):
     if kwargs.get("device") == "cuda" and torch.cuda.is_available():
@@ -141,6 +144,52 @@ def test_evaluate_writes_results_table_and_grid(tmp_path):
     same = evaluate(base, base, prompts[:1], output_dir=str(tmp_path / "same"), num_inference_steps=2,
                     guidance_scale=1.0, resolution=32, progress=False)
     assert same["pixel_drift"] == 0.0 and same["rewards"]["toy"]["win_rate"]["ties"] == 1
+
+
+def test_guidance_scale_reaches_the_pipeline(tmp_path, monkeypatch):
+    """The value given is the one every pipeline call gets, and guidance above 1 draws other pictures than none."""
+    from diffusers import StableDiffusionPipeline
+
+    base = save_tiny_pipeline(str(tmp_path / "base"), kind="sd", seed=0)
+    called = []
+    real_call = StableDiffusionPipeline.__call__
+
+    def recording_call(self, *args, **kwargs):
+        called.append(kwargs["guidance_scale"])
+        return real_call(self, *args, **kwargs)
+
+    monkeypatch.setattr(StableDiffusionPipeline, "__call__", recording_call)
+    grids = {}
+    for guidance in (1.0, 4.0):
+        called.clear()
+        results = evaluate(base, base, ["a red circle on a blue background"], output_dir=str(tmp_path / str(guidance)),
+                           num_inference_steps=2, guidance_scale=guidance, resolution=32, progress=False)
+        assert called == [guidance, guidance]  # base and aligned renders
+        assert results["guidance_scale"] == guidance
+        grids[guidance] = np.asarray(Image.open(tmp_path / str(guidance) / "grid.png"), dtype=np.float32)
+    assert np.abs(grids[1.0] - grids[4.0]).mean() > 0
+
+
+def test_reward_models_are_read_from_cache_dir(tmp_path, monkeypatch):
+    import smpo_diffusers.rewards
+
+    class Loaded(Exception):
+        pass
+
+    seen = []
+
+    def fake_load_reward_model(name, **kwargs):
+        seen.append((name, kwargs))
+        raise Loaded
+
+    monkeypatch.setattr(smpo_diffusers.rewards, "load_reward_model", fake_load_reward_model)
+    aligned = tmp_path / "aligned"
+    os.makedirs(aligned)
+    (aligned / "pytorch_lora_weights.safetensors").write_bytes(b"")
+    with pytest.raises(Loaded):
+        evaluate("no-such-base", str(aligned), ["a prompt"], output_dir=str(tmp_path / "e"),
+                 reward_names=["pickscore"], cache_dir=str(tmp_path / "hub-cache"))
+    assert seen == [("pickscore", {"device": torch.device("cpu"), "cache_dir": str(tmp_path / "hub-cache")})]
 
 
 def test_load_pipeline_rejects_a_folder_without_weights(tmp_path):
@@ -269,3 +318,63 @@ def test_base_is_read_as_training_read_it(tmp_path, monkeypatch):
         str(tmp_path / "main")).unet)
     with pytest.raises((OSError, ValueError)):  # v1 holds only ema-named files
         load_pipeline(repo_id, revision="v1", cache_dir=cache)
+
+
+def _load_cli():
+    import importlib.util
+
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "evaluate.py")
+    spec = importlib.util.spec_from_file_location("evaluate_cli", script)
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    return cli
+
+
+def test_evaluate_cli_passes_every_option_to_the_library(tmp_path, monkeypatch):
+    """Each option, set to a non-default value, reaches read_prompts or evaluate; the list below must name every
+    option the parser has."""
+    cli = _load_cli()
+    aligned = tmp_path / "aligned"
+    os.makedirs(aligned / "unet")
+    (aligned / "unet" / "config.json").write_text("{}")
+    options = {
+        "--base_model": "someone/base", "--base_revision": "v2", "--base_variant": "fp16", "--vae": "someone/vae",
+        "--cache_dir": str(tmp_path / "hub-cache"), "--aligned_model": str(aligned), "--prompts": "prompts.parquet",
+        "--prompt_column": "text", "--prompt_split": "validation", "--max_prompts": "3", "--seeds_per_prompt": "2",
+        "--seed": "7", "--reward_models": ["toy", "clip"], "--num_inference_steps": "5", "--guidance_scale": "6.5",
+        "--resolution": "48", "--batch_size": "4", "--device": "meta", "--dtype": "fp16",
+        "--output_dir": str(tmp_path / "out"),
+    }
+    argv = [part for flag, value in options.items() for part in [flag, *([value] if isinstance(value, str) else value)]]
+    assert {"--" + name for name in vars(cli.parse_args(argv))} == set(options)
+    read, seen = [], []
+    monkeypatch.setattr(cli, "read_prompts", lambda *args, **kwargs: read.append((args, kwargs)) or ["p1", "p2"])
+    monkeypatch.setattr(cli, "evaluate", lambda *args, **kwargs: seen.append((args, kwargs)) or {})
+    monkeypatch.setattr(cli, "format_results_table", lambda results: "")
+    cli.main(argv)
+    assert read == [(("prompts.parquet",), {"column": "text", "split": "validation", "limit": 3})]
+    assert seen == [(("someone/base", str(aligned), ["p1", "p2"]), {
+        "output_dir": str(tmp_path / "out"), "reward_names": ["toy", "clip"], "seeds_per_prompt": 2, "seed": 7,
+        "num_inference_steps": 5, "guidance_scale": 6.5, "resolution": 48, "batch_size": 4, "device": "meta",
+        "dtype": torch.float16, "base_revision": "v2", "base_variant": "fp16", "vae": "someone/vae",
+        "cache_dir": str(tmp_path / "hub-cache")})]
+
+
+def test_evaluate_cli_refuses_vae_with_a_saved_pipeline(tmp_path, monkeypatch):
+    """A saved full pipeline keeps the VAE training saved in it; --vae (even 'base') would change the base's only."""
+    cli = _load_cli()
+    aligned = tmp_path / "pipeline"
+    os.makedirs(aligned)
+    (aligned / "model_index.json").write_text("{}")
+    (aligned / "training_config.json").write_text(json.dumps({
+        "pretrained_model_name_or_path": "someone/base", "pretrained_vae_model_name_or_path": "someone/vae"}))
+    seen = []
+    monkeypatch.setattr(cli, "evaluate", lambda base, aligned, prompts, **kwargs: seen.append(kwargs) or {})
+    monkeypatch.setattr(cli, "format_results_table", lambda results: "")
+    common = ["--aligned_model", str(aligned), "--output_dir", str(tmp_path / "e")]
+    for vae in ("base", "someone/other-vae"):
+        with pytest.raises(ValueError, match="saved full pipeline.*Drop --vae"):
+            cli.main(common + ["--vae", vae])
+    assert not seen
+    cli.main(common)  # the base gets the recorded VAE: the one the saved pipeline holds
+    assert seen[0]["vae"] == "someone/vae"

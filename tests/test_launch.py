@@ -48,7 +48,7 @@ def labelling_inputs(tmp_path, num_pairs):
 
 
 def read_endings(folder):
-    """What each of the 2 processes of tests/scripts/fail_on_one_process.py ended with."""
+    """What each of the 2 processes of tests/scripts/fail_on_one_process.py ended each scenario with."""
     return [json.loads((folder / f"rank{rank}.json").read_text())["ended"] for rank in (0, 1)]
 
 
@@ -255,52 +255,65 @@ TORCH_SAVE_FAILED = "RuntimeError: [enforce fail at inline_container.cc:603] . P
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode, failed_rank, failure", [
-    ("checkpoint-publish", 0, FULL_DISK), ("checkpoint-save", 1, TORCH_SAVE_FAILED)])
-def test_a_checkpoint_write_failing_on_one_process_stops_every_process(
-        tmp_path, demo_inputs, mode, failed_rank, failure):
-    """One process alone fails to write checkpoint-1 (the main process finishing it; process 1 in accelerate's
-    save_state): both processes raise with the advice (the other one used to wait for it at the next barrier),
-    and nothing half-written is left."""
+def test_a_failure_on_one_process_stops_every_process(tmp_path, demo_inputs):
+    """One launch, six failures in turn (tests/scripts/fail_on_one_process.py), each on one process alone: both
+    processes raise, the one that did not fail naming the other's failure (it used to wait for it at the next
+    barrier), and nothing half-written is left.
+
+    * checkpoint-1: the main process finishing it, or process 1 in accelerate's save_state (both give the advice);
+    * process 1's latent-cache entries;
+    * the main process's final weights;
+    * process 1's reward-label shard, or the main process's dataset load (the others wait for it to load first).
+    """
     model, data = demo_inputs["sd"]
-    out = tmp_path / "out"
-    launch([ROOT / "tests" / "scripts" / "fail_on_one_process.py", tmp_path / "rec", mode,
-            *common_flags(model, data, out, max_train_steps=2, checkpointing_steps=1, loss_type="dpo",
-                          noise_source="random")], processes=2, timeout=300)
-    ended = read_endings(tmp_path / "rec")
+    fast = dict(loss_type="dpo", noise_source="random")
+    labelling = [str(a) for a in labelling_inputs(tmp_path, num_pairs=8)] + ["--shard_size", "2"]
+    scenarios = [
+        ("checkpoint-publish", common_flags(model, data, tmp_path / "publish", max_train_steps=2,
+                                            checkpointing_steps=1, **fast)),
+        ("checkpoint-save", common_flags(model, data, tmp_path / "save", max_train_steps=2, checkpointing_steps=1,
+                                         **fast)),
+        ("latent-cache", common_flags(model, data, tmp_path / "cached", max_train_steps=1, cache_latents=True,
+                                      latent_cache_dir=tmp_path / "cache")),
+        ("final-save", common_flags(model, data, tmp_path / "final", max_train_steps=1, **fast)),
+        ("labelling", labelling + ["--output_dir", str(tmp_path / "labelled")]),
+        ("labelling-load", labelling + ["--output_dir", str(tmp_path / "labelled-load")]),
+    ]
+    plan = tmp_path / "scenarios.json"
+    plan.write_text(json.dumps([{"name": mode, "mode": mode, "argv": argv} for mode, argv in scenarios]))
+    launch([ROOT / "tests" / "scripts" / "fail_on_one_process.py", tmp_path / "rec", plan], processes=2,
+           timeout=400)
+    endings = read_endings(tmp_path / "rec")
+
+    def ended(mode):
+        return [endings[rank][mode] for rank in (0, 1)]
+
     advice = "; no earlier checkpoint exists. Free disk space or point --output_dir somewhere writable"
-    detail = failure.removeprefix("OSError: ")
-    failed, other = ended[failed_rank], ended[1 - failed_rank]
-    assert failed.startswith(f"OSError: could not write checkpoint-1 in {out} ({detail}")
-    cause = ("the main process failed to write checkpoint-1: " if failed_rank == 0 else
-             "another process failed to write checkpoint-1 (process 1: ")
-    assert other.startswith(f"OSError: could not write checkpoint-1 in {out} ({cause}{failure}")
-    assert all(advice in text for text in ended)
-    assert not [p.name for p in out.iterdir() if "checkpoint" in p.name]
+    for mode, failed_rank, failure in [("checkpoint-publish", 0, FULL_DISK), ("checkpoint-save", 1, TORCH_SAVE_FAILED)]:
+        out = tmp_path / mode.removeprefix("checkpoint-")
+        texts = ended(mode)
+        failed, other = texts[failed_rank], texts[1 - failed_rank]
+        assert failed.startswith(f"OSError: could not write checkpoint-1 in {out} ({failure.removeprefix('OSError: ')}")
+        cause = ("the main process failed to write checkpoint-1: " if failed_rank == 0 else
+                 "another process failed to write checkpoint-1 (process 1: ")
+        assert other.startswith(f"OSError: could not write checkpoint-1 in {out} ({cause}{failure}")
+        assert all(advice in text for text in texts)
+        assert not [p.name for p in out.iterdir() if "checkpoint" in p.name]
 
+    cache = ended("latent-cache")
+    assert cache[1] == FULL_DISK
+    assert cache[0].startswith("OtherProcessFailed: another process failed to write its latent-cache entries in ")
+    assert cache[0].endswith(f"(process 1: {FULL_DISK})")
 
-@pytest.mark.slow
-def test_a_latent_cache_write_failing_on_one_process_stops_every_process(tmp_path, demo_inputs):
-    model, data = demo_inputs["sd"]
-    launch([ROOT / "tests" / "scripts" / "fail_on_one_process.py", tmp_path / "rec", "latent-cache",
-            *common_flags(model, data, tmp_path / "out", max_train_steps=1, cache_latents=True,
-                          latent_cache_dir=tmp_path / "cache")], processes=2, timeout=300)
-    ended = read_endings(tmp_path / "rec")
-    assert ended[1] == FULL_DISK
-    assert ended[0].startswith("OtherProcessFailed: another process failed to write its latent-cache entries in ")
-    assert ended[0].endswith(f"(process 1: {FULL_DISK})")
+    final = ended("final-save")
+    assert final[0] == FULL_DISK
+    assert final[1] == (f"OtherProcessFailed: the main process failed to save the trained model in "
+                        f"{tmp_path / 'final'}: {FULL_DISK}")
 
-
-@pytest.mark.slow
-@pytest.mark.parametrize("mode, failed_rank, what", [("labelling", 1, "score its shards"),
-                                                     ("labelling-load", 0, "load the dataset")])
-def test_a_failure_on_one_labelling_process_stops_every_process(tmp_path, mode, failed_rank, what):
-    """Process 1's shard write fails, or the main process's dataset load (the others wait for it to load first)."""
-    launch([ROOT / "tests" / "scripts" / "fail_on_one_process.py", tmp_path / "rec", mode,
-            *labelling_inputs(tmp_path, num_pairs=8), "--shard_size", "2", "--output_dir", tmp_path / "labelled"],
-           processes=2, timeout=300)
-    ended = read_endings(tmp_path / "rec")
-    assert ended[failed_rank] == FULL_DISK
-    assert ended[1 - failed_rank].startswith(f"OtherProcessFailed: another process failed to {what}")
-    assert ended[1 - failed_rank].endswith(f"(process {failed_rank}: {FULL_DISK})")
+    for mode, failed_rank, what in [("labelling", 1, "score its shards"), ("labelling-load", 0, "load the dataset")]:
+        texts = ended(mode)
+        assert texts[failed_rank] == FULL_DISK
+        assert texts[1 - failed_rank].startswith(f"OtherProcessFailed: another process failed to {what}")
+        assert texts[1 - failed_rank].endswith(f"(process {failed_rank}: {FULL_DISK})")
     assert not (tmp_path / "labelled" / "labeling_summary.json").exists()
+    assert not (tmp_path / "labelled-load" / "labeling_summary.json").exists()

@@ -128,3 +128,5 @@ def test_bad_shapes_probabilities_and_half_precision_inputs():
     # bf16 errors: the weight γ(2p - 1) and the loss are computed in fp32
     half = smpo_loss(*(e.bfloat16() for e in (pw, pl, rw, rl)), 0.55, 5000.0)
     assert half.loss.dtype == torch.float32 and torch.allclose(half.weight, torch.full((6,), 1.0))
+    mixed = smpo_loss(pw, pl, rw.double(), rl.double(), 0.55, 5000.0)  # fp64 reference errors stay fp64
+    assert mixed.loss.dtype == torch.float64 and mixed.margin.dtype == torch.float64

@@ -458,6 +458,8 @@ def test_non_default_options_reach_the_components(tmp_path, demo_inputs, caplog)
         trainer = SmPOTrainer(config)
     if not torch.cuda.is_available():  # TF32 is a CUDA matmul mode: said, not silently ignored
         assert "--allow_tf32 has no effect without a CUDA GPU" in caplog.text
+    else:
+        assert torch.backends.cuda.matmul.allow_tf32
     unet = trainer.unwrapped_unet
     lora = unet.peft_config["default"]
     assert (lora.r, lora.lora_alpha, set(lora.target_modules)) == (2, 6, {"to_q", "to_k"})
@@ -498,6 +500,24 @@ def test_non_default_options_reach_the_components(tmp_path, demo_inputs, caplog)
                                      tie_policy="keep", output_dir=str(tmp_path / "epochs")))
     assert epochs.pair_statistics.kept_ties == 2 and trainer.pair_statistics.dropped_ties == 2
     assert epochs.max_train_steps == 3 * math.ceil(len(epochs.train_dataset) / 2) == 24
+
+
+def test_data_and_schedule_options_reach_the_pixel_path(tmp_path, demo_inputs):
+    """--dataset_split_name, --no_hflip, --proportion_empty_prompts, --dataloader_num_workers and --lr_power as the
+    trainer uses them without --cache_latents (tests/test_latent_cache.py covers the cached path)."""
+    from datasets import DatasetDict, load_from_disk
+
+    model, data = demo_inputs["sd"]
+    DatasetDict({"holdout": load_from_disk(data).select(range(8))}).save_to_disk(str(tmp_path / "split"))
+    trainer = SmPOTrainer(make_config(tmp_path, model, str(tmp_path / "split"), dataset_split_name="holdout",
+                                      no_hflip=True, proportion_empty_prompts=0.5, dataloader_num_workers=1,
+                                      lr_scheduler="polynomial", lr_power=2.0, max_train_steps=4))
+    assert trainer.pair_statistics.total == 8  # the split's 8 rows, not the folder's default split
+    assert trainer.train_dataset.transform.hflip is False
+    assert trainer.train_dataset.proportion_empty_prompts == 0.5
+    assert trainer.train_dataloader.num_workers == 1
+    factor = trainer.lr_scheduler.scheduler.lr_lambdas[0]  # (1 - step / 4) ** 2, down to diffusers' lr_end 1e-7
+    assert [factor(s) for s in range(5)] == pytest.approx([1.0, 0.5625, 0.25, 0.0625, 1e-4], abs=1e-4)
 
 
 def test_update_metrics_average_per_pair_across_micro_batches():

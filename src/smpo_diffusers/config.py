@@ -104,9 +104,9 @@ class SmPOConfig:
     train_batch_size: int = field(default=1, metadata=_help("Pairs per device per micro-batch."))
     gradient_accumulation_steps: int = field(default=1, metadata=_help("Micro-batches per optimiser update."))
     max_train_steps: int | None = field(
-        default=None, metadata=_help("Optimiser updates to run; overrides --num_train_epochs.")
+        default=None, metadata=_help("Optimiser updates to run (the run's length; give it or --num_train_epochs).")
     )
-    num_train_epochs: int = field(default=1, metadata=_help("Epochs, when --max_train_steps is not given."))
+    num_train_epochs: int = field(default=1, metadata=_help("Epochs to run, when --max_train_steps is not given."))
     learning_rate: float = field(default=1e-5, metadata=_help("Peak learning rate."))
     scale_lr: bool = field(
         default=False, metadata=_help("Multiply the learning rate by batch size x accumulation x processes.")
@@ -318,6 +318,13 @@ class SmPOConfig:
         if self.use_adafactor and adam_options:
             raise ValueError(f"Adafactor ignores --{'/--'.join(adam_options)}; drop them (--adam_weight_decay "
                              "applies to it).")
+        if self.max_train_steps is not None and self._changed("num_train_epochs"):
+            raise ValueError(f"--max_train_steps {self.max_train_steps} sets the run's length, so --num_train_epochs "
+                             f"{self.num_train_epochs} would be ignored; give one of them.")
+        if self.loss_type == "dpo" and self.tie_policy == "keep":
+            raise ValueError("--tie_policy keep with --loss_type dpo: a human tie has no winner, so a kept tie gives "
+                             "zero gradient and only dilutes the other pairs' mean. Drop ties (the default), or use "
+                             "--loss_type smpo, where the rewards order tied pairs.")
         if self.validation_steps is not None and not self.validation_prompts:
             raise ValueError("--validation_steps needs --validation_prompts.")
         if self._changed("validation_num_inference_steps") and not self.validation_prompts:

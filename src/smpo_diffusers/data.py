@@ -127,8 +127,8 @@ def load_preference_dataset(
        split; a missing split raises a ``ValueError`` listing the available ones);
     2. local data files: a file, a list of files, a glob (``data/*.parquet``) or a folder of
        ``.parquet``/``.json``/``.jsonl``/``.csv`` files, loaded with the matching ``datasets``
-       builder. Explicit files/globs form the requested ``split``; in a folder, splits are inferred
-       from file names as on the Hub;
+       builder. Explicit files/globs form one split (``split`` must be ``"train"``); in a folder, splits
+       are inferred from file names as on the Hub;
     3. otherwise a Hugging Face Hub dataset id, ``load_dataset(name, split=split, revision=...)``.
 
     ``cache_dir`` is where ``datasets`` caches converted Arrow files (cases 2 and 3). ``revision``
@@ -182,8 +182,14 @@ def load_preference_dataset(
 
     if revision is not None:
         raise ValueError(f"revision={revision!r} applies to Hub datasets only, not local files {names}.")
+    if split != "train":
+        raise ValueError(
+            f"{names} are data files, which form one split, so split {split!r} cannot be selected from them: drop "
+            "--dataset_split_name (the files are read as they are), or pass a folder whose file names name the "
+            "splits (train-*.parquet, data/test.csv...)."
+        )
     builder = _builder_for_files(local_files, str(names))
-    return datasets.load_dataset(builder, data_files={split: local_files}, split=split, cache_dir=cache_dir)
+    return datasets.load_dataset(builder, data_files={"train": local_files}, split="train", cache_dir=cache_dir)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -523,8 +529,10 @@ def prepare_preference_pairs(
             f"No preference pairs left: {total} rows, dropped {int(dropped_invalid_mask.sum())} with "
             f"label_valid False, {int(dropped_nonfinite_mask.sum())} with non-finite rewards, "
             f"{int(dropped_ties_mask.sum())} human ties (tie_policy={tie_policy!r}). "
-            "Use tie_policy='keep' if the set is mostly ties, (re)label rewards with "
-            "examples/label_rewards.py if they are NaN, or check the dataset/split."
+            + ("Use tie_policy='keep' if the set is mostly ties, (re)label rewards with "
+               "examples/label_rewards.py if they are NaN, or check the dataset/split." if loss_type == "smpo" else
+               "DPO trains on human preferences only (ties have no winner): use --loss_type smpo with reward "
+               "labels for a set of mostly ties, or check the dataset/split.")
         )
 
     dropped_by_max = 0

@@ -244,15 +244,16 @@ def read_prompts(source: str, column: str = "caption", split: str = "train", lim
     return prompts
 
 
-def resolve_reward_models(names: Sequence[str], device: str | torch.device | None = None) -> list:
+def resolve_reward_models(names: Sequence[str], device: str | torch.device | None = None,
+                          cache_dir: str | None = None) -> list:
     """Reward models for ``names``: ``"toy"`` is :class:`~smpo_diffusers.toy.ToyRewardModel`; any other name goes
-    through :func:`smpo_diffusers.rewards.load_reward_model` (registry names, ``module:function`` paths)."""
+    through :func:`smpo_diffusers.rewards.load_reward_model` (registry names, ``module:function`` paths), its Hub
+    checkpoints read from ``cache_dir`` when given (default: the usual Hub cache)."""
     from .rewards import load_reward_model
     from .toy import ToyRewardModel
 
-    models = []
-    for name in names:
-        models.append(ToyRewardModel() if name == "toy" else load_reward_model(name, device=device))
+    models = [ToyRewardModel() if name == "toy" else load_reward_model(name, device=device, cache_dir=cache_dir)
+              for name in names]
     if not models:
         raise ValueError("name at least one reward model, e.g. --reward_models toy")
     return models
@@ -355,15 +356,19 @@ def evaluate(base_model: str, aligned_model: str, prompts: Sequence[str], *, out
     Sample ``j`` of prompt ``i`` uses seed ``seed + j * len(prompts) + i``. ``aligned_model`` is anything
     :func:`load_pipeline` accepts; both pipelines are loaded in ``dtype`` (rewards score the decoded images, so
     they do not depend on it), the base at ``base_revision`` with ``base_variant`` files and both with ``vae``
-    in place of the base's VAE when given (a saved full pipeline keeps its own), Hub ids read from
-    ``cache_dir`` when given. Writes ``results.json``, ``results.md`` and ``grid.png`` in ``output_dir`` and
-    returns the results dict (``rewards[name]`` as in :func:`compare_scores`, plus ``scores``)."""
+    in place of the base's VAE when given (a saved full pipeline keeps its own), Hub ids (of both models and of
+    the reward checkpoints) read from ``cache_dir`` when given. ``guidance_scale``: classifier-free guidance,
+    finite and >= 0 (diffusers guides only above 1). Writes ``results.json``, ``results.md`` and ``grid.png`` in
+    ``output_dir`` and returns the results dict (``rewards[name]`` as in :func:`compare_scores`, plus ``scores``)."""
     prompts = list(prompts)
     if not prompts:
         raise ValueError("evaluate needs at least one prompt.")
     for name, value in (("num_inference_steps", num_inference_steps), ("batch_size", batch_size)):
         if value < 1:
             raise ValueError(f"--{name} must be >= 1, got {value}.")
+    if not math.isfinite(guidance_scale) or guidance_scale < 0:
+        raise ValueError(f"--guidance_scale must be a finite number >= 0 (<= 1 turns guidance off), got "
+                         f"{guidance_scale}.")
     if resolution is not None and resolution < 8:
         raise ValueError(f"--resolution must be at least 8 pixels, got {resolution}.")
     try:
@@ -378,7 +383,7 @@ def evaluate(base_model: str, aligned_model: str, prompts: Sequence[str], *, out
     os.makedirs(output_dir, exist_ok=True)
     all_prompts = prompts * seeds_per_prompt
     seeds = [seed + index for index in range(len(all_prompts))]
-    reward_models = resolve_reward_models(reward_names, device=device)
+    reward_models = resolve_reward_models(reward_names, device=device, cache_dir=cache_dir)
     common = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, height=resolution,
                   width=resolution, batch_size=batch_size, progress=progress)
     loading = dict(device=device, dtype=dtype, revision=base_revision, variant=base_variant, vae=vae,

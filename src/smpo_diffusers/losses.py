@@ -1,6 +1,6 @@
 """The SmPO objective as pure tensor functions.
 
-Conventions (see ``shared/docs/smpo-method.md``):
+Conventions (README.md, "The method in one screen", has the derivation in brief):
 
 * Every per-image error is the mean squared error between a UNet's prediction and its regression
   target, averaged over the latent elements of one image: a tensor of shape ``(B,)`` for ``B`` pairs.
@@ -75,9 +75,10 @@ def smpo_loss(
         policy_err_w, policy_err_l: ``(B,)`` per-image errors of the trained UNet (with grad).
         ref_err_w, ref_err_l: ``(B,)`` per-image errors of the frozen reference (no grad needed).
         prob_w: ``(B,)`` probability in [0, 1] that image ``w`` is preferred (``1`` = hard label), or a float.
-    Computed in fp32 (fp64 inputs stay fp64) whatever the inputs' dtype.
         beta: the DPO temperature β ("beta_dpo"; thousands, since errors are element means).
         gamma: the smoothing scale γ; ``γ = 1`` with ``p = 1`` is exactly Diffusion-DPO.
+
+    Computed in fp32 whatever the errors' dtype (fp64 if any of them is fp64).
     """
     shapes = {tuple(error.shape) for error in (policy_err_w, policy_err_l, ref_err_w, ref_err_l)}
     if len(shapes) != 1 or policy_err_w.ndim != 1:
@@ -87,7 +88,9 @@ def smpo_loss(
         if not bool(((values >= 0) & (values <= 1)).all()):
             raise ValueError(f"prob_w must be probabilities in [0, 1], got {prob_w!r}")
     # at least fp32 arithmetic: γ(2p - 1) and β · margin lose the label in half precision
-    dtype = torch.promote_types(policy_err_w.dtype, torch.float32)
+    dtype = torch.float32
+    for error in (policy_err_w, policy_err_l, ref_err_w, ref_err_l):
+        dtype = torch.promote_types(dtype, error.dtype)
     policy_err_w, policy_err_l, ref_err_w, ref_err_l = (
         error.to(dtype) for error in (policy_err_w, policy_err_l, ref_err_w, ref_err_l))
     prob_w = torch.as_tensor(prob_w, dtype=dtype, device=policy_err_w.device)

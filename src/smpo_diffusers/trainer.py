@@ -1,6 +1,6 @@
 """`SmPOTrainer`: the training loop. It orchestrates; the formulas live in `losses.py` and `schedulers/`.
 
-One step, as data (see `shared/docs/architecture.md`)::
+One step, as data::
 
     pixel pairs [winner, loser], captions, p            (data.py)
     -> x0 latents (2B) and prompt embeddings            (models.py)
@@ -172,7 +172,7 @@ def make_optimizer(config: SmPOConfig, params, lr: float):
     """The optimiser the flags ask for: AdamW, bitsandbytes AdamW8bit (CUDA) or transformers Adafactor."""
     if config.use_8bit_adam:
         if not torch.cuda.is_available():
-            raise RuntimeError("--use_8bit_adam needs a CUDA GPU (bitsandbytes); drop it on CPU.")
+            raise ValueError("--use_8bit_adam needs a CUDA GPU (bitsandbytes); drop it on CPU.")
         try:
             import bitsandbytes as bnb
         except ImportError as error:
@@ -218,6 +218,9 @@ class SmPOTrainer:
         if accelerator is not None:
             self._check_given_accelerator(accelerator)
         self.accelerator = accelerator or self._make_accelerator()
+        if config.use_8bit_adam and self.accelerator.device.type != "cuda":  # before any data or model loads
+            raise ValueError(f"--use_8bit_adam needs a CUDA GPU (bitsandbytes' AdamW8bit) but this run trains on "
+                             f"{self.accelerator.device}; drop it, or use --use_adafactor to save optimiser memory.")
         self.skipped = {"nonfinite_updates": 0, "fp16_overflow_updates": 0, "empty_updates": 0,
                         "undecodable_pairs": 0, "empty_batches": 0}
         self.consecutive_nonfinite = 0
@@ -679,7 +682,8 @@ class SmPOTrainer:
             )
         self.save_model(config.output_dir)
         if config.validation_prompts:
-            self.log_validation(global_step, final=True)
+            computed_on_main(lambda: self.log_validation(global_step, final=True), accelerator,
+                             "render the final validation images")
         accelerator.end_training()  # flush trackers before anything is uploaded
         if accelerator.is_main_process:
             try:
@@ -1075,14 +1079,17 @@ class SmPOTrainer:
         return path
 
     def save_model(self, output_dir: str | None = None) -> None:
-        """Write diffusers-loadable weights (LoRA safetensors or ``unet/``), ``training_config.json`` and
-        ``training_metrics.json``. Main process only; safetensors only."""
+        """Write diffusers-loadable weights (LoRA safetensors, ``unet/`` or the whole pipeline),
+        ``training_config.json`` and ``training_metrics.json``; safetensors only. Every process calls it (the
+        counts are summed over processes); the main process writes, and a failure there stops every process."""
         output_dir = output_dir or self.config.output_dir
+        totals = self.count_totals()
+        computed_on_main(lambda: self._write_model(output_dir, *totals), self.accelerator,
+                         f"save the trained model in {output_dir}")
+
+    def _write_model(self, output_dir: str, evaluations: dict, skipped: dict, data_counts: dict) -> None:
+        """:meth:`save_model`'s writes (main process), with the counts summed over processes."""
         accelerator = self.accelerator
-        accelerator.wait_for_everyone()
-        evaluations, skipped, data_counts = self.count_totals()
-        if not accelerator.is_main_process:
-            return
         unet = self.unwrapped_unet
         pipeline = self.pipeline_to_save() if self.config.save_full_pipeline else None
         os.makedirs(output_dir, exist_ok=True)

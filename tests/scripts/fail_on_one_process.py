@@ -1,14 +1,16 @@
-"""Under `accelerate launch` with 2 processes: a write fails on one process only; every process must stop with an
-error instead of leaving the others waiting for it at the next collective.
+"""Under `accelerate launch` with 2 processes: a write (or load) fails on one process only; every process must stop
+with an error instead of leaving the others waiting for it at the next collective.
 
-Usage: accelerate launch ... tests/scripts/fail_on_one_process.py RECORD_DIR MODE [SmPOConfig flags]
-       accelerate launch ... tests/scripts/fail_on_one_process.py RECORD_DIR labelling[-load] [LabelingArguments]
-MODE, training: ``checkpoint-publish``: the main process's last step of writing checkpoint-N (syncing it to
-disk) raises "No space left on device"; ``checkpoint-save``: process 1's accelerate save_state raises the
-RuntimeError torch.save gives on a full disk; ``latent-cache``: process 1's latent-cache writes raise "No space
-left on device". ``labelling``: process 1's first shard write raises it; ``labelling-load``: the main process's
-dataset load (the first, before the others load) raises it. Writes RECORD_DIR/rank{R}.json with the
-exception each process ended with, then leaves the process group without waiting for the others.
+Usage: accelerate launch ... tests/scripts/fail_on_one_process.py RECORD_DIR SCENARIOS_JSON
+SCENARIOS_JSON lists ``{"name": ..., "mode": MODE, "argv": [flags]}``; the scenarios run one after another in the
+same process group (one launch, several failures), each with fresh accelerate state. MODE, training (SmPOConfig
+flags): ``checkpoint-publish``: the main process's last step of writing checkpoint-N (syncing it to disk) raises
+"No space left on device"; ``checkpoint-save``: process 1's accelerate save_state raises the RuntimeError
+torch.save gives on a full disk; ``latent-cache``: process 1's latent-cache writes raise "No space left on device";
+``final-save``: the main process's write of the trained LoRA weights raises it. Labelling (LabelingArguments):
+``labelling``: process 1's first shard write raises it; ``labelling-load``: the main process's dataset load (the
+first, before the others load) raises it. Writes RECORD_DIR/rank{R}.json: each scenario's name -> the exception
+the process ended it with (None: it finished), then leaves the process group.
 """
 
 import json
@@ -17,6 +19,7 @@ import sys
 
 import accelerate
 import torch.distributed
+from accelerate.state import AcceleratorState, GradientState
 from transformers import HfArgumentParser
 
 import smpo_diffusers.latent_cache as latent_cache
@@ -36,33 +39,49 @@ def torch_save_on_a_full_disk(*args, **kwargs):
     raise RuntimeError("[enforce fail at inline_container.cc:603] . PytorchStreamWriter failed writing file data/0")
 
 
-def main():
-    record_dir, mode, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
-    if not mode.startswith("labelling"):
-        if mode == "checkpoint-publish" and RANK == 0:
-            trainer_module._fsync_tree = disk_full
-        elif mode == "checkpoint-save" and RANK == 1:
-            accelerate.Accelerator.save_state = torch_save_on_a_full_disk
-        elif mode == "latent-cache" and RANK == 1:
-            latent_cache.LatentCache._build_pairs = disk_full
-        config, _ = parse_training_args(argv)
+# mode -> (the rank that fails, the object and attribute replaced there, the replacement)
+FAILURES = {
+    "checkpoint-publish": (0, trainer_module, "_fsync_tree", disk_full),
+    "checkpoint-save": (1, accelerate.Accelerator, "save_state", torch_save_on_a_full_disk),
+    "latent-cache": (1, latent_cache.LatentCache, "_build_pairs", disk_full),
+    "final-save": (0, trainer_module, "save_lora", disk_full),
+    "labelling": (1, job, "_save_shard", disk_full),
+    "labelling-load": (0, job, "load_preference_dataset", disk_full),
+}
 
-        def run():
-            return trainer_module.SmPOTrainer(config).train()
-    else:
-        if mode == "labelling" and RANK == 1:
-            job._save_shard = disk_full
-        elif mode == "labelling-load" and RANK == 0:
-            job.load_preference_dataset = disk_full
-        (args,) = HfArgumentParser(LabelingArguments).parse_args_into_dataclasses(args=argv)
 
-        def run():
-            return label_dataset(args)
+def run_scenario(mode, argv):
+    """Run one scenario; returns ``"<ExceptionType>: <message>"`` or None."""
+    failed_rank, owner, name, replacement = FAILURES[mode]
+    original = getattr(owner, name)
+    if RANK == failed_rank:
+        setattr(owner, name, replacement)
     try:
-        run()
-        ended = None
+        if mode.startswith("labelling"):
+            (args,) = HfArgumentParser(LabelingArguments).parse_args_into_dataclasses(args=argv)
+            label_dataset(args)
+        else:
+            config, _ = parse_training_args(argv)
+            trainer_module.SmPOTrainer(config).train()
+        return None
     except Exception as error:
-        ended = f"{type(error).__name__}: {error}"
+        return f"{type(error).__name__}: {error}"
+    finally:
+        setattr(owner, name, original)
+        # fresh accelerate state for the next scenario, in the same process group
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+
+def main():
+    record_dir, scenarios_file = sys.argv[1], sys.argv[2]
+    with open(scenarios_file) as handle:
+        scenarios = json.load(handle)
+    ended = {}
+    for scenario in scenarios:
+        ended[scenario["name"]] = run_scenario(scenario["mode"], scenario["argv"])
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()  # both processes start the next scenario together
     os.makedirs(record_dir, exist_ok=True)
     with open(os.path.join(record_dir, f"rank{RANK}.json"), "w") as handle:
         json.dump({"rank": RANK, "ended": ended}, handle)
