@@ -602,6 +602,12 @@ def test_command_line_uses_env_token_and_endpoint(tmp_path, stub_hub, monkeypatc
     with pytest.raises(SystemExit) as exit_info:
         push_main([out, "--no_model_card", "--license", "mit"])
     assert exit_info.value.code == 2 and "--no_model_card writes none" in capsys.readouterr().err
+    # --no_model_card uploads the folder's own README.md as written
+    own_card = write_output_folder(tmp_path / "own-card")
+    with open(os.path.join(own_card, "README.md"), "w") as handle:
+        handle.write("# my own card\n")
+    push_main([own_card, "--hub_model_id", "org/own-card", "--no_model_card"])
+    assert stub_hub.repos["org/own-card"]["files"]["README.md"] == b"# my own card\n"
 
     monkeypatch.delenv("HF_TOKEN")
     with pytest.raises(SystemExit) as exit_info:
