@@ -256,10 +256,11 @@ TORCH_SAVE_FAILED = "RuntimeError: [enforce fail at inline_container.cc:603] . P
 
 @pytest.mark.slow
 def test_a_failure_on_one_process_stops_every_process(tmp_path, demo_inputs):
-    """One launch, six failures in turn (tests/scripts/fail_on_one_process.py), each on one process alone: both
+    """One launch, seven failures in turn (tests/scripts/fail_on_one_process.py), each on one process alone: both
     processes raise, the one that did not fail naming the other's failure (it used to wait for it at the next
-    barrier), and nothing half-written is left.
+    collective), and nothing half-written is left.
 
+    * process 1's model load, while the trainer is built;
     * checkpoint-1: the main process finishing it, or process 1 in accelerate's save_state (both give the advice);
     * process 1's latent-cache entries;
     * the main process's final weights;
@@ -269,6 +270,7 @@ def test_a_failure_on_one_process_stops_every_process(tmp_path, demo_inputs):
     fast = dict(loss_type="dpo", noise_source="random")
     labelling = [str(a) for a in labelling_inputs(tmp_path, num_pairs=8)] + ["--shard_size", "2"]
     scenarios = [
+        ("model-load", common_flags(model, data, tmp_path / "load", max_train_steps=1, **fast)),
         ("checkpoint-publish", common_flags(model, data, tmp_path / "publish", max_train_steps=2,
                                             checkpointing_steps=1, **fast)),
         ("checkpoint-save", common_flags(model, data, tmp_path / "save", max_train_steps=2, checkpointing_steps=1,
@@ -299,6 +301,10 @@ def test_a_failure_on_one_process_stops_every_process(tmp_path, demo_inputs):
         assert other.startswith(f"OSError: could not write checkpoint-1 in {out} ({cause}{failure}")
         assert all(advice in text for text in texts)
         assert not [p.name for p in out.iterdir() if "checkpoint" in p.name]
+
+    missing = "OSError: no file named model_index.json found in this node's copy of the model"
+    assert ended("model-load") == [
+        f"OtherProcessFailed: another process failed to load the data and the models (process 1: {missing})", missing]
 
     cache = ended("latent-cache")
     assert cache[1] == FULL_DISK

@@ -232,7 +232,23 @@ class SmPOTrainer:
         was resized to the winner's size (epoch 0: each pair once), captions emptied (every draw)."""
         self.last_metrics: dict = {}
 
-        # Data is checked before any model is loaded.
+        # Each process reads its own data and models (no collective yet): a failure on one (a path another node
+        # lacks, out of memory) stops every process here, instead of leaving the others waiting in the first
+        # collective of the set-up below.
+        on_every_process(lambda: self._load_data_and_models(dataset, pipeline_components, reward_statistics),
+                         self.accelerator, "load the data and the models")
+        self._setup_data()
+        self._setup_optimization()
+        self.inversion_copy = (InversionWeightCopy(self.unwrapped_unet, self.weight_dtype)
+                               if config.inversion_weight_copy else None)
+        if config.compile_inversion_copy:
+            logger.info("compiling the inversion copy's forward: the first inversions compile (minutes for SDXL)")
+            self.inversion_copy.compile_forward()
+
+    # ------------------------------------------------------------------ set-up
+    def _load_data_and_models(self, dataset, pipeline_components, reward_statistics) -> None:
+        """This process's pairs (checked before any model is loaded), then the models, on the accelerator."""
+        config = self.config
         raw = dataset if dataset is not None else self._load_dataset()
         self.dataset_fingerprint = raw._fingerprint  # identifies the data for --cache_latents
         self.reward_columns = resolve_reward_columns(raw, loss_type=config.loss_type,
@@ -260,15 +276,7 @@ class SmPOTrainer:
                 f"this model; e.g. --resolution {max(factor, config.resolution // factor * factor)}."
             )
         self._setup_models()
-        self._setup_data()
-        self._setup_optimization()
-        self.inversion_copy = (InversionWeightCopy(self.unwrapped_unet, self.weight_dtype)
-                               if config.inversion_weight_copy else None)
-        if config.compile_inversion_copy:
-            logger.info("compiling the inversion copy's forward: the first inversions compile (minutes for SDXL)")
-            self.inversion_copy.compile_forward()
 
-    # ------------------------------------------------------------------ set-up
     def _check_output_dir_writable(self) -> None:
         out = self.config.output_dir
         try:

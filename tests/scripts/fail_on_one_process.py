@@ -4,7 +4,8 @@ with an error instead of leaving the others waiting for it at the next collectiv
 Usage: accelerate launch ... tests/scripts/fail_on_one_process.py RECORD_DIR SCENARIOS_JSON
 SCENARIOS_JSON lists ``{"name": ..., "mode": MODE, "argv": [flags]}``; the scenarios run one after another in the
 same process group (one launch, several failures), each with fresh accelerate state. MODE, training (SmPOConfig
-flags): ``checkpoint-publish``: the main process's last step of writing checkpoint-N (syncing it to disk) raises
+flags): ``model-load``: process 1's model load raises OSError (its copy of the model is missing);
+``checkpoint-publish``: the main process's last step of writing checkpoint-N (syncing it to disk) raises
 "No space left on device"; ``checkpoint-save``: process 1's accelerate save_state raises the RuntimeError
 torch.save gives on a full disk; ``latent-cache``: process 1's latent-cache writes raise "No space left on device";
 ``final-save``: the main process's write of the trained LoRA weights raises it. Labelling (LabelingArguments):
@@ -35,12 +36,17 @@ def disk_full(*args, **kwargs):
     raise OSError(28, "No space left on device")
 
 
+def model_missing(*args, **kwargs):
+    raise OSError("no file named model_index.json found in this node's copy of the model")
+
+
 def torch_save_on_a_full_disk(*args, **kwargs):
     raise RuntimeError("[enforce fail at inline_container.cc:603] . PytorchStreamWriter failed writing file data/0")
 
 
 # mode -> (the rank that fails, the object and attribute replaced there, the replacement)
 FAILURES = {
+    "model-load": (1, trainer_module, "load_diffusion_parts", model_missing),
     "checkpoint-publish": (0, trainer_module, "_fsync_tree", disk_full),
     "checkpoint-save": (1, accelerate.Accelerator, "save_state", torch_save_on_a_full_disk),
     "latent-cache": (1, latent_cache.LatentCache, "_build_pairs", disk_full),
