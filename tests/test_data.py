@@ -229,6 +229,8 @@ def test_dpo_ordering_and_tie_policies():
     assert pairs["caption"] == ["caption 0", "caption 1", "caption 3"]
     assert (stats.total, stats.kept, stats.dropped_ties, stats.kept_ties) == (4, 3, 1, 0)
     assert pairs.features["prob_w"] == datasets.Value("float32")
+    assert pairs.features["winner_index"] == datasets.Value("int8")
+    assert pairs.features["source_row"] == datasets.Value("int64")
 
     kept, stats = prepare_preference_pairs(
         ds, loss_type="dpo", reward_columns=None, reward_scale=None, tie_policy="keep"

@@ -109,7 +109,10 @@ class StubHub:
             payload = json.loads(body)
             repo_id = f"{payload.get('organization') or self.namespace}/{payload['name']}"
             exists = repo_id in self.repos
-            self.repos.setdefault(repo_id, {"files": {}, "commits": [], "visibility": payload.get("visibility")})
+            visibility = payload.get("visibility")  # huggingface_hub < 1.0 sends "private": true/false instead
+            if visibility is None and "private" in payload:
+                visibility = "private" if payload["private"] else "public"
+            self.repos.setdefault(repo_id, {"files": {}, "commits": [], "visibility": visibility})
             answer = {"url": f"{self.endpoint}/{repo_id}", "name": repo_id, "id": uuid.uuid4().hex}
             return self._send(request, 409 if exists else 200,
                               {"error": "You already created this model repo", **answer} if exists else answer)
@@ -126,7 +129,8 @@ class StubHub:
         if route == "info":
             if repo not in self.repos:
                 return self._send(request, 404, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"})
-            return self._send(request, 200, {"id": repo, "private": self.repos[repo]["visibility"] == "private"})
+            return self._send(request, 200, {"id": repo, "private": self.repos[repo]["visibility"] == "private",
+                                             "xetEnabled": False})
         if route in ("preupload", "commit") and repo not in self.repos:
             return self._send(request, 404, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"})
         if route == "preupload":
@@ -158,7 +162,8 @@ class StubHub:
         match = re.fullmatch(r"/api/models/([^/]+/[^/]+)/(preupload|commit)/[^/]+", path)
         if method == "POST" and match:
             return match.group(2), match.group(1)
-        match = re.fullmatch(r"/api/models/([^/]+/[^/]+)", path)
+        # (huggingface_hub < 1.0 asks for the info at a revision, for xetEnabled, before an upload)
+        match = re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/revision/[^/]+)?", path)
         if method == "GET" and match:
             return "info", match.group(1)
         return f"unknown {method} {path}", None
@@ -182,11 +187,19 @@ def isolated_credentials(monkeypatch, tmp_path):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(hf_constants, "HF_TOKEN_PATH", str(tmp_path / "hf-home" / "token"))
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)  # conftest sets HF_HUB_OFFLINE=1 for the suite
+    try:  # huggingface_hub < 1.0 caches its requests session, made offline earlier in the suite
+        from huggingface_hub.utils._http import reset_sessions
+    except ImportError:
+        pass
+    else:
+        reset_sessions()
 
 
 @pytest.fixture
-def stub_hub():
+def stub_hub(monkeypatch):
     stub = StubHub(TOKEN).start()
+    # huggingface_hub < 1.0 parses the repository URLs it gets back against the configured endpoint
+    monkeypatch.setattr(hf_constants, "ENDPOINT", stub.endpoint)
     yield stub
     stub.stop()
 
@@ -296,7 +309,7 @@ def test_push_uploads_the_release_files_with_a_valid_card(tmp_path, stub_hub, ca
         assert data.tags == ["text-to-image", "diffusers", "smpo", "dpo", "lora", "stable-diffusion-xl"]
     text = card.text
     assert "![validation](validation.png)" in text and "1. a cat | wearing a hat" in text
-    assert 'pipeline.load_lora_weights("my-org/smpo-sdxl")' in text
+    assert 'pipeline.load_lora_weights("my-org/smpo-sdxl", weight_name="pytorch_lora_weights.safetensors")' in text
     assert "StableDiffusionXLPipeline.from_pretrained(base_model" in text
     for needle in ("| β (`beta_dpo`) | 5000 |", "| γ (`gamma`) | 10 |", "| Inversion steps N | 10 |",
                    "| ReNoise steps K | 1 |", "| Inversion model | policy |", "| Inversion grid | exact |",

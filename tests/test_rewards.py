@@ -90,6 +90,7 @@ class CountingScorer:
     def __init__(self, fail_on_call=None):
         self.calls = 0
         self.images = 0
+        self.sizes = []  # images per call
         self.fail_on_call = fail_on_call
 
     def __call__(self, images, prompts):
@@ -97,6 +98,7 @@ class CountingScorer:
         if self.fail_on_call is not None and self.calls == self.fail_on_call:
             raise RuntimeError("simulated interruption")
         self.images += len(images)
+        self.sizes.append(len(images))
         return mean_pixel(images, prompts)
 
 
@@ -779,7 +781,9 @@ def test_load_preference_dataset_detects_formats(tmp_path):
     assert R.load_preference_dataset(str(parquet))["caption"] == dataset["caption"]
     jsonl = tmp_path / "pairs.jsonl"
     jsonl.write_text("".join(json.dumps({"caption": c}) + "\n" for c in dataset["caption"]))
-    assert R.load_preference_dataset(str(jsonl), split="test")["caption"] == dataset["caption"]
+    assert R.load_preference_dataset(str(jsonl))["caption"] == dataset["caption"]
+    with pytest.raises(ValueError, match="form one split, so split 'test' cannot be selected"):  # since f9457cc
+        R.load_preference_dataset(str(jsonl), split="test")
     folder = tmp_path / "dict"
     datasets.DatasetDict({"validation": dataset}).save_to_disk(str(folder))
     assert R.load_preference_dataset(str(folder), split="validation").num_rows == 3
@@ -872,3 +876,140 @@ def test_labelling_warns_when_every_reward_is_equal(tmp_path, saved_dataset, cap
                         reward_model=constant)
     assert R.load_reward_statistics(str(tmp_path / "flat"))["suggested_scale"] == 0.0
     assert any("every valid reward is 0.0" in record.getMessage() for record in caplog.records)
+
+
+# ----------------------------------------------------------------------------- options reach the run
+
+
+def _shard_fingerprint(output_dir, index=0):
+    return json.loads((output_dir / ".shards" / f"shard-{index:05d}" / "labeling_fingerprint.json").read_text())
+
+
+class HalfPrecisionReward(R.RewardModel):
+    """An instance built with float16 weights (its scores: :func:`mean_pixel`)."""
+
+    def __init__(self):
+        super().__init__("half", device="cpu")
+        self.model = torch.nn.Linear(2, 1).half()
+
+    def _score_batch(self, images, prompts):
+        return torch.tensor(mean_pixel(images, prompts))
+
+
+def test_load_reward_model_configures_an_instance_like_a_built_model(monkeypatch, caplog):
+    model = R.CallableRewardModel(mean_pixel, device="meta", max_batch_size=5)
+    ensemble = R.EnsembleRewardModel([R.CallableRewardModel(mean_pixel), R.CallableRewardModel(mean_pixel)])
+    monkeypatch.setitem(sys.modules, "probe_rewards", types.SimpleNamespace(INSTANCE=model, ENSEMBLE=ensemble))
+    assert R.load_reward_model("probe_rewards:INSTANCE") is model and model.device == torch.device("meta")
+    with caplog.at_level("WARNING", logger="smpo_diffusers.rewards.registry"):
+        loaded = R.load_reward_model("probe_rewards:INSTANCE", device="cpu", dtype="fp16", preprocess_threads=3,
+                                     max_batch_size=64)
+    assert loaded is model and model.device == torch.device("cpu") and model.preprocess_threads == 3
+    assert model.max_batch_size == 5  # its own chunk size
+    assert "does not apply to the reward model instance probe_rewards:INSTANCE" in caplog.text
+    R.load_reward_model(ensemble, device="cpu", preprocess_threads=2)
+    assert [m.preprocess_threads for m in (ensemble, *ensemble.models)] == [2, 2, 2]
+    with pytest.raises(ValueError, match="takes no model or processor path"):
+        R.load_reward_model(model, "some/path")
+    with pytest.raises(ValueError, match="preprocess_threads must be >= 1"):
+        R.load_reward_model(model, preprocess_threads=0)
+
+
+def test_label_rewards_moves_an_instance_to_the_process_device_and_records_its_precision(
+        tmp_path, saved_dataset, clip_dir, monkeypatch, caplog):
+    scorer = CountingScorer()
+    instance = R.CallableRewardModel(scorer, name="inst", device="meta", max_batch_size=5)  # scores on meta fail
+    probe = types.SimpleNamespace(INSTANCE=instance, HALF=HalfPrecisionReward())
+    monkeypatch.setitem(sys.modules, "probe_rewards", probe)
+    monkeypatch.setattr(R.job, "_resolve_dtype", lambda args, device: torch.float16 if args.fp16 else torch.float32)
+
+    def run(name, out, **extra):  # --fp16 as on a CUDA process (the patched dtype), scoring on this CPU
+        args = R.LabelingArguments(dataset_name=saved_dataset, output_dir=str(tmp_path / out), reward_model=name,
+                                   batch_size=4, shard_size=10, **extra)
+        return R.label_dataset(args), tmp_path / out
+
+    with caplog.at_level("WARNING", logger="smpo_diffusers.rewards.registry"):
+        summary, out = run("probe_rewards:INSTANCE", "instance", fp16=True, preprocess_threads=3)
+    assert instance.device == torch.device("cpu") and instance.preprocess_threads == 3
+    assert summary["num_valid_pairs"] == 9
+    # map batches of 4 pairs (8 images; row 4 is corrupt), each cut by the instance's own max_batch_size 5
+    assert scorer.sizes == [5, 3, 5, 1, 4]
+    assert "does not apply to the reward model instance probe_rewards:INSTANCE" in caplog.text
+    assert _shard_fingerprint(out)["fp16"] is False and summary["fp16"] is False  # what ran
+    assert summary["arguments"]["fp16"] is True  # what was asked
+
+    summary, out = run("probe_rewards:HALF", "half")  # built in float16: recorded although --fp16 is off
+    assert _shard_fingerprint(out)["fp16"] is True and summary["fp16"] is True
+    summary, out = run("pickscore", "pickscore", fp16=True, reward_model_name_or_path=clip_dir)
+    assert _shard_fingerprint(out)["fp16"] is True and summary["fp16"] is True  # --fp16 reached the backend
+    assert summary["num_valid_pairs"] == 9
+
+
+def test_label_dataset_max_samples_and_batch_size_shape_the_scoring_calls(tmp_path, saved_dataset, monkeypatch):
+    scorer = CountingScorer()
+    monkeypatch.setitem(sys.modules, "probe_rewards", types.SimpleNamespace(score=scorer))
+    args = R.LabelingArguments(dataset_name=saved_dataset, output_dir=str(tmp_path / "out"),
+                               reward_model="probe_rewards:score", max_samples=7, batch_size=3, shard_size=10)
+    summary = R.label_dataset(args)
+    # one shard of the first 7 pairs, scored in map batches of 3 pairs; pair 4 is corrupt (not scored)
+    assert scorer.sizes == [6, 4, 2]
+    labelled = datasets.load_from_disk(args.output_dir)
+    assert labelled.num_rows == 7 and labelled["caption"] == datasets.load_from_disk(saved_dataset)["caption"][:7]
+    assert summary["num_pairs"] == 7 and summary["pairs_scored"] == 7 and summary["num_invalid_pairs"] == 1
+    assert _shard_fingerprint(tmp_path / "out")["num_pairs"] == 7
+
+
+def test_label_dataset_split_cache_dir_processor_and_threads_reach_their_users(
+        tmp_path, clip_dir, pickscore, monkeypatch):
+    """--dataset_split_name picks the split, --cache_dir reaches the dataset and model loaders (parquet files are
+    converted into it), --reward_processor_name_or_path loads the processor of a model folder that lacks one, and
+    --preprocess_threads reaches the labeler's decoding and the backend's preprocessing."""
+    import shutil
+
+    source = tmp_path / "source"
+    source.mkdir()
+    validation = make_preference_dataset(num_pairs=5, seed=11)
+    validation.to_parquet(str(source / "validation.parquet"))
+    make_preference_dataset(num_pairs=3, seed=12).to_parquet(str(source / "train.parquet"))
+    weights_only = tmp_path / "weights_only"
+    weights_only.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(os.path.join(clip_dir, name), weights_only / name)
+    expected = pickscore.score(decoded(validation, "jpg_0"), validation["caption"])
+
+    calls = {"dataset": [], "model": [], "threads": []}
+    load_dataset, load_model = R.job.load_preference_dataset, R.job.load_reward_model
+    monkeypatch.setattr(R.job, "load_preference_dataset",
+                        lambda *a, **k: calls["dataset"].append((a, k)) or load_dataset(*a, **k))
+    monkeypatch.setattr(R.job, "load_reward_model",
+                        lambda *a, **k: calls["model"].append((a, k)) or load_model(*a, **k))
+    for module in (R.labeling, R.base):  # the labeler decodes, the CLIP backend preprocesses, in threads
+        def spy(fn, items, threads, original=module.map_in_threads, name=module.__name__):
+            calls["threads"].append((name, threads))
+            return original(fn, items, threads)
+
+        monkeypatch.setattr(module, "map_in_threads", spy)
+
+    cache = tmp_path / "cache"
+    args = R.LabelingArguments(dataset_name=str(source), output_dir=str(tmp_path / "out"), reward_model="pickscore",
+                               reward_model_name_or_path=str(weights_only), reward_processor_name_or_path=clip_dir,
+                               dataset_split_name="validation", cache_dir=str(cache), preprocess_threads=3,
+                               batch_size=2)
+    summary = R.label_dataset(args)
+
+    labelled = datasets.load_from_disk(args.output_dir)
+    assert labelled["caption"] == validation["caption"] and summary["dataset_split_name"] == "validation"
+    np.testing.assert_allclose(labelled["reward_0"], expected.numpy(), atol=1e-5)
+    assert calls["dataset"] == [((str(source), "validation", str(cache)), {})]
+    assert any(cache.rglob("*.arrow"))  # the parquet files were converted into --cache_dir
+    (_, path, processor), options = calls["model"][0]
+    assert (path, processor, options["cache_dir"]) == (str(weights_only), clip_dir, str(cache))
+    assert options["preprocess_threads"] == 3 and options["max_batch_size"] == 4
+    assert {name for name, _ in calls["threads"]} == {R.labeling.__name__, R.base.__name__}
+    assert {threads for _, threads in calls["threads"]} == {3}
+    fingerprint = _shard_fingerprint(tmp_path / "out")
+    assert fingerprint["reward_processor_name_or_path"] == clip_dir
+    assert fingerprint["dataset_split_name"] == "validation"
+    with pytest.raises(OSError):  # without the processor path the weights-only folder cannot be used
+        R.label_dataset(dataclasses.replace(args, output_dir=str(tmp_path / "none"),
+                                            reward_processor_name_or_path=None))

@@ -1,17 +1,22 @@
 import importlib.util
 import json
+import math
 import os
+import runpy
+import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from smpo_diffusers.toy import (TOY_ASSETS_DIR, TOY_COLOURS, ToyRewardModel, build_toy_preferences, colour_accuracy,
-                                draw_toy_image, human_labels, parse_toy_caption, toy_caption_split, toy_captions,
-                                toy_model_path, toy_reward_scores)
+from smpo_diffusers import toy
+from smpo_diffusers.toy import (TOY_ASSETS_DIR, TOY_COLOURS, ToyRewardModel, build_toy_preferences, build_toy_world,
+                                colour_accuracy, draw_toy_image, human_labels, load_toy_pipeline, parse_toy_caption,
+                                toy_caption_split, toy_captions, toy_model_path, toy_reward_scores)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BUILDER_SCRIPT = os.path.join(REPO, "examples", "toy", "build_toy_world.py")
 
 
 def test_captions_and_split():
@@ -104,6 +109,91 @@ def test_build_toy_preferences_labels_pairs_with_the_reward(tmp_path):
                                                      min(reward_0.min(), min(data["reward_1"])), rel=1e-6)
     summary = json.load(open(os.path.join(out, "toy_preferences.json")))
     assert summary["num_pairs"] == 12
+
+
+def _strict_json(path):
+    """JSON as the standard defines it: NaN/Infinity are refused."""
+    def refuse(constant):
+        raise ValueError(f"non-standard JSON constant {constant} in {path}")
+
+    with open(path) as handle:
+        return json.load(handle, parse_constant=refuse)
+
+
+def test_build_toy_world_script_smoke_run(tmp_path, monkeypatch):
+    """The builder script with tiny step counts, into tmp_path: every option reaches the build, the pipeline loads
+    and toy_world.json records the options (a few seconds on one thread). The script scores one generation per
+    caption; this run uses 8 captions instead of all 224 (which alone take about 16 s on one CPU thread)."""
+    spec = importlib.util.spec_from_file_location("build_toy_world", BUILDER_SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    captions = toy_captions()[::28]
+    monkeypatch.setattr(script, "toy_captions", lambda: captions)
+    threads = []
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)  # the test process keeps its thread count
+    shipped_info = os.path.join(TOY_ASSETS_DIR, "toy_world.json")
+    shipped_stamp = os.stat(shipped_info).st_mtime_ns
+    out = tmp_path / "toy"
+    options = {"seed": 3, "vae_steps": 2, "unet_steps": 3, "vae_batch_size": 4, "batch_size": 5, "num_latents": 16,
+               "device": "cpu"}
+    argv = ["--output_dir", str(out), "--threads", "2"]
+    for name, value in options.items():
+        argv += [f"--{name}", str(value)]
+    info = script.main(argv)
+
+    assert threads == [2]
+    assert os.stat(shipped_info).st_mtime_ns == shipped_stamp  # --output_dir was used, not the shipped folder
+    recorded = _strict_json(out / "toy_world.json")
+    assert recorded == json.loads(json.dumps(info))
+    assert {name: recorded[name] for name in options} == options
+    assert math.isfinite(recorded["vae_final_loss"]) and math.isfinite(recorded["unet_final_loss"])
+    assert recorded["colour_accuracy"]["count"] == len(captions)
+    pipeline = load_toy_pipeline(str(out))
+    assert pipeline.vae.config.scaling_factor == pytest.approx(recorded["vae_scaling_factor"])
+    images = pipeline(captions[:2], num_inference_steps=2, guidance_scale=3.0, height=32, width=32,
+                      generator=torch.Generator().manual_seed(0)).images
+    assert [image.size for image in images] == [(32, 32)] * 2
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--vae_steps", "0", "--vae_steps must be an integer >= 1, got 0"),
+    ("--unet_steps", "-2", "--unet_steps must be an integer >= 1, got -2"),
+    ("--vae_batch_size", "0", "--vae_batch_size must be an integer >= 1"),
+    ("--batch_size", "0", "--batch_size must be an integer >= 1"),
+    ("--num_latents", "0", "--num_latents must be an integer >= 1"),
+    ("--threads", "0", "--threads must be an integer >= 1"),
+    ("--seed", "-1", "--seed must be an integer in \\[0, 2\\*\\*32\\)"),
+    ("--device", "gpu", "--device 'gpu' is not a device"),
+    ("--device", "meta", "--device 'meta' is not supported"),
+    ("--device", "cuda:99", "--device 'cuda:99': "),
+    ("--output_dir", "FILE", "--output_dir .* is a file"),
+])
+def test_build_toy_world_script_refuses_bad_options_before_writing(tmp_path, monkeypatch, capsys, flag, value, message):
+    import re
+
+    target = tmp_path / "toy"
+    if value == "FILE":
+        target.write_text("not a folder")
+        value = str(target)
+    argv = ["--output_dir", str(target), "--vae_steps", "2", "--unet_steps", "2", flag, value]
+    monkeypatch.setattr(sys, "argv", [BUILDER_SCRIPT, *argv])
+    monkeypatch.delenv("SMPO_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(BUILDER_SCRIPT, run_name="__main__")
+    assert exit_info.value.code == 2  # as the other example scripts: an input error, no traceback
+    assert re.search("^error: " + message, capsys.readouterr().err, re.MULTILINE)
+    assert target.is_file() if flag == "--output_dir" else not target.exists()  # nothing was written
+
+
+def test_build_toy_world_refuses_bad_values_and_divergence_before_writing(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="^unet_steps must be an integer >= 1, got 0"):
+        build_toy_world(tmp_path / "zero", unet_steps=0)
+    with pytest.raises(ValueError, match="vae_learning_rate must be a finite number > 0"):
+        build_toy_world(tmp_path / "lr", vae_learning_rate=float("nan"))
+    monkeypatch.setattr(toy, "_train_unet", lambda *args: float("nan"))
+    with pytest.raises(FloatingPointError, match="UNet training diverged .*nothing was written"):
+        build_toy_world(tmp_path / "nan", vae_steps=1, unet_steps=1, vae_batch_size=2, batch_size=2, num_latents=4)
+    assert not (tmp_path / "zero").exists() and not (tmp_path / "nan").exists()
 
 
 def _load_benchmark():

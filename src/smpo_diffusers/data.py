@@ -429,7 +429,6 @@ def prepare_preference_pairs(
     the latent cache keys its entries by it); the original columns are kept.
     Raises ``ValueError`` if no pair survives, stating what was dropped and what to change.
     """
-    import datasets
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -544,10 +543,9 @@ def prepare_preference_pairs(
         final_rows = kept_rows[permutation[:max_train_samples]]
         dropped_by_max = int(kept_rows.size - final_rows.size)
 
-    prepared = dataset.add_column(
-        "winner_index", winner_index, feature=datasets.Value("int8")
-    ).add_column("prob_w", prob_w.astype(np.float32), feature=datasets.Value("float32")).add_column(
-        "source_row", np.arange(total, dtype=np.int64), feature=datasets.Value("int64"))
+    # numpy arrays: the columns get their dtypes (int8, float32, int64) on every supported datasets version
+    prepared = dataset.add_column("winner_index", np.asarray(winner_index, dtype=np.int8)).add_column(
+        "prob_w", prob_w.astype(np.float32)).add_column("source_row", np.arange(total, dtype=np.int64))
     if final_rows.size != total or max_train_samples is not None:
         prepared = prepared.select(final_rows)
 

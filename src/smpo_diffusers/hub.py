@@ -168,7 +168,9 @@ def redacted_logging(token: str | None) -> Iterator[None]:
 def _offline_mode() -> bool:
     from huggingface_hub import constants
 
-    return constants.is_offline_mode()
+    if hasattr(constants, "is_offline_mode"):  # huggingface_hub >= 1.0
+        return constants.is_offline_mode()
+    return constants.HF_HUB_OFFLINE
 
 
 def check_hub_credentials(token: str | None = None, *, repo_id: str | None = None) -> str:
@@ -416,7 +418,7 @@ def usage_snippet(*, layout: str, family: str, repo_id: str, base_model: str | N
         extra = "".join(f"{item}, " for item in components)
         lines.append(f"pipeline = {pipeline_class}.from_pretrained(base_model, {extra}torch_dtype=dtype).to(device)")
         if layout == "lora":
-            lines.append(f"pipeline.load_lora_weights({_py(repo_id)})")
+            lines.append(f"pipeline.load_lora_weights({_py(repo_id)}, weight_name={_py(LORA_WEIGHTS_NAME)})")
     lines += [f"image = pipeline({_py(prompt)}, num_inference_steps=30).images[0]", 'image.save("smpo-sample.png")']
     return "\n".join(lines)
 

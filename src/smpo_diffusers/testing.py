@@ -17,8 +17,10 @@ Everything here is built in-process from fixed configurations and a seed:
 from __future__ import annotations
 
 import io
+import json
 import os
 import string
+import tempfile
 
 import numpy as np
 
@@ -176,7 +178,13 @@ def tiny_clip_tokenizer(vocab_words: list[str] | None = None, model_max_length: 
         if word not in words:
             words.append(word)
     vocab, merges = _tiny_vocab_and_merges(words)
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
+    # through files: transformers 4.x takes only file paths, 5.x also in-memory vocabularies
+    with tempfile.TemporaryDirectory() as folder:
+        with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as handle:
+            json.dump(vocab, handle)
+        with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as handle:
+            handle.write("#version: 0.2\n" + "".join(f"{left} {right}\n" for left, right in merges))
+        return CLIPTokenizer.from_pretrained(folder, model_max_length=model_max_length)
 
 
 # ----------------------------------------------------------------------------- models
@@ -383,8 +391,13 @@ def tiny_clip_model(seed: int = 0):
     OpenAI CLIP mean/std. Both save to one folder and load with ``AutoModel``/``AutoProcessor``.
     """
     import torch
-    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor
+    from transformers import CLIPConfig, CLIPModel, CLIPProcessor
     from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+    try:  # transformers >= 5: the PIL processor (its default CLIPImageProcessor needs torchvision)
+        from transformers import CLIPImageProcessorPil as CLIPImageProcessor
+    except ImportError:
+        from transformers import CLIPImageProcessor
 
     tokenizer = tiny_clip_tokenizer()
     text_config = _tiny_text_config(tokenizer, hidden_act="quick_gelu", projection_dim=16).to_dict()
@@ -402,7 +415,7 @@ def tiny_clip_model(seed: int = 0):
     config = CLIPConfig(text_config=text_config, vision_config=vision_config, projection_dim=16)
     torch.manual_seed(seed)
     model = CLIPModel(config).eval()
-    image_processor = CLIPImageProcessorPil(
+    image_processor = CLIPImageProcessor(
         size={"shortest_edge": TINY_RESOLUTION},
         crop_size={"height": TINY_RESOLUTION, "width": TINY_RESOLUTION},
         image_mean=list(OPENAI_CLIP_MEAN),

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import numbers
 import os
 import time
 from pathlib import Path
@@ -49,6 +50,7 @@ __all__ = [
     "build_toy_demo_inputs",
     "build_toy_preferences",
     "build_toy_world",
+    "check_toy_build_options",
     "colour_accuracy",
     "draw_toy_image",
     "human_labels",
@@ -313,6 +315,56 @@ def _train_unet(unet, latents, embeddings, empty_embedding, caption_index, gener
     return float(np.mean(losses[-50:]))
 
 
+_BUILD_COUNTS = ("vae_steps", "unet_steps", "num_latents", "batch_size", "vae_batch_size", "threads")
+"""Options of :func:`check_toy_build_options` that count something: integers >= 1."""
+
+
+def check_toy_build_options(flag_prefix: str = "", **options) -> None:
+    """Raise ``ValueError`` naming the first bad toy-world build option, before anything is trained or written.
+
+    Checks whichever of these are given: ``output_dir`` (not an existing file), ``seed`` (integer in
+    [0, 2**32)), the counts ``vae_steps``, ``unet_steps``, ``num_latents``, ``batch_size``, ``vae_batch_size``,
+    ``threads`` (integers >= 1), ``device`` (``cpu`` or an available ``cuda``/``cuda:N``). ``flag_prefix="--"``
+    names them as the command-line flags of ``examples/toy/build_toy_world.py``."""
+    def bad(name: str, message: str) -> ValueError:
+        return ValueError(f"{flag_prefix}{name} {message}")
+
+    if "output_dir" in options:
+        output_dir = os.fspath(options["output_dir"])
+        if not output_dir:
+            raise bad("output_dir", "is empty; name the pipeline folder to write.")
+        if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+            raise bad("output_dir", f"{output_dir!r} is a file; name a folder (it is created if missing).")
+    if "seed" in options:
+        seed = options["seed"]
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**32:
+            raise bad("seed", f"must be an integer in [0, 2**32), got {seed!r}.")
+    for name in _BUILD_COUNTS:
+        if name in options:
+            value = options[name]
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise bad(name, f"must be an integer >= 1, got {value!r}.")
+    if "device" in options:
+        device = options["device"]
+        try:
+            parsed = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise bad("device", f"{device!r} is not a device; use cpu, cuda or cuda:N.") from None
+        if parsed.type not in ("cpu", "cuda"):
+            raise bad("device", f"{device!r} is not supported; the toy world trains on cpu, cuda or cuda:N.")
+        if parsed.type == "cuda" and not torch.cuda.is_available():
+            raise bad("device", f"{device!r}: CUDA is not available on this machine; use cpu.")
+        if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise bad("device", f"{device!r}: this machine has {torch.cuda.device_count()} CUDA device(s); "
+                                "use cuda:0 up to the last.")
+
+
+def _check_finite_loss(what: str, loss: float, fix: str) -> None:
+    """``FloatingPointError`` naming ``fix`` when a final training loss is NaN or infinite."""
+    if not math.isfinite(loss):
+        raise FloatingPointError(f"{what} training diverged (final loss {loss}); nothing was written. {fix}")
+
+
 def build_toy_world(output_dir: str | os.PathLike, seed: int = 0, vae_steps: int = 1500, unet_steps: int = 3000,
                     num_latents: int = 4096, batch_size: int = 128, vae_batch_size: int = 64,
                     vae_learning_rate: float = 2e-3, unet_learning_rate: float = 1e-3, kl_weight: float = 1e-6,
@@ -327,12 +379,23 @@ def build_toy_world(output_dir: str | os.PathLike, seed: int = 0, vae_steps: int
     of captions are replaced by ``""`` for classifier-free guidance. Everything draws from ``seed``.
 
     Writes an SD 1.x pipeline folder (safetensors, ``DDIMScheduler`` with ``clip_sample=False``,
-    ``set_alpha_to_one=False``) and ``toy_world.json``. Returns that record (dict).
+    ``set_alpha_to_one=False``) and ``toy_world.json``. Returns that record (dict). Bad options raise
+    ``ValueError`` (:func:`check_toy_build_options`) and a non-finite final loss ``FloatingPointError``, both
+    before anything is written.
 
     The defaults are the shipped recipe: about 2.6 minutes with ``device="cuda"``; on one CPU thread budget
     roughly an hour. Much shorter CPU runs (200 VAE / 800 UNet steps) gave chance-level colours."""
     from diffusers import StableDiffusionPipeline
 
+    check_toy_build_options(output_dir=output_dir, seed=seed, vae_steps=vae_steps, unet_steps=unet_steps,
+                            num_latents=num_latents, batch_size=batch_size, vae_batch_size=vae_batch_size,
+                            device=device)
+    for name, value in (("vae_learning_rate", vae_learning_rate), ("unet_learning_rate", unet_learning_rate)):
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
+    if not (math.isfinite(kl_weight) and kl_weight >= 0) or not 0.0 <= uncond_fraction <= 1.0 or (log_every or 0) < 0:
+        raise ValueError(f"kl_weight must be finite and >= 0, uncond_fraction in [0, 1] and log_every >= 0; got "
+                         f"{kl_weight!r}, {uncond_fraction!r}, {log_every!r}.")
     started = time.perf_counter()
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -345,6 +408,7 @@ def build_toy_world(output_dir: str | os.PathLike, seed: int = 0, vae_steps: int
     parts["unet"].to(device)
     vae_loss = _train_vae(parts["vae"], captions, rng, generator, vae_steps, vae_batch_size, vae_learning_rate,
                           kl_weight, log_every, device)
+    _check_finite_loss("VAE", vae_loss, "Lower vae_learning_rate or kl_weight.")
     vae_seconds = time.perf_counter() - vae_started
 
     caption_index = torch.from_numpy(rng.integers(len(captions), size=num_latents))
@@ -358,6 +422,9 @@ def build_toy_world(output_dir: str | os.PathLike, seed: int = 0, vae_steps: int
             raw.append((posterior.mean + posterior.std * noise).cpu())
         raw = torch.cat(raw)
     scaling_factor = float(1.0 / raw.std())
+    if not (math.isfinite(scaling_factor) and scaling_factor > 0):
+        raise FloatingPointError(f"the trained VAE gives latents with std {float(raw.std())}, so no scaling factor; "
+                                 "nothing was written. Train the VAE longer (vae_steps) or with another seed.")
     parts["vae"].register_to_config(scaling_factor=scaling_factor)
     latents = raw * scaling_factor
 
@@ -366,6 +433,7 @@ def build_toy_world(output_dir: str | os.PathLike, seed: int = 0, vae_steps: int
     unet_started = time.perf_counter()
     unet_loss = _train_unet(parts["unet"], latents, embeddings, empty_embedding, caption_index, generator,
                             unet_steps, batch_size, unet_learning_rate, uncond_fraction, log_every, device)
+    _check_finite_loss("UNet", unet_loss, "Lower unet_learning_rate.")
     parts["vae"].to("cpu")
     parts["unet"].to("cpu")
     unet_seconds = time.perf_counter() - unet_started
@@ -387,7 +455,7 @@ def build_toy_world(output_dir: str | os.PathLike, seed: int = 0, vae_steps: int
         "heldout_captions": heldout,
     }
     with open(os.path.join(output_dir, TOY_WORLD_INFO), "w") as handle:
-        json.dump(info, handle, indent=2)
+        json.dump(info, handle, indent=2, allow_nan=False)  # standard JSON: the losses were checked finite
     return info
 
 

@@ -89,7 +89,8 @@ class LabelingArguments:
         metadata={"help": "Threads per process for image decoding and preprocessing (same scores)."},
     )
     fp16: bool = field(default=False, metadata={"help": "Run the reward model in float16 (CUDA only; a "
-                                                        "module:function reward keeps its own precision)."})
+                                                        "module:function reward or module:INSTANCE model keeps "
+                                                        "its own precision)."})
     cache_dir: Optional[str] = field(default=None, metadata={"help": "Cache folder for datasets and models."})
     ensemble_calibration_pairs: int = field(
         default=256,
@@ -207,6 +208,20 @@ def _resolve_dtype(args: LabelingArguments, device: torch.device) -> torch.dtype
     return torch.float16
 
 
+def _runs_in_float16(model: RewardModel) -> bool:
+    """Whether ``model`` (or a member of an ensemble) scores with float16 weights: what ``--fp16`` did, or how an
+    instance was built. A model whose weights are not found (a reward function) counts as not float16."""
+    if isinstance(model, EnsembleRewardModel):
+        return any(_runs_in_float16(member) for member in model.models)
+    dtype = getattr(model, "dtype", None)
+    if isinstance(dtype, torch.dtype):
+        return dtype == torch.float16
+    weights = getattr(model, "model", None)
+    if isinstance(weights, torch.nn.Module):
+        return any(p.dtype == torch.float16 for p in weights.parameters())
+    return False
+
+
 def _calibration_sample(view, num_pairs: int) -> tuple[list, list[str]]:
     images, prompts = [], []
     for row in view:
@@ -248,7 +263,10 @@ def label_dataset(args: LabelingArguments, reward_model: RewardModel | None = No
     Args:
         args: the run's settings.
         reward_model: an already built model to use instead of ``load_reward_model(args.reward_model,
-            ...)`` (its ``name`` then identifies it in the fingerprint and statistics).
+            ...)`` (its ``name`` then identifies it in the fingerprint and statistics). It is used as it is
+            (moved to the process's device only under a launch with several processes); ``--reward_model
+            module:INSTANCE`` instead goes through ``load_reward_model``: moved to the device, given
+            ``--preprocess_threads``, precision kept (``--fp16`` warns).
 
     Returns:
         The summary also written to ``output_dir/labeling_summary.json``: ``num_pairs``,
@@ -258,7 +276,8 @@ def label_dataset(args: LabelingArguments, reward_model: RewardModel | None = No
         scoring, shard writes), ``pairs_per_second`` (``pairs_scored / scoring_seconds``; 0 when all
         shards were resumed), ``arguments`` (the :class:`LabelingArguments` as a dict),
         ``reward_model``, ``dataset_name``, ``dataset_split_name``, ``dataset_path``,
-        ``statistics_path``, ``num_processes``.
+        ``statistics_path``, ``num_processes``, ``fp16`` (whether the reward model scored with float16
+        weights, as in the shard fingerprints; ``arguments["fp16"]`` is what was asked).
     """
     import datasets
     from accelerate import PartialState
@@ -296,7 +315,7 @@ def label_dataset(args: LabelingArguments, reward_model: RewardModel | None = No
         "reward_model": reward_model.name,
         "reward_model_name_or_path": args.reward_model_name_or_path,
         "reward_processor_name_or_path": args.reward_processor_name_or_path,
-        "fp16": bool(args.fp16 and state.device.type == "cuda"),
+        "fp16": _runs_in_float16(reward_model),  # what runs, not what was asked (CPU, functions, instances)
         "dataset_name": _dataset_identity(args.dataset_name),
         "dataset_split_name": args.dataset_split_name,
         "dataset_fingerprint": source_fingerprint,
@@ -399,6 +418,7 @@ def label_dataset(args: LabelingArguments, reward_model: RewardModel | None = No
             "dataset_path": output_dir,
             "statistics_path": statistics_path,
             "num_processes": state.num_processes,
+            "fp16": settings["fp16"],
             "arguments": asdict(args),
         }
         _write_json(summary_path, summary)

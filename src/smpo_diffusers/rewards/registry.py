@@ -83,13 +83,13 @@ def load_reward_model(
     dtype: torch.dtype | str | None = None,
     cache_dir: str | None = None,
     max_batch_size: int | None = 64,
-    preprocess_threads: int = 1,
+    preprocess_threads: int | None = None,
     ensemble_weights: Sequence[float] | None = None,
 ) -> RewardModel:
     """Build a reward model from a name.
 
     Args:
-        name: a :class:`RewardModel` (returned as is); a registered backend
+        name: a :class:`RewardModel` instance (see below); a registered backend
             (:func:`available_reward_models`: ``pickscore``, ``clip``,
             ``hpsv2``, ``imagereward``, ``aesthetic``, case-insensitive); a ``"module:attribute"``
             import path to a :class:`RewardModel` instance or to a callable
@@ -105,12 +105,22 @@ def load_reward_model(
         dtype: weights' dtype (``torch.float16`` for fp16 inference on CUDA); default float32.
         cache_dir: ``from_pretrained`` cache folder.
         max_batch_size: images per forward pass (:meth:`RewardModel.score` chunks by it).
-        preprocess_threads: threads for CPU image decoding/preprocessing (same scores, faster).
+        preprocess_threads: threads for CPU image decoding/preprocessing (same scores, faster); default 1.
         ensemble_weights: member weights of an ensemble (default equal).
+
+    A :class:`RewardModel` instance (given, or imported as ``"module:INSTANCE"``) is the same object afterwards,
+    configured like a built model where that cannot change its scores: moved to ``device`` and given
+    ``preprocess_threads`` (members of an ensemble too) when these are passed. It keeps its own weights'
+    precision (a ``dtype`` other than float32 only logs a warning, as for a reward function) and its own
+    ``max_batch_size`` (its author's chunk size, e.g. for memory; ``label_dataset`` still hands it map batches
+    of ``--batch_size`` pairs).
     """
     dtype = resolve_dtype(dtype)
+    built_threads = 1 if preprocess_threads is None else preprocess_threads  # what a built model gets
     if isinstance(name, RewardModel):
-        return name
+        if model_name_or_path is not None or processor_name_or_path is not None:
+            raise ValueError("A RewardModel instance takes no model or processor path; drop them.")
+        return _configured_instance(name, repr(name), device, dtype, preprocess_threads)
     if isinstance(name, str) and "," in name:
         name = [part.strip() for part in name.split(",")]
     if not isinstance(name, str) and not callable(name):
@@ -135,11 +145,12 @@ def load_reward_model(
         raise ValueError("ensemble_weights is only used with several reward models.")
     if callable(name) or ":" in name:
         if model_name_or_path is not None or processor_name_or_path is not None:
-            raise ValueError("A callable reward model takes no model or processor path.")
+            raise ValueError("A callable reward model or RewardModel instance ('module:attribute') takes no model "
+                             "or processor path; drop --reward_model_name_or_path/--reward_processor_name_or_path.")
         label = name if isinstance(name, str) else None
         obj = _import_object(name) if isinstance(name, str) else name
         if isinstance(obj, RewardModel):
-            return obj
+            return _configured_instance(obj, label, device, dtype, preprocess_threads)
         if not callable(obj):
             raise TypeError(f"{name!r} is neither a RewardModel nor a callable.")
         if dtype not in (None, torch.float32):
@@ -151,7 +162,7 @@ def load_reward_model(
             name=label,
             device=out_device,
             max_batch_size=max_batch_size,
-            preprocess_threads=preprocess_threads,
+            preprocess_threads=built_threads,
         )
     key = name.lower()
     if key not in _REGISTRY:
@@ -166,8 +177,31 @@ def load_reward_model(
         dtype=dtype,
         cache_dir=cache_dir,
         max_batch_size=max_batch_size,
-        preprocess_threads=preprocess_threads,
+        preprocess_threads=built_threads,
     )
+
+
+def _configured_instance(model: RewardModel, label: str, device, dtype: torch.dtype | None,
+                         preprocess_threads: int | None) -> RewardModel:
+    """``model`` moved to ``device`` and given ``preprocess_threads`` (each when passed); warns that ``dtype`` does
+    not reach it. Same object."""
+    if dtype not in (None, torch.float32):
+        logger.warning("dtype %s does not apply to the reward model instance %s: it scores with the weights it was "
+                       "built with (build it in that dtype to change them).", dtype, label)
+    if preprocess_threads is not None:
+        if preprocess_threads < 1:
+            raise ValueError(f"preprocess_threads must be >= 1, got {preprocess_threads}.")
+        _set_preprocess_threads(model, preprocess_threads)
+    if device is not None and model.device != torch.device(device):
+        model.to(device)
+    return model
+
+
+def _set_preprocess_threads(model: RewardModel, threads: int) -> None:
+    model.preprocess_threads = threads
+    if isinstance(model, EnsembleRewardModel):  # its members preprocess their own images
+        for member in model.models:
+            _set_preprocess_threads(member, threads)
 
 
 def _aligned(value, count: int, what: str) -> list:
