@@ -62,7 +62,7 @@ def test_tokenizer_save_load_round_trip(tmp_path):
     expected = tokenizer(texts, padding="max_length", max_length=77, truncation=True).input_ids
     for loader in (CLIPTokenizer, AutoTokenizer):
         loaded = loader.from_pretrained(tmp_path)
-        assert type(loaded).__name__ == "CLIPTokenizer"
+        assert type(loaded).__name__ in ("CLIPTokenizer", "CLIPTokenizerFast")  # (AutoTokenizer: fast on 4.x)
         assert len(loaded) == len(tokenizer)
         assert loaded.model_max_length == 77
         assert loaded(texts, padding="max_length", max_length=77, truncation=True).input_ids == expected

@@ -153,6 +153,12 @@ def test_build_toy_world_script_smoke_run(tmp_path, monkeypatch):
     images = pipeline(captions[:2], num_inference_steps=2, guidance_scale=3.0, height=32, width=32,
                       generator=torch.Generator().manual_seed(0)).images
     assert [image.size for image in images] == [(32, 32)] * 2
+    # written for transformers 4.x too (scripts/check-min-versions.sh loads the shipped folder with it)
+    from safetensors import safe_open
+
+    assert {"vocab.json", "merges.txt"} <= set(os.listdir(out / "tokenizer"))
+    with safe_open(str(out / "text_encoder" / "model.safetensors"), framework="pt") as handle:
+        assert all(name.startswith("text_model.") for name in handle.keys())
 
 
 @pytest.mark.parametrize("flag, value, message", [

@@ -152,6 +152,21 @@ def _tiny_vocab_and_merges(words: list[str]) -> tuple[dict[str, int], list[tuple
     return vocab, merges
 
 
+def write_slow_tokenizer_files(tokenizer, folder: str) -> None:
+    """Write ``vocab.json`` and ``merges.txt`` of a (fast) CLIP tokenizer into ``folder``, beside the
+    ``tokenizer.json`` that ``save_pretrained`` writes: transformers 4.x builds its ``CLIPTokenizer`` from these two
+    files, transformers >= 5 from ``tokenizer.json`` alone, so a folder holding all three loads with both."""
+    if not hasattr(tokenizer, "backend_tokenizer"):  # a transformers 4.x slow tokenizer: its own two files
+        tokenizer.save_vocabulary(folder)
+        return
+    model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+    merges = [merge if isinstance(merge, str) else " ".join(merge) for merge in model["merges"]]
+    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as handle:
+        json.dump(model["vocab"], handle, ensure_ascii=False)
+    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as handle:
+        handle.write("#version: 0.2\n" + "".join(f"{merge}\n" for merge in merges))
+
+
 def tiny_clip_tokenizer(vocab_words: list[str] | None = None, model_max_length: int = 77):
     """Build a ``transformers.CLIPTokenizer`` over a tiny local vocabulary.
 

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from .rewards.base import RewardModel
-from .testing import COLOURS, SD15_SCHEDULER_CONFIG, SHAPES, _draw_picture, _saturate
+from .testing import COLOURS, SD15_SCHEDULER_CONFIG, SHAPES, _draw_picture, _saturate, write_slow_tokenizer_files
 
 logger = logging.getLogger(__name__)
 
@@ -442,6 +442,7 @@ def build_toy_world(output_dir: str | os.PathLike, seed: int = 0, vae_steps: int
                                        requires_safety_checker=False)
     output_dir = str(output_dir)
     pipeline.save_pretrained(output_dir, safe_serialization=True)
+    _make_loadable_by_transformers_4(output_dir, pipeline.tokenizer)
     training, heldout = toy_caption_split()
     info = {
         "seed": seed, "vae_steps": vae_steps, "unet_steps": unet_steps, "num_latents": num_latents,
@@ -457,6 +458,23 @@ def build_toy_world(output_dir: str | os.PathLike, seed: int = 0, vae_steps: int
     with open(os.path.join(output_dir, TOY_WORLD_INFO), "w") as handle:
         json.dump(info, handle, indent=2, allow_nan=False)  # standard JSON: the losses were checked finite
     return info
+
+
+def _make_loadable_by_transformers_4(folder: str | os.PathLike, tokenizer) -> None:
+    """A pipeline folder written by transformers >= 5 that transformers 4.x loads too (same outputs): the
+    tokenizer's ``vocab.json``/``merges.txt`` beside its ``tokenizer.json``, and the text encoder's weights under
+    the ``text_model.`` names 4.x expects (5.x reads both; 4.x would silently re-initialise unprefixed ones)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    write_slow_tokenizer_files(tokenizer, os.path.join(folder, "tokenizer"))
+    weights = os.path.join(folder, "text_encoder", "model.safetensors")
+    with safe_open(weights, framework="pt") as handle:
+        metadata = handle.metadata()
+    tensors = load_file(weights)
+    if any(not name.startswith("text_model.") for name in tensors):
+        save_file({name if name.startswith("text_model.") else f"text_model.{name}": tensor.contiguous()
+                   for name, tensor in tensors.items()}, weights, metadata=metadata)
 
 
 def toy_model_path() -> str:
