@@ -30,14 +30,15 @@ from PIL import Image
 
 from smpo_diffusers.accounting import write_report
 from smpo_diffusers.rewards import PickScoreRewardModel, RewardLabeler
-from smpo_diffusers.testing import make_preference_dataset, tiny_clip_model, tiny_clip_tokenizer
+from smpo_diffusers.testing import (make_preference_dataset, pil_clip_image_processor, tiny_clip_model,
+                                    tiny_clip_tokenizer)
 
 DEFAULT_RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "label_throughput.md")
 
 
 def small_clip_model(seed: int = 0):
     """Random CLIP at 224 px (patch 32 -> 49 patches), hidden 256, 4 layers, projection 256."""
-    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor
+    from transformers import CLIPConfig, CLIPModel, CLIPProcessor
     from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
     tokenizer = tiny_clip_tokenizer()
@@ -62,7 +63,7 @@ def small_clip_model(seed: int = 0):
     model = CLIPModel(
         CLIPConfig(text_config=text_config, vision_config=vision_config, projection_dim=256)
     ).eval()
-    image_processor = CLIPImageProcessorPil(
+    image_processor = pil_clip_image_processor(
         size={"shortest_edge": 224},
         crop_size={"height": 224, "width": 224},
         image_mean=list(OPENAI_CLIP_MEAN),

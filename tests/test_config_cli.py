@@ -257,6 +257,12 @@ def test_demo_defaults_never_replace_typed_flags(tmp_path, monkeypatch):
     config, demo = parse_training_args(other)
     prepare_demo(config, demo, "sd", given=given_flags(other))
     assert (config.learning_rate, config.max_train_steps, config.gamma) == (0.5, 3, 2.0)
+    # typed epochs set the length: the toy's max_train_steps is not added to them (that pair is refused)
+    epochs = ["--demo", "--output_dir", str(tmp_path), "--num_train_epochs", "2"]
+    config, demo = parse_training_args(epochs)
+    prepare_demo(config, demo, "sd", given=given_flags(epochs))
+    assert (config.num_train_epochs, config.max_train_steps) == (2, None)
+    dataclasses.replace(config)  # validates
 
 
 def test_demo_values_are_validated_like_typed_ones(tmp_path, monkeypatch, capsys):

@@ -98,9 +98,14 @@ def prepare_demo(config: SmPOConfig, demo: DemoArguments, family: str, given: se
 
         model_dir, dataset_dir = build_toy_demo_inputs(folder, seed=config.seed)
         defaults = SmPOConfig()
+
+        def typed(name):
+            return name in given if given is not None else getattr(config, name) != getattr(defaults, name)
+
         for name, value in TOY_TRAINING_DEFAULTS.items():
-            typed = name in given if given is not None else getattr(config, name) != getattr(defaults, name)
-            if not typed:
+            if name == "max_train_steps" and typed("num_train_epochs"):
+                continue  # the typed epochs set the run's length
+            if not typed(name):
                 setattr(config, name, value)
     else:
         from .demo import build_demo_inputs

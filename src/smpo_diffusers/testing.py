@@ -152,6 +152,17 @@ def _tiny_vocab_and_merges(words: list[str]) -> tuple[dict[str, int], list[tuple
     return vocab, merges
 
 
+def pil_clip_image_processor(**options):
+    """A CLIP image processor that works on PIL/numpy (no torchvision) on every supported transformers:
+    ``CLIPImageProcessorPil`` on transformers >= 5 (its plain ``CLIPImageProcessor`` needs torchvision there),
+    ``CLIPImageProcessor`` before. ``options``: the processor's arguments (size, crop_size, image_mean, ...)."""
+    try:
+        from transformers import CLIPImageProcessorPil as processor_class
+    except ImportError:
+        from transformers import CLIPImageProcessor as processor_class
+    return processor_class(**options)
+
+
 def write_slow_tokenizer_files(tokenizer, folder: str) -> None:
     """Write ``vocab.json`` and ``merges.txt`` of a (fast) CLIP tokenizer into ``folder``, beside the
     ``tokenizer.json`` that ``save_pretrained`` writes: transformers 4.x builds its ``CLIPTokenizer`` from these two
@@ -409,11 +420,6 @@ def tiny_clip_model(seed: int = 0):
     from transformers import CLIPConfig, CLIPModel, CLIPProcessor
     from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-    try:  # transformers >= 5: the PIL processor (its default CLIPImageProcessor needs torchvision)
-        from transformers import CLIPImageProcessorPil as CLIPImageProcessor
-    except ImportError:
-        from transformers import CLIPImageProcessor
-
     tokenizer = tiny_clip_tokenizer()
     text_config = _tiny_text_config(tokenizer, hidden_act="quick_gelu", projection_dim=16).to_dict()
     vision_config = dict(
@@ -430,7 +436,7 @@ def tiny_clip_model(seed: int = 0):
     config = CLIPConfig(text_config=text_config, vision_config=vision_config, projection_dim=16)
     torch.manual_seed(seed)
     model = CLIPModel(config).eval()
-    image_processor = CLIPImageProcessor(
+    image_processor = pil_clip_image_processor(
         size={"shortest_edge": TINY_RESOLUTION},
         crop_size={"height": TINY_RESOLUTION, "width": TINY_RESOLUTION},
         image_mean=list(OPENAI_CLIP_MEAN),
@@ -626,10 +632,12 @@ __all__ = [
     "add_to_hub_cache",
     "encode_image",
     "make_preference_dataset",
+    "pil_clip_image_processor",
     "save_tiny_pipeline",
     "tiny_clip_model",
     "tiny_clip_tokenizer",
     "tiny_sd_components",
     "tiny_sd_pipeline",
     "tiny_sdxl_components",
+    "write_slow_tokenizer_files",
 ]

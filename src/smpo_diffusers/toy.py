@@ -605,6 +605,8 @@ def train_toy_model(output_dir: str, dataset_dir: str, **overrides):
 
     options = dict(TOY_TRAINING_DEFAULTS, pretrained_model_name_or_path=toy_model_path(), dataset_name=dataset_dir,
                    output_dir=str(output_dir))
+    if "num_train_epochs" in overrides and "max_train_steps" not in overrides:
+        del options["max_train_steps"]  # the epochs given set the run's length
     options.update(overrides)
     trainer = SmPOTrainer(SmPOConfig(**options))
     trainer.train()
