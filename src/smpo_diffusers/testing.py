@@ -171,9 +171,15 @@ def write_slow_tokenizer_files(tokenizer, folder: str) -> None:
         tokenizer.save_vocabulary(folder)
         return
     model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
-    merges = [merge if isinstance(merge, str) else " ".join(merge) for merge in model["merges"]]
+    _write_bpe_files(folder, model["vocab"], [merge if isinstance(merge, str) else " ".join(merge)
+                                              for merge in model["merges"]])
+
+
+def _write_bpe_files(folder: str, vocab: dict[str, int], merges: list[str]) -> None:
+    """``vocab.json`` and ``merges.txt`` (``"left right"`` pairs, highest priority first) as CLIP's tokenizer
+    reads them."""
     with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as handle:
-        json.dump(model["vocab"], handle, ensure_ascii=False)
+        json.dump(vocab, handle, ensure_ascii=False)
     with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as handle:
         handle.write("#version: 0.2\n" + "".join(f"{merge}\n" for merge in merges))
 
@@ -206,10 +212,7 @@ def tiny_clip_tokenizer(vocab_words: list[str] | None = None, model_max_length: 
     vocab, merges = _tiny_vocab_and_merges(words)
     # through files: transformers 4.x takes only file paths, 5.x also in-memory vocabularies
     with tempfile.TemporaryDirectory() as folder:
-        with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as handle:
-            json.dump(vocab, handle)
-        with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as handle:
-            handle.write("#version: 0.2\n" + "".join(f"{left} {right}\n" for left, right in merges))
+        _write_bpe_files(folder, vocab, [f"{left} {right}" for left, right in merges])
         return CLIPTokenizer.from_pretrained(folder, model_max_length=model_max_length)
 
 
