@@ -10,6 +10,7 @@ import pytest
 from datasets import Dataset, Value, load_from_disk
 from PIL import Image
 
+from repo_scripts import load_script
 from smpo_diffusers import SmPOConfig, SmPOTrainer
 from smpo_diffusers.models import encode_prompts, load_diffusion_parts
 from smpo_diffusers.testing import encode_image
@@ -156,7 +157,6 @@ def test_bad_scheduler_configs_are_refused(tmp_path, demo_inputs, changes, messa
 def test_cli_scripts_print_input_errors_without_a_traceback(tmp_path, monkeypatch):
     """A bad flag or path ends the example scripts with `error: <message naming the fix>` and status 2;
     SMPO_DEBUG=1 keeps the traceback."""
-    import importlib.util
     import pathlib
     import subprocess
     import sys
@@ -170,9 +170,7 @@ def test_cli_scripts_print_input_errors_without_a_traceback(tmp_path, monkeypatc
     # the error through with its traceback
     from smpo_diffusers.cli import run_cli
 
-    spec = importlib.util.spec_from_file_location("evaluate_cli", examples / "evaluate.py")
-    evaluate_cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(evaluate_cli)
+    evaluate_cli = load_script("examples/evaluate.py")
     monkeypatch.setenv("SMPO_DEBUG", "1")
     with pytest.raises(FileNotFoundError, match="--aligned_model .* does not exist"):
         run_cli(evaluate_cli.main, ["--aligned_model", str(tmp_path / "nope"), "--output_dir", str(tmp_path / "e")])

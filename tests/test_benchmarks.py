@@ -3,7 +3,6 @@
 Timings are never asserted.
 """
 
-import importlib.util
 import json
 import math
 import os
@@ -12,6 +11,7 @@ import sys
 import pytest
 import torch
 
+from repo_scripts import load_script
 from smpo_diffusers import SmPOConfig, SmPOTrainer
 from smpo_diffusers import trainer as trainer_module
 from smpo_diffusers.accounting import (
@@ -36,12 +36,8 @@ from smpo_diffusers.testing import SD15_SCHEDULER_CONFIG, SDXL_SCHEDULER_CONFIG,
 BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
 
 
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", os.path.join(BENCHMARKS, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+def load_benchmark(name):
+    return load_script(f"benchmarks/{name}.py")
 
 
 def pair_formula(scheduler, pair_timesteps, config):
@@ -56,7 +52,7 @@ def pair_formula(scheduler, pair_timesteps, config):
 
 # ---------------------------------------------------------------------------------------------- evaluations
 def test_step_cost_hook_counts_equal_the_formula_in_every_mode(tmp_path, demo_inputs):
-    step_cost = load_script("step_cost")
+    step_cost = load_benchmark("step_cost")
     model, data = demo_inputs["sdxl"]
     args = step_cost.parse_args(["--train_batch_size", "2", "--warmup_steps", "0", "--timed_steps", "1"])
     assert args.modes == list(step_cost.MODES)  # dpo-random, smpo exact/reference grid, K = 1 and K = 0
@@ -198,7 +194,7 @@ def test_tiny_trainer_bytes_are_measured_exactly_and_lora_keeps_one_unet(tmp_pat
 
 
 def test_memory_script_computes_real_sd15_on_meta_and_renders():
-    memory = load_script("memory")
+    memory = load_benchmark("memory")
     n, tensors = 859_520_964, len(list(real_unet_on_meta("sd15").parameters()))
     real = memory.compute_real(["sd15"], rank=4)
     rows = {(r["method"], r["optimizer"]): r["computed"] for r in real}
@@ -225,7 +221,7 @@ def test_memory_script_computes_real_sd15_on_meta_and_renders():
 
 # ---------------------------------------------------------------------------------------------- GPU script
 def test_gpu_sdxl_step_smoke_runs_on_cpu(tmp_path):
-    gpu = load_script("gpu_sdxl_step")
+    gpu = load_benchmark("gpu_sdxl_step")
     output = tmp_path / "gpu.md"
     report = gpu.main(["--smoke", "--timed_pairs", "1", "--output", str(output)])
     assert [r["status"] for r in report["results"]] == ["ok"] * len(gpu.SMOKE_SETUPS)
@@ -246,7 +242,7 @@ def test_gpu_sdxl_step_smoke_runs_on_cpu(tmp_path):
 
 
 def test_gpu_sdxl_step_runs_chosen_setups_and_refuses_unknown_names(tmp_path):
-    gpu = load_script("gpu_sdxl_step")
+    gpu = load_benchmark("gpu_sdxl_step")
     report = gpu.main(["--smoke", "--timed_pairs", "1", "--output", str(tmp_path / "gpu.md"),
                        "--only", "lora fp16 adamw"])
     assert [r["setup"] for r in report["results"]] == ["lora fp16 adamw"]
@@ -259,7 +255,7 @@ def test_gpu_sdxl_step_runs_chosen_setups_and_refuses_unknown_names(tmp_path):
 
 
 def test_gpu_sdxl_step_without_cuda_exits_cleanly(tmp_path, monkeypatch):
-    gpu = load_script("gpu_sdxl_step")
+    gpu = load_benchmark("gpu_sdxl_step")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     output = tmp_path / "gpu.md"
     assert gpu.main(["--output", str(output)]) is None
@@ -291,7 +287,7 @@ def test_gpu_check_script_passes_benchmark_arguments_on(tmp_path):
 
 
 def test_gpu_sdxl_step_balanced_timesteps_and_optimizer():
-    gpu = load_script("gpu_sdxl_step")
+    gpu = load_benchmark("gpu_sdxl_step")
     scheduler = inversion_scheduler_from_config(SDXL_SCHEDULER_CONFIG)
     levels = gpu.balanced_timesteps(scheduler, 3)
     assert len(levels) == 4 and inversion_steps(scheduler, torch.tensor(levels), 10).double().mean() == 5.5

@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from repo_scripts import load_script
 from smpo_diffusers.evaluation import (compare_scores, evaluate, format_results_table, image_drift, load_pipeline,
                                        mean_and_stderr, read_prompts, save_comparison_grid, trained_base_model,
                                        wilson_interval, win_rate)
@@ -200,12 +201,7 @@ def test_load_pipeline_rejects_a_folder_without_weights(tmp_path):
 
 
 def test_evaluate_cli_runs_end_to_end(tmp_path, capsys, monkeypatch):
-    import importlib.util
-
-    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "evaluate.py")
-    spec = importlib.util.spec_from_file_location("evaluate_cli", script)
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = load_script("examples/evaluate.py")
     base = save_tiny_pipeline(str(tmp_path / "base"), kind="sd", seed=0)
     aligned = tmp_path / "aligned"
     os.makedirs(aligned)
@@ -270,15 +266,10 @@ def test_base_is_read_as_training_read_it(tmp_path, monkeypatch):
     """The recorded --revision, --variant, separate VAE and --cache_dir reach both renders (base and aligned, so
     only the UNet differs); flags override them; another --base_model drops the recorded revision/variant;
     --vae base keeps the base pipeline's own VAE. load_pipeline obeys each of them."""
-    import importlib.util
-
     from diffusers import AutoencoderKL, StableDiffusionPipeline
     from smpo_diffusers.testing import add_to_hub_cache
 
-    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "evaluate.py")
-    spec = importlib.util.spec_from_file_location("evaluate_cli", script)
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = load_script("examples/evaluate.py")
     cache, repo_id = str(tmp_path / "hub-cache"), "someone/tiny-sd"
     add_to_hub_cache(save_tiny_pipeline(str(tmp_path / "main"), kind="sd", seed=0), cache, repo_id, "a" * 40)
     v1 = save_tiny_pipeline(str(tmp_path / "v1"), kind="sd", seed=1)
@@ -320,20 +311,10 @@ def test_base_is_read_as_training_read_it(tmp_path, monkeypatch):
         load_pipeline(repo_id, revision="v1", cache_dir=cache)
 
 
-def _load_cli():
-    import importlib.util
-
-    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "evaluate.py")
-    spec = importlib.util.spec_from_file_location("evaluate_cli", script)
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
-    return cli
-
-
 def test_evaluate_cli_passes_every_option_to_the_library(tmp_path, monkeypatch):
     """Each option, set to a non-default value, reaches read_prompts or evaluate; the list below must name every
     option the parser has."""
-    cli = _load_cli()
+    cli = load_script("examples/evaluate.py")
     aligned = tmp_path / "aligned"
     os.makedirs(aligned / "unet")
     (aligned / "unet" / "config.json").write_text("{}")
@@ -362,7 +343,7 @@ def test_evaluate_cli_passes_every_option_to_the_library(tmp_path, monkeypatch):
 
 def test_evaluate_cli_refuses_vae_with_a_saved_pipeline(tmp_path, monkeypatch):
     """A saved full pipeline keeps the VAE training saved in it; --vae (even 'base') would change the base's only."""
-    cli = _load_cli()
+    cli = load_script("examples/evaluate.py")
     aligned = tmp_path / "pipeline"
     os.makedirs(aligned)
     (aligned / "model_index.json").write_text("{}")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import io
 import json
 import os
@@ -16,10 +15,9 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
+from repo_scripts import load_script
 from smpo_diffusers import rewards as R
 from smpo_diffusers.testing import make_preference_dataset, tiny_clip_model
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ----------------------------------------------------------------------------- fixtures / helpers
@@ -662,12 +660,7 @@ def saved_dataset(tmp_path):
 
 
 def _run_example(argv):
-    spec = importlib.util.spec_from_file_location(
-        "label_rewards", os.path.join(REPO_ROOT, "examples", "label_rewards.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main(argv)
+    return load_script("examples/label_rewards.py").main(argv)
 
 
 def test_cli_labels_a_saved_dataset_end_to_end(tmp_path, saved_dataset, clip_dir, pickscore, capsys):

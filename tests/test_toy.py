@@ -1,4 +1,3 @@
-import importlib.util
 import json
 import math
 import os
@@ -10,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from repo_scripts import load_script
 from smpo_diffusers import toy
 from smpo_diffusers.toy import (TOY_ASSETS_DIR, TOY_COLOURS, ToyRewardModel, build_toy_preferences, build_toy_world,
                                 colour_accuracy, draw_toy_image, human_labels, load_toy_pipeline, parse_toy_caption,
@@ -124,9 +124,7 @@ def test_build_toy_world_script_smoke_run(tmp_path, monkeypatch):
     """The builder script with tiny step counts, into tmp_path: every option reaches the build, the pipeline loads
     and toy_world.json records the options (a few seconds on one thread). The script scores one generation per
     caption; this run uses 8 captions instead of all 224 (which alone take about 16 s on one CPU thread)."""
-    spec = importlib.util.spec_from_file_location("build_toy_world", BUILDER_SCRIPT)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("examples/toy/build_toy_world.py")
     captions = toy_captions()[::28]
     monkeypatch.setattr(script, "toy_captions", lambda: captions)
     threads = []
@@ -203,10 +201,7 @@ def test_build_toy_world_refuses_bad_values_and_divergence_before_writing(tmp_pa
 
 
 def _load_benchmark():
-    spec = importlib.util.spec_from_file_location("toy_alignment", os.path.join(REPO, "benchmarks", "toy_alignment.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/toy_alignment.py")
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 from safetensors.torch import load_file
 
+from repo_scripts import load_script
 from smpo_diffusers import SmPOConfig, SmPOTrainer
 from smpo_diffusers.testing import save_tiny_pipeline
 
@@ -297,12 +298,7 @@ def test_every_pair_weighs_the_same_in_an_update(tmp_path, demo_inputs):
     (tests/scripts/record_training.py: its gradient is the mean of pair index + 1 over a micro-batch), each
     update steps with the mean over its own pairs; a mean of micro-batch means would give the 2-pair micro-batch
     the weight of 4 pairs."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "record_training", os.path.join(os.path.dirname(__file__), "scripts", "record_training.py"))
-    record_training = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(record_training)
+    record_training = load_script("tests/scripts/record_training.py")
 
     class ProbeTrainer(record_training.RecordingTrainer):
         probe_loss = True
