@@ -222,3 +222,24 @@ def test_quick_study_full_smpo_raises_the_heldout_reward(tmp_path, toy_pairs):
     assert run["unet_evaluations"]["inversion"] > 0 and row["pixel_drift"] > 0
     for name in ("toy_alignment_quick.md", "toy_alignment_quick.json", "toy_alignment_quick.png"):
         assert os.path.isfile(tmp_path / "results" / name)
+
+
+def test_train_toy_model_takes_epochs_instead_of_the_default_length(tmp_path, monkeypatch):
+    """num_train_epochs given (without max_train_steps) sets the length: the toy's default max_train_steps is not
+    added to it (that pair is refused). The trainer is replaced by a recorder: only the options are checked here."""
+    import smpo_diffusers.trainer as trainer_module
+
+    seen = []
+
+    class Recorder:
+        def __init__(self, config):
+            seen.append(config)
+
+        def train(self):
+            return {}
+
+    monkeypatch.setattr(trainer_module, "SmPOTrainer", Recorder)
+    toy.train_toy_model(str(tmp_path / "out"), "data", num_train_epochs=2)
+    assert [(c.num_train_epochs, c.max_train_steps) for c in seen] == [(2, None)]
+    with pytest.raises(ValueError, match="give one of them"):  # both given by the caller: refused as usual
+        toy.train_toy_model(str(tmp_path / "out"), "data", num_train_epochs=2, max_train_steps=5)
