@@ -22,7 +22,7 @@ def non_default_argv():
         "dataloader_num_workers": 2, "proportion_empty_prompts": 0.1, "tie_policy": "keep",
         "cache_latents": False, "latent_cache_dir": None,  # --cache_latents refuses --random_crop: parsed below
         "train_batch_size": 3, "gradient_accumulation_steps": 4, "max_train_steps": 9,
-        "num_train_epochs": 1,  # the default: another value with --max_train_steps is refused (parsed below)
+        "num_train_epochs": None,  # any value with --max_train_steps is refused: parsed on its own below
         "learning_rate": 3e-4, "scale_lr": True, "lr_scheduler": "cosine_with_restarts", "lr_warmup_steps": 5,
         "lr_num_cycles": 3, "lr_power": 1.0,  # the default: other values need --lr_scheduler polynomial (below)
         "use_8bit_adam": False, "use_adafactor": False,  # Adafactor refuses the adam_* options: parsed below
@@ -156,6 +156,8 @@ def test_help_lists_every_flag():
     ({"validation_num_inference_steps": 5}, "--validation_num_inference_steps needs --validation_prompts"),
     ({"logging_dir": "tb", "report_to": "none"}, "--report_to none writes no tracker logs"),
     ({"max_train_steps": 100, "num_train_epochs": 3}, "--num_train_epochs 3 would be ignored; give one of them"),
+    ({"max_train_steps": 100, "num_train_epochs": 1}, "--num_train_epochs 1 would be ignored; give one of them"),
+    ({"num_train_epochs": 0}, "--num_train_epochs must be >= 1 when given"),
     ({"loss_type": "dpo", "tie_policy": "keep"}, "--tie_policy keep with --loss_type dpo"),
 ])
 def test_config_errors_name_the_flag(kwargs, message):

@@ -106,7 +106,9 @@ class SmPOConfig:
     max_train_steps: int | None = field(
         default=None, metadata=_help("Optimiser updates to run (the run's length; give it or --num_train_epochs).")
     )
-    num_train_epochs: int = field(default=1, metadata=_help("Epochs to run, when --max_train_steps is not given."))
+    num_train_epochs: int | None = field(
+        default=None, metadata=_help("Epochs to run (default 1); give it or --max_train_steps, not both.")
+    )
     learning_rate: float = field(default=1e-5, metadata=_help("Peak learning rate."))
     scale_lr: bool = field(
         default=False, metadata=_help("Multiply the learning rate by batch size x accumulation x processes.")
@@ -221,12 +223,12 @@ class SmPOConfig:
             if value not in choices:
                 shown = ", ".join(repr(c) for c in choices if c is not None)
                 raise ValueError(f"--{name} {value!r} is not supported; choose one of {shown}.")
-        for name in ("train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "checkpointing_steps",
+        for name in ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps",
                      "rank", "validation_num_inference_steps", "max_consecutive_nonfinite"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}.")
-        for name in ("max_train_steps", "max_train_samples", "validation_steps", "checkpoints_total_limit",
-                     "num_inversion_steps", "lora_alpha"):
+        for name in ("max_train_steps", "num_train_epochs", "max_train_samples", "validation_steps",
+                     "checkpoints_total_limit", "num_inversion_steps", "lora_alpha"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"--{name} must be >= 1 when given, got {value}.")
@@ -318,7 +320,7 @@ class SmPOConfig:
         if self.use_adafactor and adam_options:
             raise ValueError(f"Adafactor ignores --{'/--'.join(adam_options)}; drop them (--adam_weight_decay "
                              "applies to it).")
-        if self.max_train_steps is not None and self._changed("num_train_epochs"):
+        if self.max_train_steps is not None and self.num_train_epochs is not None:
             raise ValueError(f"--max_train_steps {self.max_train_steps} sets the run's length, so --num_train_epochs "
                              f"{self.num_train_epochs} would be ignored; give one of them.")
         if self.loss_type == "dpo" and self.tie_policy == "keep":

@@ -474,7 +474,7 @@ class SmPOTrainer:
         self.optimizer = make_optimizer(config, self.trainable_params, lr)
         batches_per_epoch = math.ceil(len(self.train_dataset) / config.train_batch_size / accelerator.num_processes)
         updates_per_epoch = math.ceil(batches_per_epoch / config.gradient_accumulation_steps)
-        self.max_train_steps = config.max_train_steps or config.num_train_epochs * updates_per_epoch
+        self.max_train_steps = config.max_train_steps or (config.num_train_epochs or 1) * updates_per_epoch
         self.lr_scheduler = get_scheduler(
             config.lr_scheduler, optimizer=self.optimizer,
             num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
