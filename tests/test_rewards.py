@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import logging
 import os
 import sys
 import types
@@ -731,7 +732,7 @@ def test_cli_ensemble_run_stores_member_statistics(tmp_path, saved_dataset, clip
 
 
 def test_given_ensemble_statistics_are_kept_and_weights_are_part_of_the_resume_key(
-        tmp_path, saved_dataset, clip_dir):
+        tmp_path, saved_dataset, clip_dir, caplog):
     members = R.load_reward_model("pickscore,clip", f"{clip_dir},{clip_dir}", device="cpu").models
     fixed = [{"mean": 100.0, "std": 10.0}, {"mean": 50.0, "std": 5.0}]
     args = R.LabelingArguments(dataset_name=saved_dataset, output_dir=str(tmp_path / "ens"), batch_size=5)
@@ -740,8 +741,11 @@ def test_given_ensemble_statistics_are_kept_and_weights_are_part_of_the_resume_k
     assert [(m["mean"], m["std"]) for m in stats["ensemble_member_statistics"]] == [(100.0, 10.0), (50.0, 5.0)]
     assert not (tmp_path / "ens" / ".shards" / "ensemble_calibration.json").exists()  # nothing re-estimated
     before = datasets.load_from_disk(str(tmp_path / "ens"))["reward_0"]
-    again = R.label_dataset(args, reward_model=R.EnsembleRewardModel(members, weights=[0, 1], statistics=fixed))
+    with caplog.at_level(logging.WARNING, logger="smpo_diffusers.rewards.job"):
+        again = R.label_dataset(args, reward_model=R.EnsembleRewardModel(members, weights=[0, 1], statistics=fixed))
     assert first["num_shards_scored"] > 0 and again["num_shards_resumed"] == 0  # other weights: scored afresh
+    assert first["num_shards_replaced"] == 0 and again["num_shards_replaced"] == first["num_shards_scored"]
+    assert "shard 0 in" in caplog.text and "ensemble_weights: [1.0, 0.0] -> [0.0, 1.0]" in caplog.text
     assert datasets.load_from_disk(str(tmp_path / "ens"))["reward_0"] != before
     # --ensemble_calibration_pairs: for an ensemble that calibrates (also one given in-process), else an error
     with pytest.raises(ValueError, match="'pickscore\\+clip' has its statistics. Drop --ensemble_calibration_pairs"):

@@ -163,6 +163,17 @@ def _shard_is_done(path: str, fingerprint: dict) -> bool:
     )
 
 
+def _changed_settings(path: str, fingerprint: dict) -> list[str]:
+    """The settings an existing shard at ``path`` was scored with that differ from ``fingerprint``, as
+    ``"name: old -> new"`` strings (``["unreadable fingerprint"]`` when it has none that parses)."""
+    old = _read_json(os.path.join(path, FINGERPRINT_FILENAME))
+    if not isinstance(old, dict):
+        return ["unreadable fingerprint"]
+    new = _normalised(fingerprint)
+    return [f"{name}: {old.get(name)!r} -> {new.get(name)!r}" for name in sorted(set(old) | set(new))
+            if old.get(name) != new.get(name)]
+
+
 def _save_shard(labelled, path: str, fingerprint: dict) -> None:
     """Write the shard under a temporary name, then move it into place (complete or absent)."""
     import datasets
@@ -271,7 +282,8 @@ def label_dataset(args: LabelingArguments, reward_model: RewardModel | None = No
     Returns:
         The summary also written to ``output_dir/labeling_summary.json``: ``num_pairs``,
         ``num_valid_pairs``, ``num_invalid_pairs`` (unreadable pairs; the trainer skips them),
-        ``num_shards``, ``num_shards_scored``, ``num_shards_resumed``, ``pairs_scored``,
+        ``num_shards``, ``num_shards_scored``, ``num_shards_resumed``, ``num_shards_replaced`` (shards
+        found scored with other settings and scored again; each is also logged with what changed), ``pairs_scored``,
         ``elapsed_seconds`` (whole run), ``scoring_seconds`` (slowest process's shard loop: decoding,
         scoring, shard writes), ``pairs_per_second`` (``pairs_scored / scoring_seconds``; 0 when all
         shards were resumed), ``arguments`` (the :class:`LabelingArguments` as a dict),
@@ -344,7 +356,7 @@ def label_dataset(args: LabelingArguments, reward_model: RewardModel | None = No
     owned = {i for i in range(len(bounds)) if i % state.num_processes == state.process_index}
     _remove_leftovers(shards_dir, owned)
     labeler = RewardLabeler(reward_model)
-    report = {"pairs_scored": 0, "shards_scored": 0, "shards_resumed": 0}
+    report = {"pairs_scored": 0, "shards_scored": 0, "shards_resumed": 0, "shards_replaced": 0}
     scoring_started = time.perf_counter()
 
     def score_owned_shards():
@@ -355,6 +367,10 @@ def label_dataset(args: LabelingArguments, reward_model: RewardModel | None = No
             if _shard_is_done(path, fingerprint):
                 report["shards_resumed"] += 1
                 continue
+            if os.path.isdir(path):  # scored earlier with other settings: counted, said, scored again
+                report["shards_replaced"] += 1
+                logger.warning("shard %d in %s was scored with other settings (%s); scoring it again.",
+                               index, shards_dir, "; ".join(_changed_settings(path, fingerprint)))
             labelled = view.select(range(start, stop)).map(
                 labeler,
                 batched=True,
@@ -408,6 +424,7 @@ def label_dataset(args: LabelingArguments, reward_model: RewardModel | None = No
             "num_shards": len(bounds),
             "num_shards_scored": sum(r["shards_scored"] for r in reports),
             "num_shards_resumed": sum(r["shards_resumed"] for r in reports),
+            "num_shards_replaced": sum(r["shards_replaced"] for r in reports),
             "pairs_scored": pairs_scored,
             "elapsed_seconds": elapsed,
             "scoring_seconds": scoring_seconds,
