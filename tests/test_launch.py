@@ -256,14 +256,14 @@ TORCH_SAVE_FAILED = "RuntimeError: [enforce fail at inline_container.cc:603] . P
 
 @pytest.mark.slow
 def test_a_failure_on_one_process_stops_every_process(tmp_path, demo_inputs):
-    """One launch, seven failures in turn (tests/scripts/fail_on_one_process.py), each on one process alone: both
+    """One launch, eight failures in turn (tests/scripts/fail_on_one_process.py), each on one process alone: both
     processes raise, the one that did not fail naming the other's failure (it used to wait for it at the next
     collective), and nothing half-written is left.
 
     * process 1's model load, while the trainer is built;
     * checkpoint-1: the main process finishing it, or process 1 in accelerate's save_state (both give the advice);
     * process 1's latent-cache entries;
-    * the main process's final weights;
+    * the main process's final weights, or its final validation rendering;
     * process 1's reward-label shard, or the main process's dataset load (the others wait for it to load first).
     """
     model, data = demo_inputs["sd"]
@@ -278,6 +278,8 @@ def test_a_failure_on_one_process_stops_every_process(tmp_path, demo_inputs):
         ("latent-cache", common_flags(model, data, tmp_path / "cached", max_train_steps=1, cache_latents=True,
                                       latent_cache_dir=tmp_path / "cache")),
         ("final-save", common_flags(model, data, tmp_path / "final", max_train_steps=1, **fast)),
+        ("final-validation", common_flags(model, data, tmp_path / "rendered", max_train_steps=1,
+                                          validation_prompts="red", **fast)),
         ("labelling", labelling + ["--output_dir", str(tmp_path / "labelled")]),
         ("labelling-load", labelling + ["--output_dir", str(tmp_path / "labelled-load")]),
     ]
@@ -315,6 +317,12 @@ def test_a_failure_on_one_process_stops_every_process(tmp_path, demo_inputs):
     assert final[0] == FULL_DISK
     assert final[1] == (f"OtherProcessFailed: the main process failed to save the trained model in "
                         f"{tmp_path / 'final'}: {FULL_DISK}")
+
+    rendered = ended("final-validation")
+    assert rendered[0] == FULL_DISK
+    assert rendered[1] == ("OtherProcessFailed: the main process failed to render the final validation images: "
+                           f"{FULL_DISK}")
+    assert (tmp_path / "rendered" / "pytorch_lora_weights.safetensors").is_file()  # saved before the rendering
 
     for mode, failed_rank, what in [("labelling", 1, "score its shards"), ("labelling-load", 0, "load the dataset")]:
         texts = ended(mode)

@@ -8,7 +8,8 @@ flags): ``model-load``: process 1's model load raises OSError (its copy of the m
 ``checkpoint-publish``: the main process's last step of writing checkpoint-N (syncing it to disk) raises
 "No space left on device"; ``checkpoint-save``: process 1's accelerate save_state raises the RuntimeError
 torch.save gives on a full disk; ``latent-cache``: process 1's latent-cache writes raise "No space left on device";
-``final-save``: the main process's write of the trained LoRA weights raises it. Labelling (LabelingArguments):
+``final-save``: the main process's write of the trained LoRA weights raises it; ``final-validation``: the main
+process's final validation rendering (after the weights are saved) raises it. Labelling (LabelingArguments):
 ``labelling``: process 1's first shard write raises it; ``labelling-load``: the main process's dataset load (the
 first, before the others load) raises it. Writes RECORD_DIR/rank{R}.json: each scenario's name -> the exception
 the process ended it with (None: it finished), then leaves the process group.
@@ -51,6 +52,7 @@ FAILURES = {
     "checkpoint-save": (1, accelerate.Accelerator, "save_state", torch_save_on_a_full_disk),
     "latent-cache": (1, latent_cache.LatentCache, "_build_pairs", disk_full),
     "final-save": (0, trainer_module, "save_lora", disk_full),
+    "final-validation": (0, trainer_module.SmPOTrainer, "log_validation", disk_full),
     "labelling": (1, job, "_save_shard", disk_full),
     "labelling-load": (0, job, "load_preference_dataset", disk_full),
 }
