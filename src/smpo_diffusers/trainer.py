@@ -86,6 +86,29 @@ def _fsync_tree(folder: str) -> None:
         _fsync_directory(root)
 
 
+_WRITTEN_OR_REPLACED = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler",
+                        "safety_checker", "feature_extractor", "image_encoder")
+"""Sub-folders of ``--output_dir`` that a run writes, or removes when they belong to another weight layout (with
+``checkpoint-N`` and hidden temporary folders)."""
+
+
+def check_inputs_outside_output(output_dir: str, inputs: dict[str, str | None]) -> None:
+    """Refuse an ``output_dir`` that is one of the run's local inputs (``inputs``: flag name -> path or Hub id),
+    or that holds one in a folder the run writes or replaces: saving there would overwrite or delete it (a base
+    pipeline's ``unet/``, ``vae/``, ... folders are removed when a LoRA run saves into it)."""
+    out = os.path.realpath(output_dir)
+    for flag, path in inputs.items():
+        if not path or not os.path.isdir(path):
+            continue  # a Hub id, or not given
+        relative = os.path.relpath(os.path.realpath(path), out)
+        first = relative.split(os.sep)[0]
+        if relative == "." or first in _WRITTEN_OR_REPLACED or CHECKPOINT_PATTERN.match(first) or (
+                first.startswith(".") and first != ".."):
+            where = "is" if relative == "." else f"lies in {os.path.join(output_dir, first)!r} of"
+            raise ValueError(f"--{flag} {path!r} {where} --output_dir {output_dir!r}: the run would overwrite or "
+                             "delete it when it saves. Choose another --output_dir.")
+
+
 PER_PROCESS_SKIPS = ("undecodable_pairs", "empty_batches")
 """Skip counters each process keeps for its own data (summed over processes when reported): undecodable pairs
 (counted in epoch 0, so each pair once) and micro-batches with none left. The update counters (non-finite, fp16
@@ -208,6 +231,7 @@ class SmPOTrainer:
     def __init__(self, config: SmPOConfig, *, dataset=None, pipeline_components: dict | None = None,
                  accelerator: Accelerator | None = None, reward_statistics: dict | None = None):
         self.config = config
+        check_inputs_outside_output(config.output_dir, self._local_inputs())
         self._check_output_dir_writable()
         if config.push_to_hub:  # fail before hours of training, not after
             from .hub import check_hub_credentials, check_private_push_target, resolve_repo_id
@@ -276,6 +300,13 @@ class SmPOTrainer:
                 f"this model; e.g. --resolution {max(factor, config.resolution // factor * factor)}."
             )
         self._setup_models()
+
+    def _local_inputs(self) -> dict[str, str | None]:
+        """The inputs that a save into the output folder must not touch (flag name -> path or Hub id)."""
+        config = self.config
+        return {"pretrained_model_name_or_path": config.pretrained_model_name_or_path,
+                "pretrained_vae_model_name_or_path": config.pretrained_vae_model_name_or_path,
+                "dataset_name": config.dataset_name, "latent_cache_dir": config.latent_cache_dir}
 
     def _check_output_dir_writable(self) -> None:
         out = self.config.output_dir
@@ -1091,6 +1122,7 @@ class SmPOTrainer:
         ``training_config.json`` and ``training_metrics.json``; safetensors only. Every process calls it (the
         counts are summed over processes); the main process writes, and a failure there stops every process."""
         output_dir = output_dir or self.config.output_dir
+        check_inputs_outside_output(output_dir, self._local_inputs())
         totals = self.count_totals()
         computed_on_main(lambda: self._write_model(output_dir, *totals), self.accelerator,
                          f"save the trained model in {output_dir}")
