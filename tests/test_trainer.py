@@ -1,5 +1,7 @@
 import json
 import os
+import re
+import shutil
 
 import numpy as np
 import pytest
@@ -250,11 +252,42 @@ def test_checkpoints_of_another_run_and_a_changed_data_layout_are_refused(tmp_pa
     with pytest.raises(ValueError, match=r"seed 0 -> 1, num_pairs"):
         SmPOTrainer(make_config(tmp_path, model, data, max_train_steps=5, seed=1, max_train_samples=10,
                                 resume_from_checkpoint="latest")).train()
+    # the checkpoint's optimiser state would bring back its own learning rate / Adam settings (the records would
+    # show the new ones), and its adapter weights mean something else under another alpha
+    for changed, listed in [(dict(learning_rate=5e-4), "effective_learning_rate 0.001 -> 0.0005"),
+                            (dict(adam_weight_decay=0.5), "adam_weight_decay 0.01 -> 0.5"),
+                            (dict(lora_alpha=32), "lora_alpha 8 -> 32")]:
+        with pytest.raises(ValueError, match=re.escape(f"other optimiser or adapter settings ({listed})")):
+            SmPOTrainer(make_config(tmp_path, model, data, max_train_steps=5, resume_from_checkpoint="latest",
+                                    **changed)).train()
+    with pytest.raises(ValueError, match=r"at update 4, past this run's length of 3 updates\. Give a "
+                                         r"--max_train_steps of at least 4"):
+        SmPOTrainer(make_config(tmp_path, model, data, max_train_steps=3, resume_from_checkpoint="latest")).train()
     resumed = SmPOTrainer(make_config(tmp_path, model, data, max_train_steps=5, resume_from_checkpoint="latest"))
     resumed.train()
     assert resumed.global_step == 5
     metrics = json.load(open(os.path.join(first.output_dir, "training_metrics.json")))
     assert metrics["unet_evaluations"]["policy"] == 5 * 2 * 2  # 5 updates x 2 pairs x 2 images, carried over
+
+
+def test_a_damaged_checkpoint_is_reported_with_the_one_to_resume_from(tmp_path, demo_inputs):
+    """A truncated file in the latest checkpoint (a bad copy, a disk fault) gives an error naming the checkpoint
+    and the earlier one to resume from, not a safetensors/pickle/JSON traceback without a path."""
+    model, data = demo_inputs["sd"]
+    options = dict(max_train_steps=4, checkpointing_steps=2, loss_type="dpo", noise_source="random")
+    SmPOTrainer(make_config(tmp_path, model, data, **options)).train()
+    out = tmp_path / "out"
+    for damaged in ["pytorch_lora_weights.safetensors", "optimizer.bin", "trainer_state.json"]:
+        copy = tmp_path / f"copy-{damaged}"
+        shutil.copytree(out, copy)
+        target = copy / "checkpoint-4" / damaged
+        target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
+        latest, earlier = (re.escape(str(copy / name)) for name in ("checkpoint-4", "checkpoint-2"))
+        pattern = (rf"checkpoint {latest} cannot be read \(.*\); it is damaged: move it away and resume from "
+                   rf"another one \(--resume_from_checkpoint {earlier}; present: checkpoint-2\)")
+        with pytest.raises(OSError, match=pattern):
+            SmPOTrainer(make_config(tmp_path, model, data, output_dir=str(copy), resume_from_checkpoint="latest",
+                                    **options)).train()
 
 
 class NaNLossOnce(SmPOTrainer):

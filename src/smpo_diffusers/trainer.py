@@ -902,7 +902,8 @@ class SmPOTrainer:
 
         def publish():  # main process: the trainer state, then every file on disk before the rename shows it
             state = {"global_step": global_step, "epoch": epoch, "next_batch": next_batch,
-                     "data_layout": self._data_layout(), "unet_evaluations": evaluations, "skipped": skipped,
+                     "data_layout": self._data_layout(), "restored_settings": self._restored_settings(),
+                     "unet_evaluations": evaluations, "skipped": skipped,
                      "data_counts": data_counts, "last_metrics": self.last_metrics,
                      "consecutive_nonfinite": self.consecutive_nonfinite}
             with open(os.path.join(partial, TRAINER_STATE_NAME), "w") as handle:
@@ -961,18 +962,52 @@ class SmPOTrainer:
             digest.update(f"{caption}\0".encode())
         return digest.hexdigest()
 
-    def _check_data_layout(self, path: str, saved: dict | None) -> None:
-        if saved is None:  # written before layouts were recorded
-            return
-        now = self._data_layout()
-        changed = {key: (saved[key], now[key]) for key in saved if key in now and saved[key] != now[key]}
-        if changed:
-            listed = ", ".join(f"{key} {str(old)[:12]} -> {str(new)[:12]}" for key, (old, new) in changed.items())
+    def _restored_settings(self) -> dict:
+        """The settings a checkpoint's optimiser, LR-scheduler and adapter state carry: ``load_state`` restores
+        the checkpoint's learning rate and Adam/Adafactor hyper-parameters whatever is asked now, and the
+        adapter's weights mean something else under another alpha."""
+        config = self.config
+        settings = {"train_method": config.train_method, "effective_learning_rate": self.learning_rate,
+                    "use_adafactor": config.use_adafactor, "use_8bit_adam": config.use_8bit_adam,
+                    "adam_beta1": config.adam_beta1, "adam_beta2": config.adam_beta2,
+                    "adam_epsilon": config.adam_epsilon, "adam_weight_decay": config.adam_weight_decay}
+        if config.train_method == "lora":
+            settings.update(rank=config.rank, lora_alpha=config.lora_alpha_value,
+                            lora_target_modules=list(config.lora_target_modules))
+        return settings
+
+    @staticmethod
+    def _changed_since(saved: dict | None, now: dict) -> str:
+        """``"key old -> new, ..."`` for the keys of a checkpoint's record ``saved`` that differ now ("" when none,
+        or for a checkpoint written before the record existed)."""
+        changed = {key: (saved[key], now[key]) for key in (saved or {}) if key in now and saved[key] != now[key]}
+        return ", ".join(f"{key} {str(old)[:12]} -> {str(new)[:12]}" for key, (old, new) in changed.items())
+
+    def _check_resumable(self, path: str, state: dict) -> None:
+        """Refuse a resume from checkpoint ``path`` (its ``trainer_state.json`` = ``state``) that would silently do
+        something other than asked."""
+        listed = self._changed_since(state.get("data_layout"), self._data_layout())
+        if listed:
             raise ValueError(
                 f"cannot resume from {path}: the data layout changed ({listed}). Its position in the epoch would "
                 "point at other pairs, silently skipping or repeating some. Resume with the checkpoint's settings "
                 "(processes, --train_batch_size, --gradient_accumulation_steps, --seed, the same pairs with the "
                 "same labels and --loss_type), or start a new run in a new --output_dir."
+            )
+        listed = self._changed_since(state.get("restored_settings"), self._restored_settings())
+        if listed:
+            raise ValueError(
+                f"cannot resume from {path}: it was trained with other optimiser or adapter settings ({listed}). "
+                "Its optimiser and LR-scheduler state would bring back its own learning rate and hyper-parameters "
+                "(the records would show yours), and LoRA weights trained under another rank/alpha/targets do not "
+                "fit. Resume with the checkpoint's values (its training_config.json in --output_dir lists them, "
+                "as did your first command), or start a new run in a new --output_dir."
+            )
+        if state["global_step"] > self.max_train_steps:
+            raise ValueError(
+                f"cannot resume from {path}: it is at update {state['global_step']}, past this run's length of "
+                f"{self.max_train_steps} updates. Give a --max_train_steps of at least {state['global_step']} (or "
+                "the --num_train_epochs that reach it), or use its weights as they are."
             )
 
     def _check_no_later_checkpoints(self, start_step: int) -> None:
@@ -1001,6 +1036,30 @@ class SmPOTrainer:
                 counts[key] = int(round(total))
         return evaluations, skipped, data_counts
 
+    def _damaged_checkpoint(self, path: str, error: BaseException) -> OSError:
+        """The error for a checkpoint that cannot be read (a truncated file from a bad copy or a disk fault: the
+        trainer's own writes are atomic), naming the earlier checkpoints to resume from instead."""
+        earlier = [p for _, p in self._checkpoints() if os.path.realpath(p) != os.path.realpath(path)]
+        instead = (f"resume from another one (--resume_from_checkpoint {earlier[-1]}; present: "
+                   f"{', '.join(os.path.basename(p) for p in earlier)})" if earlier
+                   else "start again without --resume_from_checkpoint (no other checkpoint exists)")
+        return OSError(f"checkpoint {path} cannot be read ({type(error).__name__}: {error}); it is damaged: move it "
+                       f"away and {instead}.")
+
+    def _read_checkpoint_state(self, path: str) -> dict:
+        """A checkpoint's ``trainer_state.json``; an unreadable one is reported as a damaged checkpoint."""
+        try:
+            with open(os.path.join(path, TRAINER_STATE_NAME)) as handle:
+                state = json.load(handle)
+            if not isinstance(state, dict):
+                raise ValueError("not a JSON object")
+            for key in ("global_step", "epoch", "next_batch"):
+                if not isinstance(state.get(key), int):
+                    raise ValueError(f"{key!r} is missing or not an integer")
+        except (OSError, ValueError) as error:
+            raise self._damaged_checkpoint(path, ValueError(f"{TRAINER_STATE_NAME}: {error}")) from error
+        return state
+
     def _maybe_resume(self) -> tuple[int, int, int]:
         choice = self.config.resume_from_checkpoint
         if choice is None:
@@ -1015,10 +1074,16 @@ class SmPOTrainer:
             path = choice
             if not os.path.isfile(os.path.join(path, TRAINER_STATE_NAME)):
                 raise ValueError(f"{path} is not a complete SmPO checkpoint (no {TRAINER_STATE_NAME}).")
-        with open(os.path.join(path, TRAINER_STATE_NAME)) as handle:
-            state = json.load(handle)
-        self._check_data_layout(path, state.get("data_layout"))
-        self.accelerator.load_state(path)
+        state = self._read_checkpoint_state(path)
+        self._check_resumable(path, state)
+
+        def load():
+            try:
+                self.accelerator.load_state(path)
+            except Exception as error:
+                raise self._damaged_checkpoint(path, error) from error
+
+        on_every_process(load, self.accelerator, f"read {path}")  # none trains on while another failed to load
         self.last_metrics = dict(state.get("last_metrics") or {})
         self.consecutive_nonfinite = int(state.get("consecutive_nonfinite", 0))
         # The checkpoint holds totals over processes: the main process carries them on, the others count afresh
