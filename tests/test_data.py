@@ -355,11 +355,27 @@ def test_indexed_input_dataset_keeps_row_alignment():
 
 
 def test_null_captions_are_counted_and_become_empty():
-    ds = _table([1.0, 0.0], captions=[None, "ok"])
+    ds = _table([1.0, 0.0, 1.0, 1.0], captions=[None, "ok", "", " \t "])
     pairs, stats = prepare_preference_pairs(ds, loss_type="dpo", reward_columns=None, reward_scale=None)
-    assert stats.missing_captions == 1
+    assert stats.missing_captions == 3  # null, empty and blank: all trained with the empty prompt
+    assert "3 missing captions" in stats.summary()
     item = PreferencePairDataset(pairs, PairTransform(8), seed=0)[0]
     assert item["caption"] == "" and item["missing_caption"] and not item["empty_prompt"]
+
+
+def test_pairs_of_weight_zero_are_counted_and_a_set_of_only_those_is_refused():
+    """prob_w 0.5 gives the label weight 2p - 1 = 0: no gradient. A broken reward model that scores every image
+    alike (with --reward_scale given, no statistics catch it) used to train nothing without a word."""
+    _, stats = prepare_preference_pairs(_table([1.0, 0.0, 1.0], [0.2, 0.3, 0.4], [0.2, 0.1, 0.4]),
+                                        loss_type="smpo", reward_columns=None, reward_scale=SCALE)
+    assert stats.kept == 3 and stats.zero_weight_pairs == 2 and "2 pairs of weight 0 (prob_w 0.5)" in stats.summary()
+    equal = _table([1.0, 0.0, 1.0], [0.2, 0.2, 0.2], [0.2, 0.2, 0.2])
+    with pytest.raises(ValueError, match=r"every one of the 3 pairs left has prob_w 0.5 \(weight 2p - 1 = 0\): "
+                                         r"their two rewards are equal, so the loss has no gradient"):
+        prepare_preference_pairs(equal, loss_type="smpo", reward_columns=None, reward_scale=SCALE)
+    with pytest.raises(ValueError, match="they are all human ties, so the loss has no gradient"):
+        prepare_preference_pairs(_table([0.5, 0.5]), loss_type="dpo", reward_columns=None, reward_scale=None,
+                                 tie_policy="keep")
 
 
 def test_pair_statistics_fields():

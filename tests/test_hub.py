@@ -227,7 +227,7 @@ def write_output_folder(folder, *, family="sdxl", layout="lora", validation=True
         "effective_batch_size": 16, "num_processes": 2, "mixed_precision": "bf16",
         "pairs": {"total": 100, "kept": 90, "dropped_ties": 6, "dropped_invalid": 4, "dropped_nonfinite": 0,
                   "kept_ties": 0, "mean_prob_w": 0.61, "dropped_by_max_samples": 0, "reward_disagreements": 3,
-                  "missing_captions": 0},
+                  "missing_captions": 0, "zero_weight_pairs": 5},
     }
     with open(os.path.join(folder, "training_config.json"), "w") as handle:
         json.dump(summary, handle, indent=2, sort_keys=True)
@@ -502,6 +502,9 @@ def test_local_base_model_and_dataset_stay_out_of_metadata(tmp_path):
     assert card.data.license == "creativeml-openrail-m"
     assert card.data.tags == ["text-to-image", "diffusers", "smpo", "dpo", "full-unet", "stable-diffusion"]
     assert "`my-sd15-base`" in text and "`my-prefs`" in text and "| Reward model | pickscore |" in text
+    assert ("Of its 100 pairs, 90 were used (dropped: 6 ties, 4 invalid labels, 0 non-finite rewards, 0 beyond "
+            "max_train_samples). 5 of the used pairs carried no preference (prob_w 0.5: equal rewards or ties) and "
+            "gave no gradient.") in text
     assert 'DiffusionPipeline.from_pretrained("out"' in text
 
 

@@ -352,7 +352,9 @@ class PairStatistics:
     * ``kept_ties``: human ties among the kept pairs (``tie_policy="keep"``).
     * ``reward_disagreements``: kept pairs that humans decided and the reward strictly ranks the
       other way (SmPO mode; 0 in DPO mode).
-    * ``missing_captions``: kept pairs whose caption is null (trained with the empty prompt).
+    * ``missing_captions``: kept pairs whose caption is null, empty or blank (trained with the empty prompt).
+    * ``zero_weight_pairs``: kept pairs with ``prob_w`` exactly 0.5 (equal rewards in SmPO mode, or kept ties):
+      their label weight ``2p - 1`` is 0, so they give no gradient.
     * ``mean_prob_w``: mean ``prob_w`` over the kept pairs (NaN if none).
     """
 
@@ -366,6 +368,7 @@ class PairStatistics:
     dropped_by_max_samples: int = 0
     reward_disagreements: int = 0
     missing_captions: int = 0
+    zero_weight_pairs: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -377,7 +380,8 @@ class PairStatistics:
             f"{self.dropped_invalid} invalid labels, {self.dropped_nonfinite} non-finite rewards, "
             f"{self.dropped_by_max_samples} beyond max_train_samples); {self.kept_ties} ties kept; "
             f"{self.reward_disagreements} reward/human disagreements; "
-            f"{self.missing_captions} missing captions; mean prob_w {self.mean_prob_w:.4f}"
+            f"{self.missing_captions} missing captions; {self.zero_weight_pairs} pairs of weight 0 (prob_w 0.5); "
+            f"mean prob_w {self.mean_prob_w:.4f}"
         )
 
 
@@ -550,7 +554,19 @@ def prepare_preference_pairs(
         prepared = prepared.select(final_rows)
 
     caption_null = np.asarray(columns["caption"].is_null().to_numpy(zero_copy_only=False), dtype=bool)
+    if pa.types.is_string(columns["caption"].type) or pa.types.is_large_string(columns["caption"].type):
+        blank = pc.equal(pc.utf8_trim_whitespace(columns["caption"]), "")
+        caption_null |= np.asarray(pc.fill_null(blank, False).to_numpy(zero_copy_only=False), dtype=bool)
     final_prob = np.asarray(prob_w[final_rows], dtype=np.float32)
+    zero_weight = int((final_prob == 0.5).sum())
+    if zero_weight == final_prob.size:
+        raise ValueError(
+            f"every one of the {final_prob.size} pairs left has prob_w 0.5 (weight 2p - 1 = 0): "
+            + ("their two rewards are equal" if rewards is not None else "they are all human ties")
+            + ", so the loss has no gradient and training would change nothing. "
+            + ("Check the reward columns and the reward model that labelled them (examples/label_rewards.py)."
+               if rewards is not None else "Use --loss_type smpo with reward labels, or check the dataset/split.")
+        )
     stats = PairStatistics(
         total=total,
         kept=int(final_rows.size),
@@ -562,6 +578,7 @@ def prepare_preference_pairs(
         dropped_by_max_samples=dropped_by_max,
         reward_disagreements=int(reward_disagrees[final_rows].sum()),
         missing_captions=int(caption_null[final_rows].sum()),
+        zero_weight_pairs=zero_weight,
     )
     return prepared, stats
 

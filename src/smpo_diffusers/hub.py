@@ -503,7 +503,9 @@ def _pairs_sentence(pairs: dict | None) -> str:
     return (f" Of its {pairs.get('total')} pairs, {pairs.get('kept')} were used (dropped: "
             f"{pairs.get('dropped_ties', 0)} ties, {pairs.get('dropped_invalid', 0)} invalid labels, "
             f"{pairs.get('dropped_nonfinite', 0)} non-finite rewards, {pairs.get('dropped_by_max_samples', 0)} beyond "
-            f"max_train_samples).")
+            f"max_train_samples)." + (f" {pairs['zero_weight_pairs']} of the used pairs carried no preference "
+                                      "(prob_w 0.5: equal rewards or ties) and gave no gradient."
+                                      if pairs.get("zero_weight_pairs") else ""))
 
 
 def _skipped_sentence(skipped: dict | None) -> str:
