@@ -1,5 +1,6 @@
 """--cache_latents: cached items equal the pixel pipeline's, reuse across runs, invalidation, partial builds."""
 
+import copy
 import glob
 import io
 import json
@@ -15,7 +16,7 @@ from PIL import Image
 from smpo_diffusers import SmPOConfig, SmPOTrainer
 from smpo_diffusers.data import PairTransform, PreferencePairDataset, collate_preference_batch
 from smpo_diffusers.latent_cache import (LatentCache, cache_key, cache_settings, module_fingerprint,
-                                         other_cache_entries, pair_entry_bases)
+                                         other_cache_entries, pair_entry_bases, tokenizer_fingerprint)
 from smpo_diffusers.models import encode_prompts, latent_moments
 from smpo_diffusers.testing import encode_image
 
@@ -159,6 +160,14 @@ def test_anything_the_entries_depend_on_changes_the_key(tmp_path, demo_inputs):
         next(vae.parameters()).view(-1)[1] += 1e-3  # one weight of a fine-tuned VAE
     assert module_fingerprint(vae) != before
     assert cache_key(cache_settings(**base)) != key
+    # A tokenizer with the same vocabulary but another pad token pads prompts with other ids (SDXL's second
+    # tokenizer pads with "!", the first with its end token): other prompt embeddings, another key.
+    tokenizer = trainer.parts.tokenizers[-1]
+    before = tokenizer_fingerprint(tokenizer)
+    repadded = copy.deepcopy(tokenizer)
+    repadded.pad_token = "!" if tokenizer.pad_token != "!" else tokenizer.eos_token
+    assert repadded.get_vocab() == tokenizer.get_vocab() and tokenizer_fingerprint(repadded) != before
+    assert tokenizer_fingerprint(copy.deepcopy(tokenizer)) == before
 
     # A re-saved dataset with one image changed is another dataset (another datasets fingerprint).
     changed = load_from_disk(data)

@@ -73,10 +73,21 @@ def module_fingerprint(module: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+_TOKENIZER_PROBES = ("", "a photo of a Cat, 3 dogs & a café!", "  Two  SPACES\tand a tab, UPPER lower   ",
+                     "an extremely long prompt " * 20)
+"""Captions whose padded token ids join a tokenizer's fingerprint: they show merges, normalisation, the pad
+token and truncation, which the vocabulary alone does not."""
+
+
 def tokenizer_fingerprint(tokenizer) -> str:
-    """A hash of a tokenizer's class, length limit and vocabulary."""
+    """A hash of a tokenizer's class, length limit, padding/truncation sides, special tokens, vocabulary and the
+    token ids it gives a few probe captions when padded to its length limit (as prompts are encoded)."""
     vocab = sorted(tokenizer.get_vocab().items())
-    payload = json.dumps([type(tokenizer).__name__, tokenizer.model_max_length, vocab]).encode()
+    probes = tokenizer(list(_TOKENIZER_PROBES), padding="max_length", max_length=tokenizer.model_max_length,
+                       truncation=True).input_ids
+    payload = json.dumps([type(tokenizer).__name__, tokenizer.model_max_length, tokenizer.padding_side,
+                          tokenizer.truncation_side, sorted(tokenizer.special_tokens_map.items()), vocab,
+                          probes], default=str).encode()
     return hashlib.sha256(payload).hexdigest()
 
 
