@@ -6,6 +6,7 @@ import io
 import json
 import os
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -102,6 +103,10 @@ def test_cached_training_matches_uncached_and_reuses_the_cache(tmp_path, demo_in
     for name, cached in (("plain", False), ("first", True), ("second", True)):
         config = make_config(tmp_path, model, data, name=name, cache_latents=cached,
                              latent_cache_dir=str(tmp_path / "cache") if cached else None)
+        if name == "second":  # a write the first run's crash would have left: removed when the cache is opened
+            leftover = os.path.join(runs["first"][0].latent_cache_stats.path, ".pairs-x.safetensors.tmp")
+            open(leftover, "wb").close()
+            os.utime(leftover, (0, 0))
         trainer = SmPOTrainer(config)
         steps, compute_loss = [], trainer.compute_loss
         trainer.compute_loss = lambda batch, generator: steps.append(compute_loss(batch, generator)) or steps[-1]
@@ -110,6 +115,7 @@ def test_cached_training_matches_uncached_and_reuses_the_cache(tmp_path, demo_in
     first, second = runs["first"][0].latent_cache_stats, runs["second"][0].latent_cache_stats
     assert first.pairs_built == first.pairs_needed > 0 and first.prompts_built == first.prompts_needed
     assert second.pairs_built == 0 and second.prompts_built == 0 and second.path == first.path
+    assert not os.path.exists(leftover)
     # The same draws from the same generator (timesteps, VAE posterior, noise): only the VAE/text-encoder batch
     # numerics differ, so the first step agrees closely and the losses stay together.
     plain, cached = runs["plain"][1], runs["first"][1]
@@ -255,6 +261,25 @@ def test_a_shard_reaches_the_disk_before_the_rename_that_publishes_it(tmp_path, 
     kinds = [kind for kind, _ in events]
     assert kinds == ["fsync", "replace"] and events[0][1] == events[1][1]  # the temporary file, then renamed
     assert list(cache.index("pairs-")[0]) == ["0/any"]
+
+
+def test_leftovers_of_interrupted_writes_are_removed_once_stale(tmp_path):
+    """A write killed before its rename leaves a hidden .tmp shard (up to ~0.5 GB for SDXL), an unreadable shard
+    is set aside as .corrupt: removed when stale; fresh ones may belong to another run writing now."""
+    from smpo_diffusers import latent_cache
+
+    folder = tmp_path / "key"
+    folder.mkdir()
+    old = time.time() - latent_cache.STALE_LEFTOVER_SECONDS - 60
+    for name, age in [(".pairs-1.safetensors.tmp", old), (".prompts-2.safetensors.corrupt", old),
+                      (".pairs-3.safetensors.tmp", None), ("pairs-4.safetensors", old), ("settings.json", old)]:
+        (folder / name).write_bytes(b"x" * 10)
+        if age is not None:
+            os.utime(folder / name, (age, age))
+    assert latent_cache.remove_stale_leftovers(str(folder)) == (2, 20)
+    assert sorted(p.name for p in folder.iterdir()) == [".pairs-3.safetensors.tmp", "pairs-4.safetensors",
+                                                        "settings.json"]
+    assert latent_cache.remove_stale_leftovers(str(tmp_path / "absent")) == (0, 0)
 
 
 def test_path_only_images_key_entries_by_their_files(tmp_path, demo_inputs):

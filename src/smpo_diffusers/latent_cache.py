@@ -258,6 +258,10 @@ class LatentCache:
             settings_path = os.path.join(self.path, "settings.json")
             if not os.path.exists(settings_path):
                 _atomic_write_text(settings_path, json.dumps(self.settings, indent=2, sort_keys=True, default=str))
+            removed, freed = remove_stale_leftovers(self.path)
+            if removed:
+                logger.info("latent cache %s: removed %d shards left by interrupted writes or set aside as "
+                            "unreadable (%.2f GB)", self.path, removed, freed / 1e9)
 
         computed_on_main(create_folder, accelerator, f"create the latent cache {self.path}")
 
@@ -507,6 +511,31 @@ def other_cache_entries(root: str, key: str) -> list[tuple[str, int]]:
     return sorted(found, key=lambda item: -item[1])
 
 
+STALE_LEFTOVER_SECONDS = 3600
+"""A hidden ``.tmp`` shard (a write that was interrupted) or ``.corrupt`` shard (set aside unreadable) untouched
+for this long is removed when the cache is next opened; a live write renames its file within seconds."""
+
+
+def remove_stale_leftovers(folder: str, older_than_s: float = STALE_LEFTOVER_SECONDS) -> tuple[int, int]:
+    """Delete the hidden ``.tmp``/``.corrupt`` shards in ``folder`` not modified for ``older_than_s`` seconds
+    (another run writing to the same cache keeps its own fresh ones); returns ``(files, bytes)`` removed."""
+    removed = freed = 0
+    now = time.time()
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        path = os.path.join(folder, name)
+        if not (name.startswith(".") and name.endswith((".safetensors.tmp", ".safetensors.corrupt"))):
+            continue
+        try:
+            stat = os.stat(path)
+            if now - stat.st_mtime < older_than_s:
+                continue
+            os.remove(path)
+        except FileNotFoundError:  # another process removed it first
+            continue
+        removed, freed = removed + 1, freed + stat.st_size
+    return removed, freed
+
+
 def _atomic_write_text(path: str, text: str) -> None:
     partial = f"{path}.{os.getpid()}.tmp"
     with open(partial, "w") as handle:
@@ -526,5 +555,6 @@ __all__ = [
     "module_fingerprint",
     "other_cache_entries",
     "pair_entry_bases",
+    "remove_stale_leftovers",
     "tokenizer_fingerprint",
 ]
