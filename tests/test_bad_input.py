@@ -257,3 +257,13 @@ def test_an_output_dir_holding_an_input_is_refused_before_anything_is_written(tm
     check_inputs_outside_output(str(out), {"pretrained_model_name_or_path": str(out / "demo-inputs"),
                                            "dataset_name": str(tmp_path), "latent_cache_dir": None,
                                            "pretrained_vae_model_name_or_path": "stabilityai/sdxl-vae"})
+
+
+def test_more_accumulation_than_an_epoch_holds_is_refused(tmp_path, demo_inputs):
+    """An update ends with its epoch: with fewer micro-batches per epoch than --gradient_accumulation_steps, every
+    update would silently average fewer pairs than the batch size the records and the card report."""
+    model, data = demo_inputs["sd"]
+    with pytest.raises(ValueError, match=r"--gradient_accumulation_steps 3 is more than the 2 micro-batches an "
+                                         r"epoch holds per process \(4 pairs, --train_batch_size 2, 1 process\).*"
+                                         r"Use --gradient_accumulation_steps 2 or less"):
+        SmPOTrainer(config(tmp_path, model, dataset_name=data, max_train_samples=4, gradient_accumulation_steps=3))

@@ -504,6 +504,14 @@ class SmPOTrainer:
         self.trainable_params = [p for p in self.unet.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(config, self.trainable_params, lr)
         batches_per_epoch = math.ceil(len(self.train_dataset) / config.train_batch_size / accelerator.num_processes)
+        if config.gradient_accumulation_steps > batches_per_epoch:  # an update ends with its epoch
+            raise ValueError(
+                f"--gradient_accumulation_steps {config.gradient_accumulation_steps} is more than the "
+                f"{batches_per_epoch} micro-batches an epoch holds per process ({len(self.train_dataset)} pairs, "
+                f"--train_batch_size {config.train_batch_size}, {accelerator.num_processes} "
+                f"process{'es' if accelerator.num_processes > 1 else ''}): an update "
+                f"ends with its epoch, so each would average {batches_per_epoch}, not the batch size asked for. "
+                f"Use --gradient_accumulation_steps {batches_per_epoch} or less (or more pairs).")
         updates_per_epoch = math.ceil(batches_per_epoch / config.gradient_accumulation_steps)
         self.max_train_steps = config.max_train_steps or (config.num_train_epochs or 1) * updates_per_epoch
         self.lr_scheduler = get_scheduler(
