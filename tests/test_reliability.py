@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from smpo_diffusers import SmPOConfig, SmPOTrainer
+from smpo_diffusers.hub import CARD_MARKER
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -61,8 +62,12 @@ def test_too_many_consecutive_nonfinite_updates_stop_after_saving(tmp_path, demo
     model, data = demo_inputs["sdxl"]
     trainer = NaNTrainer(make_config(tmp_path / "o", model, data, max_train_steps=6, max_consecutive_nonfinite=2))
     trainer.nan_updates = {2, 3}
+    stale_card = pathlib.Path(trainer.config.output_dir, "README.md")
+    stale_card.write_text(f"{CARD_MARKER}\nthe card of an earlier run's weights\n")
     with pytest.raises(FloatingPointError, match="--mixed_precision bf16"):
         trainer.train()
+    card = stale_card.read_text()  # the card now describes the weights saved at the stop
+    assert "earlier run" not in card and "2 updates skipped for a non-finite loss or gradient" in card
     saved = load_file(os.path.join(trainer.config.output_dir, "pytorch_lora_weights.safetensors"))
     assert saved and all(torch.isfinite(v).all() for v in saved.values())
     assert trainer.skipped["nonfinite_updates"] == 2

@@ -733,12 +733,7 @@ class SmPOTrainer:
                              "render the final validation images")
         accelerator.end_training()  # flush trackers before anything is uploaded
         if accelerator.is_main_process:
-            try:
-                self.create_model_card()
-            except FileExistsError as error:  # a README.md the user wrote is never overwritten
-                if config.push_to_hub:
-                    raise
-                logger.warning("model card not written: %s", error)
+            self._write_model_card(required=config.push_to_hub)
             if config.push_to_hub:
                 self.push_to_hub()
         return self.last_metrics
@@ -851,6 +846,8 @@ class SmPOTrainer:
                        self.consecutive_nonfinite, self.skipped["nonfinite_updates"])
         if self.consecutive_nonfinite >= self.config.max_consecutive_nonfinite:
             self.save_model(self.config.output_dir)
+            if self.accelerator.is_main_process:  # a card an earlier run left would describe other weights
+                self._write_model_card(required=False)
             raise FloatingPointError(
                 f"{self.consecutive_nonfinite} consecutive updates had a non-finite loss or gradient; stopped after "
                 f"saving the last finite weights to {self.config.output_dir}. Try --mixed_precision bf16 (or no) "
@@ -1264,6 +1261,15 @@ class SmPOTrainer:
     @property
     def reward_model_name(self) -> str | None:
         return (self.reward_statistics or {}).get("reward_model")
+
+    def _write_model_card(self, required: bool) -> None:
+        """:meth:`create_model_card`, leaving a README.md the user wrote alone (an error when ``required``)."""
+        try:
+            self.create_model_card()
+        except FileExistsError as error:
+            if required:
+                raise
+            logger.warning("model card not written: %s", error)
 
     def create_model_card(self):
         """Write ``output_dir/README.md`` (metadata, hyper-parameters, metrics, validation grid, usage, citation)."""
