@@ -7,31 +7,15 @@
 Multi-GPU: ``accelerate launch examples/label_rewards.py ...`` (one process per GPU).
 Rerunning the same command resumes: finished shards in ``output_dir/.shards`` are not re-scored.
 Writes ``output_dir`` (``datasets.load_from_disk``), ``output_dir/reward_stats.json`` and
-``output_dir/labeling_summary.json``; see ``smpo_diffusers.rewards.job`` for details.
+``output_dir/labeling_summary.json``; see ``smpo_diffusers.rewards.job`` for details. All flags:
+``python examples/label_rewards.py --help`` (installed as ``smpo-label-rewards``).
 """
 
-from __future__ import annotations
-
-import json
-import logging
 import sys
 
-from accelerate import PartialState
-from transformers import HfArgumentParser
+from smpo_diffusers.cli import label_main, run_cli
 
-from smpo_diffusers.cli import run_cli
-from smpo_diffusers.rewards import LabelingArguments, label_dataset
-
-
-def main(argv: list[str] | None = None) -> dict:
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    (args,) = HfArgumentParser(LabelingArguments).parse_args_into_dataclasses(args=argv)
-    summary = label_dataset(args)
-    if PartialState().is_main_process:  # the process group label_dataset joined; one report per run
-        printable = {k: v for k, v in summary.items() if k != "arguments"}
-        print(json.dumps(printable, indent=2, sort_keys=True))
-    return summary
-
+main = label_main  # the entry point, under the name the other scripts use
 
 if __name__ == "__main__":
-    run_cli(main, sys.argv[1:])
+    run_cli(label_main, sys.argv[1:])

@@ -10,7 +10,6 @@ import pytest
 from datasets import Dataset, Value, load_from_disk
 from PIL import Image
 
-from repo_scripts import load_script
 from smpo_diffusers import SmPOConfig, SmPOTrainer
 from smpo_diffusers.models import encode_prompts, load_diffusion_parts
 from smpo_diffusers.testing import encode_image
@@ -166,14 +165,13 @@ def test_cli_scripts_print_input_errors_without_a_traceback(tmp_path, monkeypatc
                           str(tmp_path / "o")], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr[-2000:]
     assert bad.stderr.strip().splitlines()[-1].startswith("error: --resolution must be at least 8 pixels")
-    # evaluate.py's entry point, in-process (the start-up above is the same for every script): SMPO_DEBUG=1 lets
-    # the error through with its traceback
-    from smpo_diffusers.cli import run_cli
+    # evaluate.py's entry point (cli.evaluate_main), in-process (the start-up above is the same for every script):
+    # SMPO_DEBUG=1 lets the error through with its traceback
+    from smpo_diffusers.cli import evaluate_main, run_cli
 
-    evaluate_cli = load_script("examples/evaluate.py")
     monkeypatch.setenv("SMPO_DEBUG", "1")
     with pytest.raises(FileNotFoundError, match="--aligned_model .* does not exist"):
-        run_cli(evaluate_cli.main, ["--aligned_model", str(tmp_path / "nope"), "--output_dir", str(tmp_path / "e")])
+        run_cli(evaluate_main, ["--aligned_model", str(tmp_path / "nope"), "--output_dir", str(tmp_path / "e")])
     assert not (tmp_path / "e").exists()  # failed before rendering anything
 
 

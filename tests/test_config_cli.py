@@ -110,6 +110,37 @@ def test_help_lists_every_flag():
     assert "--demo" in out
 
 
+COMMANDS = {"smpo-train-sdxl": ("train_smpo_sdxl.py", "train_main"),
+            "smpo-train-sd": ("train_smpo_sd.py", "train_main"),
+            "smpo-label-rewards": ("label_rewards.py", "label_main"),
+            "smpo-evaluate": ("evaluate.py", "evaluate_main"), "smpo-push-to-hub": ("push_to_hub.py", "push_main")}
+"""Installed command -> (the example script it stands for, the entry point both call)."""
+
+
+def test_installed_commands_are_the_example_scripts(capsys, monkeypatch):
+    """`pip install smpo-diffusers` installs one command per example script (examples/ is not in the wheel): each
+    calls the entry point its script calls, and bad input ends it like the scripts (error line, status 2)."""
+    from importlib.metadata import entry_points
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    installed = {ep.name: ep for ep in entry_points(group="console_scripts") if ep.name.startswith("smpo-")}
+    assert sorted(installed) == sorted(COMMANDS)
+    for name, (script, entry_point) in COMMANDS.items():
+        code = installed[name].load().__code__
+        assert entry_point in code.co_names + code.co_varnames, name
+        main_block = (root / "examples" / script).read_text().split('if __name__ == "__main__":')[1]
+        assert re.search(rf"\b{entry_point}\b", main_block), script
+        monkeypatch.setattr(sys, "argv", [name, "--help"])
+        with pytest.raises(SystemExit) as ended:
+            installed[name].load()()
+        assert ended.value.code == 0 and "--output_dir" in capsys.readouterr().out, name
+    # the file pip writes on PATH (beside this interpreter), run as a user would
+    bad = subprocess.run([str(pathlib.Path(sys.executable).parent / "smpo-train-sd"), "--resolution", "4"],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines()[-1].startswith("error: --resolution must be at least")
+
+
 @pytest.mark.parametrize("kwargs,message", [
     ({"train_method": "qlora"}, "--train_method 'qlora' is not supported"),
     ({"loss_type": "ipo"}, "--loss_type"),

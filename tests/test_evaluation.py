@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from repo_scripts import load_script
+from smpo_diffusers import evaluation
+from smpo_diffusers.cli import evaluate_main, parse_evaluate_args
 from smpo_diffusers.evaluation import (compare_scores, evaluate, format_results_table, image_drift, load_pipeline,
                                        mean_and_stderr, read_prompts, save_comparison_grid, trained_base_model,
                                        wilson_interval, win_rate)
@@ -201,24 +202,24 @@ def test_load_pipeline_rejects_a_folder_without_weights(tmp_path):
 
 
 def test_evaluate_cli_runs_end_to_end(tmp_path, capsys, monkeypatch):
-    cli = load_script("examples/evaluate.py")
     base = save_tiny_pipeline(str(tmp_path / "base"), kind="sd", seed=0)
     aligned = tmp_path / "aligned"
     os.makedirs(aligned)
     os.symlink(os.path.join(save_tiny_pipeline(str(tmp_path / "other"), kind="sd", seed=1), "unet"), aligned / "unet")
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle on a blue background\n")
-    results = cli.main(["--base_model", base, "--aligned_model", str(aligned), "--prompts", str(prompts),
-                        "--num_inference_steps", "2", "--guidance_scale", "1", "--resolution", "32",
-                        "--output_dir", str(tmp_path / "eval")])
+    results = evaluate_main(["--base_model", base, "--aligned_model", str(aligned), "--prompts", str(prompts),
+                             "--num_inference_steps", "2", "--guidance_scale", "1", "--resolution", "32",
+                             "--output_dir", str(tmp_path / "eval")])
     assert results["num_samples"] == 1 and "| toy |" in capsys.readouterr().out
     assert sorted(os.listdir(tmp_path / "eval")) == ["grid.png", "results.json", "results.md"]
     assert results["base_model"] == base
 
     # without --base_model the base is the one the training run recorded (not the shipped toy pipeline)
     (aligned / "training_config.json").write_text(json.dumps({"pretrained_model_name_or_path": base}))
-    results = cli.main(["--aligned_model", str(aligned), "--prompts", str(prompts), "--num_inference_steps", "2",
-                        "--guidance_scale", "1", "--resolution", "32", "--output_dir", str(tmp_path / "eval2")])
+    results = evaluate_main(["--aligned_model", str(aligned), "--prompts", str(prompts), "--num_inference_steps",
+                             "2", "--guidance_scale", "1", "--resolution", "32", "--output_dir",
+                             str(tmp_path / "eval2")])
     assert results["base_model"] == base
     # one sample: no standard error, written as null (strict JSON), not NaN
     json.loads((tmp_path / "eval2" / "results.json").read_text(), parse_constant=lambda name: pytest.fail(name))
@@ -228,23 +229,23 @@ def test_evaluate_cli_runs_end_to_end(tmp_path, capsys, monkeypatch):
     # nothing records the base: an error naming --base_model, not a silent comparison with the toy pipeline
     (aligned / "training_config.json").unlink()
     with pytest.raises(ValueError, match="pass --base_model"):
-        cli.main(["--aligned_model", str(aligned), "--output_dir", str(tmp_path / "eval3")])
+        evaluate_main(["--aligned_model", str(aligned), "--output_dir", str(tmp_path / "eval3")])
     # 'toy' names the shipped toy pipeline
     from smpo_diffusers.toy import toy_model_path
 
     seen = []
-    monkeypatch.setattr(cli, "evaluate", lambda base, *args, **kwargs: seen.append((base, kwargs)) or results)
-    monkeypatch.setattr(cli, "format_results_table", lambda results: "")
-    cli.main(["--base_model", "toy", "--aligned_model", str(aligned), "--output_dir", str(tmp_path / "eval4")])
+    monkeypatch.setattr(evaluation, "evaluate", lambda base, *args, **kwargs: seen.append((base, kwargs)) or results)
+    monkeypatch.setattr(evaluation, "format_results_table", lambda results: "")
+    evaluate_main(["--base_model", "toy", "--aligned_model", str(aligned), "--output_dir", str(tmp_path / "eval4")])
     assert seen[0][0] == toy_model_path()
     assert seen[0][1]["dtype"] == torch.float32
     assert seen[0][1]["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match="not under accelerate launch with several processes"):
-        cli.main(["--base_model", "toy", "--aligned_model", str(aligned), "--output_dir", str(tmp_path / "x")])
+        evaluate_main(["--base_model", "toy", "--aligned_model", str(aligned), "--output_dir", str(tmp_path / "x")])
     monkeypatch.delenv("WORLD_SIZE")
-    cli.main(["--base_model", "toy", "--aligned_model", str(aligned), "--output_dir", str(tmp_path / "eval5"),
-              "--dtype", "bf16", "--device", "meta"])
+    evaluate_main(["--base_model", "toy", "--aligned_model", str(aligned), "--output_dir", str(tmp_path / "eval5"),
+                   "--dtype", "bf16", "--device", "meta"])
     assert seen[1][1]["dtype"] == torch.bfloat16 and seen[1][1]["device"] == "meta"
 
 
@@ -269,7 +270,6 @@ def test_base_is_read_as_training_read_it(tmp_path, monkeypatch):
     from diffusers import AutoencoderKL, StableDiffusionPipeline
     from smpo_diffusers.testing import add_to_hub_cache
 
-    cli = load_script("examples/evaluate.py")
     cache, repo_id = str(tmp_path / "hub-cache"), "someone/tiny-sd"
     add_to_hub_cache(save_tiny_pipeline(str(tmp_path / "main"), kind="sd", seed=0), cache, repo_id, "a" * 40)
     v1 = save_tiny_pipeline(str(tmp_path / "v1"), kind="sd", seed=1)
@@ -284,12 +284,13 @@ def test_base_is_read_as_training_read_it(tmp_path, monkeypatch):
         "pretrained_vae_model_name_or_path": other_vae, "cache_dir": cache}))
 
     seen = []
-    monkeypatch.setattr(cli, "evaluate", lambda base, aligned, prompts, **kwargs: seen.append((base, kwargs)) or {})
-    monkeypatch.setattr(cli, "format_results_table", lambda results: "")
+    monkeypatch.setattr(evaluation, "evaluate",
+                        lambda base, aligned, prompts, **kwargs: seen.append((base, kwargs)) or {})
+    monkeypatch.setattr(evaluation, "format_results_table", lambda results: "")
     common = ["--aligned_model", str(aligned), "--prompts", "toy-heldout", "--output_dir", str(tmp_path / "e")]
-    cli.main(common)
-    cli.main(common + ["--base_revision", "main", "--base_variant", "fp16", "--vae", "base"])
-    cli.main(common + ["--base_model", str(tmp_path / "main")])
+    evaluate_main(common)
+    evaluate_main(common + ["--base_revision", "main", "--base_variant", "fp16", "--vae", "base"])
+    evaluate_main(common + ["--base_model", str(tmp_path / "main")])
     loading = [(base, kwargs["base_revision"], kwargs["base_variant"], kwargs["vae"], kwargs["cache_dir"])
                for base, kwargs in seen]
     assert loading == [(repo_id, "v1", "ema", other_vae, cache), (repo_id, "main", "fp16", None, cache),
@@ -314,7 +315,6 @@ def test_base_is_read_as_training_read_it(tmp_path, monkeypatch):
 def test_evaluate_cli_passes_every_option_to_the_library(tmp_path, monkeypatch):
     """Each option, set to a non-default value, reaches read_prompts or evaluate; the list below must name every
     option the parser has."""
-    cli = load_script("examples/evaluate.py")
     aligned = tmp_path / "aligned"
     os.makedirs(aligned / "unet")
     (aligned / "unet" / "config.json").write_text("{}")
@@ -327,12 +327,12 @@ def test_evaluate_cli_passes_every_option_to_the_library(tmp_path, monkeypatch):
         "--output_dir": str(tmp_path / "out"),
     }
     argv = [part for flag, value in options.items() for part in [flag, *([value] if isinstance(value, str) else value)]]
-    assert {"--" + name for name in vars(cli.parse_args(argv))} == set(options)
+    assert {"--" + name for name in vars(parse_evaluate_args(argv))} == set(options)
     read, seen = [], []
-    monkeypatch.setattr(cli, "read_prompts", lambda *args, **kwargs: read.append((args, kwargs)) or ["p1", "p2"])
-    monkeypatch.setattr(cli, "evaluate", lambda *args, **kwargs: seen.append((args, kwargs)) or {})
-    monkeypatch.setattr(cli, "format_results_table", lambda results: "")
-    cli.main(argv)
+    monkeypatch.setattr(evaluation, "read_prompts", lambda *args, **kwargs: read.append((args, kwargs)) or ["p1", "p2"])
+    monkeypatch.setattr(evaluation, "evaluate", lambda *args, **kwargs: seen.append((args, kwargs)) or {})
+    monkeypatch.setattr(evaluation, "format_results_table", lambda results: "")
+    evaluate_main(argv)
     assert read == [(("prompts.parquet",), {"column": "text", "split": "validation", "limit": 3})]
     assert seen == [(("someone/base", str(aligned), ["p1", "p2"]), {
         "output_dir": str(tmp_path / "out"), "reward_names": ["toy", "clip"], "seeds_per_prompt": 2, "seed": 7,
@@ -343,19 +343,18 @@ def test_evaluate_cli_passes_every_option_to_the_library(tmp_path, monkeypatch):
 
 def test_evaluate_cli_refuses_vae_with_a_saved_pipeline(tmp_path, monkeypatch):
     """A saved full pipeline keeps the VAE training saved in it; --vae (even 'base') would change the base's only."""
-    cli = load_script("examples/evaluate.py")
     aligned = tmp_path / "pipeline"
     os.makedirs(aligned)
     (aligned / "model_index.json").write_text("{}")
     (aligned / "training_config.json").write_text(json.dumps({
         "pretrained_model_name_or_path": "someone/base", "pretrained_vae_model_name_or_path": "someone/vae"}))
     seen = []
-    monkeypatch.setattr(cli, "evaluate", lambda base, aligned, prompts, **kwargs: seen.append(kwargs) or {})
-    monkeypatch.setattr(cli, "format_results_table", lambda results: "")
+    monkeypatch.setattr(evaluation, "evaluate", lambda base, aligned, prompts, **kwargs: seen.append(kwargs) or {})
+    monkeypatch.setattr(evaluation, "format_results_table", lambda results: "")
     common = ["--aligned_model", str(aligned), "--output_dir", str(tmp_path / "e")]
     for vae in ("base", "someone/other-vae"):
         with pytest.raises(ValueError, match="saved full pipeline.*Drop --vae"):
-            cli.main(common + ["--vae", vae])
+            evaluate_main(common + ["--vae", vae])
     assert not seen
-    cli.main(common)  # the base gets the recorded VAE: the one the saved pipeline holds
+    evaluate_main(common)  # the base gets the recorded VAE: the one the saved pipeline holds
     assert seen[0]["vae"] == "someone/vae"

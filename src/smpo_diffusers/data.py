@@ -46,7 +46,7 @@ DATA_FILE_BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", 
 
 _IMAGE_COLUMNS = ("jpg_0", "jpg_1")
 _LABELLING_COMMAND = (
-    "python examples/label_rewards.py --dataset_name {dataset} --reward_model pickscore "
+    "smpo-label-rewards (or python examples/label_rewards.py) --dataset_name {dataset} --reward_model pickscore "
     "--output_dir OUTPUT_DIR"
 )
 
@@ -564,7 +564,7 @@ def prepare_preference_pairs(
             f"every one of the {final_prob.size} pairs left has prob_w 0.5 (weight 2p - 1 = 0): "
             + ("their two rewards are equal" if rewards is not None else "they are all human ties")
             + ", so the loss has no gradient and training would change nothing. "
-            + ("Check the reward columns and the reward model that labelled them (examples/label_rewards.py)."
+            + ("Check the reward columns and the reward model that labelled them (smpo-label-rewards)."
                if rewards is not None else "Use --loss_type smpo with reward labels, or check the dataset/split.")
         )
     stats = PairStatistics(
