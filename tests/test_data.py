@@ -378,6 +378,13 @@ def test_pairs_of_weight_zero_are_counted_and_a_set_of_only_those_is_refused():
                                  tie_policy="keep")
 
 
+def test_a_set_of_already_prepared_pairs_is_refused_with_the_fix():
+    pairs, _ = prepare_preference_pairs(_table([1.0, 0.0]), loss_type="dpo", reward_columns=None, reward_scale=None)
+    with pytest.raises(ValueError, match=r"already has the column\(s\) \['winner_index', 'prob_w', 'source_row'\].*"
+                                         r"dataset.remove_columns"):
+        prepare_preference_pairs(pairs, loss_type="dpo", reward_columns=None, reward_scale=None)
+
+
 def test_pair_statistics_fields():
     stats = PairStatistics(
         total=3, kept=2, dropped_ties=1, dropped_invalid=0, dropped_nonfinite=0, kept_ties=0, mean_prob_w=0.75

@@ -453,6 +453,12 @@ def prepare_preference_pairs(
                 "(e.g. r_max - r_min of the labelled rewards; PickScore default 0.1666)."
             )
     validate_preference_columns(dataset, loss_type=loss_type, reward_columns=reward_columns)
+    computed = [name for name in ("winner_index", "prob_w", "source_row") if name in dataset.column_names]
+    if computed:
+        raise ValueError(
+            f"the dataset already has the column(s) {computed}, which preparing the pairs computes from the labels "
+            f"and rewards (a saved set of prepared pairs?). Drop them (dataset.remove_columns({computed})) and pass "
+            "the labelled preference set.")
     rewards = resolve_reward_columns(dataset, loss_type=loss_type, reward_columns=reward_columns)
 
     names = ["label_0", "caption"]
