@@ -15,7 +15,5 @@ import sys
 
 from smpo_diffusers.cli import label_main, run_cli
 
-main = label_main  # the entry point, under the name the other scripts use
-
 if __name__ == "__main__":
     run_cli(label_main, sys.argv[1:])

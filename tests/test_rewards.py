@@ -16,7 +16,6 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-from repo_scripts import load_script
 from smpo_diffusers import rewards as R
 from smpo_diffusers.testing import make_preference_dataset, tiny_clip_model
 
@@ -179,6 +178,62 @@ def test_score_rejects_mismatched_inputs(pickscore):
 def test_clip_reward_rejects_non_clip_models(clip_parts):
     with pytest.raises(TypeError, match="get_image_features"):
         R.CLIPRewardModel(torch.nn.Linear(2, 2), clip_parts[1])
+
+
+class ProcessorSpy:
+    """Wraps a CLIP processor and records the size of every image it is given."""
+
+    def __init__(self, processor):
+        self.processor = processor
+        self.sizes = []
+
+    def __call__(self, images=None, **kwargs):
+        self.sizes.extend(image.size for image in images or [])
+        return self.processor(images=images, **kwargs)
+
+
+def noise(width, height, seed=0):
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+def test_clip_crops_very_elongated_images_before_the_processor(clip_parts):
+    """The processor resizes the short side (to 224 for real CLIP models): a 1x40000 image would become 224x8960000.
+    Images beyond 4:1 are centre-cropped to 4:1 first; the processor keeps only the central square anyway. The
+    other backends that resize the short side and centre-crop do the same; HPSv2 letterboxes instead."""
+    assert R.AestheticRewardModel.max_aspect_ratio == R.ImageRewardRewardModel.max_aspect_ratio == 4.0
+    assert R.HPSv2RewardModel.max_aspect_ratio is None
+    bounded = R.PickScoreRewardModel(*clip_parts)
+    unbounded = R.PickScoreRewardModel(*clip_parts)
+    unbounded.max_aspect_ratio = None
+    bounded.processor = spy = ProcessorSpy(clip_parts[1])
+    assert bounded.max_aspect_ratio == 4.0
+
+    normal = [noise(40, 10, 1), noise(10, 40, 2), noise(30, 20, 3)]  # up to exactly 4:1: untouched, same scores
+    assert torch.equal(bounded.score(normal, ["a", "b", "c"]), unbounded.score(normal, ["a", "b", "c"]))
+
+    thin = [noise(2, 400, 4), noise(400, 2, 5)]
+    precropped = [thin[0].crop((0, 196, 2, 204)), thin[1].crop((196, 0, 204, 2))]
+    spy.sizes.clear()
+    scores = bounded.score(thin, ["a", "b"])
+    assert spy.sizes == [(2, 8), (8, 2)]  # what the processor saw
+    assert torch.equal(scores, unbounded.score(precropped, ["a", "b"]))
+
+    spy.sizes.clear()
+    assert torch.isfinite(bounded.score([noise(1, 40000, 6)], ["a"])).all() and spy.sizes == [(1, 4)]
+    with pytest.raises(ValueError, match="zero-size image \\(0x5\\)"):
+        bounded.score([Image.new("RGB", (0, 5))], ["a"])
+    with pytest.raises(ValueError, match="max_ratio must be >= 1"):
+        R.images.crop_to_aspect_ratio(normal[0], 0.5)
+
+
+def test_labeler_counts_zero_size_images_as_unreadable(pickscore):
+    rows = {"caption": ["empty", "fine"], "jpg_0": [Image.new("RGB", (0, 5)), noise(8, 8)],
+            "jpg_1": [noise(8, 8, 1), noise(40000, 1, 2)]}
+    labeler = R.RewardLabeler(pickscore)
+    labelled = labeler(rows)
+    assert labelled["label_valid"].tolist() == [False, True] and labeler.num_invalid_pairs == 1
+    assert np.isnan(labelled["reward_0"][0]) and np.isfinite(labelled["reward_1"][1])
 
 
 # ----------------------------------------------------------------------------- registry, callables, optional
@@ -660,8 +715,10 @@ def saved_dataset(tmp_path):
     return str(path)
 
 
-def _run_example(argv):
-    return load_script("examples/label_rewards.py").main(argv)
+def _run_example(argv):  # examples/label_rewards.py's entry point (also the smpo-label-rewards command)
+    from smpo_diffusers.cli import label_main
+
+    return label_main(argv)
 
 
 def test_cli_labels_a_saved_dataset_end_to_end(tmp_path, saved_dataset, clip_dir, pickscore, capsys):
@@ -698,6 +755,7 @@ def test_cli_labels_a_saved_dataset_end_to_end(tmp_path, saved_dataset, clip_dir
     np.testing.assert_allclose(np.array(labelled["reward_0"])[keep], expected.numpy()[keep], atol=1e-5)
 
     stats = R.load_reward_statistics(str(output))
+    assert stats["labels_sha256"] == R.labels_digest(labelled)
     assert stats == R.compute_reward_statistics(labelled, reward_model="pickscore") and stats["count"] == 18
     on_disk = json.loads((output / "labeling_summary.json").read_text())
     assert on_disk == summary
@@ -872,7 +930,187 @@ def test_labelling_warns_when_every_reward_is_equal(tmp_path, saved_dataset, cap
         R.label_dataset(R.LabelingArguments(dataset_name=saved_dataset, output_dir=str(tmp_path / "flat")),
                         reward_model=constant)
     assert R.load_reward_statistics(str(tmp_path / "flat"))["suggested_scale"] == 0.0
-    assert any("every valid reward is 0.0" in record.getMessage() for record in caplog.records)
+    (message,) = [r.getMessage() for r in caplog.records if "every valid reward is 0.0" in r.getMessage()]
+    assert "cannot derive a preference scale" in message  # and --reward_scale does not rescue the pairs:
+    assert "with any --reward_scale every pair gets weight 0" in message  # equal rewards give probability 0.5
+
+
+def _with_column(path, tmp_path, name, values, feature=None):
+    """Copy of the saved dataset at ``path`` with the column ``name`` set to ``values``, saved under ``tmp_path``."""
+    dataset = datasets.load_from_disk(path)
+    if name in dataset.column_names:
+        dataset = dataset.remove_columns([name])
+    dataset = dataset.add_column(name, values, feature=feature)
+    target = tmp_path / f"with_{name}"
+    dataset.save_to_disk(str(target))
+    return str(target)
+
+
+def test_source_label_valid_is_kept_and_counted(tmp_path, saved_dataset, caplog):
+    """Rows the source marks invalid (False, null; row 4 also has a corrupt image) stay invalid."""
+    flags = [True, False, True, True, False, True, True, None, True, True]
+    flagged = _with_column(saved_dataset, tmp_path, "label_valid", flags, datasets.Value("bool"))
+    with caplog.at_level(logging.WARNING, logger="smpo_diffusers.rewards.job"):
+        summary = R.label_dataset(R.LabelingArguments(dataset_name=flagged, output_dir=str(tmp_path / "out")),
+                                  reward_model=R.CallableRewardModel(mean_pixel, name="toy"))
+    labelled = datasets.load_from_disk(str(tmp_path / "out"))
+    assert labelled["label_valid"] == [i not in (1, 4, 7) for i in range(10)]
+    assert np.isfinite(labelled["reward_0"][1]) and np.isnan(labelled["reward_0"][4])  # scored / unreadable
+    counts = summary["num_invalid_in_source"], summary["num_unreadable_pairs"], summary["num_invalid_pairs"]
+    assert counts == (3, 1, 3)
+    assert R.load_reward_statistics(str(tmp_path / "out"))["count"] == 2 * 7
+    assert "3 of 10 pairs are marked invalid by the dataset's own label_valid column" in caplog.text
+
+    numeric = _with_column(saved_dataset, tmp_path, "label_valid", [1.0, float("nan")] + [0.0] * 3 + [1.0] * 5)
+    summary = R.label_dataset(R.LabelingArguments(dataset_name=numeric, output_dir=str(tmp_path / "numeric")),
+                              reward_model=R.CallableRewardModel(mean_pixel, name="toy"))
+    assert summary["num_invalid_in_source"] == 4 and summary["num_valid_pairs"] == 6  # NaN and 0.0 are invalid
+    text = _with_column(saved_dataset, tmp_path, "label_valid", ["yes"] * 10)
+    with pytest.raises(ValueError, match="cast_column\\('label_valid', datasets.Value\\('bool'\\)\\)"):
+        R.label_dataset(R.LabelingArguments(dataset_name=text, output_dir=str(tmp_path / "text")),
+                        reward_model=R.CallableRewardModel(mean_pixel))
+
+
+def test_empty_captions_are_counted_and_logged(tmp_path, saved_dataset, caplog):
+    captions = ["", "  \t", *datasets.load_from_disk(saved_dataset)["caption"][2:]]
+    source = _with_column(saved_dataset, tmp_path, "caption", captions)
+    with caplog.at_level(logging.WARNING, logger="smpo_diffusers.rewards.job"):
+        summary = R.label_dataset(R.LabelingArguments(dataset_name=source, output_dir=str(tmp_path / "out")),
+                                  reward_model=R.CallableRewardModel(mean_pixel))
+    assert summary["num_empty_captions"] == 2
+    assert datasets.load_from_disk(str(tmp_path / "out"))["label_valid"][:2] == [True, True]  # kept, but said
+    assert "2 of 10 pairs have an empty or whitespace-only caption" in caplog.text
+
+
+def test_image_path_columns_are_refused_before_the_reward_model_loads(tmp_path, saved_dataset, monkeypatch):
+    dataset = datasets.load_from_disk(saved_dataset).select(range(3))
+    paths = {}
+    for column in ("jpg_0", "jpg_1"):
+        paths[column] = [str(tmp_path / f"{column}-{i}.png") for i in range(3)]
+        for path, data in zip(paths[column], dataset[column]):
+            with open(path, "wb") as handle:
+                handle.write(data)
+    as_paths = dataset.remove_columns(["jpg_0", "jpg_1"]).add_column("jpg_0", paths["jpg_0"]).add_column(
+        "jpg_1", paths["jpg_1"])
+    as_paths.save_to_disk(str(tmp_path / "paths"))
+
+    def not_reached(*args, **kwargs):
+        raise AssertionError("the reward model was loaded")
+
+    monkeypatch.setattr(R.job, "load_reward_model", not_reached)
+    args = R.LabelingArguments(dataset_name=str(tmp_path / "paths"), output_dir=str(tmp_path / "out"),
+                               reward_model="pickscore")
+    fix = "cast_column\\('jpg_0', datasets.Image\\(\\)\\)"
+    with pytest.raises(ValueError, match=f"'jpg_0' holds string values.*{fix}"):
+        R.label_dataset(args)
+    cast = as_paths.cast_column("jpg_0", datasets.Image()).cast_column("jpg_1", datasets.Image())  # the fix
+    cast.save_to_disk(str(tmp_path / "cast"))
+    summary = R.label_dataset(dataclasses.replace(args, dataset_name=str(tmp_path / "cast")),
+                              reward_model=R.CallableRewardModel(mean_pixel))
+    assert summary["num_valid_pairs"] == 3
+
+
+def test_relabelling_never_leaves_old_statistics_beside_new_rewards(tmp_path, saved_dataset, monkeypatch):
+    """A crash between writing the dataset and its statistics (or while writing the dataset) must not leave the
+    previous run's statistics next to the new rewards; complete statistics name the rewards they describe."""
+    out = tmp_path / "out"
+    args = R.LabelingArguments(dataset_name=saved_dataset, output_dir=str(out))
+    R.label_dataset(args, reward_model=R.CallableRewardModel(mean_pixel, name="first"))
+    old_stats = R.load_reward_statistics(str(out))
+    assert old_stats["labels_sha256"] == R.labels_digest(datasets.load_from_disk(str(out)))
+
+    def doubled(images, prompts):
+        return [2 * value for value in mean_pixel(images, prompts)]
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("simulated crash before the statistics")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(R.job, "save_reward_statistics", crash)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            R.label_dataset(args, reward_model=R.CallableRewardModel(doubled, name="second"))
+    new = datasets.load_from_disk(str(out))
+    np.testing.assert_allclose(new["reward_0"][:2], 2 * np.array(mean_pixel(decoded(new.select(range(2)), "jpg_0"),
+                                                                            new["caption"][:2])), rtol=1e-6)
+    assert not (out / "reward_stats.json").exists() and not (out / "labeling_summary.json").exists()
+    assert old_stats["labels_sha256"] != R.labels_digest(new)  # a stale file would have been detectable
+
+    save_to_disk = datasets.Dataset.save_to_disk
+
+    def half_written(self, path, *args, **kwargs):  # shard writes succeed; the labelled set's write dies midway
+        if os.path.abspath(path) != str(out):
+            return save_to_disk(self, path, *args, **kwargs)
+        (out / "data-00000-of-00001.arrow").write_bytes(b"the first bytes")
+        raise OSError("simulated crash while saving the dataset")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(datasets.Dataset, "save_to_disk", half_written)
+        with pytest.raises(OSError, match="simulated crash while saving"):
+            R.label_dataset(args, reward_model=R.CallableRewardModel(mean_pixel, name="third"))
+    with pytest.raises(FileNotFoundError):  # the half-written folder does not load as a dataset
+        datasets.load_from_disk(str(out))
+    assert not (out / "reward_stats.json").exists()
+
+    (out / "data-00001-of-00002.arrow").write_bytes(b"left by an earlier, larger save")
+    summary = R.label_dataset(args, reward_model=R.CallableRewardModel(mean_pixel, name="third"))
+    stats = R.load_reward_statistics(str(out))
+    assert stats["labels_sha256"] == R.labels_digest(datasets.load_from_disk(str(out)))
+    assert stats["labels_sha256"] == old_stats["labels_sha256"] and summary["num_shards_resumed"] == 1
+    assert not (out / "data-00001-of-00002.arrow").exists()
+
+
+class LinearReward(R.RewardModel):
+    """Scores ``model(mean RGB)`` with a torch ``Linear(3, 1)``: retraining it changes the scores."""
+
+    def __init__(self, weight):
+        super().__init__("linear")
+        self.model = torch.nn.Linear(3, 1, bias=False)
+        with torch.no_grad():
+            self.model.weight.fill_(weight)
+
+    def _score_batch(self, images, prompts):
+        means = torch.tensor(np.stack([np.asarray(im, dtype=np.float32).mean((0, 1)) / 255 for im in images]))
+        return self.model(means)[:, 0]
+
+
+def test_retrained_reward_weights_are_not_resumed(tmp_path, saved_dataset, clip_dir, caplog):
+    import shutil
+
+    weights = tmp_path / "weights"  # the same path, retrained in between
+    shutil.copytree(clip_dir, weights)
+    args = R.LabelingArguments(dataset_name=saved_dataset, output_dir=str(tmp_path / "out"),
+                               reward_model="pickscore", reward_model_name_or_path=str(weights), shard_size=6)
+    first = R.label_dataset(args)
+    before = _shard_fingerprint(tmp_path / "out")["reward_weights"]
+    assert len(before) == 16 and int(before, 16) >= 0  # a short hex string
+    retrained = R.load_reward_model("pickscore", str(weights), device="cpu").model
+    with torch.no_grad():
+        retrained.visual_projection.weight.mul_(-1)
+    retrained.save_pretrained(weights)
+    with caplog.at_level(logging.WARNING, logger="smpo_diffusers.rewards.job"):
+        again = R.label_dataset(args)
+    after = _shard_fingerprint(tmp_path / "out")["reward_weights"]
+    assert first["num_shards_scored"] == 2 and again["num_shards_resumed"] == 0 and again["num_shards_replaced"] == 2
+    assert f"reward_weights: {before!r} -> {after!r}" in caplog.text
+    assert "holds no torch weights" not in caplog.text
+
+    caplog.clear()  # a reward function cannot be fingerprinted: said once; an ensemble hashes each member
+    ensemble = R.EnsembleRewardModel([LinearReward(1.0), R.CallableRewardModel(mean_pixel, name="fn")],
+                                     statistics=[{"mean": 0.0, "std": 1.0}] * 2)
+    with caplog.at_level(logging.WARNING, logger="smpo_diffusers.rewards.job"):
+        R.label_dataset(dataclasses.replace(args, output_dir=str(tmp_path / "ens")), reward_model=ensemble)
+    member_hashes = _shard_fingerprint(tmp_path / "ens")["reward_weights"]
+    assert len(member_hashes[0]) == 16 and member_hashes[1] is None
+    assert sum("'fn' holds no torch weights" in r.getMessage() for r in caplog.records) == 1
+    ensemble.models[0].model.weight.data.fill_(2.0)
+    rerun = R.label_dataset(dataclasses.replace(args, output_dir=str(tmp_path / "ens")), reward_model=ensemble)
+    assert rerun["num_shards_replaced"] == 2
+
+    module = torch.nn.Linear(3, 1)  # a module as the reward function, or its bound method, is hashed too
+    hashes = [R.job._weights_fingerprint(R.CallableRewardModel(fn), []) for fn in (module, module.forward)]
+    with torch.no_grad():
+        module.weight.add_(1.0)
+    assert hashes[0] == hashes[1] != R.job._weights_fingerprint(R.CallableRewardModel(module.forward), [])
 
 
 # ----------------------------------------------------------------------------- options reach the run
@@ -1010,3 +1248,30 @@ def test_label_dataset_split_cache_dir_processor_and_threads_reach_their_users(
     with pytest.raises(OSError):  # without the processor path the weights-only folder cannot be used
         R.label_dataset(dataclasses.replace(args, output_dir=str(tmp_path / "none"),
                                             reward_processor_name_or_path=None))
+
+
+def test_training_refuses_statistics_that_do_not_describe_the_rewards(tmp_path, saved_dataset, clip_dir):
+    """A relabelling interrupted between writing the rewards and their statistics leaves no reward_stats.json,
+    or (before that was fixed, or after a hand copy) one of other rewards: training refuses both instead of
+    training with the PickScore constant or a scale that does not fit."""
+    from smpo_diffusers import SmPOConfig, SmPOTrainer
+
+    out = tmp_path / "labelled"
+    R.label_dataset(R.LabelingArguments(dataset_name=saved_dataset, reward_model="pickscore",
+                                        reward_model_name_or_path=clip_dir, output_dir=str(out), batch_size=5))
+
+    def train():  # the data and its scale are checked before any model is loaded: the model path never matters
+        SmPOTrainer(SmPOConfig(pretrained_model_name_or_path=str(tmp_path / "no-model"), dataset_name=str(out),
+                               output_dir=str(tmp_path / "run"), resolution=32, report_to="none"))
+
+    with pytest.raises(OSError, match="no-model"):  # the statistics fit: on to loading the (missing) model
+        train()
+    stats_path = out / "reward_stats.json"
+    stats = json.loads(stats_path.read_text())
+    stats_path.write_text(json.dumps(dict(stats, labels_sha256="0" * 64)))
+    with pytest.raises(ValueError, match=r"reward_stats.json describes other rewards than the dataset beside it "
+                                         r"\(10 pairs recorded, 10 present, or other values\).*Rerun label_rewards"):
+        train()
+    stats_path.unlink()
+    with pytest.raises(ValueError, match="was labelled by label_rewards but holds no reward_stats.json"):
+        train()

@@ -279,7 +279,8 @@ class SmPOTrainer:
                                                      reward_columns=config.reward_columns)
         validate_preference_columns(raw, loss_type=config.loss_type, reward_columns=self.reward_columns)
         self.reward_statistics = reward_statistics
-        self.reward_scale, self.reward_scale_source = self._resolve_reward_scale(reward_statistics)
+        self.reward_scale, self.reward_scale_source = self._resolve_reward_scale(
+            reward_statistics, labelled=raw if dataset is None else None)
         self.pairs, self.pair_statistics = prepare_preference_pairs(
             raw, loss_type=config.loss_type, reward_columns=self.reward_columns, reward_scale=self.reward_scale,
             tie_policy=config.tie_policy, max_train_samples=config.max_train_samples, seed=config.seed,
@@ -375,19 +376,30 @@ class SmPOTrainer:
         return load_preference_dataset(self.config.dataset_name, self.config.dataset_split_name,
                                        cache_dir=self.config.cache_dir)
 
-    def _resolve_reward_scale(self, reward_statistics: dict | None) -> tuple[float | None, str]:
+    def _resolve_reward_scale(self, reward_statistics: dict | None, labelled=None) -> tuple[float | None, str]:
+        """SmPO's reward scale and where it came from: ``--reward_scale``, the statistics given, the
+        ``reward_stats.json`` beside a ``save_to_disk`` dataset (checked against ``labelled``, the dataset loaded
+        from that folder, when they record what they describe) or, failing those, the PickScore constant."""
         config = self.config
         if config.loss_type != "smpo":
             return None, "unused (dpo)"
         if config.reward_scale is not None:
             return float(config.reward_scale), "--reward_scale"
         from .rewards import load_reward_statistics, reward_scale_from_statistics
+        from .rewards.job import SHARDS_DIRNAME
         from .rewards.statistics import REWARD_COLUMNS
 
         source = "reward_statistics argument"
         if reward_statistics is None and config.dataset_name and os.path.isdir(str(config.dataset_name)):
             reward_statistics = load_reward_statistics(config.dataset_name)
             source = f"{config.dataset_name}/reward_stats.json"
+            relabel = ("Rerun label_rewards with the same arguments (it resumes from its shards and rewrites the "
+                       "statistics), or pass --reward_scale.")
+            if reward_statistics is None and os.path.isdir(os.path.join(config.dataset_name, SHARDS_DIRNAME)):
+                raise ValueError(f"{config.dataset_name} was labelled by label_rewards but holds no reward_stats.json "
+                                 f"(the labelling was interrupted before writing it). {relabel}")
+            if reward_statistics is not None and labelled is not None:
+                self._check_statistics_describe(reward_statistics, labelled, source, relabel)
         if reward_statistics is not None:
             described = tuple(reward_statistics.get("reward_columns", REWARD_COLUMNS))
             if self.reward_columns is not None and tuple(self.reward_columns) != described:
@@ -402,6 +414,19 @@ class SmPOTrainer:
         logger.warning("No reward statistics found; using the PickScore scale %.4f. Pass --reward_scale for "
                        "other reward models.", PICKSCORE_REWARD_SCALE)
         return PICKSCORE_REWARD_SCALE, "PickScore default"
+
+    @staticmethod
+    def _check_statistics_describe(statistics: dict, labelled, source: str, relabel: str) -> None:
+        """Refuse statistics recorded for other rewards than ``labelled``'s (a labelling interrupted mid-way through
+        rewriting its folder). Statistics without ``labels_sha256`` (older or hand-written) are taken as they are."""
+        from .rewards.statistics import REWARD_COLUMNS, VALID_COLUMN, labels_digest
+
+        if "labels_sha256" not in statistics or not {*REWARD_COLUMNS, VALID_COLUMN} <= set(labelled.column_names):
+            return
+        if statistics.get("num_pairs") != len(labelled) or statistics["labels_sha256"] != labels_digest(labelled):
+            raise ValueError(f"{source} describes other rewards than the dataset beside it "
+                             f"({statistics.get('num_pairs')} pairs recorded, {len(labelled)} present, or other "
+                             f"values): its scale would not fit them. {relabel}")
 
     def _setup_models(self) -> None:
         config, parts, accelerator = self.config, self.parts, self.accelerator

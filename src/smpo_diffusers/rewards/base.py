@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .images import to_rgb
+from .images import crop_to_aspect_ratio, to_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +49,12 @@ class RewardModel(abc.ABC):
     ``preprocess_threads`` is how many threads the backend (and :class:`RewardLabeler`, for decoding)
     may use for CPU image work; it never changes the scores.
     """
+
+    max_aspect_ratio: float | None = None
+    """When set, :meth:`score` centre-crops an image whose long side exceeds this many times its short side to
+    that ratio (:func:`~smpo_diffusers.rewards.images.crop_to_aspect_ratio`). Set it on backends whose processor
+    resizes the short side and centre-crops a square: images within the ratio score exactly as before, longer ones
+    on the central part the processor keeps anyway, and the resized image stays small."""
 
     def __init__(
         self,
@@ -102,7 +108,7 @@ class RewardModel(abc.ABC):
         for prompt in prompts:
             if not isinstance(prompt, str):
                 raise TypeError(f"prompts must be strings, got {type(prompt).__name__}.")
-        images = [to_rgb(image) for image in images]
+        images = self._bounded([to_rgb(image) for image in images])
         if not images:
             return torch.empty(0, dtype=torch.float32, device=self.device)
         step = self.max_batch_size or len(images)
@@ -118,6 +124,16 @@ class RewardModel(abc.ABC):
                     )
                 chunks.append(scores.to(device=self.device, dtype=torch.float32))
         return torch.cat(chunks)
+
+    def _bounded(self, images: list) -> list:
+        """``images`` cropped to :attr:`max_aspect_ratio` (as they are when None); a zero-size image raises
+        ``ValueError``."""
+        for image in images:
+            if image.width < 1 or image.height < 1:
+                raise ValueError(f"Reward model {self.name!r} got a zero-size image ({image.width}x{image.height}).")
+        if self.max_aspect_ratio is None:
+            return images
+        return [crop_to_aspect_ratio(image, self.max_aspect_ratio) for image in images]
 
     @abc.abstractmethod
     def _score_batch(self, images: list[Image.Image], prompts: list[str]) -> torch.Tensor:

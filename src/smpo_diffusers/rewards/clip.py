@@ -19,6 +19,7 @@ import logging
 import torch
 
 from .base import RewardModel
+from .images import MAX_ASPECT_RATIO
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +56,12 @@ class CLIPRewardModel(RewardModel):
         preprocess_threads: threads for the processor's CPU image work (identical results).
 
     Each chunk encodes every distinct prompt once (a pair's two images share their caption).
-    Prompts longer than the text model's positions are truncated.
+    Prompts longer than the text model's positions are truncated. An image more elongated than
+    ``max_aspect_ratio`` (4:1) is centre-cropped to it first: the processor keeps only the central square of the
+    short-side-resized image anyway, and a very thin image would make that resize huge.
     """
+
+    max_aspect_ratio = MAX_ASPECT_RATIO
 
     default_name = "clip-cosine"
     default_model_name_or_path: str | None = None
@@ -142,7 +147,7 @@ class CLIPRewardModel(RewardModel):
     def embed_images(self, images) -> torch.Tensor:
         """Unit-norm image embeddings, ``(N, D)`` float32 on :attr:`device`."""
         pixel_values = self._preprocess(
-            lambda group: self.processor(images=group, return_tensors="pt")["pixel_values"], images
+            lambda group: self.processor(images=group, return_tensors="pt")["pixel_values"], self._bounded(images)
         )
         pixel_values = pixel_values.to(device=self.device, dtype=self.dtype)
         features = clip_embedding(self.model.get_image_features(pixel_values=pixel_values)).float()

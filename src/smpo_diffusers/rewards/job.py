@@ -3,7 +3,8 @@
 Layout of ``output_dir`` after :func:`label_dataset`::
 
     output_dir/                     the labelled set: ``datasets.load_from_disk(output_dir)``
-    output_dir/reward_stats.json    :func:`compute_reward_statistics` of the labelled set
+    output_dir/reward_stats.json    :func:`compute_reward_statistics` of the labelled set, with
+                                      ``labels_sha256`` (a digest of the rewards it describes)
     output_dir/labeling_summary.json  counts, timing and throughput of the run
     output_dir/.shards/shard-XXXXX/   the reward columns of pairs [XXXXX*K, (XXXXX+1)*K), each with
                                       its settings fingerprint (``labeling_fingerprint.json``)
@@ -11,9 +12,15 @@ Layout of ``output_dir`` after :func:`label_dataset`::
 The set is cut into contiguous shards of ``shard_size`` (K) pairs. Each labelled shard holds only
 ``reward_0``, ``reward_1``, ``label_valid``; it is written under a temporary name and moved into
 place with ``os.replace``, so a shard folder is either complete or absent. A rerun skips every
-shard whose fingerprint (reward model, model/processor paths, dtype, dataset name/split/
-fingerprint/size, shard bounds) matches and scores the rest; at the end the shards are concatenated
-and joined column-wise to the source rows.
+shard whose fingerprint (reward model, model/processor paths, a hash of the model's torch weights, dtype,
+dataset name/split/fingerprint/size, shard bounds) matches and scores the rest; at the end the shards are
+concatenated and joined column-wise to the source rows. A source ``label_valid`` column is kept: a pair is valid
+when it was valid there and its images were readable.
+
+Re-labelling into the same ``output_dir`` first deletes the old ``reward_stats.json``, ``labeling_summary.json``
+and the dataset's ``state.json``/``dataset_info.json``, then saves the dataset, then writes the statistics and the
+summary: a crash at any point leaves no statistics beside rewards of another run (at worst none, or a folder
+``load_from_disk`` refuses).
 
 Multi-GPU: under ``accelerate launch`` each process (``PartialState``) labels the shards with
 ``index % num_processes == process_index`` on its own device; after a barrier the main process
@@ -22,6 +29,7 @@ assembles and saves; after a second barrier every process returns the same summa
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -31,16 +39,19 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
+import numpy as np
 import torch
 
 from ..data import load_preference_dataset
 from ..distributed import computed_on_main, main_process_first, on_every_process, use_cpu_process_group
+from ..latent_cache import module_fingerprint
 from .base import EnsembleRewardModel, RewardModel
 from .images import UnreadableImageError, load_image
 from .labeling import (CAPTION_COLUMN, IMAGE_COLUMNS, RewardLabeler, reward_features, summarize_labels,
                        undecoded_images)
 from .registry import load_reward_model
-from .statistics import REWARD_COLUMNS, VALID_COLUMN, compute_reward_statistics, save_reward_statistics
+from .statistics import (REWARD_COLUMNS, REWARD_STATISTICS_FILENAME, VALID_COLUMN, compute_reward_statistics,
+                         save_reward_statistics)
 
 logger = logging.getLogger(__name__)
 
@@ -105,14 +116,44 @@ class LabelingArguments:
             raise ValueError(f"--max_samples must be >= 1, got {self.max_samples}.")
 
 
-def _prepare_source(dataset, max_samples: int | None):
+def _check_image_columns(dataset) -> None:
+    """Refuse image columns of plain values (e.g. file-path strings) before the reward model is loaded."""
+    import datasets
+
+    for column in IMAGE_COLUMNS:
+        feature = dataset.features[column]
+        if isinstance(feature, datasets.Value) and feature.dtype not in ("binary", "large_binary"):
+            fix = (f"If they are image file paths, cast the column and label the result (save_to_disk): "
+                   f"dataset = dataset.cast_column({column!r}, datasets.Image())."
+                   if feature.dtype in ("string", "large_string") else
+                   "Store encoded image bytes (binary) or use a datasets.Image() column.")
+            raise ValueError(f"Column {column!r} holds {feature.dtype} values, not images. {fix}")
+
+
+def _source_flags(dataset) -> np.ndarray:
+    """The source's own ``label_valid`` as bools, read as the trainer reads it (null, NaN and 0 are False)."""
+    import datasets
+
+    feature = dataset.features[VALID_COLUMN]
+    if not (isinstance(feature, datasets.Value) and feature.dtype.startswith(("bool", "int", "uint", "float"))):
+        raise ValueError(
+            f"The dataset's {VALID_COLUMN!r} column has type {feature}; it must be bool (True = a usable pair). Cast "
+            f"it with dataset.cast_column({VALID_COLUMN!r}, datasets.Value('bool')) or remove it."
+        )
+    return np.array([flag is not None and flag == flag and flag != 0 for flag in dataset[VALID_COLUMN]], dtype=bool)
+
+
+def _prepare_source(dataset, max_samples: int | None) -> tuple[Any, np.ndarray | None]:
+    """The rows to label without old reward/validity columns, and the source's ``label_valid`` flags (None when
+    it has none)."""
     missing = [c for c in (CAPTION_COLUMN, *IMAGE_COLUMNS) if c not in dataset.column_names]
     if missing:
         raise ValueError(
             f"The dataset lacks column(s) {missing} (has {dataset.column_names}); a preference set needs "
             f"{CAPTION_COLUMN!r}, {IMAGE_COLUMNS[0]!r} and {IMAGE_COLUMNS[1]!r}."
         )
-    old = [c for c in (*REWARD_COLUMNS, VALID_COLUMN) if c in dataset.column_names]
+    _check_image_columns(dataset)
+    old = [c for c in REWARD_COLUMNS if c in dataset.column_names]
     if old:
         logger.warning("The dataset already has %s; they are replaced by the new labels.", old)
         dataset = dataset.remove_columns(old)
@@ -120,7 +161,16 @@ def _prepare_source(dataset, max_samples: int | None):
         dataset = dataset.select(range(max_samples))
     if len(dataset) == 0:
         raise ValueError("The dataset split is empty; nothing to label.")
-    return dataset
+    if VALID_COLUMN not in dataset.column_names:
+        return dataset, None
+    flags = _source_flags(dataset)
+    logger.info("The dataset has its own %s column: a labelled pair is valid only if it was valid there and its "
+                "images are readable.", VALID_COLUMN)
+    return dataset.remove_columns([VALID_COLUMN]), flags
+
+
+def _count_empty_captions(dataset) -> int:
+    return sum(1 for caption in dataset[CAPTION_COLUMN] if isinstance(caption, str) and not caption.strip())
 
 
 def _scoring_view(dataset):
@@ -206,6 +256,50 @@ def _remove_leftovers(shards_dir: str, owned: set[int]) -> None:
             shutil.rmtree(os.path.join(shards_dir, entry), ignore_errors=True)
 
 
+def _clear_outputs(output_dir: str) -> None:
+    """Delete the statistics and summary of an earlier run, then the dataset's own state files, so that no
+    statistics describe a dataset that is being rewritten and a half-written dataset does not load."""
+    for name in (REWARD_STATISTICS_FILENAME, SUMMARY_FILENAME, "state.json", "dataset_info.json"):
+        try:
+            os.remove(os.path.join(output_dir, name))
+        except FileNotFoundError:
+            pass
+
+
+def _remove_unlisted_data_files(output_dir: str) -> None:
+    """Delete ``data-*.arrow`` files of an earlier, larger save that the new ``state.json`` does not list."""
+    listed = {entry["filename"] for entry in _read_json(os.path.join(output_dir, "state.json"))["_data_files"]}
+    for entry in os.listdir(output_dir):
+        if re.fullmatch(r"data-\d{5}-of-\d{5}\.arrow", entry) and entry not in listed:
+            os.remove(os.path.join(output_dir, entry))
+
+
+def _weight_modules(model: RewardModel) -> list[tuple[str, torch.nn.Module]]:
+    """The ``torch.nn.Module`` attributes of ``model`` (also the module behind a bound-method reward function)."""
+    modules = {}
+    for name, value in sorted(vars(model).items()):
+        owner = getattr(value, "__self__", None)
+        for module in (value, owner):
+            if isinstance(module, torch.nn.Module):
+                modules.setdefault(id(module), (name, module))
+    return list(modules.values())
+
+
+def _weights_fingerprint(model: RewardModel, unhashed: list[str]) -> Any:
+    """A 16-hex-digit hash of the torch weights ``model`` holds (a list, one per member, for an ensemble). None for
+    a model without any (e.g. a reward function), whose name is appended to ``unhashed``."""
+    if isinstance(model, EnsembleRewardModel):
+        return [_weights_fingerprint(member, unhashed) for member in model.models]
+    modules = _weight_modules(model)
+    if not modules:
+        unhashed.append(model.name)
+        return None
+    digest = hashlib.sha256()
+    for name, module in modules:
+        digest.update(f"{name}={module_fingerprint(module)};".encode())
+    return digest.hexdigest()[:16]
+
+
 def _dataset_identity(dataset_name: str) -> str:
     return os.path.abspath(dataset_name) if os.path.exists(dataset_name) else dataset_name
 
@@ -281,9 +375,13 @@ def label_dataset(args: LabelingArguments, reward_model: RewardModel | None = No
 
     Returns:
         The summary also written to ``output_dir/labeling_summary.json``: ``num_pairs``,
-        ``num_valid_pairs``, ``num_invalid_pairs`` (unreadable pairs; the trainer skips them),
-        ``num_shards``, ``num_shards_scored``, ``num_shards_resumed``, ``num_shards_replaced`` (shards
-        found scored with other settings and scored again; each is also logged with what changed), ``pairs_scored``,
+        ``num_valid_pairs``, ``num_invalid_pairs`` (``label_valid`` False; the trainer skips them),
+        ``num_unreadable_pairs`` (of these, pairs whose images or caption could not be scored, or that scored
+        non-finite), ``num_invalid_in_source`` (pairs the source's own ``label_valid`` marks invalid: null, False or
+        0; they stay invalid), ``num_empty_captions`` (pairs whose caption is empty or whitespace: scored against an
+        empty prompt and kept valid; logged), ``num_shards``, ``num_shards_scored``, ``num_shards_resumed``,
+        ``num_shards_replaced`` (shards found scored with other settings and scored again; each is also logged with
+        what changed), ``pairs_scored``,
         ``elapsed_seconds`` (whole run), ``scoring_seconds`` (slowest process's shard loop: decoding,
         scoring, shard writes), ``pairs_per_second`` (``pairs_scored / scoring_seconds``; 0 when all
         shards were resumed), ``arguments`` (the :class:`LabelingArguments` as a dict),
@@ -305,7 +403,7 @@ def label_dataset(args: LabelingArguments, reward_model: RewardModel | None = No
         lambda: load_preference_dataset(args.dataset_name, args.dataset_split_name, args.cache_dir), state,
         f"load the dataset {args.dataset_name}")
     source_fingerprint = getattr(source, "_fingerprint", None)
-    source = _prepare_source(source, args.max_samples)
+    source, source_valid = _prepare_source(source, args.max_samples)
     view = _scoring_view(source)
 
     if reward_model is None:
@@ -322,11 +420,13 @@ def label_dataset(args: LabelingArguments, reward_model: RewardModel | None = No
     elif state.num_processes > 1:
         reward_model.to(state.device)
 
+    unhashed: list[str] = []
     settings = {
         "format_version": _FORMAT_VERSION,
         "reward_model": reward_model.name,
         "reward_model_name_or_path": args.reward_model_name_or_path,
         "reward_processor_name_or_path": args.reward_processor_name_or_path,
+        "reward_weights": _weights_fingerprint(reward_model, unhashed),  # retrained weights at the same path
         "fp16": _runs_in_float16(reward_model),  # what runs, not what was asked (CPU, functions, instances)
         "dataset_name": _dataset_identity(args.dataset_name),
         "dataset_split_name": args.dataset_split_name,
@@ -334,6 +434,10 @@ def label_dataset(args: LabelingArguments, reward_model: RewardModel | None = No
         "num_pairs": len(source),
         "shard_size": args.shard_size,
     }
+    if unhashed and state.is_main_process:
+        logger.warning("the reward model %s holds no torch weights to fingerprint: resuming from %s cannot detect "
+                       "changes to its code or weights; delete that folder after changing it.",
+                       ", ".join(repr(name) for name in unhashed), shards_dir)
     calibrate = isinstance(reward_model, EnsembleRewardModel) and reward_model.statistics is None
     default_pairs = LabelingArguments.__dataclass_fields__["ensemble_calibration_pairs"].default
     if args.ensemble_calibration_pairs != default_pairs and not calibrate:
@@ -395,23 +499,31 @@ def label_dataset(args: LabelingArguments, reward_model: RewardModel | None = No
 
     summary_path = os.path.join(output_dir, SUMMARY_FILENAME)
 
-    def assemble():  # main process: the shards into one labelled dataset, its statistics and summary
+    def assemble():  # main process: the shards into one labelled dataset, then its statistics, then the summary
         rewards = datasets.concatenate_datasets(
             [datasets.load_from_disk(_shard_path(shards_dir, i)) for i in range(len(bounds))]
         )
         if len(rewards) != len(source):
             raise RuntimeError(f"Shards hold {len(rewards)} rows but the dataset has {len(source)}.")
+        scored = np.asarray(rewards.with_format("numpy")[VALID_COLUMN], dtype=bool)
+        if source_valid is not None:
+            rewards = rewards.remove_columns([VALID_COLUMN]).add_column(
+                VALID_COLUMN, scored & source_valid, feature=datasets.Value("bool"))
         labelled = datasets.concatenate_datasets([source, rewards], axis=1)
+        _clear_outputs(output_dir)
         labelled.save_to_disk(output_dir)
+        _remove_unlisted_data_files(output_dir)
         statistics = compute_reward_statistics(labelled, reward_model=reward_model.name)
         if isinstance(reward_model, EnsembleRewardModel):
             statistics["ensemble_member_statistics"] = reward_model.statistics
         statistics_path = save_reward_statistics(output_dir, statistics)
         if statistics["count"] and not statistics["suggested_scale"]:
             logger.warning(
-                "every valid reward is %s: the reward model %r gives these pairs no preference signal, so SmPO "
-                "cannot derive a preference scale (training on %s will stop with an error). Check the reward model "
-                "and its weights on a few images.", statistics["min"], reward_model.name, output_dir)
+                "every valid reward is %s: the reward model %r gives these pairs no preference signal, so training "
+                "on %s stops with an error: SmPO cannot derive a preference scale from these rewards, and with any "
+                "--reward_scale every pair gets weight 0 (equal rewards: preference probability 0.5). Check the "
+                "reward model and its weights on a few images.",
+                statistics["min"], reward_model.name, output_dir)
         reports = [
             _read_json(os.path.join(shards_dir, f"run-rank-{rank:05d}-of-{state.num_processes:05d}.json"))
             for rank in range(state.num_processes)
@@ -421,6 +533,9 @@ def label_dataset(args: LabelingArguments, reward_model: RewardModel | None = No
         scoring_seconds = max(r["scoring_seconds"] for r in reports)
         summary = {
             **summarize_labels(labelled),
+            "num_unreadable_pairs": int((~scored).sum()),
+            "num_invalid_in_source": 0 if source_valid is None else int((~source_valid).sum()),
+            "num_empty_captions": _count_empty_captions(source),
             "num_shards": len(bounds),
             "num_shards_scored": sum(r["shards_scored"] for r in reports),
             "num_shards_resumed": sum(r["shards_resumed"] for r in reports),
@@ -439,13 +554,20 @@ def label_dataset(args: LabelingArguments, reward_model: RewardModel | None = No
             "arguments": asdict(args),
         }
         _write_json(summary_path, summary)
-        if summary["num_invalid_pairs"]:
+        if summary["num_unreadable_pairs"]:
             logger.warning(
-                "%d of %d pairs had unreadable images or captions: NaN rewards, label_valid=False "
-                "(skipped in training).",
-                summary["num_invalid_pairs"],
-                summary["num_pairs"],
-            )
+                "%d of %d pairs had unreadable images or captions (or a non-finite score): NaN rewards, "
+                "label_valid=False (skipped in training).", summary["num_unreadable_pairs"], summary["num_pairs"])
+        if summary["num_invalid_in_source"]:
+            logger.warning(
+                "%d of %d pairs are marked invalid by the dataset's own %s column: scored, but label_valid=False "
+                "(skipped in training).", summary["num_invalid_in_source"], summary["num_pairs"], VALID_COLUMN)
+        if summary["num_empty_captions"]:
+            logger.warning(
+                "%d of %d pairs have an empty or whitespace-only caption: they were scored against an empty prompt "
+                "and stay valid. Right for a prompt-independent reward (aesthetic); for PickScore, CLIP, HPSv2 or "
+                "ImageReward check the captions or drop these rows before labelling.",
+                summary["num_empty_captions"], summary["num_pairs"])
 
     computed_on_main(assemble, state, "assemble the labelled dataset")
     return _read_json(summary_path)

@@ -4,7 +4,7 @@
 ``reward_1`` (float32) and ``label_valid`` (bool) to a Pick-a-Pic-style set (``caption``,
 ``jpg_0``, ``jpg_1``). All readable images of a map batch are scored in one
 ``reward_model.score`` call (which chunks by the model's ``max_batch_size``). A pair whose caption
-is missing or either of whose images cannot be decoded gets NaN rewards and
+is missing or either of whose images cannot be decoded (or has zero size) gets NaN rewards and
 ``label_valid=False``; the trainer skips such pairs. Count them from the output with
 :func:`summarize_labels` (the labeler's own counters only see the batches of its own process).
 
@@ -126,9 +126,11 @@ class RewardLabeler:
             if not isinstance(caption, str):
                 return f"caption is {type(caption).__name__}, not a string"
             try:
-                return [load_image(cells[row]) for cells in image_cells]
+                pair = [load_image(cells[row]) for cells in image_cells]
             except UnreadableImageError as error:
                 return f"{error} (caption {caption[:60]!r})"
+            empty = [f"{image.width}x{image.height}" for image in pair if image.width < 1 or image.height < 1]
+            return f"zero-size image ({empty[0]}) (caption {caption[:60]!r})" if empty else pair
 
         rows, images, prompts = [], [], []
         decoded = map_in_threads(decode, range(size), self.reward_model.preprocess_threads)

@@ -20,6 +20,7 @@ import os
 import torch
 
 from .base import RewardModel
+from .images import MAX_ASPECT_RATIO
 
 logger = logging.getLogger(__name__)
 
@@ -147,6 +148,7 @@ class ImageRewardRewardModel(RewardModel):
 
     default_name = "imagereward"
     text_length = 35  # ImageReward's tokenizer length
+    max_aspect_ratio = MAX_ASPECT_RATIO  # its BLIP preprocessing resizes the short side, then centre-crops
 
     def __init__(self, model, name=None, max_batch_size=64, preprocess_threads=1):
         super().__init__(
@@ -219,6 +221,7 @@ class AestheticRewardModel(RewardModel):
 
     default_name = "aesthetic"
     default_model_name_or_path = "shunk031/aesthetics-predictor-v2-sac-logos-ava1-l14-linearMSE"
+    max_aspect_ratio = MAX_ASPECT_RATIO  # a CLIP processor: short side resized, then centre-cropped
 
     def __init__(self, model, processor, name=None, max_batch_size=64, preprocess_threads=1):
         super().__init__(

@@ -12,6 +12,7 @@ File convention: the statistics live in ``<dataset folder>/reward_stats.json``, 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -27,6 +28,7 @@ __all__ = [
     "REWARD_STATISTICS_FILENAME",
     "VALID_COLUMN",
     "compute_reward_statistics",
+    "labels_digest",
     "load_reward_statistics",
     "reward_scale_from_statistics",
     "save_reward_statistics",
@@ -66,6 +68,7 @@ def compute_reward_statistics(dataset_or_columns, reward_model: str | None = Non
         ``num_valid_pairs``; ``count`` (number of valid scores = 2 x valid pairs); ``min``, ``max``, ``mean``,
         ``std`` (population std, ``ddof=0``) over both reward columns of the valid pairs, computed in float64
         from the stored float32 values; ``suggested_scale = max - min``. With no valid pair the five numbers are None.
+        ``labels_sha256``: :func:`labels_digest` of the columns described.
     """
     if hasattr(dataset_or_columns, "select_columns"):  # a datasets.Dataset: read only what we need
         dataset_or_columns = dataset_or_columns.select_columns([*REWARD_COLUMNS, VALID_COLUMN]).to_dict()
@@ -80,6 +83,7 @@ def compute_reward_statistics(dataset_or_columns, reward_model: str | None = Non
         )
     stats: dict[str, Any] = {
         "reward_model": reward_model,
+        "labels_sha256": labels_digest(dataset_or_columns),
         "reward_columns": list(REWARD_COLUMNS),
         "num_pairs": int(valid.size),
         "num_valid_pairs": int(valid.sum()),
@@ -154,3 +158,19 @@ def reward_scale_from_statistics(stats: Mapping[str, Any]) -> float:
             "pass --reward_scale explicitly."
         )
     return float(scale)
+
+
+def labels_digest(dataset_or_columns) -> str:
+    """SHA-256 hex digest of a labelled set's ``reward_0``, ``reward_1`` (as float32, every NaN alike) and
+    ``label_valid`` columns, in row order: the statistics record it (``labels_sha256``) so that a reader can check
+    they describe the rewards beside them. Takes a ``datasets.Dataset`` or a mapping of
+    those columns."""
+    if hasattr(dataset_or_columns, "select_columns"):
+        dataset_or_columns = dataset_or_columns.select_columns([*REWARD_COLUMNS, VALID_COLUMN]).with_format("numpy")
+    valid = np.asarray(dataset_or_columns[VALID_COLUMN], dtype=bool)
+    digest = hashlib.sha256(f"{valid.size} pairs|".encode())
+    for name in REWARD_COLUMNS:
+        values = np.asarray(dataset_or_columns[name], dtype="<f4")
+        digest.update(np.where(np.isnan(values), np.float32("nan"), values).astype("<f4").tobytes())
+    digest.update(valid.astype(np.uint8).tobytes())
+    return digest.hexdigest()
