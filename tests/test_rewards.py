@@ -1275,3 +1275,25 @@ def test_training_refuses_statistics_that_do_not_describe_the_rewards(tmp_path, 
     stats_path.unlink()
     with pytest.raises(ValueError, match="was labelled by label_rewards but holds no reward_stats.json"):
         train()
+
+
+def test_a_label_shard_reaches_the_disk_before_the_rename_that_publishes_it(tmp_path, monkeypatch):
+    """A power loss after the rename must not leave a complete-looking shard with empty files (a resume would take
+    it as done): every file of the shard is fsynced before the rename, and the folder after it."""
+    from smpo_diffusers.rewards import job
+
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+                        or real_fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda src, dst: events.append(("replace", str(src), str(dst)))
+                        or real_replace(src, dst))
+    shard = tmp_path / "shard-00000"
+    job._save_shard(datasets.Dataset.from_dict({"reward_0": [0.5], "reward_1": [0.25], "label_valid": [True]}),
+                    str(shard), {"shard_index": 0})
+    published = events.index(("replace", f"{shard}.tmp-{os.getpid()}", str(shard)))
+    synced_before = {path for kind, path, *_ in events[:published] if kind == "fsync"}
+    files = {str(path).replace(str(shard), f"{shard}.tmp-{os.getpid()}") for path in shard.rglob("*")
+             if path.is_file()}
+    assert files and files <= synced_before, files - synced_before
+    assert ("fsync", str(tmp_path)) in events[published:]  # the rename itself
+    assert job._shard_is_done(str(shard), {"shard_index": 0})

@@ -49,6 +49,7 @@ import torch
 
 from .data import EpochIndexedDataset, PairTransform, decode_image
 from .distributed import computed_on_main, on_every_process
+from .files import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -257,7 +258,7 @@ class LatentCache:
             os.makedirs(self.path, exist_ok=True)
             settings_path = os.path.join(self.path, "settings.json")
             if not os.path.exists(settings_path):
-                _atomic_write_text(settings_path, json.dumps(self.settings, indent=2, sort_keys=True, default=str))
+                atomic_write_text(settings_path, json.dumps(self.settings, indent=2, sort_keys=True, default=str))
             removed, freed = remove_stale_leftovers(self.path)
             if removed:
                 logger.info("latent cache %s: removed %d shards left by interrupted writes or set aside as "
@@ -534,13 +535,6 @@ def remove_stale_leftovers(folder: str, older_than_s: float = STALE_LEFTOVER_SEC
             continue
         removed, freed = removed + 1, freed + stat.st_size
     return removed, freed
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-    partial = f"{path}.{os.getpid()}.tmp"
-    with open(partial, "w") as handle:
-        handle.write(text)
-    os.replace(partial, path)
 
 
 __all__ = [

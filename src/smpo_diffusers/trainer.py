@@ -57,33 +57,11 @@ from .models import (
     save_lora,
     sdxl_time_ids,
 )
+from .files import fsync_directory, fsync_tree
 from .json_records import finite_or_none
 from .latent_cache import CachedPairDataset, LatentCache, cache_settings, pair_entry_bases
 
 logger = logging.getLogger(__name__)
-
-
-def _fsync_directory(path: str) -> None:
-    """Persist a folder's entries (a rename into it); a no-op where the file system cannot fsync folders."""
-    try:
-        descriptor = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
-
-
-def _fsync_tree(folder: str) -> None:
-    """fsync every file under ``folder`` and the folders themselves."""
-    for root, _, files in os.walk(folder):
-        for name in files:
-            with open(os.path.join(root, name), "rb") as handle:
-                os.fsync(handle.fileno())
-        _fsync_directory(root)
 
 
 _WRITTEN_OR_REPLACED = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler",
@@ -938,11 +916,11 @@ class SmPOTrainer:
                      "consecutive_nonfinite": self.consecutive_nonfinite}
             with open(os.path.join(partial, TRAINER_STATE_NAME), "w") as handle:
                 json.dump(state, handle, indent=2)
-            _fsync_tree(partial)
+            fsync_tree(partial)
             if os.path.exists(final):  # only a step saved twice (never after the later-checkpoint check)
                 shutil.rmtree(final)
             os.rename(partial, final)
-            _fsync_directory(config.output_dir)
+            fsync_directory(config.output_dir)
 
         what = f"write checkpoint-{global_step}"
         evaluations, skipped, data_counts = self.count_totals()  # a collective: every process gets here

@@ -48,7 +48,7 @@ def torch_save_on_a_full_disk(*args, **kwargs):
 # mode -> (the rank that fails, the object and attribute replaced there, the replacement)
 FAILURES = {
     "model-load": (1, trainer_module, "load_diffusion_parts", model_missing),
-    "checkpoint-publish": (0, trainer_module, "_fsync_tree", disk_full),
+    "checkpoint-publish": (0, trainer_module, "fsync_tree", disk_full),
     "checkpoint-save": (1, accelerate.Accelerator, "save_state", torch_save_on_a_full_disk),
     "latent-cache": (1, latent_cache.LatentCache, "_build_pairs", disk_full),
     "final-save": (0, trainer_module, "save_lora", disk_full),

@@ -44,6 +44,7 @@ import torch
 
 from ..data import load_preference_dataset
 from ..distributed import computed_on_main, main_process_first, on_every_process, use_cpu_process_group
+from ..files import atomic_write_json, fsync_directory, fsync_tree
 from ..latent_cache import module_fingerprint
 from .base import EnsembleRewardModel, RewardModel
 from .images import UnreadableImageError, load_image
@@ -199,14 +200,6 @@ def _read_json(path: str) -> Any:
         return None
 
 
-def _write_json(path: str, obj: Any) -> None:
-    temporary = f"{path}.tmp-{os.getpid()}"
-    with open(temporary, "w", encoding="utf-8") as handle:
-        json.dump(obj, handle, indent=2, sort_keys=True)
-        handle.write("\n")
-    os.replace(temporary, path)
-
-
 def _shard_is_done(path: str, fingerprint: dict) -> bool:
     return os.path.isdir(path) and _read_json(os.path.join(path, FINGERPRINT_FILENAME)) == _normalised(
         fingerprint
@@ -225,7 +218,7 @@ def _changed_settings(path: str, fingerprint: dict) -> list[str]:
 
 
 def _save_shard(labelled, path: str, fingerprint: dict) -> None:
-    """Write the shard under a temporary name, then move it into place (complete or absent)."""
+    """Write the shard under a temporary name, fsync it, then move it into place (complete or absent)."""
     import datasets
 
     temporary = f"{path}.tmp-{os.getpid()}"
@@ -237,12 +230,14 @@ def _save_shard(labelled, path: str, fingerprint: dict) -> None:
     finally:
         if bars_were_on:
             datasets.enable_progress_bars()
-    _write_json(os.path.join(temporary, FINGERPRINT_FILENAME), fingerprint)
+    atomic_write_json(os.path.join(temporary, FINGERPRINT_FILENAME), fingerprint)
+    fsync_tree(temporary)  # on disk before the rename publishes it
     if os.path.exists(path):  # a shard from other settings: set it aside, then drop it
         stale = f"{path}.stale-{os.getpid()}"
         os.replace(path, stale)
         shutil.rmtree(stale, ignore_errors=True)
     os.replace(temporary, path)
+    fsync_directory(os.path.dirname(path))
 
 
 def _remove_leftovers(shards_dir: str, owned: set[int]) -> None:
@@ -356,7 +351,7 @@ def _calibrate_ensemble(
         if not (stored and stored.get("settings") == _normalised(settings)):
             images, prompts = _calibration_sample(view, args.ensemble_calibration_pairs)
             statistics = model.calibrate(images, prompts)
-            _write_json(path, {"settings": settings, "statistics": statistics, "num_images": len(images)})
+            atomic_write_json(path, {"settings": settings, "statistics": statistics, "num_images": len(images)})
         return _read_json(path)["statistics"]
 
     model.set_statistics(computed_on_main(calibrate, state, "calibrate the reward ensemble"))
@@ -490,7 +485,7 @@ def label_dataset(args: LabelingArguments, reward_model: RewardModel | None = No
             report["pairs_scored"] += stop - start
             report["shards_scored"] += 1
         report["scoring_seconds"] = time.perf_counter() - scoring_started
-        _write_json(
+        atomic_write_json(
             os.path.join(shards_dir, f"run-rank-{state.process_index:05d}-of-{state.num_processes:05d}.json"),
             report,
         )
@@ -553,7 +548,7 @@ def label_dataset(args: LabelingArguments, reward_model: RewardModel | None = No
             "fp16": settings["fp16"],
             "arguments": asdict(args),
         }
-        _write_json(summary_path, summary)
+        atomic_write_json(summary_path, summary)
         if summary["num_unreadable_pairs"]:
             logger.warning(
                 "%d of %d pairs had unreadable images or captions (or a non-finite score): NaN rewards, "
