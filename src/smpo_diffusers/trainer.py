@@ -1008,8 +1008,8 @@ class SmPOTrainer:
                 f"cannot resume from {path}: it was trained with other optimiser or adapter settings ({listed}). "
                 "Its optimiser and LR-scheduler state would bring back its own learning rate and hyper-parameters "
                 "(the records would show yours), and LoRA weights trained under another rank/alpha/targets do not "
-                "fit. Resume with the checkpoint's values (its training_config.json in --output_dir lists them, "
-                "as did your first command), or start a new run in a new --output_dir."
+                "fit. Resume with the checkpoint's values (its trainer_state.json lists them under "
+                "restored_settings), or start a new run in a new --output_dir."
             )
         if state["global_step"] > self.max_train_steps:
             raise ValueError(
