@@ -965,6 +965,10 @@ def test_source_label_valid_is_kept_and_counted(tmp_path, saved_dataset, caplog)
     summary = R.label_dataset(R.LabelingArguments(dataset_name=numeric, output_dir=str(tmp_path / "numeric")),
                               reward_model=R.CallableRewardModel(mean_pixel, name="toy"))
     assert summary["num_invalid_in_source"] == 4 and summary["num_valid_pairs"] == 6  # NaN and 0.0 are invalid
+    # an ensemble calibrates its members' statistics on pairs the source did not reject
+    source = datasets.load_from_disk(saved_dataset)
+    images, prompts = R.job._calibration_sample(R.job._scoring_view(source), 2, np.array(flags, dtype=bool))
+    assert prompts == [source["caption"][i] for i in (0, 0, 2, 2)] and len(images) == 4
     text = _with_column(saved_dataset, tmp_path, "label_valid", ["yes"] * 10)
     with pytest.raises(ValueError, match="cast_column\\('label_valid', datasets.Value\\('bool'\\)\\)"):
         R.label_dataset(R.LabelingArguments(dataset_name=text, output_dir=str(tmp_path / "text")),

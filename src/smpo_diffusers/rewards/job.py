@@ -322,11 +322,15 @@ def _runs_in_float16(model: RewardModel) -> bool:
     return False
 
 
-def _calibration_sample(view, num_pairs: int) -> tuple[list, list[str]]:
+def _calibration_sample(view, num_pairs: int, source_valid: np.ndarray | None = None) -> tuple[list, list[str]]:
+    """The images and captions of the first ``num_pairs`` scorable pairs (readable, captioned, and not marked
+    invalid by the source's own ``label_valid``)."""
     images, prompts = [], []
-    for row in view:
+    for index, row in enumerate(view):
         if len(prompts) >= 2 * num_pairs:
             break
+        if source_valid is not None and not source_valid[index]:
+            continue
         caption = row[CAPTION_COLUMN]
         if not isinstance(caption, str):
             continue
@@ -340,7 +344,7 @@ def _calibration_sample(view, num_pairs: int) -> tuple[list, list[str]]:
 
 
 def _calibrate_ensemble(
-    model: EnsembleRewardModel, view, args, settings: dict, shards_dir: str, state
+    model: EnsembleRewardModel, view, args, settings: dict, shards_dir: str, state, source_valid=None
 ) -> None:
     """Main process estimates member statistics (or reuses those of an interrupted run with the same
     settings, stored in ``.shards/ensemble_calibration.json``) and sends them to every process."""
@@ -349,7 +353,7 @@ def _calibrate_ensemble(
     def calibrate():  # main process; a failure stops every process
         stored = _read_json(path)
         if not (stored and stored.get("settings") == _normalised(settings)):
-            images, prompts = _calibration_sample(view, args.ensemble_calibration_pairs)
+            images, prompts = _calibration_sample(view, args.ensemble_calibration_pairs, source_valid)
             statistics = model.calibrate(images, prompts)
             atomic_write_json(path, {"settings": settings, "statistics": statistics, "num_images": len(images)})
         return _read_json(path)["statistics"]
@@ -449,7 +453,7 @@ def label_dataset(args: LabelingArguments, reward_model: RewardModel | None = No
             settings["ensemble_statistics"] = [{"mean": s["mean"], "std": s["std"]} for s in reward_model.statistics]
     os.makedirs(shards_dir, exist_ok=True)
     if calibrate:
-        _calibrate_ensemble(reward_model, view, args, settings, shards_dir, state)
+        _calibrate_ensemble(reward_model, view, args, settings, shards_dir, state, source_valid)
 
     bounds = _shard_bounds(len(source), args.shard_size)
     owned = {i for i in range(len(bounds)) if i % state.num_processes == state.process_index}
