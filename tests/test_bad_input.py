@@ -230,7 +230,7 @@ def test_8bit_adam_without_a_gpu_is_refused_before_anything_loads(tmp_path):
         SmPOTrainer(config(tmp_path, dataset_name="/nonexistent/data", use_8bit_adam=True))
 
 
-def test_an_output_dir_holding_an_input_is_refused_before_anything_is_written(tmp_path, demo_inputs):
+def test_an_output_dir_holding_an_input_is_refused_before_anything_is_written(tmp_path, demo_inputs, monkeypatch):
     """Saving a LoRA into the base pipeline's own folder used to delete its unet/, vae/, text_encoder/...
     (taken for a layout another run left); a base inside a checkpoint-N (pruned) or a hidden temporary folder
     would go the same way. Refused before any write; an input elsewhere under --output_dir is fine."""
@@ -239,22 +239,31 @@ def test_an_output_dir_holding_an_input_is_refused_before_anything_is_written(tm
     base = tmp_path / "base"
     shutil.copytree(demo_inputs["sd"][0], base)
     before = sorted(p.name for p in base.iterdir())
+
+    def write_probe(self):
+        raise AssertionError("the output folder was written to before the check")
+
+    monkeypatch.setattr(SmPOTrainer, "_check_output_dir_writable", write_probe)
     for flag, path in [("pretrained_model_name_or_path", base), ("dataset_name", base)]:
         with pytest.raises(ValueError, match=f"--{flag} '{base}' is --output_dir '{base}': the run would overwrite "
                                              "or delete it when it saves. Choose another --output_dir."):
             SmPOTrainer(config(tmp_path, **{"pretrained_model_name_or_path": demo_inputs["sd"][0],
                                             "dataset_name": demo_inputs["sd"][1], flag: str(base),
                                             "output_dir": str(base)}))
-    assert sorted(p.name for p in base.iterdir()) == before  # not even the writability probe
+    assert sorted(p.name for p in base.iterdir()) == before
     out = tmp_path / "out"
-    for inner in ["unet", "checkpoint-3", ".checkpoint-3.tmp", "vae/sub"]:
+    for inner in ["unet", "checkpoint-3", ".checkpoint-3.tmp", ".checkpoint-2.deleting.tmp", "vae/sub"]:
         (out / inner).mkdir(parents=True)
         with pytest.raises(ValueError, match=f"lies in '{out / inner.split('/')[0]}' of --output_dir"):
             check_inputs_outside_output(str(out), {"pretrained_vae_model_name_or_path": str(out / inner)})
+    # elsewhere under --output_dir (the --demo inputs), a parent folder, a Hub id, the cache root itself or a
+    # hidden folder of the user's own: nothing the run writes or clears
     (out / "demo-inputs").mkdir()
+    (out / ".latent_cache").mkdir()
     check_inputs_outside_output(str(out), {"pretrained_model_name_or_path": str(out / "demo-inputs"),
-                                           "dataset_name": str(tmp_path), "latent_cache_dir": None,
+                                           "dataset_name": str(tmp_path), "latent_cache_dir": str(out),
                                            "pretrained_vae_model_name_or_path": "stabilityai/sdxl-vae"})
+    check_inputs_outside_output(str(out), {"latent_cache_dir": str(out / ".latent_cache")})
 
 
 def test_more_accumulation_than_an_epoch_holds_is_refused(tmp_path, demo_inputs):

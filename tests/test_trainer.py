@@ -246,7 +246,8 @@ def test_checkpoints_of_another_run_and_a_changed_data_layout_are_refused(tmp_pa
     with pytest.raises(ValueError, match=r"data layout changed \(train_batch_size 2 -> 4\)"):
         SmPOTrainer(make_config(tmp_path, model, data, max_train_steps=5, train_batch_size=4,
                                 resume_from_checkpoint="latest")).train()
-    with pytest.raises(ValueError, match=r"data layout changed \(pairs_sha256 [0-9a-f]{12} -> [0-9a-f]{12}\)"):
+    with pytest.raises(ValueError, match=r"data layout changed \(pairs_sha256 [0-9a-f]{12}\.\.\. -> "
+                                         r"[0-9a-f]{12}\.\.\.\)"):
         SmPOTrainer(make_config(tmp_path, model, data, max_train_steps=5, loss_type="dpo", beta_dpo=5000.0,
                                 resume_from_checkpoint="latest")).train()
     with pytest.raises(ValueError, match=r"seed 0 -> 1, num_pairs"):
@@ -284,10 +285,22 @@ def test_a_damaged_checkpoint_is_reported_with_the_one_to_resume_from(tmp_path, 
         target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
         latest, earlier = (re.escape(str(copy / name)) for name in ("checkpoint-4", "checkpoint-2"))
         pattern = (rf"checkpoint {latest} cannot be read \(.*\); it is damaged: move it away and resume from "
-                   rf"another one \(--resume_from_checkpoint {earlier}; present: checkpoint-2\)")
+                   rf"an earlier one \(--resume_from_checkpoint {earlier}; present: checkpoint-2\)")
         with pytest.raises(OSError, match=pattern):
             SmPOTrainer(make_config(tmp_path, model, data, output_dir=str(copy), resume_from_checkpoint="latest",
                                     **options)).train()
+    # an intact checkpoint of another base model is not called damaged (moving it away would lose it)
+    with pytest.raises(ValueError, match=r"checkpoint .*checkpoint-4 does not fit this run's model \(RuntimeError: "
+                                         r".*\): it was trained from another base model"):
+        SmPOTrainer(make_config(tmp_path, demo_inputs["sdxl"][0], data, resume_from_checkpoint="latest",
+                                **options)).train()
+    # an explicit older checkpoint that is damaged names only earlier ones
+    damaged = out / "checkpoint-2" / "optimizer.bin"
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    with pytest.raises(OSError, match=r"checkpoint-2 cannot be read .* start again without --resume_from_checkpoint "
+                                      r"\(no earlier checkpoint exists\)"):
+        SmPOTrainer(make_config(tmp_path, model, data, max_train_steps=4, checkpointing_steps=2, loss_type="dpo",
+                                noise_source="random", resume_from_checkpoint=str(out / "checkpoint-2"))).train()
 
 
 class NaNLossOnce(SmPOTrainer):

@@ -67,21 +67,25 @@ logger = logging.getLogger(__name__)
 _WRITTEN_OR_REPLACED = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler",
                         "safety_checker", "feature_extractor", "image_encoder")
 """Sub-folders of ``--output_dir`` that a run writes, or removes when they belong to another weight layout (with
-``checkpoint-N`` and hidden temporary folders)."""
+``checkpoint-N`` and the hidden ``.checkpoint-*.tmp`` folders of checkpoint writes and deletions, which a run
+clears when it starts)."""
 
 
 def check_inputs_outside_output(output_dir: str, inputs: dict[str, str | None]) -> None:
     """Refuse an ``output_dir`` that is one of the run's local inputs (``inputs``: flag name -> path or Hub id),
     or that holds one in a folder the run writes or replaces: saving there would overwrite or delete it (a base
-    pipeline's ``unet/``, ``vae/``, ... folders are removed when a LoRA run saves into it)."""
+    pipeline's ``unet/``, ``vae/``, ... folders are removed when a LoRA run saves into it). The latent cache's root
+    may be ``output_dir`` itself: the run never touches the cache's hash-named folders."""
     out = os.path.realpath(output_dir)
     for flag, path in inputs.items():
         if not path or not os.path.isdir(path):
             continue  # a Hub id, or not given
         relative = os.path.relpath(os.path.realpath(path), out)
         first = relative.split(os.sep)[0]
-        if relative == "." or first in _WRITTEN_OR_REPLACED or CHECKPOINT_PATTERN.match(first) or (
-                first.startswith(".") and first != ".."):
+        if relative == "." and flag == "latent_cache_dir":
+            continue
+        if (relative == "." or first in _WRITTEN_OR_REPLACED or CHECKPOINT_PATTERN.match(first)
+                or (first.startswith(".checkpoint-") and first.endswith(".tmp"))):
             where = "is" if relative == "." else f"lies in {os.path.join(output_dir, first)!r} of"
             raise ValueError(f"--{flag} {path!r} {where} --output_dir {output_dir!r}: the run would overwrite or "
                              "delete it when it saves. Choose another --output_dir.")
@@ -95,6 +99,8 @@ overflow, empty: no pair on any process) are decided jointly and equal on every 
 __all__ = ["SmPOTrainer", "StepOutput", "EpochShuffleSampler", "make_optimizer"]
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+_LOAD_MISMATCH = re.compile(r"size mismatch|Error\(s\) in loading state_dict|Missing key|Unexpected key")
+"""What torch/peft say when readable weights do not fit the model (not a damaged file)."""
 TRAINER_STATE_NAME = "trainer_state.json"
 
 
@@ -512,9 +518,9 @@ class SmPOTrainer:
                 f"--gradient_accumulation_steps {config.gradient_accumulation_steps} is more than the "
                 f"{batches_per_epoch} micro-batches an epoch holds per process ({len(self.train_dataset)} pairs, "
                 f"--train_batch_size {config.train_batch_size}, {accelerator.num_processes} "
-                f"process{'es' if accelerator.num_processes > 1 else ''}): an update "
-                f"ends with its epoch, so each would average {batches_per_epoch}, not the batch size asked for. "
-                f"Use --gradient_accumulation_steps {batches_per_epoch} or less (or more pairs).")
+                f"process{'es' if accelerator.num_processes > 1 else ''}): an update ends with its epoch, so each "
+                f"would average {batches_per_epoch} micro-batches, not the batch size asked for. Use "
+                f"--gradient_accumulation_steps {batches_per_epoch} or less (or more pairs).")
         updates_per_epoch = math.ceil(batches_per_epoch / config.gradient_accumulation_steps)
         self.max_train_steps = config.max_train_steps or (config.num_train_epochs or 1) * updates_per_epoch
         self.lr_scheduler = get_scheduler(
@@ -978,7 +984,8 @@ class SmPOTrainer:
         settings = {"train_method": config.train_method, "effective_learning_rate": self.learning_rate,
                     "use_adafactor": config.use_adafactor, "use_8bit_adam": config.use_8bit_adam,
                     "adam_beta1": config.adam_beta1, "adam_beta2": config.adam_beta2,
-                    "adam_epsilon": config.adam_epsilon, "adam_weight_decay": config.adam_weight_decay}
+                    "adam_epsilon": config.adam_epsilon, "adam_weight_decay": config.adam_weight_decay,
+                    "fp16_loss_scaling": self.accelerator.scaler is not None}  # fp16 checkpoints hold the scaler
         if config.train_method == "lora":
             settings.update(rank=config.rank, lora_alpha=config.lora_alpha_value,
                             lora_target_modules=list(config.lora_target_modules))
@@ -988,8 +995,12 @@ class SmPOTrainer:
     def _changed_since(saved: dict | None, now: dict) -> str:
         """``"key old -> new, ..."`` for the keys of a checkpoint's record ``saved`` that differ now ("" when none,
         or for a checkpoint written before the record existed)."""
+        def shown(value):  # hashes shortened; settings in full
+            text = str(value)
+            return f"{text[:12]}..." if re.fullmatch(r"[0-9a-f]{64}", text) else text
+
         changed = {key: (saved[key], now[key]) for key in (saved or {}) if key in now and saved[key] != now[key]}
-        return ", ".join(f"{key} {str(old)[:12]} -> {str(new)[:12]}" for key, (old, new) in changed.items())
+        return ", ".join(f"{key} {shown(old)} -> {shown(new)}" for key, (old, new) in changed.items())
 
     def _check_resumable(self, path: str, state: dict) -> None:
         """Refuse a resume from checkpoint ``path`` (its ``trainer_state.json`` = ``state``) that would silently do
@@ -1046,13 +1057,25 @@ class SmPOTrainer:
 
     def _damaged_checkpoint(self, path: str, error: BaseException) -> OSError:
         """The error for a checkpoint that cannot be read (a truncated file from a bad copy or a disk fault: the
-        trainer's own writes are atomic), naming the earlier checkpoints to resume from instead."""
-        earlier = [p for _, p in self._checkpoints() if os.path.realpath(p) != os.path.realpath(path)]
-        instead = (f"resume from another one (--resume_from_checkpoint {earlier[-1]}; present: "
+        trainer's own writes are atomic), naming the latest earlier checkpoint to resume from instead."""
+        match = CHECKPOINT_PATTERN.match(os.path.basename(os.path.normpath(path)))
+        step = int(match.group(1)) if match else None
+        earlier = [p for s, p in self._checkpoints() if (step is None or s < step)
+                   and os.path.realpath(p) != os.path.realpath(path)]
+        instead = (f"resume from an earlier one (--resume_from_checkpoint {earlier[-1]}; present: "
                    f"{', '.join(os.path.basename(p) for p in earlier)})" if earlier
-                   else "start again without --resume_from_checkpoint (no other checkpoint exists)")
+                   else "start again without --resume_from_checkpoint (no earlier checkpoint exists)")
         return OSError(f"checkpoint {path} cannot be read ({type(error).__name__}: {error}); it is damaged: move it "
                        f"away and {instead}.")
+
+    @staticmethod
+    def _checkpoint_does_not_fit(path: str, error: BaseException) -> ValueError:
+        """The error for a readable checkpoint whose weights do not fit the model being trained."""
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        shown = " ".join(lines[:2]) + (f" ... ({len(lines) - 2} more)" if len(lines) > 2 else "")
+        return ValueError(f"checkpoint {path} does not fit this run's model ({type(error).__name__}: {shown}): it "
+                          "was trained from another base model (--pretrained_model_name_or_path) or model layout. "
+                          "Resume with the base it was trained from, or start a new run in a new --output_dir.")
 
     def _read_checkpoint_state(self, path: str) -> dict:
         """A checkpoint's ``trainer_state.json``; an unreadable one is reported as a damaged checkpoint."""
@@ -1089,6 +1112,8 @@ class SmPOTrainer:
             try:
                 self.accelerator.load_state(path)
             except Exception as error:
+                if isinstance(error, RuntimeError) and _LOAD_MISMATCH.search(str(error)):
+                    raise self._checkpoint_does_not_fit(path, error) from error
                 raise self._damaged_checkpoint(path, error) from error
 
         on_every_process(load, self.accelerator, f"read {path}")  # none trains on while another failed to load
