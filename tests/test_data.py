@@ -357,8 +357,8 @@ def test_indexed_input_dataset_keeps_row_alignment():
 def test_null_captions_are_counted_and_become_empty():
     ds = _table([1.0, 0.0, 1.0, 1.0], captions=[None, "ok", "", " \t "])
     pairs, stats = prepare_preference_pairs(ds, loss_type="dpo", reward_columns=None, reward_scale=None)
-    assert stats.missing_captions == 3  # null, empty and blank: all trained with the empty prompt
-    assert "3 missing captions" in stats.summary()
+    assert (stats.missing_captions, stats.blank_captions) == (1, 2)  # null; empty and whitespace
+    assert "1 missing and 2 blank captions" in stats.summary()
     item = PreferencePairDataset(pairs, PairTransform(8), seed=0)[0]
     assert item["caption"] == "" and item["missing_caption"] and not item["empty_prompt"]
 

@@ -17,7 +17,8 @@ from PIL import Image
 from smpo_diffusers import SmPOConfig, SmPOTrainer
 from smpo_diffusers.data import PairTransform, PreferencePairDataset, collate_preference_batch
 from smpo_diffusers.latent_cache import (LatentCache, cache_key, cache_settings, module_fingerprint,
-                                         other_cache_entries, pair_entry_bases, tokenizer_fingerprint)
+                                         other_cache_entries, pair_entry_bases, remove_stale_leftovers,
+                                         tokenizer_fingerprint)
 from smpo_diffusers.models import encode_prompts, latent_moments
 from smpo_diffusers.testing import encode_image
 
@@ -84,11 +85,14 @@ def test_cached_items_equal_the_pixel_pipeline_item_by_item(tmp_path, demo_input
     shard = sorted(glob.glob(os.path.join(again.latent_cache_stats.path, "pairs-*.safetensors")))[0]
     with open(shard, "r+b") as handle:
         handle.truncate(100)
+    os.utime(shard, (0, 0))  # written long ago
     with caplog.at_level("WARNING", logger="smpo_diffusers.latent_cache"):
         repaired = SmPOTrainer(make_config(tmp_path, demo_inputs["sdxl"][0], name="repaired",
                                            proportion_empty_prompts=0.5), dataset=awkward_pairs(demo_inputs))
     assert "is unreadable" in caplog.text and repaired.latent_cache_stats.pairs_built > 0
     assert os.path.isfile(os.path.join(os.path.dirname(shard), f".{os.path.basename(shard)}.corrupt"))
+    # kept an hour from when it was set aside (not from when it was written), then removed as a leftover
+    assert remove_stale_leftovers(os.path.dirname(shard)) == (0, 0)
     repaired.train_dataset.set_epoch(cached.epoch)  # the same flips
     for i, mean in enumerate(expected):  # read before the mapped file shrank
         item = repaired.train_dataset[i]

@@ -1301,3 +1301,31 @@ def test_a_label_shard_reaches_the_disk_before_the_rename_that_publishes_it(tmp_
     assert files and files <= synced_before, files - synced_before
     assert ("fsync", str(tmp_path)) in events[published:]  # the rename itself
     assert job._shard_is_done(str(shard), {"shard_index": 0})
+
+
+def test_relabelling_a_labelled_set_replaces_its_validity_and_never_its_own_files(tmp_path, saved_dataset):
+    """A labelled set given as the source: its label_valid said which pairs the earlier model could score, so it is
+    replaced with the rewards (a pair it scored non-finite is valid again). A source whose files lie in
+    --output_dir (a link to it) is refused before anything there is touched."""
+    first = tmp_path / "first"
+
+    def overflows_on_row_2(images, prompts):
+        scores = mean_pixel(images, prompts)
+        scores[0] = float("inf") if prompts[0] == source_captions[2] else scores[0]
+        return scores
+
+    source_captions = datasets.load_from_disk(saved_dataset)["caption"]
+    R.label_dataset(R.LabelingArguments(dataset_name=saved_dataset, output_dir=str(first), batch_size=1),
+                    reward_model=R.CallableRewardModel(overflows_on_row_2, name="flaky"))
+    assert datasets.load_from_disk(str(first))["label_valid"][2] is False
+    summary = R.label_dataset(R.LabelingArguments(dataset_name=str(first), output_dir=str(tmp_path / "again")),
+                              reward_model=R.CallableRewardModel(mean_pixel, name="toy"))
+    again = datasets.load_from_disk(str(tmp_path / "again"))
+    assert again["label_valid"] == [i != 4 for i in range(10)] and summary["num_invalid_in_source"] == 0
+    alias = tmp_path / "alias"
+    alias.symlink_to(first)
+    for dataset_name in (alias, first):
+        with pytest.raises(ValueError, match="must differ from --dataset_name|holds the files of the dataset"):
+            R.label_dataset(R.LabelingArguments(dataset_name=str(dataset_name), output_dir=str(first)),
+                            reward_model=R.CallableRewardModel(mean_pixel, name="toy"))
+    assert len(datasets.load_from_disk(str(first))) == 10 and (first / "reward_stats.json").exists()

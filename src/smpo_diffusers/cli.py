@@ -174,8 +174,8 @@ def train_main(argv: list[str] | None = None, family: str = "sdxl") -> dict:
 # ---------------------------------------------------------------------------- evaluation
 EVALUATE_DESCRIPTION = """Compare an aligned model with its base: same prompts, same seeds, one or more rewards.
 
-    python examples/evaluate.py --base_model path/or/hub-id --aligned_model ./smpo-model \
-        --prompts toy-heldout --reward_models toy --output_dir ./eval
+    smpo-evaluate --base_model path/or/hub-id --aligned_model ./smpo-model \
+        --prompts toy-heldout --reward_models toy --output_dir ./eval      # or: python examples/evaluate.py ...
 
 The sampling defaults (20 steps, guidance 3.0, batches of 64, fp32) suit the toy world; for SD/SDXL pass e.g.
 ``--num_inference_steps 30 --guidance_scale 7.5 --batch_size 8 --dtype fp16`` (SDXL: ``--guidance_scale 5``).

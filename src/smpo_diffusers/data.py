@@ -46,8 +46,8 @@ DATA_FILE_BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", 
 
 _IMAGE_COLUMNS = ("jpg_0", "jpg_1")
 _LABELLING_COMMAND = (
-    "smpo-label-rewards (or python examples/label_rewards.py) --dataset_name {dataset} --reward_model pickscore "
-    "--output_dir OUTPUT_DIR"
+    "smpo-label-rewards --dataset_name {dataset} --reward_model pickscore --output_dir OUTPUT_DIR "
+    "(the same flags as python examples/label_rewards.py)"
 )
 
 
@@ -352,7 +352,9 @@ class PairStatistics:
     * ``kept_ties``: human ties among the kept pairs (``tie_policy="keep"``).
     * ``reward_disagreements``: kept pairs that humans decided and the reward strictly ranks the
       other way (SmPO mode; 0 in DPO mode).
-    * ``missing_captions``: kept pairs whose caption is null, empty or blank (trained with the empty prompt).
+    * ``missing_captions``: kept pairs whose caption is null (trained with the empty prompt).
+    * ``blank_captions``: kept pairs whose caption is empty or whitespace only (encoded as written; a CLIP
+      tokenizer gives it the empty prompt's tokens).
     * ``zero_weight_pairs``: kept pairs with ``prob_w`` exactly 0.5 (equal rewards in SmPO mode, or kept ties):
       their label weight ``2p - 1`` is 0, so they give no gradient.
     * ``mean_prob_w``: mean ``prob_w`` over the kept pairs (NaN if none).
@@ -368,6 +370,7 @@ class PairStatistics:
     dropped_by_max_samples: int = 0
     reward_disagreements: int = 0
     missing_captions: int = 0
+    blank_captions: int = 0
     zero_weight_pairs: int = 0
 
     def as_dict(self) -> dict[str, Any]:
@@ -380,7 +383,8 @@ class PairStatistics:
             f"{self.dropped_invalid} invalid labels, {self.dropped_nonfinite} non-finite rewards, "
             f"{self.dropped_by_max_samples} beyond max_train_samples); {self.kept_ties} ties kept; "
             f"{self.reward_disagreements} reward/human disagreements; "
-            f"{self.missing_captions} missing captions; {self.zero_weight_pairs} pairs of weight 0 (prob_w 0.5); "
+            f"{self.missing_captions} missing and {self.blank_captions} blank captions; {self.zero_weight_pairs} "
+            "pairs of weight 0 (prob_w 0.5); "
             f"mean prob_w {self.mean_prob_w:.4f}"
         )
 
@@ -539,7 +543,7 @@ def prepare_preference_pairs(
             f"label_valid False, {int(dropped_nonfinite_mask.sum())} with non-finite rewards, "
             f"{int(dropped_ties_mask.sum())} human ties (tie_policy={tie_policy!r}). "
             + ("Use tie_policy='keep' if the set is mostly ties, (re)label rewards with "
-               "examples/label_rewards.py if they are NaN, or check the dataset/split." if loss_type == "smpo" else
+               "smpo-label-rewards if they are NaN, or check the dataset/split." if loss_type == "smpo" else
                "DPO trains on human preferences only (ties have no winner): use --loss_type smpo with reward "
                "labels for a set of mostly ties, or check the dataset/split.")
         )
@@ -560,9 +564,10 @@ def prepare_preference_pairs(
         prepared = prepared.select(final_rows)
 
     caption_null = np.asarray(columns["caption"].is_null().to_numpy(zero_copy_only=False), dtype=bool)
+    caption_blank = np.zeros(total, dtype=bool)
     if pa.types.is_string(columns["caption"].type) or pa.types.is_large_string(columns["caption"].type):
         blank = pc.equal(pc.utf8_trim_whitespace(columns["caption"]), "")
-        caption_null |= np.asarray(pc.fill_null(blank, False).to_numpy(zero_copy_only=False), dtype=bool)
+        caption_blank = np.asarray(pc.fill_null(blank, False).to_numpy(zero_copy_only=False), dtype=bool)
     final_prob = np.asarray(prob_w[final_rows], dtype=np.float32)
     zero_weight = int((final_prob == 0.5).sum())
     if zero_weight == final_prob.size:
@@ -584,6 +589,7 @@ def prepare_preference_pairs(
         dropped_by_max_samples=dropped_by_max,
         reward_disagreements=int(reward_disagrees[final_rows].sum()),
         missing_captions=int(caption_null[final_rows].sum()),
+        blank_captions=int(caption_blank[final_rows].sum()),
         zero_weight_pairs=zero_weight,
     )
     return prepared, stats

@@ -235,8 +235,10 @@ class LatentCache:
         """Rename an unreadable shard to a hidden ``.corrupt`` name, so its entries count as missing and are
         encoded again (another process may have done it already)."""
         folder, name = os.path.split(shard)
+        aside = os.path.join(folder, f".{name}.corrupt")
         try:
-            os.replace(shard, os.path.join(folder, f".{name}.corrupt"))
+            os.replace(shard, aside)
+            os.utime(aside)  # kept for an hour from now (for a look), then removed as a stale leftover
         except FileNotFoundError:
             return
         logger.warning("latent cache shard %s is unreadable (%s); set aside as .%s.corrupt, its entries will be "

@@ -155,8 +155,10 @@ def _prepare_source(dataset, max_samples: int | None) -> tuple[Any, np.ndarray |
         )
     _check_image_columns(dataset)
     old = [c for c in REWARD_COLUMNS if c in dataset.column_names]
-    if old:
-        logger.warning("The dataset already has %s; they are replaced by the new labels.", old)
+    if old:  # an earlier labelling's output: its label_valid said which pairs that model could score
+        old += [VALID_COLUMN] if VALID_COLUMN in dataset.column_names else []
+        logger.warning("The dataset already has %s (an earlier labelling); they are replaced by the new labels.",
+                       old)
         dataset = dataset.remove_columns(old)
     if max_samples is not None and max_samples < len(dataset):
         dataset = dataset.select(range(max_samples))
@@ -394,7 +396,7 @@ def label_dataset(args: LabelingArguments, reward_model: RewardModel | None = No
     state = PartialState(cpu=use_cpu_process_group())
     started = time.perf_counter()
     output_dir = os.path.abspath(args.output_dir)
-    if os.path.exists(args.dataset_name) and os.path.abspath(args.dataset_name) == output_dir:
+    if os.path.exists(args.dataset_name) and os.path.realpath(args.dataset_name) == os.path.realpath(output_dir):
         raise ValueError("--output_dir must differ from --dataset_name (the source would be overwritten).")
     shards_dir = os.path.join(output_dir, SHARDS_DIRNAME)
 
@@ -402,6 +404,10 @@ def label_dataset(args: LabelingArguments, reward_model: RewardModel | None = No
         lambda: load_preference_dataset(args.dataset_name, args.dataset_split_name, args.cache_dir), state,
         f"load the dataset {args.dataset_name}")
     source_fingerprint = getattr(source, "_fingerprint", None)
+    if any(os.path.dirname(os.path.realpath(entry["filename"])) == os.path.realpath(output_dir)
+           for entry in source.cache_files):  # e.g. a link to the output folder given as --dataset_name
+        raise ValueError(f"--output_dir {args.output_dir} holds the files of the dataset being labelled; writing the "
+                         "labelled set there would destroy its source. Choose another --output_dir.")
     source, source_valid = _prepare_source(source, args.max_samples)
     view = _scoring_view(source)
 
