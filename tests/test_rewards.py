@@ -940,7 +940,9 @@ def _with_column(path, tmp_path, name, values, feature=None):
     dataset = datasets.load_from_disk(path)
     if name in dataset.column_names:
         dataset = dataset.remove_columns([name])
-    dataset = dataset.add_column(name, values, feature=feature)
+    dataset = dataset.add_column(name, values)  # (add_column's feature= needs datasets >= 2.22)
+    if feature is not None:
+        dataset = dataset.cast_column(name, feature)
     target = tmp_path / f"with_{name}"
     dataset.save_to_disk(str(target))
     return str(target)

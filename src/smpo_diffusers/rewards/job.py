@@ -513,7 +513,7 @@ def label_dataset(args: LabelingArguments, reward_model: RewardModel | None = No
         scored = np.asarray(rewards.with_format("numpy")[VALID_COLUMN], dtype=bool)
         if source_valid is not None:
             rewards = rewards.remove_columns([VALID_COLUMN]).add_column(
-                VALID_COLUMN, scored & source_valid, feature=datasets.Value("bool"))
+                VALID_COLUMN, (scored & source_valid).tolist()).cast_column(VALID_COLUMN, datasets.Value("bool"))
         labelled = datasets.concatenate_datasets([source, rewards], axis=1)
         _clear_outputs(output_dir)
         labelled.save_to_disk(output_dir)
