@@ -123,6 +123,47 @@ def test_checkpoint_files_reach_the_disk_before_the_rename_that_publishes_them(t
     assert ("fsync", out) in events[publish + 1:]  # and the rename itself
 
 
+def test_a_failed_final_save_leaves_the_earlier_weights_whole_and_the_next_save_tidies_up(
+        tmp_path, demo_inputs, monkeypatch):
+    """Final weights go to a hidden staging folder and are renamed into place; the JSON records are replaced
+    atomically. A save that dies midway (disk full) publishes nothing truncated."""
+    model, data = demo_inputs["sdxl"]
+    trainer = SmPOTrainer(make_config(tmp_path / "o", model, data, train_method="full", max_train_steps=1))
+    out = pathlib.Path(trainer.config.output_dir)
+    trainer.save_model()
+    weights = out / "unet" / "diffusion_pytorch_model.safetensors"
+    earlier, earlier_config = weights.read_bytes(), (out / "training_config.json").read_text()
+    with torch.no_grad():
+        next(trainer.unwrapped_unet.parameters()).add_(1.0)
+    real_save = type(trainer.unwrapped_unet).save_pretrained
+
+    def disk_full(self, path, **kwargs):
+        real_save(self, path, **kwargs)
+        target = os.path.join(path, "diffusion_pytorch_model.safetensors")
+        with open(target, "r+b") as handle:
+            handle.truncate(os.path.getsize(target) // 2)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(type(trainer.unwrapped_unet), "save_pretrained", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        trainer.save_model()
+    assert weights.read_bytes() == earlier and (out / "training_config.json").read_text() == earlier_config
+    assert not [n for n in os.listdir(out) if n.startswith(".final-") or n.endswith(".tmp")]
+    os.replace(out / "unet", out / ".unet.old")  # killed between the two renames of a replacement
+    with pytest.raises(OSError, match="No space left"):
+        trainer.save_model()
+    assert weights.read_bytes() == earlier  # put back by the next save before it writes
+
+    monkeypatch.undo()
+    (out / ".final-killed").mkdir()  # what a SIGKILL mid-save leaves
+    (out / ".final-killed" / "junk").write_bytes(b"x")
+    (out / ".unet.old").mkdir()  # its successor is in place: deleted
+    trainer.save_model()
+    assert weights.read_bytes() != earlier and load_file(str(weights))
+    assert sorted(n for n in os.listdir(out) if n.startswith(".")) == []
+    json.loads((out / "training_config.json").read_text())
+
+
 def test_unwritable_output_dir_is_detected_at_start(tmp_path, demo_inputs):
     model, data = demo_inputs["sdxl"]
     blocker = tmp_path / "a-file"

@@ -23,6 +23,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .files import atomic_output, atomic_write_text
 from .json_records import finite_or_none
 
 __all__ = [
@@ -314,7 +315,8 @@ def save_comparison_grid(base_images, aligned_images, path: str, columns: int = 
         x, top = (index % columns) * width, (index // columns) * (2 * height + gap)
         grid.paste(base.convert("RGB").resize((width, height), Image.NEAREST), (x, top))
         grid.paste(aligned.convert("RGB").resize((width, height), Image.NEAREST), (x, top + height))
-    grid.save(path)
+    with atomic_output(path) as temporary:
+        grid.save(temporary, format="PNG")
     return path
 
 
@@ -408,9 +410,8 @@ def evaluate(base_model: str, aligned_model: str, prompts: Sequence[str], *, out
                    "base": {k: v.tolist() for k, v in base_scores.items()},
                    "aligned": {k: v.tolist() for k, v in aligned_scores.items()}},
     }
-    with open(os.path.join(output_dir, "results.json"), "w") as handle:
-        json.dump(finite_or_none(results), handle, indent=2, allow_nan=False)
-    with open(os.path.join(output_dir, "results.md"), "w") as handle:
-        handle.write(format_results_table(results))
+    atomic_write_text(os.path.join(output_dir, "results.json"),
+                      json.dumps(finite_or_none(results), indent=2, allow_nan=False))
+    atomic_write_text(os.path.join(output_dir, "results.md"), format_results_table(results))
     save_comparison_grid(base_images, aligned_images, os.path.join(output_dir, "grid.png"), columns=grid_columns)
     return results

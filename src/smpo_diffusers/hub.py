@@ -33,6 +33,8 @@ import shutil
 import tempfile
 from typing import Any, Iterator
 
+from .files import atomic_write_text
+
 __all__ = [
     "HubAuthenticationError",
     "HubUploadError",
@@ -654,7 +656,7 @@ def create_model_card(output_dir: str, *, repo_id: str | None = None, reward_mod
                       has_validation=bool(config.get("validation_prompts"))
                       and os.path.isfile(os.path.join(output_dir, VALIDATION_IMAGE_NAME)))
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
-    card.save(card_path)
+    atomic_write_text(card_path, str(card))
     return card
 
 

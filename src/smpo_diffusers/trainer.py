@@ -23,6 +23,7 @@ import math
 import os
 import re
 import shutil
+import tempfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,7 +58,7 @@ from .models import (
     save_lora,
     sdxl_time_ids,
 )
-from .files import fsync_directory, fsync_tree
+from .files import atomic_output, atomic_write_json, fsync_directory, fsync_tree, publish_entries
 from .json_records import finite_or_none
 from .latent_cache import CachedPairDataset, LatentCache, cache_settings, pair_entry_bases
 
@@ -102,6 +103,7 @@ CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 _LOAD_MISMATCH = re.compile(r"size mismatch|Error\(s\) in loading state_dict|Missing key|Unexpected key")
 """What torch/peft say when readable weights do not fit the model (not a damaged file)."""
 TRAINER_STATE_NAME = "trainer_state.json"
+FINAL_STAGING_PREFIX = ".final-"  # the hidden folder the final weights are written to before being renamed into place
 
 
 class EpochShuffleSampler(torch.utils.data.Sampler):
@@ -1203,7 +1205,8 @@ class SmPOTrainer:
         grid = image_grid(images)
         name = "validation.png" if final else f"validation-step{global_step}.png"
         path = os.path.join(config.output_dir, name)
-        grid.save(path)
+        with atomic_output(path) as temporary:
+            grid.save(temporary, format="PNG")
         for tracker in accelerator.trackers:
             if tracker.name == "tensorboard":
                 tracker.writer.add_images("validation", np.stack([np.asarray(i) for i in images]), global_step,
@@ -1226,18 +1229,35 @@ class SmPOTrainer:
                          f"save the trained model in {output_dir}")
 
     def _write_model(self, output_dir: str, evaluations: dict, skipped: dict, data_counts: dict) -> None:
-        """:meth:`save_model`'s writes (main process), with the counts summed over processes."""
+        """:meth:`save_model`'s writes (main process), with the counts summed over processes. The weights are
+        written to a hidden staging folder, fsynced, then renamed into place, and the JSON records are replaced
+        atomically: a crash or a full disk mid-save never leaves a truncated file under a final name."""
         accelerator = self.accelerator
         unet = self.unwrapped_unet
         pipeline = self.pipeline_to_save() if self.config.save_full_pipeline else None
         os.makedirs(output_dir, exist_ok=True)
-        self._remove_other_weight_layouts(output_dir)
-        if self.config.train_method == "lora":
-            save_lora(output_dir, unet, self.parts.is_sdxl)
-        elif pipeline is not None:
-            pipeline.save_pretrained(output_dir, safe_serialization=True)
-        else:
-            unet.save_pretrained(os.path.join(output_dir, "unet"), safe_serialization=True)
+        for name in os.listdir(output_dir):  # what a save killed midway left
+            path = os.path.join(output_dir, name)
+            if name.startswith(FINAL_STAGING_PREFIX):
+                shutil.rmtree(path, ignore_errors=True)
+            elif name.startswith(".") and name.endswith(".old") and os.path.isdir(path):
+                replaced = os.path.join(output_dir, name[1:-len(".old")])
+                if os.path.lexists(replaced):  # its successor was published
+                    shutil.rmtree(path, ignore_errors=True)
+                else:  # killed between the two renames: put the earlier folder back
+                    os.replace(path, replaced)
+        staging = tempfile.mkdtemp(prefix=FINAL_STAGING_PREFIX, dir=output_dir)
+        try:
+            if self.config.train_method == "lora":
+                save_lora(staging, unet, self.parts.is_sdxl)
+            elif pipeline is not None:
+                pipeline.save_pretrained(staging, safe_serialization=True)
+            else:
+                unet.save_pretrained(os.path.join(staging, "unet"), safe_serialization=True)
+            self._remove_other_weight_layouts(output_dir)
+            publish_entries(staging, output_dir)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
         summary = self.config.to_dict() | {
             "model_family": "sdxl" if self.parts.is_sdxl else "sd",
             "prediction_type": self.parts.prediction_type,
@@ -1251,13 +1271,12 @@ class SmPOTrainer:
             "mixed_precision": accelerator.mixed_precision,
             "pairs": self.pair_statistics.as_dict(),
         }
-        with open(os.path.join(output_dir, "training_config.json"), "w") as handle:
-            json.dump(summary, handle, indent=2, sort_keys=True, default=str)
+        atomic_write_json(os.path.join(output_dir, "training_config.json"), summary, default=str)
         metrics = {"global_step": getattr(self, "global_step", None), "final_metrics": self.last_metrics,
                    "unet_evaluations": evaluations, "skipped": skipped, "data": data_counts,
                    "latent_cache": self.latent_cache_stats.as_dict() if self.latent_cache_stats else None}
-        with open(os.path.join(output_dir, "training_metrics.json"), "w") as handle:
-            json.dump(finite_or_none(metrics), handle, indent=2, sort_keys=True, allow_nan=False)
+        atomic_write_json(os.path.join(output_dir, "training_metrics.json"), finite_or_none(metrics),
+                          allow_nan=False)
 
     def _remove_other_weight_layouts(self, output_dir: str) -> None:
         """A folder holds one run's weights: drop those of another layout (a LoRA file, ``unet/``, a pipeline)
