@@ -55,6 +55,11 @@ def test_compare_scores_on_hand_made_scores():
     assert summary["win_rate"]["rate"] == pytest.approx(2.5 / 3)
 
 
+def test_grid_is_not_upscaled_for_large_images(tmp_path):
+    large = Image.new("RGB", (256, 128), (9, 9, 9))
+    assert Image.open(save_comparison_grid([large] * 2, [large] * 2, str(tmp_path / "g.png"))).size == (512, 258)
+
+
 def test_image_drift_and_grid(tmp_path):
     black = Image.new("RGB", (4, 4), (0, 0, 0))
     white = Image.new("RGB", (4, 4), (255, 255, 255))
@@ -89,6 +94,20 @@ def test_read_prompts_sources(tmp_path):
         read_prompts(str(tmp_path / "ds"), split="test")
 
 
+def test_read_prompts_text_file_from_another_editor(tmp_path, caplog):
+    """A byte-order mark would be glued to the first prompt's first word (the tokenizer splits it into junk);
+    CRLF endings are stripped; repeats are dropped as for datasets (--seeds_per_prompt samples repeats)."""
+    windows = tmp_path / "PROMPTS.TXT"
+    windows.write_bytes("a red circle\r\n\r\na red circle\r\nblue square\r\n".encode("utf-8-sig"))
+    with caplog.at_level("WARNING", logger="smpo_diffusers.evaluation"):
+        assert read_prompts(str(windows)) == ["a red circle", "blue square"]
+    assert "1 repeated prompt(s) dropped, 2 unique kept" in caplog.text
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("caf\xe9 au lait\n".encode("latin-1"))
+    with pytest.raises(ValueError, match="is not UTF-8 text.*save it as UTF-8"):
+        read_prompts(str(latin))
+
+
 @pytest.mark.parametrize("kwargs,message", [
     ({"num_inference_steps": 0}, "--num_inference_steps must be >= 1"),
     ({"num_inference_steps": -3}, "--num_inference_steps must be >= 1"),
@@ -118,13 +137,14 @@ def test_format_results_table_shows_means_errors_and_interval():
     assert "(2W/1T/0L)" in table
 
 
-def test_evaluate_writes_results_table_and_grid(tmp_path):
+def test_evaluate_writes_results_table_and_grid(tmp_path, monkeypatch):
     base = save_tiny_pipeline(str(tmp_path / "base"), kind="sd", seed=0)
     other = save_tiny_pipeline(str(tmp_path / "other"), kind="sd", seed=1)
     aligned = tmp_path / "aligned"
     os.makedirs(aligned)
     os.symlink(os.path.join(other, "unet"), aligned / "unet")  # a full-UNet training output
     prompts = ["a red circle on a blue background", "a green square on a pink background"]
+    monkeypatch.setattr(evaluation, "GRID_MAX_SAMPLES", 2)  # all four are scored, two are drawn
     results = evaluate(base, str(aligned), prompts, output_dir=str(tmp_path / "eval"),
                        reward_names=["toy", "smpo_diffusers.demo:colourfulness_reward"], seeds_per_prompt=2,
                        num_inference_steps=2, guidance_scale=1.0, resolution=32, progress=False, grid_columns=2)
@@ -141,7 +161,10 @@ def test_evaluate_writes_results_table_and_grid(tmp_path):
             ((aligned_scores > base_scores).sum() + 0.5 * (aligned_scores == base_scores).sum()) / 4)
     assert saved["pixel_drift"] > 0  # a different UNet draws different pictures from the same seeds
     assert "| toy |" in open(tmp_path / "eval" / "results.md").read()
-    assert Image.open(tmp_path / "eval" / "grid.png").size == (2 * 64, 2 * (2 * 64 + 2))
+    assert Image.open(tmp_path / "eval" / "grid.png").size == (2 * 64, 2 * 64 + 2)  # one block of two
+    with pytest.raises(ValueError, match="comma-separated ensemble is for labelling.*--reward_models toy toy"):
+        evaluate(base, str(aligned), prompts, output_dir=str(tmp_path / "ensemble"), reward_names=["toy,toy"])
+    assert not (tmp_path / "ensemble").exists()  # refused before anything renders or is written
     # The same seeds with the same model give the same images: zero drift.
     same = evaluate(base, base, prompts[:1], output_dir=str(tmp_path / "same"), num_inference_steps=2,
                     guidance_scale=1.0, resolution=32, progress=False)
@@ -358,3 +381,15 @@ def test_evaluate_cli_refuses_vae_with_a_saved_pipeline(tmp_path, monkeypatch):
     assert not seen
     evaluate_main(common)  # the base gets the recorded VAE: the one the saved pipeline holds
     assert seen[0]["vae"] == "someone/vae"
+
+
+def test_evaluate_cli_names_a_damaged_training_config(tmp_path):
+    aligned = tmp_path / "run"
+    os.makedirs(aligned / "unet")
+    (aligned / "unet" / "config.json").write_text("{}")
+    for damaged in ('{"pretrained_model_name_or_path": "some', '["a list"]'):
+        (aligned / "training_config.json").write_text(damaged)
+        with pytest.raises(ValueError, match="run/training_config.json (is not valid JSON|holds a JSON list).*"
+                                             "pass --base_model"):
+            evaluate_main(["--aligned_model", str(aligned), "--base_model", "toy", "--output_dir", str(tmp_path / "e")])
+    assert not (tmp_path / "e").exists()

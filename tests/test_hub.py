@@ -41,6 +41,7 @@ from smpo_diffusers.hub import (
     push_to_hub,
     redact,
     redacted_logging,
+    release_files,
 )
 
 TOKEN = f"hf_TestToken{uuid.uuid4().hex}"
@@ -428,11 +429,39 @@ def test_redaction_of_messages_and_tracebacks(caplog):
 
 def test_a_file_holding_the_token_is_never_uploaded(tmp_path, stub_hub):
     out = write_output_folder(tmp_path / "run")
-    with open(os.path.join(out, "notes.txt"), "w") as handle:
-        handle.write(f"export HF_TOKEN={TOKEN}\n")
-    with pytest.raises(HubUploadError, match="notes.txt") as error:
-        push_to_hub(out, "me/x", token=TOKEN, api=HfApi(endpoint=stub_hub.endpoint))
+    with open(os.path.join(out, "README.md"), "w") as handle:  # the user's own card, uploaded as is
+        handle.write(f"# my model\nexport HF_TOKEN={TOKEN}\n")
+    with pytest.raises(HubUploadError, match="README.md") as error:
+        push_to_hub(out, "me/x", token=TOKEN, api=HfApi(endpoint=stub_hub.endpoint), create_card=False)
     assert TOKEN not in str(error.value) and stub_hub.requests == []
+
+
+def test_push_uploads_the_release_files_only_and_refuses_an_unfinished_save(tmp_path, stub_hub):
+    out = write_output_folder(tmp_path / "run", validation=False)
+    strays = ("notes.txt", "results.json", "grid.png", "validation.png", "eval/results.json", "unet-notes/a.txt",
+              ".final-x/pytorch_lora_weights.safetensors", "pytorch_lora_weights.safetensors.123.tmp")
+    for relative in strays:  # a stale grid of an earlier run with validation prompts; evaluation output; notes
+        os.makedirs(os.path.dirname(os.path.join(out, relative)), exist_ok=True)
+        open(os.path.join(out, relative), "w").write(str(tmp_path))
+    expected = ["README.md", "pytorch_lora_weights.safetensors", "training_config.json", "training_metrics.json"]
+    assert release_files(out) == [name for name in expected if name != "README.md"]  # no card written yet
+    push_to_hub(out, "me/run", token=TOKEN, api=HfApi(endpoint=stub_hub.endpoint))
+    assert sorted(stub_hub.repos["me/run"]["files"]) == expected
+
+    full = write_output_folder(tmp_path / "full", layout="unet")
+    os.makedirs(os.path.join(full, "unet-old"))
+    open(os.path.join(full, "unet-old", "x.bin"), "w").write("x")
+    assert release_files(full) == ["training_config.json", "training_metrics.json", "unet/config.json",
+                                   "unet/diffusion_pytorch_model.safetensors", "validation.png"]
+
+    os.remove(os.path.join(out, "training_metrics.json"))
+    with pytest.raises(FileNotFoundError, match="no training_metrics.json: its save did not finish"):
+        push_to_hub(out, "me/run2", token=TOKEN, api=HfApi(endpoint=stub_hub.endpoint))
+    with open(os.path.join(out, "training_metrics.json"), "w") as handle:
+        handle.write('{"global_step": 3, "final_')  # truncated
+    with pytest.raises(ValueError, match="training_metrics.json is not valid JSON .*save the run again"):
+        push_to_hub(out, "me/run2", token=TOKEN, api=HfApi(endpoint=stub_hub.endpoint))
+    assert "me/run2" not in stub_hub.repos
 
 
 # ---------------------------------------------------------------------------- failures

@@ -192,7 +192,7 @@ dataset (save_to_disk folder or parquet/json/csv file; --prompt_column picks the
 ``--reward_models``: ``toy`` and/or registry names (pickscore, clip, hpsv2, imagereward, aesthetic) or
 ``module:function`` paths. Writes results.json, results.md (mean ± standard error per model and reward,
 win rate of aligned over base with a 95 % Wilson interval, ties counting half) and grid.png (base row above
-aligned row, same seed per column).
+aligned row, same seed per column; the first 64 samples).
 """
 
 EVALUATE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

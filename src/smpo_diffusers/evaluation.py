@@ -7,7 +7,8 @@ the same seeds, scores both sets with each reward backend, and writes
   paired difference, and the win rate of aligned over base with a 95 % **Wilson score** interval
   (ties count half a win);
 * ``results.md`` - the same as a markdown table;
-* ``grid.png`` - base images on the top row(s), aligned images under them, same prompt/seed per column.
+* ``grid.png`` - base images on the top row(s), aligned images under them, same prompt/seed per column (the
+  first :data:`GRID_MAX_SAMPLES` samples).
 
 The statistics helpers (:func:`mean_and_stderr`, :func:`wilson_interval`, :func:`win_rate`,
 :func:`compare_scores`) are pure functions on score arrays.
@@ -16,6 +17,7 @@ The statistics helpers (:func:`mean_and_stderr`, :func:`wilson_interval`, :func:
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from typing import Sequence
@@ -24,10 +26,11 @@ import numpy as np
 import torch
 
 from .files import atomic_output, atomic_write_text
-from .json_records import finite_or_none
+from .json_records import finite_or_none, read_json_record
 
 __all__ = [
     "BUILTIN_PROMPT_SETS",
+    "GRID_MAX_SAMPLES",
     "compare_scores",
     "evaluate",
     "format_results_table",
@@ -48,6 +51,11 @@ Z_95 = 1.959963984540054
 
 BUILTIN_PROMPT_SETS = ("toy-heldout", "toy-train", "toy-all")
 """Prompt-list names :func:`read_prompts` understands besides files and datasets."""
+
+GRID_MAX_SAMPLES = 64
+"""Samples shown in ``grid.png`` (64 SDXL pairs at 1024 px make a 16384 x 8200 image already); all are scored."""
+
+logger = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -155,8 +163,9 @@ def trained_base_settings(aligned_model: str) -> dict | None:
     path = os.path.join(folder, "training_config.json")
     if not os.path.isfile(path):
         return None
-    with open(path) as handle:
-        config = json.load(handle)
+    config = read_json_record(path, "it was not written whole by a training run. Move it away and pass "
+                                    "--base_model (with the --base_revision, --base_variant and --vae training "
+                                    "used), or save the run again.")
     return {"base_model": config.get("pretrained_model_name_or_path"), "revision": base_revision(config),
             "variant": config.get("variant"), "vae": config.get("pretrained_vae_model_name_or_path"),
             "cache_dir": config.get("cache_dir")}
@@ -206,13 +215,16 @@ def load_pipeline(base_model: str, aligned_model: str | None = None, *, device: 
 
 
 def read_prompts(source: str, column: str = "caption", split: str = "train", limit: int | None = None) -> list[str]:
-    """Prompts from a built-in set (:data:`BUILTIN_PROMPT_SETS`), a text file (one prompt a line, blank lines
-    skipped), or a dataset's ``column`` (a ``save_to_disk`` folder, or a parquet/json/csv file); unique prompts
-    keep their first-seen order. ``limit`` keeps the first ``limit``. ``column`` and ``split`` apply to datasets
-    only: other values than the defaults with a built-in set or a text file are an error."""
+    """Prompts from a built-in set (:data:`BUILTIN_PROMPT_SETS`), a UTF-8 text file (one prompt a line, blank
+    lines skipped, a byte-order mark ignored), or a dataset's ``column`` (a ``save_to_disk`` folder, or a
+    parquet/json/csv file); unique prompts keep their first-seen order (repeats are dropped with a warning:
+    ``--seeds_per_prompt`` samples a prompt several times). ``limit`` keeps the first ``limit``. ``column`` and
+    ``split`` apply to datasets only: other values than the defaults with a built-in set or a text file are an
+    error."""
     if limit is not None and limit < 1:
         raise ValueError(f"--max_prompts must be >= 1 when given, got {limit}.")
-    if (column != "caption" or split != "train") and (source in BUILTIN_PROMPT_SETS or source.endswith(".txt")):
+    is_text = source.lower().endswith(".txt")
+    if (column != "caption" or split != "train") and (source in BUILTIN_PROMPT_SETS or is_text):
         raise ValueError(f"--prompt_column/--prompt_split select from a dataset; {source!r} is a "
                          f"{'built-in set' if source in BUILTIN_PROMPT_SETS else 'text file'}. Drop them.")
     if source in BUILTIN_PROMPT_SETS:
@@ -220,9 +232,12 @@ def read_prompts(source: str, column: str = "caption", split: str = "train", lim
 
         training, heldout = toy_caption_split()
         prompts = {"toy-heldout": heldout, "toy-train": training, "toy-all": toy_captions()}[source]
-    elif os.path.isfile(source) and source.endswith(".txt"):
-        with open(source, encoding="utf-8") as handle:
-            prompts = [line.strip() for line in handle if line.strip()]
+    elif os.path.isfile(source) and is_text:
+        try:
+            with open(source, encoding="utf-8-sig") as handle:
+                prompts = [line.strip() for line in handle if line.strip()]
+        except UnicodeDecodeError as error:
+            raise ValueError(f"prompts file {source!r} is not UTF-8 text ({error}); save it as UTF-8.") from None
     elif os.path.exists(source):
         from .rewards import load_preference_dataset
 
@@ -233,11 +248,16 @@ def read_prompts(source: str, column: str = "caption", split: str = "train", lim
         if column not in dataset.column_names:
             raise ValueError(
                 f"{source!r} has no column {column!r} (columns: {dataset.column_names}); pass --prompt_column.")
-        prompts = list(dict.fromkeys(p for p in dataset[column] if isinstance(p, str) and p.strip()))
+        prompts = [p for p in dataset[column] if isinstance(p, str) and p.strip()]
     else:
         raise FileNotFoundError(
             f"prompts {source!r}: not a built-in set ({', '.join(BUILTIN_PROMPT_SETS)}), a .txt file or a dataset path."
         )
+    unique = list(dict.fromkeys(prompts))
+    if len(unique) < len(prompts):
+        logger.warning("%s: %d repeated prompt(s) dropped, %d unique kept (use --seeds_per_prompt to sample each "
+                       "prompt several times)", source, len(prompts) - len(unique), len(unique))
+    prompts = unique
     if limit is not None:
         prompts = prompts[:limit]
     if not prompts:
@@ -253,11 +273,14 @@ def resolve_reward_models(names: Sequence[str], device: str | torch.device | Non
     from .rewards import load_reward_model
     from .toy import ToyRewardModel
 
-    models = [ToyRewardModel() if name == "toy" else load_reward_model(name, device=device, cache_dir=cache_dir)
-              for name in names]
-    if not models:
+    if not names:
         raise ValueError("name at least one reward model, e.g. --reward_models toy")
-    return models
+    for name in names:
+        if "," in name:  # an ensemble needs a calibration on labelled pairs, which evaluation has not
+            raise ValueError(f"--reward_models {name!r}: a comma-separated ensemble is for labelling; evaluation "
+                             f"reports each reward on its own: --reward_models {' '.join(name.split(','))}")
+    return [ToyRewardModel() if name == "toy" else load_reward_model(name, device=device, cache_dir=cache_dir)
+            for name in names]
 
 
 # ----------------------------------------------------------------------------- generation and scoring
@@ -298,14 +321,16 @@ def score_images(reward_models, images, prompts) -> dict[str, np.ndarray]:
 # ----------------------------------------------------------------------------- outputs
 
 
-def save_comparison_grid(base_images, aligned_images, path: str, columns: int = 16, scale: int = 2):
-    """Save a PNG: for each block of ``columns`` samples, a row of base images above the aligned ones.
-    Images are upscaled by ``scale`` (nearest) and separated by a 2 px white gap between blocks."""
+def save_comparison_grid(base_images, aligned_images, path: str, columns: int = 16, scale: int | None = None):
+    """Save a PNG: for each block of ``columns`` samples, a row of base images above the aligned ones, blocks
+    separated by a 2 px white gap. ``scale``: nearest-neighbour upscaling (default: 2 for images narrower than
+    256 px, else 1)."""
     from PIL import Image
 
     if len(base_images) != len(aligned_images) or not base_images:
         raise ValueError("save_comparison_grid needs two equal-length, non-empty image lists.")
     width, height = base_images[0].size
+    scale = scale or (2 if width < 256 else 1)
     width, height = width * scale, height * scale
     columns = min(columns, len(base_images))
     blocks = math.ceil(len(base_images) / columns)
@@ -382,10 +407,10 @@ def evaluate(base_model: str, aligned_model: str, prompts: Sequence[str], *, out
     if seeds_per_prompt < 1:
         raise ValueError(f"seeds_per_prompt must be >= 1, got {seeds_per_prompt}.")
     aligned_layout(aligned_model)  # a wrong path fails now, not after the base images are rendered
+    reward_models = resolve_reward_models(reward_names, device=device, cache_dir=cache_dir)
     os.makedirs(output_dir, exist_ok=True)
     all_prompts = prompts * seeds_per_prompt
     seeds = [seed + index for index in range(len(all_prompts))]
-    reward_models = resolve_reward_models(reward_names, device=device, cache_dir=cache_dir)
     common = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, height=resolution,
                   width=resolution, batch_size=batch_size, progress=progress)
     loading = dict(device=device, dtype=dtype, revision=base_revision, variant=base_variant, vae=vae,
@@ -410,8 +435,10 @@ def evaluate(base_model: str, aligned_model: str, prompts: Sequence[str], *, out
                    "base": {k: v.tolist() for k, v in base_scores.items()},
                    "aligned": {k: v.tolist() for k, v in aligned_scores.items()}},
     }
+    shown = slice(0, GRID_MAX_SAMPLES)  # the grid first: a failure there leaves the earlier three files together
+    save_comparison_grid(base_images[shown], aligned_images[shown], os.path.join(output_dir, "grid.png"),
+                         columns=grid_columns)
+    atomic_write_text(os.path.join(output_dir, "results.md"), format_results_table(results))
     atomic_write_text(os.path.join(output_dir, "results.json"),
                       json.dumps(finite_or_none(results), indent=2, allow_nan=False))
-    atomic_write_text(os.path.join(output_dir, "results.md"), format_results_table(results))
-    save_comparison_grid(base_images, aligned_images, os.path.join(output_dir, "grid.png"), columns=grid_columns)
     return results
