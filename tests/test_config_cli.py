@@ -37,7 +37,7 @@ def non_default_argv():
         "output_dir": "out", "logging_dir": "tb",
         "inversion_weight_copy": False,  # needs --inversion_model policy: parsed on its own below
         "compile_inversion_copy": False,  # needs --inversion_weight_copy: parsed on its own below
-        "report_to": "wandb", "checkpointing_steps": 50, "checkpoints_total_limit": 3,
+        "report_to": "all", "checkpointing_steps": 50, "checkpoints_total_limit": 3,
         "resume_from_checkpoint": "latest", "validation_prompts": ["a cat", "a dog"], "validation_steps": 10,
         "validation_num_inference_steps": 4, "save_full_pipeline": False, "push_to_hub": True,
         "hub_model_id": "me/model", "hub_private": True,
@@ -186,6 +186,9 @@ def test_installed_commands_are_the_example_scripts(capsys, monkeypatch):
     ({"lr_power": 0.0, "lr_scheduler": "polynomial"}, "--lr_power must be a positive number"),
     ({"validation_num_inference_steps": 5}, "--validation_num_inference_steps needs --validation_prompts"),
     ({"logging_dir": "tb", "report_to": "none"}, "--report_to none writes no tracker logs"),
+    ({"logging_dir": "tb", "report_to": "wandb"}, "wandb keeps its runs where WANDB_DIR says"),
+    ({"report_to": "comet"}, "--report_to 'comet' is not supported; choose one of"),
+    ({"pretrained_model_name_or_path": ".", "revision": "v1"}, "is a local folder, whose files are read as they"),
     ({"max_train_steps": 100, "num_train_epochs": 3}, "--num_train_epochs 3 would be ignored; give one of them"),
     ({"max_train_steps": 100, "num_train_epochs": 1}, "--num_train_epochs 1 would be ignored; give one of them"),
     ({"num_train_epochs": 0}, "--num_train_epochs must be >= 1 when given"),
@@ -308,3 +311,20 @@ def test_demo_values_are_validated_like_typed_ones(tmp_path, monkeypatch, capsys
     with pytest.raises(SystemExit) as exit_info:
         run_cli(train_main, ["--demo", "--output_dir", str(tmp_path), "--logging_dir", "tb"])
     assert exit_info.value.code == 2 and "--report_to none writes no tracker logs" in capsys.readouterr().err
+
+
+def test_demo_inputs_are_keyed_by_seed(tmp_path):
+    """--demo --demo_world tiny-random --seed N in a reused --output_dir: the base model of seed N, not the one an
+    earlier run with another seed left."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from smpo_diffusers.demo import build_demo_inputs
+
+    first, _ = build_demo_inputs(str(tmp_path), family="sd", num_pairs=2, seed=0)
+    second, _ = build_demo_inputs(str(tmp_path), family="sd", num_pairs=2, seed=1)
+    assert first != second
+    weights = [next(UNet2DConditionModel.from_pretrained(path, subfolder="unet").parameters()) for path in
+               (first, second)]
+    assert not torch.equal(*weights)
+    assert build_demo_inputs(str(tmp_path), family="sd", num_pairs=2, seed=0)[0] == first  # reused

@@ -392,4 +392,9 @@ def test_evaluate_cli_names_a_damaged_training_config(tmp_path):
         with pytest.raises(ValueError, match="run/training_config.json (is not valid JSON|holds a JSON list).*"
                                              "pass --base_model"):
             evaluate_main(["--aligned_model", str(aligned), "--base_model", "toy", "--output_dir", str(tmp_path / "e")])
+    os.remove(aligned / "training_config.json")
+    with pytest.raises(ValueError, match="--base_revision 'v1' selects a Hub revision, but the base model .* is a "
+                                         "local folder"):  # from_pretrained would ignore it
+        evaluate_main(["--aligned_model", str(aligned), "--base_model", "toy", "--base_revision", "v1",
+                       "--output_dir", str(tmp_path / "e")])
     assert not (tmp_path / "e").exists()

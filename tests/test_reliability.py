@@ -164,6 +164,15 @@ def test_a_failed_final_save_leaves_the_earlier_weights_whole_and_the_next_save_
     json.loads((out / "training_config.json").read_text())
 
 
+def test_resume_latest_without_a_checkpoint_starts_from_scratch_and_says_so(tmp_path, demo_inputs, caplog):
+    model, data = demo_inputs["sdxl"]
+    trainer = SmPOTrainer(make_config(tmp_path / "o", model, data, max_train_steps=1, resume_from_checkpoint="latest"))
+    with caplog.at_level("WARNING", logger="smpo_diffusers.trainer"):
+        trainer.train()
+    assert "--resume_from_checkpoint latest: no complete checkpoint in" in caplog.text
+    assert trainer.global_step == 1
+
+
 def test_unwritable_output_dir_is_detected_at_start(tmp_path, demo_inputs):
     model, data = demo_inputs["sdxl"]
     blocker = tmp_path / "a-file"

@@ -88,19 +88,21 @@ def test_sd_full_unet_with_reference_inversion_and_full_pipeline(tmp_path, demo_
     assert trainer.parts.is_sdxl is False and config.num_inversion_steps == 5 and config.beta_dpo == 2000.0
 
 
-@pytest.mark.parametrize("loss_type,noise_source,grid,renoise", [
-    ("smpo", "inversion", "exact", 1),
-    ("smpo", "inversion", "reference", 1),
-    ("smpo", "inversion", "exact", 0),
-    ("smpo", "random", "exact", 1),
-    ("dpo", "inversion", "exact", 1),
-    ("dpo", "random", "exact", 1),
+@pytest.mark.parametrize("loss_type,noise_source,grid,renoise,num_steps", [
+    ("smpo", "inversion", "exact", 1, None),
+    ("smpo", "inversion", "reference", 1, None),
+    ("smpo", "inversion", "exact", 0, None),
+    ("smpo", "inversion", "exact", 1, 3),  # --num_inversion_steps 3 instead of SDXL's 10
+    ("smpo", "random", "exact", 1, None),
+    ("dpo", "inversion", "exact", 1, None),
+    ("dpo", "random", "exact", 1, None),
 ])
 def test_modes_count_unet_evaluations_and_use_the_right_labels(tmp_path, demo_inputs, loss_type, noise_source,
-                                                               grid, renoise):
+                                                               grid, renoise, num_steps):
     model, data = demo_inputs["sdxl"]
     config = make_config(tmp_path, model, data, loss_type=loss_type, noise_source=noise_source,
-                         inversion_grid=grid, num_renoise_steps=renoise, max_train_steps=1)
+                         inversion_grid=grid, num_renoise_steps=renoise, max_train_steps=1,
+                         num_inversion_steps=num_steps)
     trainer = SmPOTrainer(config)
     calls = []
     handle = trainer.unwrapped_unet.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
@@ -536,6 +538,11 @@ def test_non_default_options_reach_the_components(tmp_path, demo_inputs, caplog)
     assert clipped == [0.5] * 4
     assert sorted(name for name in os.listdir(config.output_dir) if name.startswith("validation")) == [
         "validation-step2.png", "validation.png"]  # step 4 is the last: the final image
+    calls = []  # --validation_num_inference_steps 2: two (guidance-batched) UNet calls per prompt
+    hook = unet.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
+    trainer.log_validation(99)
+    hook.remove()
+    assert calls == [2, 2]
     # num_train_epochs sets the length when max_train_steps is not given (2 pairs per update); tie_policy keep
     # keeps the 2 human ties the default drops (16 pairs instead of 14)
     epochs = SmPOTrainer(make_config(tmp_path, model, data, max_train_steps=None, num_train_epochs=3,

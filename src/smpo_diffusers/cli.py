@@ -272,6 +272,10 @@ def evaluate_main(argv: list[str] | None = None) -> dict:
                          "--base_model (a pipeline folder or Hub id, or 'toy' for the shipped toy pipeline).")
     if base_model == "toy":
         base_model = toy_model_path()
+    if args.base_revision is not None and os.path.isdir(base_model):
+        raise ValueError(f"--base_revision {args.base_revision!r} selects a Hub revision, but the base model "
+                         f"{base_model!r} is a local folder, whose files are read as they are. Drop --base_revision "
+                         "(or pass the Hub id).")
     same_base = base_model == recorded.get("base_model")
     revision = args.base_revision or (recorded.get("revision") if same_base else None)
     variant = args.base_variant or (recorded.get("variant") if same_base else None)

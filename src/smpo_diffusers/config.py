@@ -32,10 +32,8 @@ _CHOICES = {
     "mixed_precision": (None, "no", "fp16", "bf16"),
     "lr_scheduler": ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
                      "constant_with_warmup"),
+    "report_to": ("tensorboard", "wandb", "all", "none"),
 }
-
-# Fields that never reach training_config.json, model cards or tracker configs.
-SECRET_FIELDS = ("hub_token",)
 
 
 def _help(text: str, **extra) -> dict:
@@ -60,7 +58,8 @@ class SmPOConfig:
     pretrained_vae_model_name_or_path: str | None = field(
         default=None, metadata=_help("A separate VAE (e.g. an fp16-safe SDXL VAE); its folder or Hub id.")
     )
-    revision: str | None = field(default=None, metadata=_help("Model revision (branch, tag or commit)."))
+    revision: str | None = field(default=None, metadata=_help(
+        "Revision (branch, tag or commit) of a Hub --pretrained_model_name_or_path; a local folder is used as is."))
     variant: str | None = field(default=None, metadata=_help("Weights variant to load, e.g. 'fp16'."))
     cache_dir: str | None = field(default=None, metadata=_help("Where downloaded models/datasets are cached."))
 
@@ -113,7 +112,9 @@ class SmPOConfig:
     scale_lr: bool = field(
         default=False, metadata=_help("Multiply the learning rate by batch size x accumulation x processes.")
     )
-    lr_scheduler: str = field(default="constant", metadata=_help("diffusers.optimization schedule name."))
+    lr_scheduler: str = field(default="constant", metadata=_help(
+        "diffusers.optimization schedule: linear, cosine, cosine_with_restarts, polynomial, constant or "
+        "constant_with_warmup."))
     lr_warmup_steps: int = field(default=0, metadata=_help("Warm-up updates."))
     lr_num_cycles: int = field(default=1, metadata=_help("Hard restarts of --lr_scheduler cosine_with_restarts."))
     lr_power: float = field(default=1.0, metadata=_help("Power factor of --lr_scheduler polynomial."))
@@ -343,6 +344,15 @@ class SmPOConfig:
         if self._changed("logging_dir") and self.report_to == "none":
             raise ValueError("--logging_dir is the trackers' folder; --report_to none writes no tracker logs. Drop "
                              "it or pick a tracker.")
+        if self._changed("logging_dir") and self.report_to == "wandb":
+            raise ValueError("--logging_dir is TensorBoard's folder; wandb keeps its runs where WANDB_DIR says. Drop "
+                             "--logging_dir, or use --report_to all to log to both.")
+        if self.revision is not None and self.pretrained_model_name_or_path and os.path.isdir(
+                self.pretrained_model_name_or_path):
+            raise ValueError(
+                f"--revision {self.revision!r} selects a Hub revision, but --pretrained_model_name_or_path "
+                f"{self.pretrained_model_name_or_path!r} is a local folder, whose files are read as they are. Drop "
+                "--revision (or check that revision out into the folder, or pass the Hub id).")
         if self.resume_from_checkpoint not in (None, "latest") and not os.path.isdir(self.resume_from_checkpoint):
             raise ValueError(
                 f"--resume_from_checkpoint {self.resume_from_checkpoint!r} is not a folder; pass 'latest' or the "
@@ -371,11 +381,8 @@ class SmPOConfig:
         return self.lora_alpha if self.lora_alpha is not None else self.rank
 
     def to_dict(self) -> dict:
-        """A JSON-safe dict of the options (secrets never included)."""
-        data = dataclasses.asdict(self)
-        for name in SECRET_FIELDS:
-            data.pop(name, None)
-        return data
+        """A JSON-safe dict of the options (none holds a secret: the Hub token is never an option)."""
+        return dataclasses.asdict(self)
 
     def save(self, path: str) -> None:
         """Write :meth:`to_dict` as JSON."""

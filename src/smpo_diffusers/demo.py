@@ -24,8 +24,9 @@ def colourfulness_reward(images, prompts) -> np.ndarray:
 
 
 def build_demo_inputs(folder: str, family: str = "sdxl", num_pairs: int = 64, seed: int = 0) -> tuple[str, str]:
-    """Write ``folder/base-model`` (a tiny SD or SDXL pipeline) and ``folder/preferences`` (a labelled
-    ``save_to_disk`` set with ``reward_stats.json``). Reuses them when already built with the same settings."""
+    """Write ``folder/base-model-<family>-<seed>`` (a tiny SD or SDXL pipeline with random weights drawn from
+    ``seed``) and ``folder/preferences-<family>-<num_pairs>-<seed>`` (a labelled ``save_to_disk`` set with
+    ``reward_stats.json``). Reuses them when already built with the same settings."""
     from .rewards import (
         CallableRewardModel,
         RewardLabeler,
@@ -39,7 +40,7 @@ def build_demo_inputs(folder: str, family: str = "sdxl", num_pairs: int = 64, se
     if family not in ("sd", "sdxl"):
         raise ValueError(f"family must be 'sd' or 'sdxl', got {family!r}")
     tag = f"{family}-{num_pairs}-{seed}"
-    model_dir = os.path.join(folder, f"base-model-{family}")
+    model_dir = os.path.join(folder, f"base-model-{family}-{seed}")
     dataset_dir = os.path.join(folder, f"preferences-{tag}")
     if not os.path.isfile(os.path.join(model_dir, "model_index.json")):
         save_tiny_pipeline(model_dir, kind=family, seed=seed)

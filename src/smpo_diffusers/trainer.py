@@ -343,9 +343,7 @@ class SmPOTrainer:
 
             wanted = ["tensorboard", "wandb"] if config.report_to == "all" else [config.report_to]
             available = {"tensorboard": is_tensorboard_available(), "wandb": is_wandb_available()}
-            for name in wanted:
-                if name not in available:
-                    raise ValueError(f"--report_to {name!r} is not supported; use tensorboard, wandb, all or none.")
+            for name in wanted:  # the names were checked by SmPOConfig
                 if not available[name]:
                     raise ImportError(f"--report_to {name} needs `pip install {name}` (or use --report_to none).")
             log_with = wanted
@@ -1100,7 +1098,8 @@ class SmPOTrainer:
         if choice == "latest":
             found = self._checkpoints()
             if not found:
-                logger.info("no complete checkpoint in %s; starting from scratch", self.config.output_dir)
+                logger.warning("--resume_from_checkpoint latest: no complete checkpoint in %s; starting from "
+                               "scratch (the first launch of a restartable job)", self.config.output_dir)
                 return 0, 0, 0
             path = found[-1][1]
         else:
