@@ -404,7 +404,7 @@ def run_setup(setup: Setup, config: dict, latent_size: int, device, scheduler, p
             seconds = [r["total"] for r in records]
             mean_s = statistics.fmean(seconds)
             result["modes"][mode] = {
-                "s_per_pair_median": statistics.median(seconds), "s_per_pair_mean": mean_s,
+                "timed_pairs": pairs, "s_per_pair_median": statistics.median(seconds), "s_per_pair_mean": mean_s,
                 "evals_per_pair": per_pair, "tflop_per_pair": step_flops / 1e12,
                 "achieved_tflops": step_flops / mean_s / 1e12, "peak_gb": peak_gb(device),
                 "stage_ms": {k: 1e3 * statistics.median(r[k] for r in records)
@@ -426,8 +426,9 @@ def run_setup(setup: Setup, config: dict, latent_size: int, device, scheduler, p
     return result
 
 
-def command_line() -> str:
-    return "python " + " ".join(shlex.quote(a) for a in sys.argv)
+def command_line(argv=None) -> str:
+    arguments = sys.argv if argv is None else ["benchmarks/gpu_sdxl_step.py", *argv]
+    return "python " + " ".join(shlex.quote(a) for a in arguments)
 
 
 def device_description(device) -> str:
@@ -451,7 +452,8 @@ def render(report: dict) -> str:
         f"UNet: {report['unet_parameters']:,} parameters, latents 4x{report['latent_size']}x{report['latent_size']}, "
         "one pair (2 latents) per step, random weights and conditioning. SmPO: N = "
         f"{NUM_INVERSION_STEPS}, K = {NUM_RENOISE_STEPS}, exact grid, policy inverts; after one warm-up step per "
-        "mode, the timed pairs use timesteps "
+        f"mode, the {len(report['pair_timesteps'])} timed pairs per mode (--timed_pairs {report['timed_pairs']}, "
+        "rounded up to a whole cycle) use timesteps "
         f"{report['pair_timesteps']} (mean inversion steps = E[steps] = {report['mean_steps']:.2f}). Expected "
         f"sample-evaluations per pair: SmPO {report['expected_smpo']['grad']:.0f} with grad + "
         f"{report['expected_smpo']['no_grad']:.0f} without; DPO 2 + 2. FLOPs: {report['forward_tflop']:.4g} TFLOP per "
@@ -517,8 +519,9 @@ def main(argv=None) -> dict | None:
     flops, parameters = count_forward(config, latent_size)
     have_bnb = importlib.util.find_spec("bitsandbytes") is not None
     report = {
-        "command": command_line(), "device": device_description(device), "torch": torch.__version__,
+        "command": command_line(argv), "device": device_description(device), "torch": torch.__version__,
         "bitsandbytes": have_bnb, "smoke": args.smoke, "time_budget_s": args.time_budget_s,
+        "timed_pairs": args.timed_pairs,
         "unet_parameters": parameters, "latent_size": latent_size, "pair_timesteps": pair_timesteps,
         "mean_steps": float(inversion_steps(scheduler, torch.tensor(pair_timesteps),
                                             NUM_INVERSION_STEPS).double().mean()),

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import argparse
 import io
+import math
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -154,7 +156,7 @@ def measure(name, model, processor, image_size, args):
     }
 
 
-def main(argv=None):
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -170,13 +172,30 @@ def main(argv=None):
     )
     parser.add_argument("--results", default=DEFAULT_RESULTS, help="markdown file to write ('' to skip)")
     args = parser.parse_args(argv)
+    for flag in ("num_pairs", "batch_size", "repeats", "preprocess_threads"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if not (math.isfinite(args.tolerance) and args.tolerance >= 0):
+        parser.error(f"--tolerance must be a finite number >= 0, got {args.tolerance}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"--device {args.device!r} is not a torch device; use e.g. cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device} needs CUDA, which this machine lacks; use --device cpu")
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
 
     import datasets
 
     datasets.disable_progress_bars()
     command = "OMP_NUM_THREADS={} python {}".format(
         os.environ.get("OMP_NUM_THREADS", "<unset>"),
-        " ".join(["benchmarks/label_throughput.py", *sys.argv[1:]]),
+        " ".join(["benchmarks/label_throughput.py", *(shlex.quote(a) for a in args.argv)]),
     )
     rows = [
         measure("tiny (32 px, hidden 32)", *tiny_clip_model(seed=0), 32, args),

@@ -57,7 +57,13 @@ def parse_args(argv=None):
                         help="Real model families to compute on the meta device (none: skip part 2).")
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank (the trainer's default).")
     parser.add_argument("--output", default=DEFAULT_RESULTS, help="Markdown file to write.")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.rank < 1:
+        parser.error(f"--rank must be >= 1, got {args.rank}")
+    if len(set(args.real_families)) != len(args.real_families):
+        parser.error(f"--real_families has repeats {args.real_families}: give each once")
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    return args
 
 
 def eight_bit_measurable() -> bool:
@@ -128,12 +134,15 @@ def total(categories: dict) -> int:
     return sum(categories[c] for c in RESIDENT_CATEGORIES)
 
 
-def command_line() -> str:
+def command_line(arguments: list[str]) -> str:
     env = " ".join(f"{key}={os.environ[key]}" for key in ("OMP_NUM_THREADS", "PYTHONPATH") if key in os.environ)
-    return (env + " " if env else "") + "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    return (env + " " if env else "") + "python benchmarks/memory.py " + " ".join(shlex.quote(a) for a in arguments)
 
 
-def render(tiny: list[dict], real: list[dict], elapsed: float, rank: int) -> str:
+FAMILY_NAMES = {"sd15": "SD 1.5", "sdxl": "SDXL"}
+
+
+def render(tiny: list[dict], real: list[dict], elapsed: float, rank: int, arguments: list[str] = ()) -> str:
     short = {"policy_trainable": "policy trainable", "policy_frozen": "policy frozen", "gradients": "grads",
              "optimizer_state": "optimiser", "reference_copy": "reference copy", "inversion_copy": "inversion copy",
              "vae": "VAE",
@@ -143,7 +152,7 @@ def render(tiny: list[dict], real: list[dict], elapsed: float, rank: int) -> str
         "",
         "Produced by:",
         "",
-        f"    {command_line()}",
+        f"    {command_line(list(arguments))}".rstrip(),
         "",
         f"torch {torch.__version__}, {platform.machine()}; wall time {elapsed:.0f} s. Bytes count each tensor "
         "storage once (deduplicated by device and data pointer); activations are not counted.",
@@ -152,7 +161,8 @@ def render(tiny: list[dict], real: list[dict], elapsed: float, rank: int) -> str
         "",
         "Bytes. `measured`: counted from the trainer's tensors; `computed`: `estimate_training_bytes` from the "
         "model configs. UNet ratio = resident UNet parameter bytes (policy + adapters + any reference copy) "
-        f"/ (one UNet + adapters); LoRA target <= {LORA_BOUND} (full holds a second, fp32-sized copy here: 2).",
+        f"/ (one UNet + adapters); LoRA target <= {LORA_BOUND} (full holds a second, fp32-sized copy here: 2). "
+        f"LoRA rank {rank}.",
         "",
         "| method | optimiser | source | " + " | ".join(short[c] for c in RESIDENT_CATEGORIES)
         + " | total | computed == measured | UNet ratio |",
@@ -167,9 +177,10 @@ def render(tiny: list[dict], real: list[dict], elapsed: float, rank: int) -> str
         lines.append(f"| {r['method']} | {r['optimizer']} | {r['source']} | "
                      + " | ".join(f"{shown[c]:,}" for c in RESIDENT_CATEGORIES)
                      + f" | {total(shown):,} | {agree} | {ratio:.3f} |")
+    families = " and ".join(FAMILY_NAMES[f] for f in dict.fromkeys(r["family"] for r in real))
     lines += [
         "",
-        "## 2. Real SD 1.5 and SDXL, computed on the meta device (weight dtype bf16/fp16, 2 bytes)",
+        f"## 2. Real {families}, computed on the meta device (weight dtype bf16/fp16, 2 bytes)",
         "",
         f"GB = 10^9 bytes. `x UNet` = total / one UNet in the weight dtype. LoRA: rank {rank}, the "
         "default target modules (to_q, to_k, to_v, to_out.0); the reference "
@@ -231,7 +242,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as work_dir:
         tiny = measure_tiny(work_dir, args.rank)
     real = compute_real(args.real_families, args.rank)
-    text = render(tiny, real, time.perf_counter() - began, args.rank)
+    text = render(tiny, real, time.perf_counter() - began, args.rank, args.argv)
     write_report(text, args.output)
     return tiny, real
 

@@ -99,6 +99,17 @@ def parse_args(argv=None):
         args.modes = [BASELINE] + args.modes
     if args.train_batch_size < 1 or args.warmup_steps < 0 or args.timed_steps < 1:
         parser.error("--train_batch_size and --timed_steps must be >= 1, --warmup_steps >= 0")
+    for flag in ("modes", "cached_modes", "families", "methods", "resolutions"):
+        values = getattr(args, flag)
+        if len(set(values)) != len(values):
+            parser.error(f"--{flag} has repeats {values}: give each once")
+    uncached = [mode for mode in args.cached_modes if mode not in args.modes]
+    if uncached:
+        parser.error(f"--cached_modes {uncached} are not in --modes {args.modes}: each cached run is compared with "
+                     "its uncached twin; add them to --modes or leave them out of --cached_modes")
+    if min(args.resolutions) < 8:
+        parser.error(f"--resolutions must each be >= 8 pixels, got {args.resolutions}")
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     return args
 
 
@@ -248,9 +259,9 @@ def summarise(group: dict, records: dict, trainers: dict) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------- report
-def command_line() -> str:
+def command_line(arguments: list[str]) -> str:
     env = " ".join(f"{key}={os.environ[key]}" for key in ("OMP_NUM_THREADS", "PYTHONPATH") if key in os.environ)
-    return (env + " " if env else "") + "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    return (env + " " if env else "") + "python benchmarks/step_cost.py " + " ".join(shlex.quote(a) for a in arguments)
 
 
 def render(rows: list[dict], args, elapsed: float) -> str:
@@ -259,12 +270,14 @@ def render(rows: list[dict], args, elapsed: float) -> str:
         "",
         "Produced by:",
         "",
-        f"    {command_line()}",
+        f"    {command_line(args.argv)}".rstrip(),
         "",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
         f"{torch.get_num_threads()} intra-op threads; device CPU, fp32; {args.train_batch_size} pair(s) per step; "
         f"{args.warmup_steps} warm-up + {args.timed_steps} timed steps per mode, modes interleaved in a shuffled "
-        f"order each round; "
+        f"order each round; seed {args.seed}; families {' '.join(args.families)}, resolutions "
+        f"{' '.join(map(str, args.resolutions))}, methods {' '.join(args.methods)}, modes {' '.join(args.modes)}, "
+        f"cached modes {' '.join(args.cached_modes) or 'none'}; "
         f"wall time {elapsed:.0f} s.",
         "",
         "Sample-evaluation = one latent through one UNet forward. Per pair: `4 + 2 steps(t) (K+1)` "

@@ -53,6 +53,10 @@ VARIANTS = {
 QUICK_VARIANTS = (FULL_SMPO,)
 
 
+PAIRS_SEED = 0
+"""Seed of the toy preference pairs (fixed: every training seed trains on the same pairs)."""
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="Base vs full SmPO, one seed, fewer updates.")
@@ -66,13 +70,55 @@ def parse_args(argv=None):
     parser.add_argument("--variants", nargs="+", default=None, choices=list(VARIANTS))
     parser.add_argument("--jobs", type=int, default=1, help="Runs in parallel (one torch thread each).")
     parser.add_argument("--output_dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-    parser.add_argument("--work_dir", default=None, help="Where pairs and LoRAs go (default: a temporary folder).")
+    parser.add_argument("--work_dir", default=None,
+                        help="Where pairs and LoRAs go (default: a temporary folder). Its pairs/ is reused when "
+                             "built with the same --pairs_per_caption, refused otherwise.")
     args = parser.parse_args(argv)
-    args.seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
-    args.max_train_steps = args.max_train_steps or 60
-    args.eval_seeds_per_prompt = args.eval_seeds_per_prompt or (2 if args.quick else 4)
-    args.variants = args.variants or list(QUICK_VARIANTS if args.quick else VARIANTS)
+    if args.seeds is None:
+        args.seeds = [0] if args.quick else [0, 1, 2]
+    if args.max_train_steps is None:
+        args.max_train_steps = 60
+    if args.eval_seeds_per_prompt is None:
+        args.eval_seeds_per_prompt = 2 if args.quick else 4
+    if args.variants is None:
+        args.variants = list(QUICK_VARIANTS if args.quick else VARIANTS)
+    for flag in ("max_train_steps", "train_batch_size", "pairs_per_caption", "eval_seeds_per_prompt", "jobs"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    bad_seeds = [seed for seed in args.seeds if not 0 <= seed < 2**32]
+    if bad_seeds:
+        parser.error(f"--seeds must each be in [0, 2**32), got {bad_seeds}")
+    if len(set(args.seeds)) != len(args.seeds):
+        parser.error(f"--seeds has repeats {args.seeds}: each training seed runs once; give distinct seeds")
+    if len(set(args.variants)) != len(args.variants):
+        parser.error(f"--variants has repeats {args.variants}: give each variant once")
+    if args.work_dir:
+        try:
+            check_existing_pairs(pairs_dir(args.work_dir), args.pairs_per_caption)
+        except ValueError as error:
+            parser.error(str(error))
     return args
+
+
+def pairs_dir(work_dir: str) -> str:
+    return os.path.join(work_dir, "pairs")
+
+
+def check_existing_pairs(dataset_dir: str, pairs_per_caption: int) -> dict | None:
+    """The summary of the finished pair set in ``dataset_dir`` (None when there is none yet); ``ValueError`` when
+    it was built with another ``--pairs_per_caption`` (or pair seed) than this study asks for."""
+    summary_path = os.path.join(dataset_dir, "toy_preferences.json")
+    if not (os.path.isfile(os.path.join(dataset_dir, "reward_stats.json")) and os.path.isfile(summary_path)):
+        return None
+    with open(summary_path) as handle:
+        summary = json.load(handle)
+    wanted = len(toy_caption_split()[0]) * pairs_per_caption
+    if summary.get("num_pairs") != wanted or summary.get("seed") != PAIRS_SEED:
+        raise ValueError(
+            f"{dataset_dir} holds {summary.get('num_pairs')} toy pairs (pair seed {summary.get('seed')}), not the "
+            f"{wanted} of --pairs_per_caption {pairs_per_caption} (pair seed {PAIRS_SEED}): pass the "
+            "--pairs_per_caption it was built with, another --work_dir, or delete that folder to rebuild it")
+    return summary
 
 
 def _slug(text: str) -> str:
@@ -105,11 +151,11 @@ def run_study(args) -> dict:
     started = time.perf_counter()
     work = args.work_dir or tempfile.mkdtemp(prefix="toy-alignment-")
     reward = ToyRewardModel()
-    dataset_dir = os.path.join(work, "pairs")
-    if not os.path.isfile(os.path.join(dataset_dir, "reward_stats.json")):
-        build_toy_preferences(dataset_dir, pairs_per_caption=args.pairs_per_caption, seed=0)
-    with open(os.path.join(dataset_dir, "toy_preferences.json")) as handle:
-        pair_summary = json.load(handle)
+    dataset_dir = pairs_dir(work)
+    pair_summary = check_existing_pairs(dataset_dir, args.pairs_per_caption)  # reused only when they match
+    if pair_summary is None:
+        build_toy_preferences(dataset_dir, pairs_per_caption=args.pairs_per_caption, seed=PAIRS_SEED)
+        pair_summary = check_existing_pairs(dataset_dir, args.pairs_per_caption)
     _, heldout = toy_caption_split()
     prompts = heldout * args.eval_seeds_per_prompt
     eval_seeds = [50_000 + k for k in range(len(prompts))]

@@ -40,6 +40,14 @@ def load_benchmark(name):
     return load_script(f"benchmarks/{name}.py")
 
 
+def refusal(capsys, parse_args, argv):
+    """The error message ``parse_args(argv)`` exits with."""
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
 def pair_formula(scheduler, pair_timesteps, config):
     """Per-step sample-evaluations written out independently: 4 + 2 steps(t) (K + 1) per pair."""
     pairs = len(pair_timesteps)
@@ -193,10 +201,26 @@ def test_tiny_trainer_bytes_are_measured_exactly_and_lora_keeps_one_unet(tmp_pat
         assert measured["reference_copy"] == one_unet == measured["policy_trainable"]
 
 
-def test_memory_script_computes_real_sd15_on_meta_and_renders():
+def test_memory_script_computes_real_sd15_on_meta_and_renders(tmp_path, capsys):
+    """main() with one real family and a non-default LoRA rank (~7 s: four real steps of the tiny trainer)."""
     memory = load_benchmark("memory")
     n, tensors = 859_520_964, len(list(real_unet_on_meta("sd15").parameters()))
-    real = memory.compute_real(["sd15"], rank=4)
+    output = tmp_path / "memory.md"
+    measured_tiny, real = memory.main(["--real_families", "sd15", "--rank", "4", "--output", str(output)])
+    assert {r["family"] for r in real} == {"sd15"}
+    assert next(r for r in real if r["method"] == "lora")["trainable_parameters"] == 797_184  # q, k, v, out at rank 4
+    components = tiny_sdxl_components(seed=0)
+    lora_bytes = {rank: estimate_training_bytes(
+        components["unet"], components["vae"], [components["text_encoder"], components["text_encoder_2"]],
+        is_sdxl=True, train_method="lora", optimizers=["adamw"], weight_dtype=torch.float32,
+        rank=rank)["adamw"].by_category["policy_trainable"] for rank in (4, 8)}
+    tiny_lora = next(r for r in measured_tiny if (r["method"], r["optimizer"]) == ("lora", "adamw"))
+    assert tiny_lora["measured"]["policy_trainable"] == lora_bytes[4] != lora_bytes[8]
+    written = output.read_text()
+    assert "python benchmarks/memory.py --real_families sd15 --rank 4" in written
+    assert "LoRA rank 4." in written and "LoRA: rank 4," in written and "## 2. Real SD 1.5, computed" in written
+    assert "| sd15 | 859,520,964 | lora | 797,184 |" in written and "| sdxl |" not in written
+    assert "--rank must be >= 1, got 0" in refusal(capsys, memory.parse_args, ["--rank", "0"])
     rows = {(r["method"], r["optimizer"]): r["computed"] for r in real}
     adamw = rows["full", "adamw"]
     assert adamw["policy_trainable"] == adamw["gradients"] == 4 * n and adamw["reference_copy"] == 2 * n
@@ -225,7 +249,9 @@ def test_gpu_sdxl_step_smoke_runs_on_cpu(tmp_path):
     output = tmp_path / "gpu.md"
     report = gpu.main(["--smoke", "--timed_pairs", "1", "--output", str(output)])
     assert [r["status"] for r in report["results"]] == ["ok"] * len(gpu.SMOKE_SETUPS)
+    assert report["timed_pairs"] == 1 and len(report["pair_timesteps"]) == 2  # rounded up to a cycle of 2
     for result in report["results"]:
+        assert [m["timed_pairs"] for m in result["modes"].values()] == [2, 2]
         smpo, dpo = result["modes"]["smpo"]["evals_per_pair"], result["modes"]["dpo"]["evals_per_pair"]
         assert smpo == {"grad": 2.0, "no_grad": 24.0}  # the timed pairs average exactly E[steps] = 5.5
         assert dpo == {"grad": 2.0, "no_grad": 2.0}
@@ -238,14 +264,17 @@ def test_gpu_sdxl_step_smoke_runs_on_cpu(tmp_path):
     assert report["forward_tflop"] > 0
     saved = json.loads((tmp_path / "gpu.json").read_text())
     assert saved["device"].startswith("CPU") or torch.cuda.is_available()
-    assert "| full bf16 +ckpt adafactor +copy | ok | smpo |" in output.read_text()  # copy evaluations counted too
+    text = output.read_text()
+    assert "| full bf16 +ckpt adafactor +copy | ok | smpo |" in text  # copy evaluations counted too
+    assert "the 2 timed pairs per mode (--timed_pairs 1, rounded up to a whole cycle)" in text
 
 
 def test_gpu_sdxl_step_runs_chosen_setups_and_refuses_unknown_names(tmp_path):
     gpu = load_benchmark("gpu_sdxl_step")
-    report = gpu.main(["--smoke", "--timed_pairs", "1", "--output", str(tmp_path / "gpu.md"),
+    report = gpu.main(["--smoke", "--timed_pairs", "3", "--output", str(tmp_path / "gpu.md"),
                        "--only", "lora fp16 adamw"])
     assert [r["setup"] for r in report["results"]] == ["lora fp16 adamw"]
+    assert [m["timed_pairs"] for m in report["results"][0]["modes"].values()] == [4, 4]  # 3, to a whole cycle
     assert {s.name for s in gpu.SETUPS} >= {"full bf16 adamw +copy +compile", "full bf16 adamw +copy +cl"}
     with pytest.raises(SystemExit):
         gpu.parse_args(["--output", str(tmp_path / "x.md"), "--only", "full bf16 warp-drive"])
@@ -296,3 +325,107 @@ def test_gpu_sdxl_step_balanced_timesteps_and_optimizer():
 
     assert isinstance(gpu.make_optimizer(gpu.Setup("full", "bf16", True, "adafactor"), params), Adafactor)
     assert isinstance(gpu.make_optimizer(gpu.Setup("lora", "bf16", False, "adamw"), params), torch.optim.AdamW)
+
+
+def test_gpu_sdxl_step_skips_every_setup_past_the_time_budget(tmp_path):
+    gpu = load_benchmark("gpu_sdxl_step")
+    output = tmp_path / "gpu.md"
+    report = gpu.main(["--smoke", "--time_budget_s", "1e-9", "--output", str(output)])
+    assert [r["setup"] for r in report["results"]] == [s.name for s in gpu.SMOKE_SETUPS]
+    assert all(r["status"].startswith("skipped (time budget:") for r in report["results"])
+    assert report["time_budget_s"] == 1e-9
+    text = output.read_text()
+    assert f"| {gpu.SMOKE_SETUPS[0].name} | skipped (time budget:" in text
+    assert "--time_budget_s 1e-9" in text  # the report's command is this call's, not the test runner's
+    assert json.loads((tmp_path / "gpu.json").read_text())["results"][1]["status"].startswith("skipped (time")
+
+
+# ---------------------------------------------------------------------------------- other scripts: arguments, runs
+def test_toy_alignment_arguments_refuse_zero_and_bad_seeds_and_keep_given_values(capsys):
+    study = load_benchmark("toy_alignment")
+    defaults = study.parse_args([])
+    assert defaults.seeds == [0, 1, 2] and defaults.variants == list(study.VARIANTS)
+    assert (defaults.max_train_steps, defaults.eval_seeds_per_prompt, defaults.jobs) == (60, 4, 1)
+    quick = study.parse_args(["--quick"])
+    assert (quick.seeds, quick.eval_seeds_per_prompt, quick.variants) == ([0], 2, [study.FULL_SMPO])
+    given = study.parse_args(["--seeds", "5", "0", "--max_train_steps", "3", "--eval_seeds_per_prompt", "1"])
+    assert (given.seeds, given.max_train_steps, given.eval_seeds_per_prompt) == ([5, 0], 3, 1)
+    for flag in ("--max_train_steps", "--eval_seeds_per_prompt", "--jobs", "--train_batch_size",
+                 "--pairs_per_caption"):
+        assert f"{flag} must be >= 1, got 0" in refusal(capsys, study.parse_args, [flag, "0"])
+    assert "--seeds must each be in [0, 2**32), got [-1]" in refusal(capsys, study.parse_args, ["--seeds", "0", "-1"])
+    assert "--seeds has repeats [1, 1]" in refusal(capsys, study.parse_args, ["--seeds", "1", "1"])
+    assert "--seeds: expected at least one argument" in refusal(capsys, study.parse_args, ["--seeds"])
+    assert "invalid int value: 'x'" in refusal(capsys, study.parse_args, ["--seeds", "x"])
+
+
+def test_toy_alignment_refuses_pairs_built_with_other_settings(tmp_path, capsys):
+    """A --work_dir's pairs/ is reused only when it holds the pairs this study asks for (checked from its summary,
+    before anything is built or trained)."""
+    study = load_benchmark("toy_alignment")
+    from smpo_diffusers.toy import toy_caption_split
+
+    pairs = tmp_path / "pairs"
+    assert study.check_existing_pairs(str(pairs), 1) is None  # nothing there yet: the study builds it
+    pairs.mkdir()
+    (pairs / "reward_stats.json").write_text("{}")
+    summary = {"num_pairs": len(toy_caption_split()[0]), "seed": study.PAIRS_SEED}
+    (pairs / "toy_preferences.json").write_text(json.dumps(summary))
+    assert study.check_existing_pairs(str(pairs), 1) == summary
+    assert study.parse_args(["--work_dir", str(tmp_path)]).pairs_per_caption == 1
+    message = refusal(capsys, study.parse_args, ["--work_dir", str(tmp_path), "--pairs_per_caption", "2"])
+    assert f"holds {summary['num_pairs']} toy pairs" in message and "--pairs_per_caption it was built with" in message
+    args = study.parse_args(["--work_dir", str(tmp_path)])
+    args.pairs_per_caption = 2  # run_study checks too (for callers that skip parse_args)
+    with pytest.raises(ValueError, match="another --work_dir"):
+        study.run_study(args)
+    (pairs / "toy_preferences.json").write_text(json.dumps(summary | {"seed": 3}))
+    with pytest.raises(ValueError, match="pair seed 3"):
+        study.check_existing_pairs(str(pairs), 1)
+
+
+def test_step_cost_refuses_cached_modes_left_out_of_modes(capsys):
+    step_cost = load_benchmark("step_cost")
+    message = refusal(capsys, step_cost.parse_args, ["--modes", "smpo-exact-K0"])
+    assert "--cached_modes ['smpo-exact-K1'] are not in --modes ['dpo-random', 'smpo-exact-K0']" in message
+    assert step_cost.parse_args(["--modes", "smpo-exact-K0", "--cached_modes"]).cached_modes == []
+    assert "--resolutions must each be >= 8" in refusal(capsys, step_cost.parse_args, ["--resolutions", "4"])
+    assert "--modes has repeats" in refusal(capsys, step_cost.parse_args, ["--modes", "dpo-random", "dpo-random"])
+
+
+def test_step_cost_main_writes_the_report_of_the_chosen_groups(tmp_path):
+    step_cost = load_benchmark("step_cost")
+    output = tmp_path / "report" / "step_cost.md"
+    argv = ["--families", "sd", "--methods", "lora", "--resolutions", "32", "--modes", "smpo-exact-K0",
+            "--cached_modes", "dpo-random", "--timed_steps", "1", "--warmup_steps", "0", "--seed", "7",
+            "--work_dir", str(tmp_path / "work"), "--output", str(output)]
+    rows = step_cost.main(argv)
+    assert [(r["family"], r["resolution"], r["method"], r["mode"]) for r in rows] == [
+        ("tiny-sd", 32, "lora", mode) for mode in ("dpo-random", "smpo-exact-K0", "dpo-random+cache")]
+    assert all(r["steps"] == 1 and r["exact_steps"] == 1 for r in rows)
+    text = output.read_text()
+    assert "python benchmarks/step_cost.py --families sd" in text and "--seed 7" in text
+    assert "seed 7; families sd, resolutions 32, methods lora, modes dpo-random smpo-exact-K0, cached modes " \
+           "dpo-random;" in text
+    assert "| tiny-sd | 32 | lora | smpo-exact-K0 |" in text and "sdxl" not in text
+    assert "| tiny-sd | 32 | lora | dpo-random |" in text.split("## Latent cache")[1]
+
+
+def test_label_throughput_main_writes_its_settings(tmp_path, capsys):
+    labels = load_benchmark("label_throughput")
+    output = tmp_path / "labels.md"
+    argv = ["--num_pairs", "2", "--batch_size", "1", "--repeats", "1", "--preprocess_threads", "2",
+            "--tolerance", "0.001", "--device", "cpu", "--results", str(output)]
+    rows = labels.main(argv)
+    assert [r["image_size"] for r in rows] == [32, 256] and all(r["agree"] for r in rows)
+    assert all(r["max_abs_diff"] <= 0.001 for r in rows)
+    text = output.read_text()
+    assert "python benchmarks/label_throughput.py --num_pairs 2 --batch_size 1 --repeats 1" in text
+    assert ("device cpu; 2 pairs (4 images), map batch 1 pairs, median of 1 runs; batched path with 2 "
+            "preprocessing thread(s)") in text
+    assert text.count("| yes |") == 2
+    for flag in ("--num_pairs", "--batch_size", "--repeats", "--preprocess_threads"):
+        assert f"{flag} must be >= 1, got 0" in refusal(capsys, labels.parse_args, [flag, "0"])
+    assert "--tolerance must be a finite number >= 0" in refusal(capsys, labels.parse_args, ["--tolerance", "nan"])
+    assert "is not a torch device" in refusal(capsys, labels.parse_args, ["--device", "gpu0"])
+    assert labels.parse_args(["--results", ""]).results == ""  # '' skips writing
