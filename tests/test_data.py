@@ -500,6 +500,27 @@ def test_pair_transform_same_crop_for_related_images():
     assert len(tops_lefts) > 1  # random crops actually vary
 
 
+def test_flipped_crop_corner_is_measured_in_the_mirrored_image():
+    """SDXL's crop micro-conditioning describes the pixels shown: for a flipped pair, the crop's corner in the
+    mirrored resized image (flip, then crop there: the same pixels)."""
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (20, 59, 3), dtype=np.uint8))
+    seen = set()
+    for seed in range(12):
+        for random_crop in (True, False):
+            transform = PairTransform(16, random_crop=random_crop, hflip=True)
+            sample = transform(image, image, np.random.default_rng(seed))
+            top, left = sample.crop_top_lefts[0].tolist()
+            whole = image.resize(transform.target_size(59, 20), resample=Image.BILINEAR)
+            if sample.flipped:
+                whole = whole.transpose(Image.FLIP_LEFT_RIGHT)
+            expected = np.asarray(whole.crop((left, top, left + 16, top + 16)), dtype=np.float32) / 127.5 - 1
+            assert np.abs(sample.pixel_values[0].numpy().transpose(1, 2, 0) - expected).max() <= 1.01 / 127.5
+            seen.add((random_crop, sample.flipped, left))
+    centre = {left for random_crop, flipped, left in seen if not random_crop}
+    assert centre == {16, 15}  # resized 47 px wide: centre left round(15.5) = 16; flipped, 47 - 16 - 16 = 15
+
+
 def test_pair_transform_center_crop_values_and_sizes():
     image = _gradient(64, 32)
     sample = PairTransform(16, random_crop=False, hflip=False)(image, image, np.random.default_rng(0))

@@ -32,12 +32,14 @@ def make_config(tmp_path, model, data=None, name="out", **overrides):
 
 
 def awkward_pairs(demo_inputs):
-    """8 labelled pairs: one of unequal sizes won by image 1, one undecodable, one without a caption."""
+    """8 labelled pairs: one of unequal sizes won by image 1, one undecodable, one without a caption, one wide."""
     base = load_from_disk(demo_inputs["sdxl"][1]).select(range(8))
     rows = base.to_dict()
     rows["jpg_0"][1] = encode_image(Image.open(io.BytesIO(rows["jpg_0"][1])).resize((48, 40)))
     rows["reward_0"][1], rows["reward_1"][1] = 0.1, 0.9  # image 1 wins: the loser (image 0) takes its size
     rows["jpg_1"][2] = rows["jpg_1"][2][: len(rows["jpg_1"][2]) // 3]  # truncated: undecodable
+    for column in ("jpg_0", "jpg_1"):  # 69 x 32: an odd centre-crop slack, so a flip moves the crop corner
+        rows[column][4] = encode_image(Image.open(io.BytesIO(rows[column][4])).resize((69, 32)))
     rows["caption"][3] = None
     return Dataset.from_dict(rows, features=base.features)
 
@@ -50,6 +52,7 @@ def test_cached_items_equal_the_pixel_pipeline_item_by_item(tmp_path, demo_input
     parts = trainer.parts
     assert trainer.latent_cache_stats.undecodable_pairs == 1
     unequal = int(np.flatnonzero(np.asarray(trainer.pairs["source_row"]) == 1)[0])
+    wide, wide_lefts = int(np.flatnonzero(np.asarray(trainer.pairs["source_row"]) == 4)[0]), set()
     assert trainer.pairs["winner_index"][unequal] == 1
     seen_flips = set()
     for epoch in range(3):
@@ -72,9 +75,12 @@ def test_cached_items_equal_the_pixel_pipeline_item_by_item(tmp_path, demo_input
             torch.testing.assert_close(got["prompt_hidden"], prompt.hidden[0], rtol=1e-4, atol=1e-5)
             torch.testing.assert_close(got["prompt_pooled"], prompt.pooled[0], rtol=1e-4, atol=1e-5)
             seen_flips.add(got["flipped"])
+            if i == wide:
+                wide_lefts.add(int(got["crop_top_lefts"][0, 1]))
             if i == unequal:
                 assert got["resized_pair"] and got["original_sizes"][1].tolist() == [40, 48]
     assert seen_flips == {False, True}
+    assert wide_lefts == {18, 19}  # 69 px: centre left round(18.5) = 18; flipped, 69 - 32 - 18 = 19
     again = SmPOTrainer(make_config(tmp_path, demo_inputs["sdxl"][0], name="again", proportion_empty_prompts=0.5),
                         dataset=awkward_pairs(demo_inputs))
     assert again.latent_cache_stats.pairs_built == 0 and again.latent_cache_stats.undecodable_pairs == 1

@@ -723,8 +723,9 @@ class PairSample:
 
     * ``pixel_values``: float32 ``(2, 3, res, res)`` in [-1, 1], ``[winner, loser]``.
     * ``original_sizes``: int64 ``(2, 2)``, ``(height, width)`` of each image before any resizing.
-    * ``crop_top_lefts``: int64 ``(2, 2)``, ``(top, left)`` of the crop in the resized image (same
-      box for both images), not mirrored when the pair is flipped (SDXL training convention).
+    * ``crop_top_lefts``: int64 ``(2, 2)``, ``(top, left)`` of the crop in the resized image as shown (same
+      box for both images): for a flipped pair, measured in the mirrored image (``width - res - left``), the
+      corner SDXL's micro-conditioning gets when an image is flipped before it is cropped.
     * ``resized_pair``: the loser had a different size and was resized to the winner's first.
     * ``upscaled``: at least one image was enlarged (in width or height).
     * ``flipped``: both images were mirrored horizontally.
@@ -805,6 +806,7 @@ class PairTransform:
         if flipped:
             img_w = img_w.transpose(Image.FLIP_LEFT_RIGHT)
             img_l = img_l.transpose(Image.FLIP_LEFT_RIGHT)
+            left = width - res - left  # the same pixels, as a crop of the mirrored resized image
 
         return PairSample(
             pixel_values=torch.stack([_to_tensor(img_w), _to_tensor(img_l)]),

@@ -53,7 +53,7 @@ from .files import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT_VERSION = 2
+CACHE_FORMAT_VERSION = 3  # 3: crop corners per flip variant
 PAIRS_PER_SHARD = 256
 CAPTIONS_PER_SHARD = 1024
 _FINGERPRINT_SAMPLES = 4096
@@ -327,25 +327,27 @@ class LatentCache:
                         tensors[f"{base}/any.undecodable"] = torch.ones(1, dtype=torch.int8)
                         continue
                     if img_0.size == img_1.size:  # order-free: store in image order
-                        key, sample = f"{base}/any", transform(img_0, img_1, rng=None)
+                        key, first, second = f"{base}/any", img_0, img_1
                     else:  # the loser takes the winner's size: store winner first
-                        lead = (img_0, img_1) if winner == 0 else (img_1, img_0)
-                        key, sample = f"{base}/w{winner}", transform(*lead, rng=None)
-                    decoded.append((key, sample))
+                        key, (first, second) = f"{base}/w{winner}", (img_0, img_1) if winner == 0 else (img_1, img_0)
+                    sample = transform(first, second, rng=None)
+                    top, left = sample.crop_top_lefts[0].tolist()
+                    mirrored_left = transform.target_size(*first.size)[0] - transform.resolution - left
+                    decoded.append((key, sample, torch.tensor([(top, left), (top, mirrored_left)])))
                 if not decoded:
                     continue
-                pixels = torch.cat([sample.pixel_values for _, sample in decoded])  # (2n, 3, H, W)
+                pixels = torch.cat([sample.pixel_values for _, sample, _ in decoded])  # (2n, 3, H, W)
                 if self.hflip:
                     pixels = torch.cat([pixels, pixels.flip(-1)])
                 mean, std = latent_moments(parts.vae, pixels)
                 variants = 2 if self.hflip else 1
                 shape = (variants, len(decoded), 2, *mean.shape[1:])
                 mean, std = mean.cpu().reshape(shape), std.cpu().reshape(shape)
-                for i, (key, sample) in enumerate(decoded):
+                for i, (key, sample, crops) in enumerate(decoded):
                     tensors[f"{key}.mean"] = mean[:, i].contiguous()  # (variants, 2, C, h, w)
                     tensors[f"{key}.std"] = std[:, i].contiguous()
                     tensors[f"{key}.original_sizes"] = sample.original_sizes
-                    tensors[f"{key}.crop_top_left"] = sample.crop_top_lefts[0].clone()
+                    tensors[f"{key}.crop_top_left"] = crops[:variants].contiguous()  # (variants, 2)
                     tensors[f"{key}.flags"] = torch.tensor([sample.resized_pair, sample.upscaled], dtype=torch.int8)
             self._write_shard("pairs", tensors)
 
@@ -479,7 +481,7 @@ class CachedPairDataset(EpochIndexedDataset):
         missing_caption = not isinstance(caption, str)
         text = "" if missing_caption or empty_prompt else caption
         flags = self.reader.pair(key, "flags")
-        crop = self.reader.pair(key, "crop_top_left")
+        crop = self.reader.pair(key, "crop_top_left")[variant]
         item = {
             "latent_mean": self.reader.pair(key, "mean")[variant][order],
             "latent_std": self.reader.pair(key, "std")[variant][order],
