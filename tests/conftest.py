@@ -40,3 +40,14 @@ def fresh_accelerate_state():
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
     PartialState._reset_state()
+
+
+@pytest.fixture(autouse=True)
+def restore_library_log_level():
+    """Scripts' main() quiets the library's logger (benchmarks/, the CLIs); later tests read its records."""
+    import logging
+
+    logger = logging.getLogger("smpo_diffusers")
+    level = logger.level
+    yield
+    logger.setLevel(level)
