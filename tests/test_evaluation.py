@@ -165,6 +165,24 @@ def test_evaluate_writes_results_table_and_grid(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="comma-separated ensemble is for labelling.*--reward_models toy toy"):
         evaluate(base, str(aligned), prompts, output_dir=str(tmp_path / "ensemble"), reward_names=["toy,toy"])
     assert not (tmp_path / "ensemble").exists()  # refused before anything renders or is written
+    # --seed and --batch_size reach the renders: samples 2 and 3 again (seeds 2, 3), one prompt per pipeline call
+    calls, real_load = [], evaluation.load_pipeline
+
+    class Recording:
+        def __init__(self, pipeline):
+            self.pipeline = pipeline
+
+        def __call__(self, prompts, **kwargs):
+            calls.append(len(prompts))
+            return self.pipeline(prompts, **kwargs)
+
+    monkeypatch.setattr(evaluation, "load_pipeline", lambda *a, **k: Recording(real_load(*a, **k)))
+    again = evaluate(base, str(aligned), prompts, output_dir=str(tmp_path / "again"), reward_names=["toy"], seed=2,
+                     batch_size=1, num_inference_steps=2, guidance_scale=1.0, resolution=32, progress=False)
+    monkeypatch.setattr(evaluation, "load_pipeline", real_load)
+    assert calls == [1, 1, 1, 1] and again["scores"]["seeds"] == [2, 3]
+    for model in ("base", "aligned"):
+        assert again["scores"][model]["toy"] == pytest.approx(saved["scores"][model]["toy"][2:], abs=1e-3)
     # The same seeds with the same model give the same images: zero drift.
     same = evaluate(base, base, prompts[:1], output_dir=str(tmp_path / "same"), num_inference_steps=2,
                     guidance_scale=1.0, resolution=32, progress=False)
