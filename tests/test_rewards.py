@@ -1014,6 +1014,21 @@ def test_image_path_columns_are_refused_before_the_reward_model_loads(tmp_path, 
     summary = R.label_dataset(dataclasses.replace(args, dataset_name=str(tmp_path / "cast")),
                               reward_model=R.CallableRewardModel(mean_pixel))
     assert summary["num_valid_pairs"] == 3
+    # a parquet file keeps cells that name files (save_to_disk embeds them): a file rewritten since is scored
+    # again on a rerun (the dataset's fingerprint covers the parquet file, not the images), an unchanged set resumes
+    from smpo_diffusers.latent_cache import path_only_file_stamps
+
+    cast.to_parquet(str(tmp_path / "cast.parquet"))
+    cast_args = dataclasses.replace(args, dataset_name=str(tmp_path / "cast.parquet"))
+    assert all(path_only_file_stamps(R.load_preference_dataset(cast_args.dataset_name)))
+    R.label_dataset(cast_args, reward_model=R.CallableRewardModel(mean_pixel))
+    assert R.label_dataset(cast_args, reward_model=R.CallableRewardModel(mean_pixel))["num_shards_resumed"] == 1
+    before = datasets.load_from_disk(str(tmp_path / "out"))["reward_0"]  # a lazy column of the memory-mapped file
+    Image.new("RGB", (32, 32), (255, 255, 255)).save(paths["jpg_0"][1])
+    again = R.label_dataset(cast_args, reward_model=R.CallableRewardModel(mean_pixel))
+    assert again["num_shards_replaced"] == 1 and again["num_shards_resumed"] == 0
+    after = datasets.load_from_disk(str(tmp_path / "out"))["reward_0"]
+    assert after[1] != before[1] and after[0] == before[0]  # the old mapping still reads the old rows
 
 
 def test_relabelling_never_leaves_old_statistics_beside_new_rewards(tmp_path, saved_dataset, monkeypatch):

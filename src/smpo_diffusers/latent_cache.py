@@ -125,21 +125,20 @@ def caption_key(caption: str) -> str:
     return hashlib.sha256(caption.encode("utf-8")).hexdigest()[:32]
 
 
-def pair_entry_bases(pairs) -> list[str]:
-    """Per prepared pair, the stem of its cache entry keys: ``"<source_row>"`` when both image cells hold their
-    bytes, else ``"<source_row>-<hash>"`` with a hash of the path and :func:`_file_stamp` of each cell read from
-    a file (``missing`` for a file that cannot be stat'ed). Reads the cells' storage with pyarrow in whole
-    columns of the underlying table, through the dataset's row mapping when it has one (no image bytes are
-    copied, no per-row gathering); costs one ``stat`` per path-only cell."""
+def path_only_file_stamps(dataset, columns=("jpg_0", "jpg_1")) -> list[list[str]]:
+    """Per row of ``dataset``, ``"<column>|<path>|<stamp>"`` (:func:`_file_stamp`) for each image cell of ``columns``
+    read from a file (``{"bytes": None, "path": ...}``); ``[]`` for rows whose cells hold their bytes (the
+    dataset's fingerprint covers those, not the files'). Reads the cells' storage with pyarrow in whole columns of
+    the underlying table, through the dataset's row mapping when it has one (no image bytes are copied, no
+    per-row gathering); costs one ``stat`` per path-only cell."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    rows = np.asarray(pairs["source_row"], dtype=np.int64)
-    files: list[list[str]] = [[] for _ in rows]
-    table = pairs.data.table  # every underlying row; pairs[i] is table row mapping[i] (select/filter/shuffle)
-    mapping = getattr(pairs, "_indices", None)
+    files: list[list[str]] = [[] for _ in range(len(dataset))]
+    table = dataset.data.table  # every underlying row; dataset[i] is table row mapping[i] (select/filter/shuffle)
+    mapping = getattr(dataset, "_indices", None)
     mapping = None if mapping is None else mapping.column(0).to_numpy()
-    for name in ("jpg_0", "jpg_1"):
+    for name in columns:
         column = table.column(name)
         if not (pa.types.is_struct(column.type) and column.type.get_field_index("path") >= 0
                 and column.type.get_field_index("bytes") >= 0):
@@ -153,8 +152,16 @@ def pair_entry_bases(pairs) -> list[str]:
         paths = pc.struct_field(column, "path").take(pa.array(table_rows)).to_pylist()
         for position, path in zip(positions, paths):
             files[position].append(f"{name}|{path}|{_file_stamp(path)}")
+    return files
+
+
+def pair_entry_bases(pairs) -> list[str]:
+    """Per prepared pair, the stem of its cache entry keys: ``"<source_row>"`` when both image cells hold their
+    bytes, else ``"<source_row>-<hash>"`` with a hash of :func:`path_only_file_stamps` (the path and
+    :func:`_file_stamp` of each cell read from a file, ``missing`` for a file that cannot be stat'ed)."""
+    rows = np.asarray(pairs["source_row"], dtype=np.int64)
     return [str(row) if not stamp else f"{row}-{hashlib.sha256(chr(0).join(stamp).encode()).hexdigest()[:16]}"
-            for row, stamp in zip(rows.tolist(), files)]
+            for row, stamp in zip(rows.tolist(), path_only_file_stamps(pairs))]
 
 
 def _file_stamp(path: str) -> str:

@@ -13,7 +13,8 @@ The set is cut into contiguous shards of ``shard_size`` (K) pairs. Each labelled
 ``reward_0``, ``reward_1``, ``label_valid``; it is written under a temporary name and moved into
 place with ``os.replace``, so a shard folder is either complete or absent. A rerun skips every
 shard whose fingerprint (reward model, model/processor paths, a hash of the model's torch weights, dtype,
-dataset name/split/fingerprint/size, shard bounds) matches and scores the rest; at the end the shards are
+dataset name/split/fingerprint/size, shard bounds and, for images read from files, their paths, sizes and
+modification stamps) matches and scores the rest; at the end the shards are
 concatenated and joined column-wise to the source rows. A source ``label_valid`` column is kept: a pair is valid
 when it was valid there and its images were readable.
 
@@ -45,7 +46,7 @@ import torch
 from ..data import load_preference_dataset
 from ..distributed import computed_on_main, main_process_first, on_every_process, use_cpu_process_group
 from ..files import atomic_write_json, fsync_directory, fsync_tree
-from ..latent_cache import module_fingerprint
+from ..latent_cache import module_fingerprint, path_only_file_stamps
 from .base import EnsembleRewardModel, RewardModel
 from .images import UnreadableImageError, load_image
 from .labeling import (CAPTION_COLUMN, IMAGE_COLUMNS, RewardLabeler, reward_features, summarize_labels,
@@ -255,19 +256,16 @@ def _remove_leftovers(shards_dir: str, owned: set[int]) -> None:
 
 def _clear_outputs(output_dir: str) -> None:
     """Delete the statistics and summary of an earlier run, then the dataset's own state files, so that no
-    statistics describe a dataset that is being rewritten and a half-written dataset does not load."""
+    statistics describe a dataset that is being rewritten and a half-written dataset does not load; then its
+    ``data-*.arrow`` files, so the save writes new files instead of truncating ones that a reader (a training run
+    on the earlier labels) may still have memory-mapped: it keeps reading the old rows instead of crashing."""
     for name in (REWARD_STATISTICS_FILENAME, SUMMARY_FILENAME, "state.json", "dataset_info.json"):
         try:
             os.remove(os.path.join(output_dir, name))
         except FileNotFoundError:
             pass
-
-
-def _remove_unlisted_data_files(output_dir: str) -> None:
-    """Delete ``data-*.arrow`` files of an earlier, larger save that the new ``state.json`` does not list."""
-    listed = {entry["filename"] for entry in _read_json(os.path.join(output_dir, "state.json"))["_data_files"]}
     for entry in os.listdir(output_dir):
-        if re.fullmatch(r"data-\d{5}-of-\d{5}\.arrow", entry) and entry not in listed:
+        if re.fullmatch(r"data-\d{5}-of-\d{5}\.arrow", entry):
             os.remove(os.path.join(output_dir, entry))
 
 
@@ -472,6 +470,10 @@ def label_dataset(args: LabelingArguments, reward_model: RewardModel | None = No
         for index in sorted(owned):
             start, stop = bounds[index]
             fingerprint = {**settings, "shard_index": index, "start": start, "stop": stop}
+            files = [stamp for row in path_only_file_stamps(view.select(range(start, stop)), IMAGE_COLUMNS)
+                     for stamp in row]
+            if files:  # images read from files: the dataset's fingerprint covers their paths, not their contents
+                fingerprint["image_files"] = hashlib.sha256(chr(0).join(files).encode()).hexdigest()
             path = _shard_path(shards_dir, index)
             if _shard_is_done(path, fingerprint):
                 report["shards_resumed"] += 1
@@ -517,7 +519,6 @@ def label_dataset(args: LabelingArguments, reward_model: RewardModel | None = No
         labelled = datasets.concatenate_datasets([source, rewards], axis=1)
         _clear_outputs(output_dir)
         labelled.save_to_disk(output_dir)
-        _remove_unlisted_data_files(output_dir)
         statistics = compute_reward_statistics(labelled, reward_model=reward_model.name)
         if isinstance(reward_model, EnsembleRewardModel):
             statistics["ensemble_member_statistics"] = reward_model.statistics
