@@ -59,7 +59,7 @@ PAIRS_SEED = 0
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="Base vs full SmPO, one seed, fewer updates.")
+    parser.add_argument("--quick", action="store_true", help="Base vs full SmPO, one seed, 2 eval seeds per prompt.")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="Training seeds (default 0 1 2; quick: 0).")
     parser.add_argument("--max_train_steps", type=int, default=None, help="Updates per run (default 60).")
     parser.add_argument("--train_batch_size", type=int, default=8)
