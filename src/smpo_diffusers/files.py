@@ -66,14 +66,13 @@ def atomic_write_json(path: str, obj: Any, **dumps_kwargs) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, **dumps_kwargs) + "\n")
 
 
-def publish_entries(staging: str, destination: str) -> list[str]:
-    """Move every entry of the folder ``staging`` (same file system) into ``destination``, each by a rename, and
-    return their names. ``staging`` is fsynced first, so a published file is never a truncated one. An entry
+def publish_entries(staging: str, destination: str) -> None:
+    """Move every entry of the folder ``staging`` (same file system) into ``destination``, each by a rename.
+    ``staging`` is fsynced first, so a published file is never a truncated one. An entry
     that exists is replaced: a file by ``os.replace``; a folder is first renamed aside (``.<name>.old``), then
     deleted, so a crash leaves either the old folder, the new one, or the old one aside, never a mixture."""
     fsync_tree(staging)
-    names = sorted(os.listdir(staging))
-    for name in names:
+    for name in sorted(os.listdir(staging)):
         source, target = os.path.join(staging, name), os.path.join(destination, name)
         aside = None
         if os.path.isdir(target) and not os.path.islink(target):
@@ -86,4 +85,3 @@ def publish_entries(staging: str, destination: str) -> list[str]:
         if aside is not None:
             shutil.rmtree(aside, ignore_errors=True)
     fsync_directory(destination)
-    return names
