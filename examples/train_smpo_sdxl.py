@@ -5,7 +5,7 @@
         --pretrained_model_name_or_path stabilityai/stable-diffusion-xl-base-1.0 \
         --dataset_name ./pickapic-labelled --train_method lora --output_dir smpo-sdxl-lora
 
-    python examples/train_smpo_sdxl.py --demo      # the bundled toy world (SD-layout), then a before/after evaluation
+    python examples/train_smpo_sdxl.py --demo      # the bundled SDXL-layout toy world, then a before/after evaluation
     python examples/train_smpo_sdxl.py --demo --demo_world tiny-random   # the SDXL path on a tiny random model
 
 All flags: `python examples/train_smpo_sdxl.py --help` (the fields of `smpo_diffusers.SmPOConfig`,

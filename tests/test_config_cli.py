@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import os
 import pathlib
 import re
 import subprocess
@@ -19,7 +20,7 @@ def non_default_argv():
         "pretrained_model_name_or_path": "model", "pretrained_vae_model_name_or_path": "vae", "revision": "r1",
         "variant": "fp16", "cache_dir": "cache", "dataset_name": "data", "dataset_split_name": "validation",
         "max_train_samples": 7, "resolution": 64, "random_crop": True, "no_hflip": True,
-        "dataloader_num_workers": 2, "proportion_empty_prompts": 0.1, "tie_policy": "keep",
+        "dataloader_num_workers": 2, "ddp_timeout": 600, "proportion_empty_prompts": 0.1, "tie_policy": "keep",
         "cache_latents": False, "latent_cache_dir": None,  # --cache_latents refuses --random_crop: parsed below
         "train_batch_size": 3, "gradient_accumulation_steps": 4, "max_train_steps": 9,
         "num_train_epochs": None,  # any value with --max_train_steps is refused: parsed on its own below
@@ -146,6 +147,7 @@ def test_installed_commands_are_the_example_scripts(capsys, monkeypatch):
     ({"loss_type": "ipo"}, "--loss_type"),
     ({"noise_source": "ddim"}, "--noise_source"),
     ({"train_batch_size": 0}, "--train_batch_size must be >= 1"),
+    ({"ddp_timeout": 0}, "--ddp_timeout must be >= 1"),
     ({"learning_rate": -1.0}, "--learning_rate must be a positive number"),
     ({"beta_dpo": 0.0}, "--beta_dpo must be a positive number"),
     ({"reward_scale": float("nan")}, "--reward_scale must be a positive number"),
@@ -242,22 +244,25 @@ def test_cli_leaves_its_process_group_after_a_finished_run(tmp_path):
 
 
 @pytest.mark.slow
-def test_toy_demo_trains_and_reports_before_after(tmp_path, toy_pairs):
-    import shutil
+def test_toy_demo_trains_and_reports_before_after(tmp_path):
+    """README's main command (the SDXL script's --demo) with 3 updates: the SDXL toy world's pairs are built on
+    this first run, SmPO trains on them, the before/after evaluation is printed and written."""
+    from smpo_diffusers.toy import TOY_SDXL_ASSETS_DIR
 
     out = tmp_path / "demo"
-    # the pairs --demo builds on a first run (tests/test_toy.py checks building them); a later run reuses them
-    shutil.copytree(toy_pairs, out / "demo-inputs" / "toy-preferences-1x-seed0")
     result = subprocess.run([sys.executable, str(SRC.parents[1] / "examples" / "train_smpo_sdxl.py"), "--demo",
                              "--output_dir", str(out), "--max_train_steps", "3"],
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "done: 3 updates" in result.stdout and "win rate" in result.stdout.lower()
     for name in ("pytorch_lora_weights.safetensors", "README.md", "evaluation/results.json",
-                 "evaluation/grid.png"):
+                 "evaluation/grid.png", "demo-inputs/toy-sdxl-preferences-1x-seed0/reward_stats.json"):
         assert (out / name).is_file(), name
     saved = json.loads((out / "training_config.json").read_text())
     assert saved["max_train_steps"] == 3 and saved["train_batch_size"] == 8  # user flag kept, toy default used
+    assert saved["model_family"] == "sdxl"
+    assert os.path.samefile(saved["pretrained_model_name_or_path"], TOY_SDXL_ASSETS_DIR)
+    assert saved["num_inversion_steps"] == 10  # the SDXL default grid
 
 
 @pytest.mark.slow
@@ -276,7 +281,13 @@ def test_demo_defaults_never_replace_typed_flags(tmp_path, monkeypatch):
     import smpo_diffusers.toy as toy
     from smpo_diffusers.cli import given_flags, prepare_demo
 
-    monkeypatch.setattr(toy, "build_toy_demo_inputs", lambda folder, seed: ("toy-model", "toy-data"))
+    layouts = []
+
+    def fake_inputs(folder, seed, layout):
+        layouts.append(layout)
+        return "toy-model", "toy-data"
+
+    monkeypatch.setattr(toy, "build_toy_demo_inputs", fake_inputs)
     argv = ["--demo", "--output_dir", str(tmp_path), "--train_batch_size", "1", "--report_to=tensorboard",
             "--checkpointing_steps", "500"]
     assert given_flags(argv) == {"demo", "output_dir", "train_batch_size", "report_to", "checkpointing_steps"}
@@ -296,9 +307,10 @@ def test_demo_defaults_never_replace_typed_flags(tmp_path, monkeypatch):
     # typed epochs set the length: the toy's max_train_steps is not added to them (that pair is refused)
     epochs = ["--demo", "--output_dir", str(tmp_path), "--num_train_epochs", "2"]
     config, demo = parse_training_args(epochs)
-    prepare_demo(config, demo, "sd", given=given_flags(epochs))
+    prepare_demo(config, demo, "sdxl", given=given_flags(epochs))
     assert (config.num_train_epochs, config.max_train_steps) == (2, None)
     dataclasses.replace(config)  # validates
+    assert layouts == ["sd", "sd", "sdxl"]  # each script's --demo trains the toy world of its own layout
 
 
 def test_demo_values_are_validated_like_typed_ones(tmp_path, monkeypatch, capsys):
@@ -307,7 +319,7 @@ def test_demo_values_are_validated_like_typed_ones(tmp_path, monkeypatch, capsys
     import smpo_diffusers.toy as toy
     from smpo_diffusers.cli import run_cli, train_main
 
-    monkeypatch.setattr(toy, "build_toy_demo_inputs", lambda folder, seed: ("toy-model", "toy-data"))
+    monkeypatch.setattr(toy, "build_toy_demo_inputs", lambda folder, seed, layout: ("toy-model", "toy-data"))
     with pytest.raises(SystemExit) as exit_info:
         run_cli(train_main, ["--demo", "--output_dir", str(tmp_path), "--logging_dir", "tb"])
     assert exit_info.value.code == 2 and "--report_to none writes no tracker logs" in capsys.readouterr().err
@@ -328,3 +340,28 @@ def test_demo_inputs_are_keyed_by_seed(tmp_path):
                (first, second)]
     assert not torch.equal(*weights)
     assert build_demo_inputs(str(tmp_path), family="sd", num_pairs=2, seed=0)[0] == first  # reused
+
+
+def test_training_joins_the_process_group_with_the_ddp_timeout(tmp_path, monkeypatch):
+    """--ddp_timeout reaches the group in both ways it can be created: by the trainer's Accelerator, and first by
+    the --demo inputs' preparation (accelerate's state is created once; a later Accelerator's timeout is ignored)."""
+    import datetime
+    import types
+
+    import smpo_diffusers.cli as cli
+    from smpo_diffusers.trainer import SmPOTrainer
+
+    config = SmPOConfig(output_dir=str(tmp_path), report_to="none", ddp_timeout=2700)
+    accelerator = SmPOTrainer._make_accelerator(types.SimpleNamespace(config=config))
+    assert accelerator.init_handler.timeout == datetime.timedelta(seconds=2700)
+
+    asked = []
+
+    def record(timeout_seconds):
+        asked.append(timeout_seconds)
+        raise InterruptedError("stop here")
+
+    monkeypatch.setattr(cli, "process_state", record)
+    with pytest.raises(InterruptedError):
+        cli.train_main(["--demo", "--output_dir", str(tmp_path), "--ddp_timeout", "900"])
+    assert asked == [900] and SmPOConfig().ddp_timeout == 1800

@@ -279,6 +279,9 @@ def test_evaluate_cli_runs_end_to_end(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(evaluation, "format_results_table", lambda results: "")
     evaluate_main(["--base_model", "toy", "--aligned_model", str(aligned), "--output_dir", str(tmp_path / "eval4")])
     assert seen[0][0] == toy_model_path()
+    evaluate_main(["--base_model", "toy-sdxl", "--aligned_model", str(aligned), "--output_dir",
+                   str(tmp_path / "eval4-sdxl")])
+    assert seen.pop()[0] == toy_model_path("sdxl")
     assert seen[0][1]["dtype"] == torch.float32
     assert seen[0][1]["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
     monkeypatch.setenv("WORLD_SIZE", "2")

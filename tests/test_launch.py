@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -201,6 +202,13 @@ def test_two_process_labelling_equals_one_process(tmp_path):
     result = launch([script, *args, "--output_dir", tmp_path / "two"], processes=2)
     summary = json.loads((tmp_path / "two" / "labeling_summary.json").read_text())
     assert summary["num_processes"] == 2 and summary["num_pairs"] == 12
+    # the 4 shards were split between the processes, each scored once (not all by one, not twice)
+    assert (summary["num_shards"], summary["num_shards_scored"], summary["num_shards_resumed"]) == (4, 4, 0)
+    from smpo_diffusers.rewards.job import SHARDS_DIRNAME
+
+    reports = [json.loads((tmp_path / "two" / SHARDS_DIRNAME / f"run-rank-0000{rank}-of-00002.json").read_text())
+               for rank in (0, 1)]
+    assert [(report["shards_scored"], report["pairs_scored"]) for report in reports] == [(2, 6), (2, 6)]
     one, two = load_from_disk(str(tmp_path / "one")), load_from_disk(str(tmp_path / "two"))
     assert two["caption"] == one["caption"]
     np.testing.assert_allclose(two["reward_0"], one["reward_0"], rtol=1e-6)
@@ -331,3 +339,62 @@ def test_a_failure_on_one_process_stops_every_process(tmp_path, demo_inputs):
         assert texts[1 - failed_rank].endswith(f"(process {failed_rank}: {FULL_DISK})")
     assert not (tmp_path / "labelled" / "labeling_summary.json").exists()
     assert not (tmp_path / "labelled-load" / "labeling_summary.json").exists()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_ddp_timeout_is_how_long_the_others_wait_for_the_main_process(tmp_path):
+    """--ddp_timeout reaches the process group: while the main process works alone for 4 s, the other process
+    gives up after a 1 s timeout and waits it out with a 60 s one (torch's NCCL default, 10 minutes, used to stop
+    multi-GPU labelling while the main process wrote a large dataset)."""
+    script = ROOT / "tests" / "scripts" / "slow_main_process.py"
+    runs = {}
+    for timeout in (1, 60):
+        folder = tmp_path / f"timeout-{timeout}"
+        folder.mkdir()
+        port = str(_free_port())
+        runs[timeout] = folder, [
+            subprocess.Popen([sys.executable, str(script), str(folder), str(timeout), "4"], cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             env=dict(os.environ, OMP_NUM_THREADS="1", RANK=str(rank), LOCAL_RANK=str(rank),
+                                      WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                                      MASTER_PORT=port))
+            for rank in (0, 1)]
+    for folder, processes in runs.values():
+        for process in processes:
+            try:
+                process.communicate(timeout=120)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                raise
+    assert read_endings(runs[60][0]) == ["computed", "computed"]
+    waited = json.loads((runs[1][0] / "rank1.json").read_text())["ended"]  # the main process may not get to write
+    assert waited.startswith("RuntimeError") and re.search("timed? ?out", waited, re.IGNORECASE), waited
+
+
+def test_cpu_process_group_only_where_there_is_no_accelerator_device(monkeypatch):
+    """Several launched processes join a gloo (CPU) group only on a machine without GPUs or other accelerator
+    devices: on an Intel XPU node, asking accelerate for the CPU would have trained every process on the CPU."""
+    import accelerate.utils
+
+    from smpo_diffusers.distributed import use_cpu_process_group
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for name in ("xpu", "npu", "mlu", "musa", "sdaa", "hpu", "neuron"):
+        monkeypatch.setattr(accelerate.utils, f"is_{name}_available", lambda *args, **kwargs: False, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert use_cpu_process_group()
+    monkeypatch.setattr(accelerate.utils, "is_xpu_available", lambda *args, **kwargs: True)
+    assert not use_cpu_process_group()
+    monkeypatch.setattr(accelerate.utils, "is_xpu_available", lambda *args, **kwargs: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert not use_cpu_process_group()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert not use_cpu_process_group()

@@ -827,6 +827,24 @@ def test_labeling_arguments_validate_and_parse():
     assert (args.batch_size, args.shard_size, args.preprocess_threads, args.fp16) == (16, 1000, 4, False)
     with pytest.raises(ValueError, match="--shard_size must be >= 1"):
         R.LabelingArguments(dataset_name="d", output_dir="o", shard_size=0)
+    with pytest.raises(ValueError, match="--ddp_timeout must be >= 1"):
+        R.LabelingArguments(dataset_name="d", output_dir="o", ddp_timeout=0)
+
+
+def test_labelling_joins_the_process_group_with_the_ddp_timeout(monkeypatch):
+    """--ddp_timeout is the timeout of the group label_dataset joins (tests/test_launch.py shows what it does)."""
+    import smpo_diffusers.rewards.job as job
+
+    asked = []
+
+    def record(timeout_seconds):
+        asked.append(timeout_seconds)
+        raise InterruptedError("stop here")
+
+    monkeypatch.setattr(job, "process_state", record)
+    with pytest.raises(InterruptedError):
+        R.label_dataset(R.LabelingArguments(dataset_name="d", output_dir="o", ddp_timeout=5400))
+    assert asked == [5400] and R.LabelingArguments(dataset_name="d", output_dir="o").ddp_timeout == 7200
 
 
 def test_load_preference_dataset_detects_formats(tmp_path):

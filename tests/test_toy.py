@@ -11,12 +11,14 @@ from PIL import Image
 
 from repo_scripts import load_script
 from smpo_diffusers import toy
-from smpo_diffusers.toy import (TOY_ASSETS_DIR, TOY_COLOURS, ToyRewardModel, build_toy_preferences, build_toy_world,
-                                colour_accuracy, draw_toy_image, human_labels, load_toy_pipeline, parse_toy_caption,
-                                toy_caption_split, toy_captions, toy_model_path, toy_reward_scores)
+from smpo_diffusers.toy import (TOY_ASSETS_DIR, TOY_COLOURS, TOY_SDXL_ASSETS_DIR, TOY_SDXL_TIME_IDS, ToyRewardModel,
+                                build_toy_preferences, build_toy_sdxl_world, build_toy_world, colour_accuracy,
+                                draw_toy_image, human_labels, load_toy_pipeline, parse_toy_caption, toy_caption_split,
+                                toy_captions, toy_model_path, toy_reward_scores)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUILDER_SCRIPT = os.path.join(REPO, "examples", "toy", "build_toy_world.py")
+SDXL_BUILDER_SCRIPT = os.path.join(REPO, "examples", "toy", "build_toy_sdxl_world.py")
 
 
 def test_captions_and_split():
@@ -67,16 +69,19 @@ def test_human_labels_follow_bradley_terry_with_ties():
         human_labels(r0, r1, rng, temperature=0.0, tie_threshold=0.0)
 
 
-def test_shipped_pipeline_loads_and_draws_the_named_colours():
-    from diffusers import StableDiffusionPipeline
+@pytest.mark.parametrize("layout, folder, pipeline_class", [
+    ("sd", TOY_ASSETS_DIR, "StableDiffusionPipeline"), ("sdxl", TOY_SDXL_ASSETS_DIR, "StableDiffusionXLPipeline")])
+def test_shipped_pipeline_loads_and_draws_the_named_colours(layout, folder, pipeline_class):
+    import diffusers
 
-    path = toy_model_path()
-    assert os.path.samefile(path, TOY_ASSETS_DIR)
+    path = toy_model_path(layout)
+    assert os.path.samefile(path, folder)
     info = json.load(open(os.path.join(path, "toy_world.json")))
     assert info["heldout_captions"] == toy_caption_split()[1]
     size = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
     assert size < 8 * 2**20
-    pipeline = StableDiffusionPipeline.from_pretrained(path)
+    pipeline = getattr(diffusers, pipeline_class).from_pretrained(path)
+    assert type(load_toy_pipeline(path)) is type(pipeline)
     pipeline.set_progress_bar_config(disable=True)
     captions = toy_captions()[::7]  # 32 captions, every colour as shape and as background
     images = pipeline(captions, num_inference_steps=10, guidance_scale=3.0, height=32, width=32,
@@ -243,3 +248,132 @@ def test_train_toy_model_takes_epochs_instead_of_the_default_length(tmp_path, mo
     assert [(c.num_train_epochs, c.max_train_steps) for c in seen] == [(2, None)]
     with pytest.raises(ValueError, match="give one of them"):  # both given by the caller: refused as usual
         toy.train_toy_model(str(tmp_path / "out"), "data", num_train_epochs=2, max_train_steps=5)
+
+
+def test_toy_model_path_names_the_layout_and_the_fix(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="layout must be one of"):
+        toy_model_path("sd3")
+    monkeypatch.setitem(toy.TOY_LAYOUTS, "sdxl", tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="sdxl toy pipeline is missing .*build_toy_sdxl_world.py"):
+        toy_model_path("sdxl")
+
+
+def test_one_cycle_schedule_takes_every_step_count():
+    """torch's OneCycleLR divides by ``pct_start * steps - 1``: with 5 % warm-up, 20 steps failed (both builders)."""
+    for steps in range(1, 61):
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        schedule = toy._one_cycle_schedule(optimizer, 1e-3, steps)
+        rates = []
+        for _ in range(steps):
+            optimizer.step()
+            schedule.step()
+            rates.append(optimizer.param_groups[0]["lr"])
+        assert all(math.isfinite(rate) for rate in rates)
+        if steps >= 10:
+            assert 5e-4 < max(rates) <= 1e-3 * (1 + 1e-9) and rates[-1] < 1e-4  # warm up to the peak, anneal
+
+
+def test_build_toy_sdxl_world_script_smoke_run(tmp_path, monkeypatch):
+    """The SDXL builder with tiny step counts: an SDXL pipeline folder sharing the SD world's VAE and scheduler,
+    loadable by transformers 4.x too, with its options recorded."""
+    from diffusers import DDIMScheduler, StableDiffusionXLPipeline
+    from safetensors import safe_open
+
+    script = load_script("examples/toy/build_toy_sdxl_world.py")
+    captions = toy_captions()[::56]
+    monkeypatch.setattr(script, "toy_captions", lambda: captions)
+    threads = []
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)
+    out = tmp_path / "toy-sdxl"
+    options = {"seed": 3, "unet_steps": 3, "batch_size": 5, "num_latents": 16, "device": "cpu"}
+    argv = ["--output_dir", str(out), "--threads", "2", "--vae_from", str(TOY_ASSETS_DIR)]
+    for name, value in options.items():
+        argv += [f"--{name}", str(value)]
+    info = script.main(argv)
+
+    assert threads == [2]
+    recorded = _strict_json(out / "toy_world.json")
+    assert recorded == json.loads(json.dumps(info))
+    assert {name: recorded[name] for name in options} == options
+    assert recorded["layout"] == "sdxl" and recorded["time_ids"] == list(TOY_SDXL_TIME_IDS)
+    assert math.isfinite(recorded["unet_final_loss"]) and recorded["colour_accuracy"]["count"] == len(captions)
+    pipeline = load_toy_pipeline(str(out))
+    assert isinstance(pipeline, StableDiffusionXLPipeline) and isinstance(pipeline.scheduler, DDIMScheduler)
+    assert pipeline.unet.config.addition_embed_type == "text_time"
+    shipped_vae = load_toy_pipeline(str(TOY_ASSETS_DIR)).vae.state_dict()
+    assert all(torch.equal(tensor, shipped_vae[name]) for name, tensor in pipeline.vae.state_dict().items())
+    images = pipeline(captions[:2], num_inference_steps=2, guidance_scale=3.0,
+                      generator=torch.Generator().manual_seed(0)).images
+    assert [image.size for image in images] == [(32, 32)] * 2
+    for name in ("tokenizer", "tokenizer_2"):
+        assert {"vocab.json", "merges.txt"} <= set(os.listdir(out / name))
+    for name in ("text_encoder", "text_encoder_2"):
+        with safe_open(str(out / name / "model.safetensors"), framework="pt") as handle:
+            assert all(key.startswith(("text_model.", "text_projection.")) for key in handle.keys())
+
+
+def test_sdxl_toy_unet_is_trained_on_what_the_pipeline_feeds_it(tmp_path, monkeypatch):
+    """The conditioning the SDXL toy UNet learns from equals what StableDiffusionXLPipeline gives it when sampling:
+    the caption's hidden states and pooled embedding, the time ids, and zeros for the unconditional branch."""
+    seen = {}
+
+    def record(unet, latents, embeddings, empty_embedding, caption_index, *args, **kwargs):
+        seen.update(embeddings=embeddings, empty=empty_embedding, **kwargs)
+        return 0.1
+
+    monkeypatch.setattr(toy, "_train_unet", record)
+    build_toy_sdxl_world(tmp_path / "world", unet_steps=1, num_latents=4, batch_size=2)
+    pipeline = load_toy_pipeline(str(tmp_path / "world"))
+    fed = {}
+
+    def capture(module, args, kwargs):
+        fed.setdefault("hidden", kwargs["encoder_hidden_states"])
+        fed.setdefault("added", kwargs["added_cond_kwargs"])
+
+    pipeline.unet.register_forward_pre_hook(capture, with_kwargs=True)
+    caption = toy_captions()[5]
+    pipeline([caption], num_inference_steps=1, guidance_scale=3.0, generator=torch.Generator().manual_seed(0))
+    unconditional, conditional = fed["hidden"]
+    torch.testing.assert_close(conditional, seen["embeddings"][5])
+    torch.testing.assert_close(unconditional, seen["empty"][0])
+    assert not seen["empty"].any() and not seen["empty_pooled"].any()
+    torch.testing.assert_close(fed["added"]["text_embeds"], torch.cat([seen["empty_pooled"], seen["pooled"][5:6]]))
+    torch.testing.assert_close(fed["added"]["time_ids"], seen["time_ids"].expand(2, -1))
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--unet_steps", "0", "--unet_steps must be an integer >= 1, got 0"),
+    ("--threads", "0", "--threads must be an integer >= 1"),
+    ("--device", "gpu", "--device 'gpu' is not a device"),
+    ("--vae_from", "MISSING", "--vae_from .* holds no vae/ folder; pass the SD toy world"),
+    ("--output_dir", "FILE", "--output_dir .* is a file"),
+])
+def test_build_toy_sdxl_world_script_refuses_bad_options_before_writing(tmp_path, monkeypatch, capsys, flag, value,
+                                                                        message):
+    import re
+
+    target = tmp_path / "toy"
+    if value == "FILE":
+        target.write_text("not a folder")
+        value = str(target)
+    elif value == "MISSING":
+        value = str(tmp_path / "no-world")
+    monkeypatch.setattr(sys, "argv", [SDXL_BUILDER_SCRIPT, "--output_dir", str(target), "--unet_steps", "2", flag,
+                                      value])
+    monkeypatch.delenv("SMPO_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(SDXL_BUILDER_SCRIPT, run_name="__main__")
+    assert exit_info.value.code == 2
+    assert re.search("^error: " + message, capsys.readouterr().err, re.MULTILINE)
+    assert target.is_file() if flag == "--output_dir" else not target.exists()
+
+
+def test_build_toy_sdxl_world_refuses_bad_values_and_divergence_before_writing(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="unet_learning_rate must be a finite number > 0"):
+        build_toy_sdxl_world(tmp_path / "lr", unet_learning_rate=0.0)
+    with pytest.raises(ValueError, match="holds no vae/ folder"):
+        build_toy_sdxl_world(tmp_path / "vae", vae_from=tmp_path)
+    monkeypatch.setattr(toy, "_train_unet", lambda *args, **kwargs: float("inf"))
+    with pytest.raises(FloatingPointError, match="UNet training diverged .*nothing was written"):
+        build_toy_sdxl_world(tmp_path / "inf", unet_steps=1, batch_size=2, num_latents=4)
+    assert not any((tmp_path / name).exists() for name in ("lr", "vae", "inf"))

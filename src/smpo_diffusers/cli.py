@@ -16,7 +16,7 @@ import torch
 from transformers import HfArgumentParser
 
 from .config import SmPOConfig
-from .distributed import OtherProcessFailed, leave_process_group, main_process_first, use_cpu_process_group
+from .distributed import OtherProcessFailed, leave_process_group, main_process_first, process_state
 
 logger = logging.getLogger(__name__)
 
@@ -33,10 +33,10 @@ class DemoArguments:
     )
     demo_world: str = field(
         default="toy",
-        metadata={"help": "'toy': the bundled toy text-to-image world (a trained tiny SD pipeline, its own "
-                          "generations as pairs, a programmatic reward), evaluated before/after on held-out "
-                          "prompts; 'tiny-random': a random-weights tiny model of this script's family (SD or "
-                          "SDXL) with generated pairs, for a quick pipeline check."},
+        metadata={"help": "'toy': the bundled toy text-to-image world in this script's layout (a trained tiny "
+                          "SD or SDXL pipeline, its own generations as pairs, a programmatic reward), evaluated "
+                          "before/after on held-out prompts; 'tiny-random': a random-weights tiny model of this "
+                          "script's family with generated pairs, for a quick pipeline check."},
     )
 
     def __post_init__(self):
@@ -102,7 +102,7 @@ def prepare_demo(config: SmPOConfig, demo: DemoArguments, family: str, given: se
     if demo.demo_world == "toy":
         from .toy import TOY_TRAINING_DEFAULTS, build_toy_demo_inputs
 
-        model_dir, dataset_dir = build_toy_demo_inputs(folder, seed=config.seed)
+        model_dir, dataset_dir = build_toy_demo_inputs(folder, seed=config.seed, layout=family)
         defaults = SmPOConfig()
 
         def typed(name):
@@ -128,32 +128,26 @@ def prepare_demo(config: SmPOConfig, demo: DemoArguments, family: str, given: se
 
 def evaluate_toy_demo(config: SmPOConfig) -> dict:
     """Before/after comparison of the toy demo on held-out prompts (``output_dir/evaluation``); prints the table."""
-    from .evaluation import evaluate, format_results_table
-    from .toy import TOY_GUIDANCE_SCALE, TOY_INFERENCE_STEPS, TOY_RESOLUTION, toy_caption_split
+    from .evaluation import format_results_table
+    from .toy import evaluate_toy_model
 
-    _, heldout = toy_caption_split()
-    results = evaluate(config.pretrained_model_name_or_path, config.output_dir, heldout,
-                       output_dir=os.path.join(config.output_dir, "evaluation"), seeds_per_prompt=2,
-                       seed=10_000 + config.seed, num_inference_steps=TOY_INFERENCE_STEPS,
-                       guidance_scale=TOY_GUIDANCE_SCALE, resolution=TOY_RESOLUTION, model_names=("base", "SmPO"))
+    results = evaluate_toy_model(config.pretrained_model_name_or_path, config.output_dir, seed=config.seed)
     print(format_results_table(results))
     print(f"before/after grid: {os.path.join(config.output_dir, 'evaluation', 'grid.png')}")
     return results
 
 
 def train_main(argv: list[str] | None = None, family: str = "sdxl") -> dict:
-    """Parse flags, train, save. ``family`` only selects what ``--demo_world tiny-random`` builds; real models
-    are detected from their files."""
+    """Parse flags, train, save. ``family`` (``"sd"`` or ``"sdxl"``) only selects what ``--demo`` trains on;
+    real models are detected from their files."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     argv = sys.argv[1:] if argv is None else list(argv)
     config, demo = parse_training_args(argv)
     if demo.demo:
-        from accelerate import PartialState
-
         # under accelerate launch the main process builds the inputs; the others then find them built
         given = given_flags(argv)
         main_process_first(lambda: prepare_demo(config, demo, family, given=given),
-                           PartialState(cpu=use_cpu_process_group()), "prepare the demo inputs")
+                           process_state(config.ddp_timeout), "prepare the demo inputs")
         config = dataclasses.replace(config)  # validated again with the demo's values in place
     missing = [flag for flag, value in (("--pretrained_model_name_or_path", config.pretrained_model_name_or_path),
                                         ("--dataset_name", config.dataset_name)) if value is None]
@@ -203,8 +197,9 @@ def parse_evaluate_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=EVALUATE_DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base_model", default=None,
-                        help="Base pipeline folder or Hub id, or 'toy' for the shipped toy pipeline (default: the "
-                             "base recorded in the training_config.json of --aligned_model or beside it).")
+                        help="Base pipeline folder or Hub id, or 'toy' / 'toy-sdxl' for the shipped SD / SDXL toy "
+                             "pipeline (default: the base recorded in the training_config.json of --aligned_model or "
+                             "beside it).")
     parser.add_argument("--base_revision", default=None,
                         help="Revision of a Hub base (default: the one training used, when --base_model is its base).")
     parser.add_argument("--base_variant", default=None,
@@ -269,9 +264,10 @@ def evaluate_main(argv: list[str] | None = None) -> dict:
     base_model = args.base_model or recorded.get("base_model")
     if base_model is None:
         raise ValueError(f"no training_config.json in or beside {args.aligned_model} records its base model; pass "
-                         "--base_model (a pipeline folder or Hub id, or 'toy' for the shipped toy pipeline).")
-    if base_model == "toy":
-        base_model = toy_model_path()
+                         "--base_model (a pipeline folder or Hub id, or 'toy' / 'toy-sdxl' for a shipped toy "
+                         "pipeline).")
+    if base_model in ("toy", "toy-sdxl"):
+        base_model = toy_model_path("sd" if base_model == "toy" else "sdxl")
     if args.base_revision is not None and os.path.isdir(base_model):
         raise ValueError(f"--base_revision {args.base_revision!r} selects a Hub revision, but the base model "
                          f"{base_model!r} is a local folder, whose files are read as they are. Drop --base_revision "

@@ -81,6 +81,13 @@ class SmPOConfig:
     no_hflip: bool = field(default=False,
                            metadata=_help("Disable random horizontal flips (same flip for both images)."))
     dataloader_num_workers: int = field(default=0, metadata=_help("Data-loading worker processes."))
+    ddp_timeout: int = field(
+        default=1800,
+        metadata=_help("Seconds a process waits at a collective for the others before the job stops (several "
+                       "processes). The others wait while the main process alone downloads the data or model, "
+                       "writes a checkpoint or the final weights, or renders validation images: raise it when one "
+                       "of these takes longer (torch's NCCL default would be 10 minutes)."),
+    )
     proportion_empty_prompts: float = field(
         default=0.2, metadata=_help("Fraction of prompts replaced by '' (the paper's recipe; inversion uses it too).")
     )
@@ -225,7 +232,7 @@ class SmPOConfig:
                 shown = ", ".join(repr(c) for c in choices if c is not None)
                 raise ValueError(f"--{name} {value!r} is not supported; choose one of {shown}.")
         for name in ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps",
-                     "rank", "validation_num_inference_steps", "max_consecutive_nonfinite"):
+                     "rank", "validation_num_inference_steps", "max_consecutive_nonfinite", "ddp_timeout"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}.")
         for name in ("max_train_steps", "num_train_epochs", "max_train_samples", "validation_steps",

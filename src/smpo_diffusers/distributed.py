@@ -1,15 +1,47 @@
 """Process-group details shared by the training and labelling jobs."""
 
 import os
+from datetime import timedelta
 
 import torch
 
 
+_OTHER_ACCELERATORS = ("xpu", "npu", "mlu", "musa", "sdaa", "hpu", "neuron")
+"""Devices besides CUDA that accelerate runs processes on, by the name of its ``is_<name>_available`` check."""
+
+
+def has_accelerator_device() -> bool:
+    """True when a CUDA GPU or another device accelerate supports (Intel XPU, Ascend NPU, ...) is available."""
+    if torch.cuda.is_available():
+        return True
+    import accelerate.utils
+
+    return any(getattr(accelerate.utils, f"is_{name}_available", lambda: False)() for name in _OTHER_ACCELERATORS)
+
+
 def use_cpu_process_group() -> bool:
     """True when several processes were launched (``accelerate launch --multi_gpu``/``torchrun``) on a machine
-    without GPUs. accelerate only joins such processes into one (gloo) group when told to use the CPU;
-    otherwise every process would silently run the whole job alone."""
-    return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    without GPUs or other accelerator devices. accelerate only joins such processes into one (gloo) group when
+    told to use the CPU; otherwise every process would silently run the whole job alone. On a machine with
+    accelerator devices accelerate uses them (telling it to use the CPU there would train on the CPU)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not has_accelerator_device()
+
+
+def process_state(timeout_seconds: int):
+    """The process-wide ``accelerate`` ``PartialState``, joining the launched processes (gloo on CPU-only machines,
+    see :func:`use_cpu_process_group`) with a collective timeout of ``timeout_seconds``. Create it before anything
+    else touches the state: the first creation sets up the group and later arguments are ignored."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=use_cpu_process_group(), **process_group_kwargs(timeout_seconds))
+
+
+def process_group_kwargs(timeout_seconds: int) -> dict:
+    """Keyword arguments of ``torch.distributed.init_process_group`` for a collective timeout of
+    ``timeout_seconds`` (``--ddp_timeout``): how long processes wait at a collective, e.g. for the main process
+    that downloads, writes a checkpoint or assembles a dataset alone, before the job stops. torch's own default
+    for NCCL is 10 minutes."""
+    return {"timeout": timedelta(seconds=timeout_seconds)}
 
 
 def leave_process_group(wait: bool = True) -> None:

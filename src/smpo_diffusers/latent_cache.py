@@ -291,8 +291,9 @@ class LatentCache:
             self._build_pairs(pairs, missing[rank::world], parts, resolution, batch_size)
             self._build_prompts(missing_prompts[rank::world], parts, weight_dtype, batch_size)
 
-        # every rank has listed the shards before any rank writes one; a failure on any rank stops them all
-        bases, winners, captions, missing, missing_prompts = on_every_process(
+        # the main process lists what is missing before any rank writes, and every rank builds its share of that
+        # one list (a rank listing on its own could see another run's writes and leave entries unbuilt)
+        bases, winners, captions, missing, missing_prompts = computed_on_main(
             list_missing, accelerator, f"list the latent cache {self.path}")
         on_every_process(build_share, accelerator, f"write its latent-cache entries in {self.path}")
         _, bad = self.index("pairs-")

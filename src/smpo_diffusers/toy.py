@@ -12,14 +12,17 @@ Everything is seeded and runs on one CPU thread:
   text-conditioned ``UNet2DConditionModel`` (epsilon prediction, SD 1.5 noise schedule) under a frozen,
   randomly initialised tiny CLIP text encoder, and saves a ``StableDiffusionPipeline`` folder (SD 1.x
   layout, ``DDIMScheduler``, safetensors). The shipped copy is :data:`TOY_ASSETS_DIR`.
+* :func:`build_toy_sdxl_world` - the same world in SDXL layout (two text encoders, pooled embedding,
+  micro-conditioning; the SD world's VAE), a ``StableDiffusionXLPipeline`` folder. The shipped copy is
+  :data:`TOY_SDXL_ASSETS_DIR`; ``examples/train_smpo_sdxl.py --demo`` trains on it.
 * :func:`toy_reward_scores` / :class:`ToyRewardModel` - reward in [0, 1]: half vividness (mean HSV
   saturation), half prompt fidelity (colour distance of the shape and background regions to the
   named colours). Continuous, so pairs range from near-ties to clear wins.
 * :func:`build_toy_preferences` - Pick-a-Pic-layout pairs of the toy pipeline's own generations,
   labelled through :class:`~smpo_diffusers.rewards.RewardLabeler`, with a noisy Bradley-Terry "human"
   ``label_0``; saved with ``save_to_disk`` plus ``reward_stats.json``.
-* :func:`build_toy_demo_inputs` / :func:`run_toy_demo` - what ``--demo`` trains on, and a
-  before/after evaluation of a short SmPO LoRA run.
+* :func:`build_toy_demo_inputs` / :func:`run_toy_demo` - what ``--demo`` trains on (the world of the
+  script's layout), and a before/after evaluation of a short SmPO LoRA run.
 """
 
 from __future__ import annotations
@@ -43,16 +46,21 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "TOY_ASSETS_DIR",
     "TOY_COLOURS",
+    "TOY_LAYOUTS",
     "TOY_RESOLUTION",
+    "TOY_SDXL_ASSETS_DIR",
+    "TOY_SDXL_TIME_IDS",
     "TOY_SHAPES",
     "TOY_TRAINING_DEFAULTS",
     "ToyRewardModel",
     "build_toy_demo_inputs",
     "build_toy_preferences",
+    "build_toy_sdxl_world",
     "build_toy_world",
     "check_toy_build_options",
     "colour_accuracy",
     "draw_toy_image",
+    "evaluate_toy_model",
     "human_labels",
     "load_toy_pipeline",
     "nearest_palette_colour",
@@ -67,6 +75,8 @@ __all__ = [
 
 TOY_ASSETS_DIR = Path(__file__).resolve().parent / "toy_assets"
 """The shipped toy pipeline folder (``StableDiffusionPipeline.from_pretrained(TOY_ASSETS_DIR)``)."""
+TOY_SDXL_ASSETS_DIR = Path(__file__).resolve().parent / "toy_assets_sdxl"
+"""The shipped SDXL-layout toy pipeline (``StableDiffusionXLPipeline.from_pretrained(TOY_SDXL_ASSETS_DIR)``)."""
 
 TOY_COLOURS: tuple[str, ...] = ("red", "green", "blue", "yellow", "purple", "orange", "pink", "cyan")
 """Chromatic colours of the toy world (a subset of :data:`smpo_diffusers.testing.COLOURS`)."""
@@ -255,10 +265,17 @@ def _encode_captions(tokenizer, text_encoder, captions: list[str]) -> torch.Tens
     return text_encoder(ids)[0]
 
 
+def _one_cycle_schedule(optimizer, lr: float, steps: int):
+    """``OneCycleLR`` peaking at ``lr`` after 5 % of ``steps`` (10 % when 5 % is exactly one step: torch divides by
+    ``pct_start * steps - 1`` there, so e.g. ``steps=20`` would fail)."""
+    pct_start = 0.05 if 0.05 * steps != 1 else 0.1
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=pct_start)
+
+
 def _train_vae(vae, captions, rng, generator, steps, batch_size, lr, kl_weight, log_every, device):
     vae.train()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.05)
+    schedule = _one_cycle_schedule(optimizer, lr, steps)
     losses = []
     for step in range(steps):
         chosen = rng.integers(len(captions), size=batch_size)
@@ -280,7 +297,11 @@ def _train_vae(vae, captions, rng, generator, steps, batch_size, lr, kl_weight, 
 
 
 def _train_unet(unet, latents, embeddings, empty_embedding, caption_index, generator, steps, batch_size, lr,
-                uncond_fraction, log_every, device):
+                uncond_fraction, log_every, device, pooled=None, empty_pooled=None, time_ids=None):
+    """Epsilon-prediction training on ``latents`` (``(M, 4, 8, 8)``, scaled) captioned by ``caption_index``
+    (``(M,)`` rows of ``embeddings``, ``(C, 77, D)``); a dropped caption gets ``empty_embedding`` (``(1, 77, D)``).
+    SDXL layout: ``pooled`` (``(C, P)``, dropped: ``empty_pooled``) and the constant ``time_ids`` (``(1, 6)``)
+    go in as ``added_cond_kwargs``. Returns the mean loss of the last 50 steps."""
     from diffusers import DDPMScheduler
 
     noise_scheduler = DDPMScheduler(**{k: v for k, v in SD15_SCHEDULER_CONFIG.items()
@@ -288,7 +309,7 @@ def _train_unet(unet, latents, embeddings, empty_embedding, caption_index, gener
                                                 "clip_sample", "steps_offset")})
     unet.train()
     optimizer = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.05)
+    schedule = _one_cycle_schedule(optimizer, lr, steps)
     losses = []
     count = latents.shape[0]
     for step in range(steps):
@@ -297,11 +318,17 @@ def _train_unet(unet, latents, embeddings, empty_embedding, caption_index, gener
         conditions = embeddings[caption_index[chosen]].to(device)
         dropped = (torch.rand(batch_size, generator=generator) < uncond_fraction).to(device)
         conditions = torch.where(dropped[:, None, None], empty_embedding.to(device).expand_as(conditions), conditions)
+        extra = {}
+        if pooled is not None:
+            text_embeds = pooled[caption_index[chosen]].to(device)
+            text_embeds = torch.where(dropped[:, None], empty_pooled.to(device).expand_as(text_embeds), text_embeds)
+            extra["added_cond_kwargs"] = {"text_embeds": text_embeds,
+                                          "time_ids": time_ids.to(device).expand(batch_size, -1)}
         noise = torch.randn(x0.shape, generator=generator).to(device)
         timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch_size,),
                                   generator=generator).to(device)
         prediction = unet(noise_scheduler.add_noise(x0, noise, timesteps), timesteps,
-                          encoder_hidden_states=conditions).sample
+                          encoder_hidden_states=conditions, **extra).sample
         loss = torch.nn.functional.mse_loss(prediction, noise)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -313,6 +340,21 @@ def _train_unet(unet, latents, embeddings, empty_embedding, caption_index, gener
             logger.info("unet step %d/%d loss %.4f", step + 1, steps, float(np.mean(losses[-log_every:])))
     unet.eval()
     return float(np.mean(losses[-50:]))
+
+
+@torch.no_grad()
+def _encode_toy_pictures(vae, captions, rng, generator, num_latents, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(caption_index (M,), latents (M, 4, 8, 8))``: ``num_latents`` fresh pictures of random captions encoded
+    by ``vae`` (posterior samples, not yet multiplied by the scaling factor), on the CPU."""
+    caption_index = torch.from_numpy(rng.integers(len(captions), size=num_latents))
+    raw = []
+    for start in range(0, num_latents, 256):
+        pixels = _pictures_to_tensor([draw_toy_image(captions[int(i)], rng)
+                                      for i in caption_index[start:start + 256]]).to(device)
+        posterior = vae.encode(pixels).latent_dist
+        noise = torch.randn(posterior.mean.shape, generator=generator).to(device)
+        raw.append((posterior.mean + posterior.std * noise).cpu())
+    return caption_index, torch.cat(raw)
 
 
 _BUILD_COUNTS = ("vae_steps", "unet_steps", "num_latents", "batch_size", "vae_batch_size", "threads")
@@ -411,16 +453,7 @@ def build_toy_world(output_dir: str | os.PathLike, seed: int = 0, vae_steps: int
     _check_finite_loss("VAE", vae_loss, "Lower vae_learning_rate or kl_weight.")
     vae_seconds = time.perf_counter() - vae_started
 
-    caption_index = torch.from_numpy(rng.integers(len(captions), size=num_latents))
-    with torch.no_grad():
-        raw = []
-        for start in range(0, num_latents, 256):
-            pixels = _pictures_to_tensor([draw_toy_image(captions[int(i)], rng)
-                                          for i in caption_index[start:start + 256]]).to(device)
-            posterior = parts["vae"].encode(pixels).latent_dist
-            noise = torch.randn(posterior.mean.shape, generator=generator).to(device)
-            raw.append((posterior.mean + posterior.std * noise).cpu())
-        raw = torch.cat(raw)
+    caption_index, raw = _encode_toy_pictures(parts["vae"], captions, rng, generator, num_latents, device)
     scaling_factor = float(1.0 / raw.std())
     if not (math.isfinite(scaling_factor) and scaling_factor > 0):
         raise FloatingPointError(f"the trained VAE gives latents with std {float(raw.std())}, so no scaling factor; "
@@ -460,14 +493,102 @@ def build_toy_world(output_dir: str | os.PathLike, seed: int = 0, vae_steps: int
     return info
 
 
-def _make_loadable_by_transformers_4(folder: str | os.PathLike, tokenizer) -> None:
+TOY_SDXL_TIME_IDS = (TOY_RESOLUTION, TOY_RESOLUTION, 0, 0, TOY_RESOLUTION, TOY_RESOLUTION)
+"""SDXL micro-conditioning of every toy picture: original size (h, w), crop top-left (top, left), target size."""
+
+
+def build_toy_sdxl_world(output_dir: str | os.PathLike, vae_from: str | os.PathLike | None = None, seed: int = 0,
+                         unet_steps: int = 3000, num_latents: int = 4096, batch_size: int = 128,
+                         unet_learning_rate: float = 1e-3, uncond_fraction: float = 0.1, log_every: int = 100,
+                         device: str = "cpu") -> dict:
+    """The toy world in SDXL layout: save a ``StableDiffusionXLPipeline`` folder to ``output_dir``.
+
+    Parts: the trained VAE of the SD toy world at ``vae_from`` (default: the shipped :data:`TOY_ASSETS_DIR`),
+    frozen; the two frozen, randomly initialised tiny CLIP text encoders of
+    :func:`~smpo_diffusers.testing.tiny_sdxl_components` (seeded with ``seed``); a ``text_time`` UNet
+    (cross-attention width 64, pooled width 32) trained from scratch as :func:`build_toy_world` trains the SD
+    one: epsilon prediction on ``num_latents`` freshly drawn pictures, SD 1.5 / SDXL noise schedule. It is
+    conditioned exactly as ``StableDiffusionXLPipeline.encode_prompt`` conditions it: both encoders'
+    penultimate hidden states concatenated ``(77, 64)``, ``text_encoder_2``'s pooled projection ``(32,)`` and
+    the time ids :data:`TOY_SDXL_TIME_IDS`; a dropped caption (``uncond_fraction``) gets zeros for both, as the
+    pipeline's ``force_zeros_for_empty_prompt`` gives the unconditional branch. The scheduler is the SD world's
+    ``DDIMScheduler``, so both layouts sample alike.
+
+    Writes the folder and ``toy_world.json``; returns that record. Bad options raise ``ValueError``, a
+    non-finite final loss ``FloatingPointError``, both before anything is written. About 18 minutes on two
+    CPU threads."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionXLPipeline
+
+    from .testing import tiny_sdxl_components
+
+    vae_from = str(vae_from or TOY_ASSETS_DIR)
+    check_toy_build_options(output_dir=output_dir, seed=seed, unet_steps=unet_steps, num_latents=num_latents,
+                            batch_size=batch_size, device=device)
+    if not (math.isfinite(unet_learning_rate) and unet_learning_rate > 0):
+        raise ValueError(f"unet_learning_rate must be a finite number > 0, got {unet_learning_rate!r}.")
+    if not 0.0 <= uncond_fraction <= 1.0 or (log_every or 0) < 0:
+        raise ValueError(f"uncond_fraction must be in [0, 1] and log_every >= 0; got {uncond_fraction!r}, "
+                         f"{log_every!r}.")
+    if not os.path.isfile(os.path.join(vae_from, "vae", "config.json")):
+        raise ValueError(f"vae_from {vae_from!r} holds no vae/ folder; pass the SD toy world (build it with "
+                         "examples/toy/build_toy_world.py).")
+    started = time.perf_counter()
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    generator = torch.Generator().manual_seed(seed)
+    parts = tiny_sdxl_components(seed)
+    parts["vae"] = AutoencoderKL.from_pretrained(vae_from, subfolder="vae").eval()
+    parts["scheduler"] = DDIMScheduler.from_pretrained(vae_from, subfolder="scheduler")
+    pipeline = StableDiffusionXLPipeline(**parts, add_watermarker=False)
+    captions = toy_captions()
+
+    caption_index, raw = _encode_toy_pictures(pipeline.vae.to(device), captions, rng, generator, num_latents, device)
+    pipeline.vae.to("cpu")
+    latents = raw * pipeline.vae.config.scaling_factor
+    with torch.no_grad():
+        embeddings, _, pooled, _ = pipeline.encode_prompt(captions, device="cpu", num_images_per_prompt=1,
+                                                          do_classifier_free_guidance=False)
+    time_ids = torch.tensor([TOY_SDXL_TIME_IDS], dtype=torch.float32)
+    unet = pipeline.unet.to(device)
+    unet_started = time.perf_counter()
+    unet_loss = _train_unet(unet, latents, embeddings, torch.zeros_like(embeddings[:1]), caption_index, generator,
+                            unet_steps, batch_size, unet_learning_rate, uncond_fraction, log_every, device,
+                            pooled=pooled, empty_pooled=torch.zeros_like(pooled[:1]), time_ids=time_ids)
+    _check_finite_loss("UNet", unet_loss, "Lower unet_learning_rate.")
+    unet.to("cpu")
+    unet_seconds = time.perf_counter() - unet_started
+
+    output_dir = str(output_dir)
+    pipeline.save_pretrained(output_dir, safe_serialization=True)
+    _make_loadable_by_transformers_4(output_dir, pipeline.tokenizer, ("tokenizer", "tokenizer_2"))
+    _, heldout = toy_caption_split()
+    info = {
+        "layout": "sdxl", "vae_from": "toy_assets" if os.path.samefile(vae_from, TOY_ASSETS_DIR) else vae_from,
+        "seed": seed, "unet_steps": unet_steps, "num_latents": num_latents,
+        "batch_size": batch_size, "unet_learning_rate": unet_learning_rate, "uncond_fraction": uncond_fraction,
+        "unet_final_loss": unet_loss, "vae_scaling_factor": pipeline.vae.config.scaling_factor,
+        "time_ids": list(TOY_SDXL_TIME_IDS), "unet_seconds": round(unet_seconds, 1),
+        "build_seconds": round(time.perf_counter() - started, 1), "torch_threads": torch.get_num_threads(),
+        "torch_version": torch.__version__, "device": str(device), "guidance_scale": TOY_GUIDANCE_SCALE,
+        "num_inference_steps": TOY_INFERENCE_STEPS, "num_captions": len(captions), "heldout_captions": heldout,
+    }
+    with open(os.path.join(output_dir, TOY_WORLD_INFO), "w") as handle:
+        json.dump(info, handle, indent=2, allow_nan=False)
+    return info
+
+
+def _make_loadable_by_transformers_4(folder: str | os.PathLike, tokenizer,
+                                     tokenizer_folders: tuple[str, ...] = ("tokenizer",)) -> None:
     """A pipeline folder written by transformers >= 5 that transformers 4.x loads too (same outputs): the
-    tokenizer's ``vocab.json``/``merges.txt`` beside its ``tokenizer.json``, and the text encoder's weights under
-    the ``text_model.`` names 4.x expects (5.x reads both; 4.x would silently re-initialise unprefixed ones)."""
+    tokenizer's ``vocab.json``/``merges.txt`` beside its ``tokenizer.json`` (in each of ``tokenizer_folders``), and
+    ``text_encoder``'s weights under the ``text_model.`` names 4.x expects (5.x reads both; 4.x would silently
+    re-initialise unprefixed ones). A ``CLIPTextModelWithProjection`` (SDXL's ``text_encoder_2``) is already
+    saved under those names."""
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
-    write_slow_tokenizer_files(tokenizer, os.path.join(folder, "tokenizer"))
+    for name in tokenizer_folders:
+        write_slow_tokenizer_files(tokenizer, os.path.join(folder, name))
     weights = os.path.join(folder, "text_encoder", "model.safetensors")
     with safe_open(weights, framework="pt") as handle:
         metadata = handle.metadata()
@@ -477,21 +598,31 @@ def _make_loadable_by_transformers_4(folder: str | os.PathLike, tokenizer) -> No
                    for name, tensor in tensors.items()}, weights, metadata=metadata)
 
 
-def toy_model_path() -> str:
-    """Path of the shipped toy pipeline; a clear error naming the fix when it is missing."""
-    if not (TOY_ASSETS_DIR / "model_index.json").is_file():
+TOY_LAYOUTS = {"sd": TOY_ASSETS_DIR, "sdxl": TOY_SDXL_ASSETS_DIR}
+"""The shipped toy pipelines by layout, and the script that regenerates each."""
+_TOY_BUILD_SCRIPTS = {"sd": "examples/toy/build_toy_world.py", "sdxl": "examples/toy/build_toy_sdxl_world.py"}
+
+
+def toy_model_path(layout: str = "sd") -> str:
+    """Path of the shipped toy pipeline of ``layout`` (``"sd"`` or ``"sdxl"``); a clear error naming the fix when
+    it is missing."""
+    if layout not in TOY_LAYOUTS:
+        raise ValueError(f"layout must be one of {sorted(TOY_LAYOUTS)}, got {layout!r}.")
+    folder = TOY_LAYOUTS[layout]
+    if not (folder / "model_index.json").is_file():
         raise FileNotFoundError(
-            f"The toy pipeline is missing from {TOY_ASSETS_DIR}; regenerate it with "
-            "`python examples/toy/build_toy_world.py` or reinstall the package (it ships as package data)."
+            f"The {layout} toy pipeline is missing from {folder}; regenerate it with "
+            f"`python {_TOY_BUILD_SCRIPTS[layout]}` or reinstall the package (it ships as package data)."
         )
-    return str(TOY_ASSETS_DIR)
+    return str(folder)
 
 
 def load_toy_pipeline(model_path: str | None = None):
-    """``StableDiffusionPipeline`` of the toy world (default: the shipped one), progress bar off."""
-    from diffusers import StableDiffusionPipeline
+    """The toy pipeline at ``model_path`` (default: the shipped SD one) with the class its ``model_index.json``
+    names (``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline``), progress bar off."""
+    from diffusers import DiffusionPipeline
 
-    pipeline = StableDiffusionPipeline.from_pretrained(model_path or toy_model_path())
+    pipeline = DiffusionPipeline.from_pretrained(model_path or toy_model_path())
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 
@@ -578,33 +709,37 @@ def build_toy_preferences(output_dir: str | os.PathLike, model_path: str | None 
 # ----------------------------------------------------------------------------- demo
 
 
-def build_toy_demo_inputs(folder: str | os.PathLike, pairs_per_caption: int = 1, seed: int = 0) -> tuple[str, str]:
-    """``(model_dir, labelled_dataset_dir)`` for ``--demo``: the shipped toy pipeline and toy preference pairs
-    under ``folder`` (built once per ``(pairs_per_caption, seed)``, reused afterwards)."""
-    dataset_dir = os.path.join(str(folder), f"toy-preferences-{pairs_per_caption}x-seed{seed}")
+def build_toy_demo_inputs(folder: str | os.PathLike, pairs_per_caption: int = 1, seed: int = 0,
+                          layout: str = "sd") -> tuple[str, str]:
+    """``(model_dir, labelled_dataset_dir)`` for ``--demo``: the shipped toy pipeline of ``layout`` (``"sd"`` or
+    ``"sdxl"``) and preference pairs of its own generations under ``folder`` (built once per ``(layout,
+    pairs_per_caption, seed)``, reused afterwards)."""
+    model_dir = toy_model_path(layout)
+    prefix = "toy" if layout == "sd" else f"toy-{layout}"
+    dataset_dir = os.path.join(str(folder), f"{prefix}-preferences-{pairs_per_caption}x-seed{seed}")
     if not os.path.isfile(os.path.join(dataset_dir, "reward_stats.json")):
-        build_toy_preferences(dataset_dir, pairs_per_caption=pairs_per_caption, seed=seed)
-    return toy_model_path(), dataset_dir
+        build_toy_preferences(dataset_dir, model_path=model_dir, pairs_per_caption=pairs_per_caption, seed=seed)
+    return model_dir, dataset_dir
 
 
 TOY_TRAINING_DEFAULTS = dict(resolution=TOY_RESOLUTION, train_batch_size=8, max_train_steps=60, learning_rate=3e-4,
                              beta_dpo=2000.0, rank=8, report_to="none", checkpointing_steps=10**6,
                              lr_scheduler="constant")
-"""SmPOConfig values the toy studies and the demo start from (any of them can be overridden). The toy pipeline
-is SD-layout, so inversion variants get the SD default grid N = 5."""
+"""SmPOConfig values the toy studies and the demo start from (any of them can be overridden). The inversion grid
+N is left to the model family: 5 for the SD world, 10 for the SDXL one."""
 
 
-def train_toy_model(output_dir: str, dataset_dir: str, **overrides):
+def train_toy_model(output_dir: str, dataset_dir: str, layout: str = "sd", **overrides):
     """Train a LoRA on the toy world with :class:`~smpo_diffusers.SmPOTrainer`.
 
     ``overrides`` are :class:`~smpo_diffusers.SmPOConfig` fields on top of :data:`TOY_TRAINING_DEFAULTS` (the
-    model defaults to the shipped toy pipeline). Returns the trainer after ``train()`` (weights saved in
-    ``output_dir``; ``trainer.unet_evaluations`` holds the UNet sample-evaluations spent)."""
+    model defaults to the shipped toy pipeline of ``layout``). Returns the trainer after ``train()`` (weights
+    saved in ``output_dir``; ``trainer.unet_evaluations`` holds the UNet sample-evaluations spent)."""
     from .config import SmPOConfig
     from .trainer import SmPOTrainer
 
-    options = dict(TOY_TRAINING_DEFAULTS, pretrained_model_name_or_path=toy_model_path(), dataset_name=dataset_dir,
-                   output_dir=str(output_dir))
+    options = dict(TOY_TRAINING_DEFAULTS, pretrained_model_name_or_path=toy_model_path(layout),
+                   dataset_name=dataset_dir, output_dir=str(output_dir))
     if "num_train_epochs" in overrides and "max_train_steps" not in overrides:
         del options["max_train_steps"]  # the epochs given set the run's length
     options.update(overrides)
@@ -613,17 +748,28 @@ def train_toy_model(output_dir: str, dataset_dir: str, **overrides):
     return trainer
 
 
-def run_toy_demo(output_dir: str, max_train_steps: int = 60, seed: int = 0, seeds_per_prompt: int = 2,
-                 progress: bool = True, **overrides) -> dict:
-    """The embedded demo end to end: toy preference pairs -> SmPO LoRA -> before/after evaluation on the
-    held-out captions (``output_dir/evaluation``: results.json, results.md, grid.png). Returns the results
-    dict of :func:`smpo_diffusers.evaluation.evaluate`."""
+def evaluate_toy_model(base_model: str, aligned_model: str, seed: int = 0, seeds_per_prompt: int = 2,
+                       progress: bool = True) -> dict:
+    """Before/after comparison of a toy training output with its base on the held-out captions, with the toy
+    reward and the toy sampling settings (seeds from ``10_000 + seed``); writes ``aligned_model/evaluation``
+    (results.json, results.md, grid.png) and returns the results dict of
+    :func:`smpo_diffusers.evaluation.evaluate`."""
     from .evaluation import evaluate
 
-    model_dir, dataset_dir = build_toy_demo_inputs(os.path.join(output_dir, "demo-inputs"), seed=seed)
-    train_toy_model(output_dir, dataset_dir, max_train_steps=max_train_steps, seed=seed, **overrides)
     _, heldout = toy_caption_split()
-    return evaluate(model_dir, output_dir, heldout, output_dir=os.path.join(output_dir, "evaluation"),
+    return evaluate(base_model, aligned_model, heldout, output_dir=os.path.join(aligned_model, "evaluation"),
                     seeds_per_prompt=seeds_per_prompt, seed=10_000 + seed, num_inference_steps=TOY_INFERENCE_STEPS,
                     guidance_scale=TOY_GUIDANCE_SCALE, resolution=TOY_RESOLUTION, progress=progress,
                     model_names=("base", "SmPO"))
+
+
+def run_toy_demo(output_dir: str, max_train_steps: int = 60, seed: int = 0, seeds_per_prompt: int = 2,
+                 progress: bool = True, layout: str = "sd", **overrides) -> dict:
+    """The embedded demo end to end in ``layout`` (``"sd"`` or ``"sdxl"``): toy preference pairs -> SmPO LoRA ->
+    before/after evaluation on the held-out captions (:func:`evaluate_toy_model`). Returns its results dict."""
+    model_dir, dataset_dir = build_toy_demo_inputs(os.path.join(output_dir, "demo-inputs"), seed=seed,
+                                                   layout=layout)
+    train_toy_model(output_dir, dataset_dir, layout=layout, max_train_steps=max_train_steps, seed=seed,
+                    **overrides)
+    return evaluate_toy_model(model_dir, output_dir, seed=seed, seeds_per_prompt=seeds_per_prompt,
+                              progress=progress)

@@ -29,11 +29,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_seed
 
 from .config import PICKSCORE_REWARD_SCALE, SmPOConfig
-from .distributed import (
-    OtherProcessFailed, computed_on_main, on_every_process, same_on_every_process, use_cpu_process_group)
+from .distributed import (OtherProcessFailed, computed_on_main, on_every_process, process_group_kwargs,
+                          same_on_every_process, use_cpu_process_group)
 from .data import (
     PADDING_INDEX,
     PairTransform,
@@ -352,7 +352,8 @@ class SmPOTrainer:
         )
         return Accelerator(gradient_accumulation_steps=config.gradient_accumulation_steps,
                            mixed_precision=config.mixed_precision, log_with=log_with, project_config=project_config,
-                           cpu=use_cpu_process_group())
+                           cpu=use_cpu_process_group(),
+                           kwargs_handlers=[InitProcessGroupKwargs(**process_group_kwargs(config.ddp_timeout))])
 
     def _load_dataset(self):
         if self.config.dataset_name is None:
@@ -481,9 +482,13 @@ class SmPOTrainer:
                     stats.path, stats.pairs_built, stats.pairs_needed, stats.prompts_built, stats.prompts_needed,
                     stats.undecodable_pairs, stats.seconds)
         self._move_encoders(torch.device("cpu"))
-        return CachedPairDataset(self.pairs, cache.reader(), seed=config.seed,
-                                 proportion_empty_prompts=config.proportion_empty_prompts,
-                                 hflip=not config.no_hflip, is_sdxl=parts.is_sdxl, entry_bases=bases)
+        # every process reads the whole cache: one that lacks entries (a --latent_cache_dir local to each machine)
+        # stops them all, with the fix
+        return on_every_process(
+            lambda: CachedPairDataset(self.pairs, cache.reader(), seed=config.seed,
+                                      proportion_empty_prompts=config.proportion_empty_prompts,
+                                      hflip=not config.no_hflip, is_sdxl=parts.is_sdxl, entry_bases=bases),
+            self.accelerator, f"read the latent cache {stats.path}")
 
     def _move_encoders(self, device) -> None:
         self.parts.vae.to(device)

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from ..data import load_preference_dataset
-from ..distributed import computed_on_main, main_process_first, on_every_process, use_cpu_process_group
+from ..distributed import computed_on_main, main_process_first, on_every_process, process_state
 from ..files import atomic_write_json, fsync_directory, fsync_tree
 from ..latent_cache import module_fingerprint, path_only_file_stamps
 from .base import EnsembleRewardModel, RewardModel
@@ -109,9 +109,16 @@ class LabelingArguments:
         default=256,
         metadata={"help": "Ensembles only: the first N readable pairs estimate each member's mean/std."},
     )
+    ddp_timeout: int = field(
+        default=7200,
+        metadata={"help": "Seconds a process waits at a collective for the others before the job stops (several "
+                          "processes). The others wait while the main process alone downloads the dataset and, at "
+                          "the end, writes the whole labelled dataset (images included): raise it for datasets "
+                          "that take longer to write (torch's NCCL default would be 10 minutes)."},
+    )
 
     def __post_init__(self):
-        for name in ("batch_size", "shard_size", "preprocess_threads", "ensemble_calibration_pairs"):
+        for name in ("batch_size", "shard_size", "preprocess_threads", "ensemble_calibration_pairs", "ddp_timeout"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}.")
         if self.max_samples is not None and self.max_samples < 1:
@@ -389,9 +396,8 @@ def label_dataset(args: LabelingArguments, reward_model: RewardModel | None = No
         weights, as in the shard fingerprints; ``arguments["fp16"]`` is what was asked).
     """
     import datasets
-    from accelerate import PartialState
 
-    state = PartialState(cpu=use_cpu_process_group())
+    state = process_state(args.ddp_timeout)
     started = time.perf_counter()
     output_dir = os.path.abspath(args.output_dir)
     if os.path.exists(args.dataset_name) and os.path.realpath(args.dataset_name) == os.path.realpath(output_dir):
