@@ -193,6 +193,32 @@ def test_two_processes_draw_each_pair_once_an_epoch(tmp_path, demo_inputs):
 
 
 @pytest.mark.slow
+def test_two_processes_accumulate_micro_batches_into_one_update(tmp_path, demo_inputs):
+    """Gradient accumulation on 2 processes (13 pairs, batches of 2, 2 micro-batches per update): DDP's
+    accumulation without all-reduce, then one synchronised step, gives each update the mean gradient over all the
+    pairs both processes trained in its micro-batches; the padded end of the epoch (empty micro-batches before the
+    last) weighs nothing."""
+    model, data = demo_inputs["sd"]
+    out = tmp_path / "out"
+    launch([ROOT / "tests" / "scripts" / "record_training.py", tmp_path / "rec", "--probe_loss",
+            *common_flags(model, data, out, train_batch_size=2, gradient_accumulation_steps=2, max_train_samples=13,
+                          loss_type="dpo", noise_source="random", num_train_epochs=1, max_grad_norm=0)],
+           processes=2)
+    records = read_records(tmp_path / "rec")
+    seen = [index for record in records for micro_batch in record["seen"] for index in micro_batch]
+    assert sorted(seen) == list(range(13))
+    assert [len(r["micro_batch_sizes"]) for r in records] == [4, 4]
+    metrics = json.loads((out / "training_metrics.json").read_text())
+    assert metrics["global_step"] == 2 and records[0]["optimizer_steps"] == records[1]["optimizer_steps"] == 2
+    rounds = [[index for record in records for micro_batch in record["seen"][2 * update:2 * update + 2]
+               for index in micro_batch] for update in range(2)]
+    assert [len(pairs) for pairs in rounds] == [8, 5]
+    expected = [np.mean(np.array(pairs) + 1) for pairs in rounds]
+    for record in records:
+        np.testing.assert_allclose(record["step_gradients"], expected, rtol=1e-6)
+
+
+@pytest.mark.slow
 def test_two_process_labelling_equals_one_process(tmp_path):
     from datasets import load_from_disk
 
