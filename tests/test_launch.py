@@ -20,8 +20,20 @@ LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", 
 def launch(args, processes=1, timeout=600):
     extra = ["--multi_gpu", "--num_processes", str(processes)] if processes > 1 else ["--num_processes", "1"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    result = subprocess.run(LAUNCH + extra + [str(a) for a in args], capture_output=True, text=True, env=env,
-                            timeout=timeout, cwd=ROOT)
+    with subprocess.Popen(LAUNCH + extra + [str(a) for a in args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, env=env, cwd=ROOT) as launcher:
+        try:
+            stdout, stderr = launcher.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            # SIGTERM first: the launcher passes it on to its workers (they run in sessions of their own, so
+            # killing the launcher alone would leave a hung pair running)
+            launcher.terminate()
+            try:
+                launcher.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                launcher.kill()
+            raise
+    result = subprocess.CompletedProcess(launcher.args, launcher.returncode, stdout, stderr)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result
 
@@ -424,3 +436,17 @@ def test_cpu_process_group_only_where_there_is_no_accelerator_device(monkeypatch
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert not use_cpu_process_group()
+
+
+def test_save_model_after_train_names_the_closed_process_group():
+    """train() closes the process group at its end; a later save_model() under several processes, which sums its
+    counts over them, says so and points at the model train() saved (instead of a torch error from the reduce)."""
+    import types
+
+    from smpo_diffusers.trainer import SmPOTrainer
+
+    finished = types.SimpleNamespace(accelerator=types.SimpleNamespace(num_processes=2),
+                                     config=types.SimpleNamespace(output_dir="out"))
+    with pytest.raises(RuntimeError, match="group was closed at the end of train\\(\\), which already saved the "
+                                           "final model in out"):
+        SmPOTrainer.save_model(finished)

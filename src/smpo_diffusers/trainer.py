@@ -1225,7 +1225,14 @@ class SmPOTrainer:
     def save_model(self, output_dir: str | None = None) -> None:
         """Write diffusers-loadable weights (LoRA safetensors, ``unet/`` or the whole pipeline),
         ``training_config.json`` and ``training_metrics.json``; safetensors only. Every process calls it (the
-        counts are summed over processes); the main process writes, and a failure there stops every process."""
+        counts are summed over processes); the main process writes, and a failure there stops every process.
+        With several processes, call it before :meth:`train` returns (train saves the final model itself, then
+        closes the process group)."""
+        if self.accelerator.num_processes > 1 and not torch.distributed.is_initialized():
+            raise RuntimeError(
+                "save_model() sums its counts over the processes, but their group was closed at the end of train(), "
+                f"which already saved the final model in {self.config.output_dir}. Copy that folder instead, or "
+                "call save_model() during training (e.g. from a subclass).")
         output_dir = output_dir or self.config.output_dir
         check_inputs_outside_output(output_dir, self._local_inputs())
         totals = self.count_totals()
