@@ -207,6 +207,8 @@ def test_settings_the_model_or_a_given_accelerator_contradict_are_refused(tmp_pa
                     accelerator=Accelerator(gradient_accumulation_steps=4))
     with pytest.raises(ValueError, match="mixed_precision='no' but the config says 'bf16'"):
         SmPOTrainer(config(tmp_path, mixed_precision="bf16"), dataset=labelled(demo_inputs), accelerator=Accelerator())
+    with pytest.raises(ValueError, match="ddp_timeout=900 would be ignored: the given Accelerator's process group"):
+        SmPOTrainer(config(tmp_path, ddp_timeout=900), dataset=labelled(demo_inputs), accelerator=Accelerator())
     # batching and the data order belong to the trainer (train_batch_size is per process; resume skips batches)
     for option in ("split_batches", "dispatch_batches", "use_stateful_dataloader"):
         try:

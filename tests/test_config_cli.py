@@ -262,7 +262,7 @@ def test_toy_demo_trains_and_reports_before_after(tmp_path):
     assert saved["max_train_steps"] == 3 and saved["train_batch_size"] == 8  # user flag kept, toy default used
     assert saved["model_family"] == "sdxl"
     assert os.path.samefile(saved["pretrained_model_name_or_path"], TOY_SDXL_ASSETS_DIR)
-    assert saved["num_inversion_steps"] == 10  # the SDXL default grid
+    assert (saved["num_inversion_steps"], saved["beta_dpo"]) == (10, 5000.0)  # the SDXL family's defaults
 
 
 @pytest.mark.slow
@@ -294,7 +294,7 @@ def test_demo_defaults_never_replace_typed_flags(tmp_path, monkeypatch):
     config, demo = parse_training_args(argv)
     prepare_demo(config, demo, "sd", given=given_flags(argv))
     assert (config.train_batch_size, config.report_to, config.checkpointing_steps) == (1, "tensorboard", 500)
-    assert config.max_train_steps == toy.TOY_TRAINING_DEFAULTS["max_train_steps"]  # not typed: the toy's value
+    assert config.max_train_steps == toy.TOY_TRAINING_DEFAULTS["max_train_steps"] == 60  # not typed: the toy's
     assert (config.pretrained_model_name_or_path, config.dataset_name) == ("toy-model", "toy-data")
     # dashes, abbreviations and --no_ complements are the same options to the parser, so to --demo too
     other = ["--demo", "--output-dir", str(tmp_path), "--learning-rate", "0.5", "--max_train_st", "3", "--gamma=2",
@@ -310,7 +310,11 @@ def test_demo_defaults_never_replace_typed_flags(tmp_path, monkeypatch):
     prepare_demo(config, demo, "sdxl", given=given_flags(epochs))
     assert (config.num_train_epochs, config.max_train_steps) == (2, None)
     dataclasses.replace(config)  # validates
-    assert layouts == ["sd", "sd", "sdxl"]  # each script's --demo trains the toy world of its own layout
+    plain = ["--demo", "--output_dir", str(tmp_path)]
+    config, demo = parse_training_args(plain)
+    prepare_demo(config, demo, "sdxl", given=given_flags(plain))
+    assert (config.max_train_steps, config.beta_dpo) == (120, None)  # the SDXL world's length; β of the family
+    assert layouts == ["sd", "sd", "sdxl", "sdxl"]  # each script's --demo trains the toy world of its own layout
 
 
 def test_demo_values_are_validated_like_typed_ones(tmp_path, monkeypatch, capsys):
@@ -351,9 +355,7 @@ def test_training_joins_the_process_group_with_the_ddp_timeout(tmp_path, monkeyp
     import smpo_diffusers.cli as cli
     from smpo_diffusers.trainer import SmPOTrainer
 
-    config = SmPOConfig(output_dir=str(tmp_path), report_to="none", ddp_timeout=2700)
-    accelerator = SmPOTrainer._make_accelerator(types.SimpleNamespace(config=config))
-    assert accelerator.init_handler.timeout == datetime.timedelta(seconds=2700)
+    import smpo_diffusers.trainer as trainer_module
 
     asked = []
 
@@ -361,7 +363,21 @@ def test_training_joins_the_process_group_with_the_ddp_timeout(tmp_path, monkeyp
         asked.append(timeout_seconds)
         raise InterruptedError("stop here")
 
+    # 600 s too: accelerate's InitProcessGroupKwargs drops a timeout equal to its own default (600 s)
+    monkeypatch.setattr(trainer_module, "process_state", record)
+    for seconds in (2700, 600):
+        with pytest.raises(InterruptedError):
+            SmPOTrainer._make_accelerator(types.SimpleNamespace(config=SmPOConfig(
+                output_dir=str(tmp_path), report_to="none", ddp_timeout=seconds)))
     monkeypatch.setattr(cli, "process_state", record)
     with pytest.raises(InterruptedError):
         cli.train_main(["--demo", "--output_dir", str(tmp_path), "--ddp_timeout", "900"])
-    assert asked == [900] and SmPOConfig().ddp_timeout == 1800
+    assert asked == [2700, 600, 900] and SmPOConfig().ddp_timeout == 1800
+    # the state process_state makes carries the timeout into torch.distributed.init_process_group
+    import accelerate
+    import smpo_diffusers.distributed as distributed
+
+    made = []
+    monkeypatch.setattr(accelerate, "PartialState", lambda **kwargs: made.append(kwargs))
+    distributed.process_state(600)
+    assert made[0]["timeout"] == datetime.timedelta(seconds=600)

@@ -388,17 +388,17 @@ def _free_port() -> int:
 
 
 def test_ddp_timeout_is_how_long_the_others_wait_for_the_main_process(tmp_path):
-    """--ddp_timeout reaches the process group: while the main process works alone for 4 s, the other process
-    gives up after a 1 s timeout and waits it out with a 60 s one (torch's NCCL default, 10 minutes, used to stop
+    """--ddp_timeout reaches the process group: while the main process works alone for 8 s, the other process
+    gives up after a 3 s timeout and waits it out with a 60 s one (torch's NCCL default, 10 minutes, used to stop
     multi-GPU labelling while the main process wrote a large dataset)."""
     script = ROOT / "tests" / "scripts" / "slow_main_process.py"
     runs = {}
-    for timeout in (1, 60):
+    for timeout in (3, 60):
         folder = tmp_path / f"timeout-{timeout}"
         folder.mkdir()
         port = str(_free_port())
         runs[timeout] = folder, [
-            subprocess.Popen([sys.executable, str(script), str(folder), str(timeout), "4"], cwd=ROOT,
+            subprocess.Popen([sys.executable, str(script), str(folder), str(timeout), "8"], cwd=ROOT,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              env=dict(os.environ, OMP_NUM_THREADS="1", RANK=str(rank), LOCAL_RANK=str(rank),
                                       WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
@@ -411,9 +411,14 @@ def test_ddp_timeout_is_how_long_the_others_wait_for_the_main_process(tmp_path):
             except subprocess.TimeoutExpired:
                 process.kill()
                 raise
-    assert read_endings(runs[60][0]) == ["computed", "computed"]
-    waited = json.loads((runs[1][0] / "rank1.json").read_text())["ended"]  # the main process may not get to write
-    assert waited.startswith("RuntimeError") and re.search("timed? ?out", waited, re.IGNORECASE), waited
+
+    def ended(timeout, rank):
+        return json.loads((runs[timeout][0] / f"rank{rank}.json").read_text())
+
+    assert [ended(60, rank) for rank in (0, 1)] == [{"phase": "wait", "ended": "computed"}] * 2
+    waited = ended(3, 1)  # both joined the group; then process 1 gave up waiting for the main one
+    assert waited["phase"] == "wait" and waited["ended"].startswith("RuntimeError"), waited
+    assert re.search("timed? ?out", waited["ended"], re.IGNORECASE), waited
 
 
 def test_cpu_process_group_only_where_there_is_no_accelerator_device(monkeypatch):

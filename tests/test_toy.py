@@ -312,9 +312,12 @@ def test_build_toy_sdxl_world_script_smoke_run(tmp_path, monkeypatch):
             assert all(key.startswith(("text_model.", "text_projection.")) for key in handle.keys())
 
 
-def test_sdxl_toy_unet_is_trained_on_what_the_pipeline_feeds_it(tmp_path, monkeypatch):
-    """The conditioning the SDXL toy UNet learns from equals what StableDiffusionXLPipeline gives it when sampling:
-    the caption's hidden states and pooled embedding, the time ids, and zeros for the unconditional branch."""
+def test_sdxl_toy_unet_is_trained_on_what_the_pipeline_and_the_trainer_feed_it(tmp_path, monkeypatch):
+    """The conditioning the SDXL toy UNet learns from equals what it is given later: by StableDiffusionXLPipeline
+    when sampling (the caption's hidden states and pooled embedding, the time ids, zeros for the unconditional
+    branch) and by the trainer (the same embeddings, and the encoded "" for --proportion_empty_prompts)."""
+    from smpo_diffusers.models import encode_prompts, load_diffusion_parts, sdxl_time_ids
+
     seen = {}
 
     def record(unet, latents, embeddings, empty_embedding, caption_index, *args, **kwargs):
@@ -323,6 +326,10 @@ def test_sdxl_toy_unet_is_trained_on_what_the_pipeline_feeds_it(tmp_path, monkey
 
     monkeypatch.setattr(toy, "_train_unet", record)
     build_toy_sdxl_world(tmp_path / "world", unet_steps=1, num_latents=4, batch_size=2)
+    zeros, empty_prompt = seen["empty"]
+    zeros_pooled, empty_prompt_pooled = seen["empty_pooled"]
+    assert not zeros.any() and not zeros_pooled.any()
+
     pipeline = load_toy_pipeline(str(tmp_path / "world"))
     fed = {}
 
@@ -335,10 +342,17 @@ def test_sdxl_toy_unet_is_trained_on_what_the_pipeline_feeds_it(tmp_path, monkey
     pipeline([caption], num_inference_steps=1, guidance_scale=3.0, generator=torch.Generator().manual_seed(0))
     unconditional, conditional = fed["hidden"]
     torch.testing.assert_close(conditional, seen["embeddings"][5])
-    torch.testing.assert_close(unconditional, seen["empty"][0])
-    assert not seen["empty"].any() and not seen["empty_pooled"].any()
-    torch.testing.assert_close(fed["added"]["text_embeds"], torch.cat([seen["empty_pooled"], seen["pooled"][5:6]]))
+    torch.testing.assert_close(unconditional, zeros)
+    torch.testing.assert_close(fed["added"]["text_embeds"], torch.stack([zeros_pooled, seen["pooled"][5]]))
     torch.testing.assert_close(fed["added"]["time_ids"], seen["time_ids"].expand(2, -1))
+
+    parts = load_diffusion_parts(None, components=pipeline.components)
+    with torch.no_grad():
+        trained = encode_prompts(parts, [caption, ""], "cpu")
+    torch.testing.assert_close(trained.hidden, torch.stack([seen["embeddings"][5], empty_prompt]))
+    torch.testing.assert_close(trained.pooled, torch.stack([seen["pooled"][5], empty_prompt_pooled]))
+    sizes = torch.tensor([[32.0, 32.0]])
+    torch.testing.assert_close(sdxl_time_ids(sizes, torch.zeros(1, 2), 32).float(), seen["time_ids"])
 
 
 @pytest.mark.parametrize("flag, value, message", [
@@ -377,3 +391,32 @@ def test_build_toy_sdxl_world_refuses_bad_values_and_divergence_before_writing(t
     with pytest.raises(FloatingPointError, match="UNet training diverged .*nothing was written"):
         build_toy_sdxl_world(tmp_path / "inf", unet_steps=1, batch_size=2, num_latents=4)
     assert not any((tmp_path / name).exists() for name in ("lr", "vae", "inf"))
+
+
+def test_run_toy_demo_trains_and_evaluates_the_world_of_its_layout(tmp_path, monkeypatch):
+    """run_toy_demo's parts see the same layout, seed and folders (each part is tested on its own elsewhere)."""
+    calls = []
+    monkeypatch.setattr(toy, "build_toy_demo_inputs", lambda folder, seed, layout: calls.append(
+        ("inputs", folder, seed, layout)) or (f"model-{layout}", "pairs"))
+    monkeypatch.setattr(toy, "train_toy_model", lambda out, data, layout, **options: calls.append(
+        ("train", out, data, layout, options)))
+    monkeypatch.setattr(toy, "evaluate_toy_model", lambda base, aligned, **options: calls.append(
+        ("evaluate", base, aligned, options)) or {"ok": True})
+    out = str(tmp_path / "demo")
+    assert toy.run_toy_demo(out, max_train_steps=7, seed=2, layout="sdxl", rank=4) == {"ok": True}
+    assert calls == [
+        ("inputs", os.path.join(out, "demo-inputs"), 2, "sdxl"),
+        ("train", out, "pairs", "sdxl", {"seed": 2, "max_train_steps": 7, "rank": 4}),
+        ("evaluate", "model-sdxl", out, {"seed": 2, "seeds_per_prompt": 2, "progress": True}),
+    ]
+
+
+def test_each_layout_has_its_training_defaults():
+    """β and N come from the model family; the SDXL world trains 120 updates (60 were within noise)."""
+    sd, sdxl = toy.toy_training_defaults("sd"), toy.toy_training_defaults("sdxl")
+    assert "beta_dpo" not in sd and "num_inversion_steps" not in sd
+    assert sdxl == dict(sd, max_train_steps=120) and sd["max_train_steps"] == 60
+    sd["rank"] = 99  # a copy
+    assert toy.TOY_TRAINING_DEFAULTS["rank"] == 8
+    with pytest.raises(ValueError, match="layout must be one of"):
+        toy.toy_training_defaults("sd3")

@@ -100,7 +100,7 @@ def prepare_demo(config: SmPOConfig, demo: DemoArguments, family: str, given: se
     :func:`given_flags`; without it, every option still at its default). Returns the config (modified in place)."""
     folder = os.path.join(config.output_dir, "demo-inputs")
     if demo.demo_world == "toy":
-        from .toy import TOY_TRAINING_DEFAULTS, build_toy_demo_inputs
+        from .toy import build_toy_demo_inputs, toy_training_defaults
 
         model_dir, dataset_dir = build_toy_demo_inputs(folder, seed=config.seed, layout=family)
         defaults = SmPOConfig()
@@ -108,7 +108,7 @@ def prepare_demo(config: SmPOConfig, demo: DemoArguments, family: str, given: se
         def typed(name):
             return name in given if given is not None else getattr(config, name) != getattr(defaults, name)
 
-        for name, value in TOY_TRAINING_DEFAULTS.items():
+        for name, value in toy_training_defaults(family).items():
             if name == "max_train_steps" and typed("num_train_epochs"):
                 continue  # the typed epochs set the run's length
             if not typed(name):
@@ -175,12 +175,13 @@ The sampling defaults (20 steps, guidance 3.0, batches of 64, fp32) suit the toy
 ``--num_inference_steps 30 --guidance_scale 7.5 --batch_size 8 --dtype fp16`` (SDXL: ``--guidance_scale 5``).
 
 ``--aligned_model``: a training --output_dir (LoRA weights or a unet/ folder), its LoRA file or a full pipeline
-folder. ``--base_model`` defaults to the base the run recorded (``training_config.json``); ``toy`` names the
-shipped toy pipeline. The base is read as training read it: the recorded ``--revision`` and ``--variant`` (when
-``--base_model`` is the recorded base), the recorded separate VAE, used by both models so that only the UNet
-differs, and the recorded ``--cache_dir`` (``--base_revision``, ``--base_variant``, ``--vae``, ``--cache_dir``
-override them; ``--vae base`` keeps the base pipeline's own VAE). A saved full pipeline holds the VAE training
-used, so ``--vae`` is refused with one: it would change the base's VAE only.
+folder. ``--base_model`` defaults to the base the run recorded (``training_config.json``); ``toy`` and
+``toy-sdxl`` name the shipped SD and SDXL toy pipelines. The base is read as training read it: the recorded
+``--revision`` and ``--variant`` (when ``--base_model`` is the recorded base), the recorded separate VAE, used by
+both models so that only the UNet differs, and the recorded ``--cache_dir`` (``--base_revision``,
+``--base_variant``, ``--vae``, ``--cache_dir`` override them; ``--vae base`` keeps the base pipeline's own
+VAE). A saved full pipeline holds the VAE training used, so ``--vae`` is refused with one: it would change the
+base's VAE only.
 ``--prompts``: a built-in set (toy-heldout, toy-train, toy-all), a .txt file (one prompt a line) or a
 dataset (save_to_disk folder or parquet/json/csv file; --prompt_column picks the column).
 ``--reward_models``: ``toy`` and/or registry names (pickscore, clip, hpsv2, imagereward, aesthetic) or

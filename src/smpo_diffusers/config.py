@@ -86,7 +86,8 @@ class SmPOConfig:
         metadata=_help("Seconds a process waits at a collective for the others before the job stops (several "
                        "processes). The others wait while the main process alone downloads the data or model, "
                        "writes a checkpoint or the final weights, or renders validation images: raise it when one "
-                       "of these takes longer (torch's NCCL default would be 10 minutes)."),
+                       "of these takes longer (torch's NCCL default would be 10 minutes). An Accelerator passed to "
+                       "SmPOTrainer keeps its own (InitProcessGroupKwargs)."),
     )
     proportion_empty_prompts: float = field(
         default=0.2, metadata=_help("Fraction of prompts replaced by '' (the paper's recipe; inversion uses it too).")

@@ -28,20 +28,15 @@ def use_cpu_process_group() -> bool:
 
 
 def process_state(timeout_seconds: int):
-    """The process-wide ``accelerate`` ``PartialState``, joining the launched processes (gloo on CPU-only machines,
-    see :func:`use_cpu_process_group`) with a collective timeout of ``timeout_seconds``. Create it before anything
-    else touches the state: the first creation sets up the group and later arguments are ignored."""
+    """The process-wide ``accelerate`` ``PartialState``, joining the launched processes (gloo on machines without
+    accelerator devices, see :func:`use_cpu_process_group`) with a collective timeout of ``timeout_seconds``
+    (``--ddp_timeout``): how long processes wait at a collective, e.g. for the main process that downloads,
+    writes a checkpoint or assembles a dataset alone, before the job stops (torch's own default for NCCL is 10
+    minutes). Create it before anything else touches the state: the first creation sets up the group and later
+    arguments are ignored."""
     from accelerate import PartialState
 
-    return PartialState(cpu=use_cpu_process_group(), **process_group_kwargs(timeout_seconds))
-
-
-def process_group_kwargs(timeout_seconds: int) -> dict:
-    """Keyword arguments of ``torch.distributed.init_process_group`` for a collective timeout of
-    ``timeout_seconds`` (``--ddp_timeout``): how long processes wait at a collective, e.g. for the main process
-    that downloads, writes a checkpoint or assembles a dataset alone, before the job stops. torch's own default
-    for NCCL is 10 minutes."""
-    return {"timeout": timedelta(seconds=timeout_seconds)}
+    return PartialState(cpu=use_cpu_process_group(), timeout=timedelta(seconds=timeout_seconds))
 
 
 def leave_process_group(wait: bool = True) -> None:

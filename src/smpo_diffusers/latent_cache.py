@@ -275,17 +275,18 @@ class LatentCache:
 
         computed_on_main(create_folder, accelerator, f"create the latent cache {self.path}")
 
+        bases = entry_bases if entry_bases is not None else computed_on_main(
+            lambda: pair_entry_bases(pairs), accelerator, f"stamp the pairs' images for the latent cache {self.path}")
+        rows = np.asarray(pairs["source_row"], dtype=np.int64).tolist()
+        winners = np.asarray(pairs["winner_index"], dtype=np.int64).tolist()
+        captions = {""} | {_caption_text(c) for c in pairs["caption"]}
+
         def list_missing():
-            rows = np.asarray(pairs["source_row"], dtype=np.int64).tolist()
-            winners = np.asarray(pairs["winner_index"], dtype=np.int64).tolist()
-            bases = entry_bases if entry_bases is not None else pair_entry_bases(pairs)
             have, _ = self.index("pairs-")
             missing = sorted({(base, row, winner) for base, row, winner in zip(bases, rows, winners)
                               if f"{base}/any" not in have and f"{base}/w{winner}" not in have})
-            captions = {""} | {_caption_text(c) for c in pairs["caption"]}
             have_prompts, _ = self.index("prompts-")
-            missing_prompts = sorted(c for c in captions if caption_key(c) not in have_prompts)
-            return bases, winners, captions, missing, missing_prompts
+            return missing, sorted(c for c in captions if caption_key(c) not in have_prompts)
 
         def build_share():  # each process its share of what is missing
             self._build_pairs(pairs, missing[rank::world], parts, resolution, batch_size)
@@ -293,8 +294,7 @@ class LatentCache:
 
         # the main process lists what is missing before any rank writes, and every rank builds its share of that
         # one list (a rank listing on its own could see another run's writes and leave entries unbuilt)
-        bases, winners, captions, missing, missing_prompts = computed_on_main(
-            list_missing, accelerator, f"list the latent cache {self.path}")
+        missing, missing_prompts = computed_on_main(list_missing, accelerator, f"list the latent cache {self.path}")
         on_every_process(build_share, accelerator, f"write its latent-cache entries in {self.path}")
         _, bad = self.index("pairs-")
         undecodable = sum(f"{base}/any" in bad for base in set(bases))  # whoever built them

@@ -29,10 +29,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_seed
+from accelerate.utils import ProjectConfiguration, set_seed
 
 from .config import PICKSCORE_REWARD_SCALE, SmPOConfig
-from .distributed import (OtherProcessFailed, computed_on_main, on_every_process, process_group_kwargs,
+from .distributed import (OtherProcessFailed, computed_on_main, on_every_process, process_state,
                           same_on_every_process, use_cpu_process_group)
 from .data import (
     PADDING_INDEX,
@@ -330,6 +330,11 @@ class SmPOTrainer:
             raise ValueError(
                 f"the given Accelerator accumulates {accelerator.gradient_accumulation_steps} micro-batches but "
                 f"gradient_accumulation_steps is {config.gradient_accumulation_steps}; make them equal.")
+        if config._changed("ddp_timeout"):
+            raise ValueError(
+                f"ddp_timeout={config.ddp_timeout} would be ignored: the given Accelerator's process group already "
+                "has its timeout. Set it there (accelerate's InitProcessGroupKwargs(timeout=...)) and leave "
+                "ddp_timeout at its default.")
         if config.mixed_precision is not None and config.mixed_precision != accelerator.mixed_precision:
             raise ValueError(
                 f"the given Accelerator runs mixed_precision={accelerator.mixed_precision!r} but the config says "
@@ -350,10 +355,12 @@ class SmPOTrainer:
         project_config = ProjectConfiguration(
             project_dir=config.output_dir, logging_dir=os.path.join(config.output_dir, config.logging_dir)
         )
+        # the process group first, with the timeout (accelerate's InitProcessGroupKwargs would drop a timeout equal
+        # to its own default); the Accelerator then joins the state this made
+        process_state(config.ddp_timeout)
         return Accelerator(gradient_accumulation_steps=config.gradient_accumulation_steps,
                            mixed_precision=config.mixed_precision, log_with=log_with, project_config=project_config,
-                           cpu=use_cpu_process_group(),
-                           kwargs_handlers=[InitProcessGroupKwargs(**process_group_kwargs(config.ddp_timeout))])
+                           cpu=use_cpu_process_group())
 
     def _load_dataset(self):
         if self.config.dataset_name is None:
