@@ -177,6 +177,12 @@ def trained_base_model(aligned_model: str) -> str | None:
     return (trained_base_settings(aligned_model) or {}).get("base_model")
 
 
+def _no_text_encoder_lora_notice(record: logging.LogRecord) -> bool:
+    """Logging filter: False for diffusers' notice that a LoRA file holds no text-encoder weights ("No LoRA keys
+    associated to CLIPTextModel..."), printed once per text encoder for a UNet-only LoRA; anything else passes."""
+    return not record.getMessage().startswith("No LoRA keys associated to CLIPTextModel")
+
+
 def load_pipeline(base_model: str, aligned_model: str | None = None, *, device: str | torch.device = "cpu",
                   dtype: torch.dtype = torch.float32, revision: str | None = None, variant: str | None = None,
                   vae: str | None = None, cache_dir: str | None = None):
@@ -205,7 +211,13 @@ def load_pipeline(base_model: str, aligned_model: str | None = None, *, device: 
         if layout == "lora":
             lora_file = aligned_model if aligned_model.endswith(".safetensors") else os.path.join(
                 aligned_model, "pytorch_lora_weights.safetensors")
-            pipeline.load_lora_weights(os.path.dirname(lora_file) or ".", weight_name=os.path.basename(lora_file))
+            notices = logging.getLogger("diffusers.loaders.lora_base")
+            notices.addFilter(_no_text_encoder_lora_notice)  # our LoRAs adapt the UNet only
+            try:
+                pipeline.load_lora_weights(os.path.dirname(lora_file) or ".",
+                                           weight_name=os.path.basename(lora_file))
+            finally:
+                notices.removeFilter(_no_text_encoder_lora_notice)
         elif layout == "unet":
             pipeline.unet = UNet2DConditionModel.from_pretrained(aligned_model, subfolder="unet", **read_kwargs)
     if hasattr(pipeline, "safety_checker"):
