@@ -25,8 +25,8 @@ import sys
 import torch
 
 from smpo_diffusers.cli import run_cli
-from smpo_diffusers.toy import (TOY_ASSETS_DIR, TOY_SDXL_ASSETS_DIR, TOY_WORLD_INFO, build_toy_sdxl_world,
-                                check_toy_build_options, colour_accuracy, load_toy_pipeline, toy_captions)
+from smpo_diffusers.toy import (TOY_ASSETS_DIR, TOY_SDXL_ASSETS_DIR, build_toy_sdxl_world, check_toy_build_options,
+                                record_colour_accuracy, toy_captions)
 
 
 def main(argv=None):
@@ -53,14 +53,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     info = build_toy_sdxl_world(args.output_dir, vae_from=args.vae_from, seed=args.seed, unet_steps=args.unet_steps,
                                 num_latents=args.num_latents, batch_size=args.batch_size, device=args.device)
-    pipeline = load_toy_pipeline(args.output_dir)
-    captions = toy_captions()
-    generator = torch.Generator().manual_seed(args.seed)
-    images = pipeline(captions, num_inference_steps=info["num_inference_steps"],
-                      guidance_scale=info["guidance_scale"], height=32, width=32, generator=generator).images
-    info["colour_accuracy"] = colour_accuracy(images, captions)
-    with open(os.path.join(args.output_dir, TOY_WORLD_INFO), "w") as handle:
-        json.dump(info, handle, indent=2, allow_nan=False)
+    record_colour_accuracy(args.output_dir, info, seed=args.seed, captions=toy_captions())
     print(json.dumps({k: v for k, v in info.items() if k != "heldout_captions"}, indent=2))
     return info
 

@@ -66,6 +66,7 @@ __all__ = [
     "load_toy_pipeline",
     "nearest_palette_colour",
     "parse_toy_caption",
+    "record_colour_accuracy",
     "run_toy_demo",
     "toy_caption_split",
     "toy_captions",
@@ -585,6 +586,22 @@ def build_toy_sdxl_world(output_dir: str | os.PathLike, vae_from: str | os.PathL
         "num_inference_steps": TOY_INFERENCE_STEPS, "num_captions": len(captions), "heldout_captions": heldout,
     }
     with open(os.path.join(output_dir, TOY_WORLD_INFO), "w") as handle:
+        json.dump(info, handle, indent=2, allow_nan=False)
+    return info
+
+
+def record_colour_accuracy(folder: str | os.PathLike, info: dict, seed: int = 0,
+                           captions: list[str] | None = None) -> dict:
+    """Render one image per caption (default: all of :func:`toy_captions`; generator seeded with ``seed``) with the
+    toy pipeline saved in ``folder`` at its recorded sampling settings, add their :func:`colour_accuracy` to the
+    build record ``info`` and rewrite ``folder/toy_world.json`` with it. Returns ``info``."""
+    captions = list(captions) if captions is not None else toy_captions()
+    pipeline = load_toy_pipeline(str(folder))
+    images = pipeline(captions, num_inference_steps=info["num_inference_steps"], guidance_scale=info["guidance_scale"],
+                      height=TOY_RESOLUTION, width=TOY_RESOLUTION,
+                      generator=torch.Generator().manual_seed(seed)).images
+    info["colour_accuracy"] = colour_accuracy(images, captions)
+    with open(os.path.join(str(folder), TOY_WORLD_INFO), "w") as handle:
         json.dump(info, handle, indent=2, allow_nan=False)
     return info
 
