@@ -110,15 +110,18 @@ def compute_real(families: list[str], rank: int) -> list[dict]:
     for family in families:
         parts = real_model_parts_on_meta(family)
         one_unet = sum(p.numel() for p in parts["unet"].parameters()) * 2  # in the 2-byte weight dtype
-        # the two methods with every optimiser, then with --inversion_weight_copy (AdamW, as the speed runs use it)
+        # the two methods with every optimiser, then with --inversion_weight_copy (AdamW, as the speed runs use it),
+        # then full training with --use_ema (Adafactor, the smallest full set-up)
         every = list(OPTIMIZER_FLAGS)
-        for method, optimizers, copy in (("lora", every, False), ("full", every, False), ("lora", ["adamw"], True),
-                                         ("full", ["adamw"], True)):
+        for method, optimizers, copy, ema in (("lora", every, False, False), ("full", every, False, False),
+                                              ("lora", ["adamw"], True, False), ("full", ["adamw"], True, False),
+                                              ("full", ["adafactor"], False, True)):
             estimates = estimate_training_bytes(parts["unet"], parts["vae"], parts["text_encoders"],
                                                 is_sdxl=parts["is_sdxl"], train_method=method, optimizers=optimizers,
-                                                weight_dtype=torch.bfloat16, rank=rank, inversion_copy=copy)
+                                                weight_dtype=torch.bfloat16, rank=rank, inversion_copy=copy, ema=ema)
             for optimizer, estimate in estimates.items():
-                rows.append({"family": family, "method": method + (" +copy" if copy else ""), "optimizer": optimizer,
+                label = method + (" +copy" if copy else "") + (" +ema" if ema else "")
+                rows.append({"family": family, "method": label, "optimizer": optimizer,
                              "computed": estimate.by_category,
                              "unet_parameters": estimate.unet_parameters,
                              "trainable_parameters": estimate.trainable_parameters, "one_unet": one_unet})
@@ -144,9 +147,8 @@ FAMILY_NAMES = {"sd15": "SD 1.5", "sdxl": "SDXL"}
 
 def render(tiny: list[dict], real: list[dict], elapsed: float, rank: int, arguments: list[str] = ()) -> str:
     short = {"policy_trainable": "policy trainable", "policy_frozen": "policy frozen", "gradients": "grads",
-             "optimizer_state": "optimiser", "reference_copy": "reference copy", "inversion_copy": "inversion copy",
-             "vae": "VAE",
-             "text_encoders": "text encoders"}
+             "optimizer_state": "optimiser", "ema": "EMA", "reference_copy": "reference copy",
+             "inversion_copy": "inversion copy", "vae": "VAE", "text_encoders": "text encoders"}
     lines = [
         "# Resident memory of parameters, gradients and optimiser state",
         "",
@@ -191,7 +193,8 @@ def render(tiny: list[dict], real: list[dict], elapsed: float, rank: int, argume
         "`UNet weights ratio` = resident UNet parameter bytes (policy, adapters, reference copy) / (one UNet in the "
         f"weight dtype + adapters): LoRA must stay <= {LORA_BOUND}; full holds an fp32 policy and a 2-byte reference "
         "(ratio 3). `+copy` rows add `--inversion_weight_copy`: one more UNet in the weight dtype (its own column, "
-        "not in the ratio), an opt-in trade of memory for inversion speed that doubles LoRA's UNet weights.",
+        "not in the ratio), an opt-in trade of memory for inversion speed that doubles LoRA's UNet weights. The `+ema` "
+        "row adds `--use_ema`: an fp32 copy of the trainable parameters (its own column).",
         "",
         "| model | UNet params | method | trainable params | optimiser | "
         + " | ".join(short[c] for c in RESIDENT_CATEGORIES) + " | total GB | x UNet | UNet weights ratio |",
@@ -213,6 +216,7 @@ def render(tiny: list[dict], real: list[dict], elapsed: float, rank: int, argume
                          f"VAE and text encoders; {(GPU_BYTES - static) / GB:.1f} GB left for activations, "
                          "workspace and allocator fragmentation.")
         computed = sdxl_full["adafactor"]["computed"]
+        ema_bytes = next(r["computed"]["ema"] for r in real if r["family"] == "sdxl" and r["method"] == "full +ema")
         lines += [
             "",
             "Assumptions: batch 1 pair (2 latents of 4x128x128 at 1024 px), bf16 autocast, the reference copy in "
@@ -226,7 +230,8 @@ def render(tiny: list[dict], real: list[dict], elapsed: float, rank: int, argume
             "disk and keeps the VAE and text encoders off the GPU during training "
             f"(-{(computed['vae'] + computed['text_encoders']) / GB:.1f} GB); `--inversion_weight_copy` adds one "
             "UNet in the weight dtype "
-            f"(+{sdxl_full['adafactor']['one_unet'] / GB:.1f} GB) to make the inversion faster. Peaks measured on "
+            f"(+{sdxl_full['adafactor']['one_unet'] / GB:.1f} GB) to make the inversion faster; `--use_ema` keeps an "
+            f"fp32 average of the trained weights (+{ema_bytes / GB:.1f} GB). Peaks measured on "
             "an H200 with activations (`results/gpu_sdxl_step_h200.md`, VAE and text encoders not loaded): "
             "Adafactor + checkpointing 27.6 GB; fused AdamW + checkpointing + inversion copy 52.6 GB; fused AdamW "
             "without checkpointing + inversion copy 64.3 GB: all fit one 80 GB H100.",

@@ -170,14 +170,15 @@ def test_eight_bit_adam_state_is_computed_from_shapes():
         optimizer_state_bytes([big], "sgd")
 
 
-@pytest.mark.parametrize("method,optimizer,copy", [("lora", "adamw", False), ("full", "adafactor", False),
-                                                   ("lora", "adamw", True)])
+@pytest.mark.parametrize("method,optimizer,copy,ema", [("lora", "adamw", False, False),
+                                                       ("full", "adafactor", False, True),
+                                                       ("lora", "adamw", True, False)])
 def test_tiny_trainer_bytes_are_measured_exactly_and_lora_keeps_one_unet(tmp_path, demo_inputs, method, optimizer,
-                                                                         copy):
+                                                                         copy, ema):
     model, data = demo_inputs["sdxl"]
     config = SmPOConfig(pretrained_model_name_or_path=model, dataset_name=data, output_dir=str(tmp_path / "o"),
                         resolution=32, train_batch_size=1, max_train_steps=2, report_to="none", train_method=method,
-                        use_adafactor=optimizer == "adafactor", inversion_weight_copy=copy)
+                        use_adafactor=optimizer == "adafactor", inversion_weight_copy=copy, use_ema=ema)
     trainer = SmPOTrainer(config)
     step = trainer.compute_loss(next(iter(trainer.train_dataloader)), torch.Generator().manual_seed(0))
     trainer.accelerator.backward(step.loss)
@@ -187,8 +188,9 @@ def test_tiny_trainer_bytes_are_measured_exactly_and_lora_keeps_one_unet(tmp_pat
     computed = estimate_training_bytes(components["unet"], components["vae"],
                                        [components["text_encoder"], components["text_encoder_2"]], is_sdxl=True,
                                        train_method=method, optimizers=[optimizer], weight_dtype=torch.float32,
-                                       inversion_copy=copy)[optimizer].by_category
+                                       inversion_copy=copy, ema=ema)[optimizer].by_category
     assert {c: measured[c] for c in RESIDENT_CATEGORIES} == computed
+    assert measured["ema"] == (measured["policy_trainable"] if ema else 0)  # --use_ema: an fp32 copy
     assert measured["optimizer_state"] > 0 and measured["gradients"] == measured["policy_trainable"]
     one_unet = tensor_bytes(module_tensors(components["unet"]))
     unet_resident = measured["policy_trainable"] + measured["policy_frozen"] + measured["reference_copy"]
@@ -235,6 +237,8 @@ def test_memory_script_computes_real_sd15_on_meta_and_renders(tmp_path, capsys):
     for method in ("lora", "full"):  # --inversion_weight_copy: one more 2-byte UNet, nothing else changes
         with_copy, without = rows[f"{method} +copy", "adamw"], rows[method, "adamw"]
         assert with_copy == without | {"inversion_copy": 2 * n} and without["inversion_copy"] == 0
+    # --use_ema: an fp32 copy of the trainable (fp32) UNet, nothing else changes
+    assert rows["full +ema", "adafactor"] == rows["full", "adafactor"] | {"ema": 4 * n}
     tiny = [{"method": "lora", "optimizer": "adamw8bit", "source": "computed (no CUDA + bitsandbytes)",
              "measured": None, "one_unet": 100,
              "computed": dict.fromkeys(RESIDENT_CATEGORIES, 0) | {"policy_frozen": 100, "policy_trainable": 4}}]

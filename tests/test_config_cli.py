@@ -30,6 +30,7 @@ def non_default_argv():
         "adam_beta1": 0.8, "adam_beta2": 0.99,
         "adam_weight_decay": 0.0, "adam_epsilon": 1e-6, "max_grad_norm": 2.0, "mixed_precision": "bf16",
         "gradient_checkpointing": True, "allow_tf32": True, "seed": 11, "max_consecutive_nonfinite": 3,
+        "use_ema": True, "ema_decay": 0.995,
         "train_method": "lora", "rank": 4,
         "lora_alpha": 16, "lora_target_modules": ["to_q", "to_v"], "loss_type": "smpo", "beta_dpo": 3000.0,
         "gamma": 5.0, "reward_columns": ["ps_score_0", "ps_score_1"], "reward_scale": 0.2,
@@ -195,6 +196,9 @@ def test_installed_commands_are_the_example_scripts(capsys, monkeypatch):
     ({"max_train_steps": 100, "num_train_epochs": 1}, "--num_train_epochs 1 would be ignored; give one of them"),
     ({"num_train_epochs": 0}, "--num_train_epochs must be >= 1 when given"),
     ({"loss_type": "dpo", "tie_policy": "keep"}, "--tie_policy keep with --loss_type dpo"),
+    ({"use_ema": True, "ema_decay": 1.0}, "--ema_decay must be in (0, 1), got 1.0"),
+    ({"use_ema": True, "ema_decay": float("nan")}, "--ema_decay must be in (0, 1), got nan"),
+    ({"ema_decay": 0.99}, "--ema_decay sets the --use_ema average's decay; add --use_ema or drop it"),
 ])
 def test_config_errors_name_the_flag(kwargs, message):
     with pytest.raises(ValueError, match=re.escape(message)):

@@ -178,9 +178,10 @@ def test_resume_mid_epoch_equals_an_uninterrupted_run(tmp_path, demo_inputs, cac
     # 14 pairs at batch 2 -> 7 micro-batches per epoch -> 4 updates (the last one a single micro-batch).
     # Stopping after update 5 resumes in the middle of the second epoch, through accelerate's
     # skip_first_batches, with random crops (cached: flips) that depend on the epoch. The cached run also reads
-    # through two DataLoader workers.
+    # through two DataLoader workers; the pixel run keeps an --use_ema average (saved as the final weights), which
+    # the checkpoint must bring back with its update count.
     augmentation = (dict(cache_latents=True, latent_cache_dir=str(tmp_path / "cache"), dataloader_num_workers=2)
-                    if cached else dict(random_crop=True))
+                    if cached else dict(random_crop=True, use_ema=True, ema_decay=0.5))
     common = dict(max_train_steps=6, gradient_accumulation_steps=2, checkpointing_steps=5, train_batch_size=2,
                   lr_scheduler="cosine", lr_warmup_steps=1, **augmentation)
     full = make_config(tmp_path / "a", model, data, **common)
@@ -192,6 +193,8 @@ def test_resume_mid_epoch_equals_an_uninterrupted_run(tmp_path, demo_inputs, cac
     resumed = make_config(tmp_path / "b", model, data, resume_from_checkpoint="latest", **common)
     trainer = run_with_interrupt(resumed)
     assert trainer.global_step == 6
+    if not cached:
+        assert trainer.ema.optimization_step == 6
     a, b = lora_weights(full.output_dir), lora_weights(resumed.output_dir)
     assert a.keys() == b.keys()
     for key in a:
@@ -259,8 +262,9 @@ def test_checkpoints_of_another_run_and_a_changed_data_layout_are_refused(tmp_pa
     # show the new ones), and its adapter weights mean something else under another alpha
     for changed, listed in [(dict(learning_rate=5e-4), "effective_learning_rate 0.001 -> 0.0005"),
                             (dict(adam_weight_decay=0.5), "adam_weight_decay 0.01 -> 0.5"),
-                            (dict(lora_alpha=32), "lora_alpha 8 -> 32")]:
-        with pytest.raises(ValueError, match=re.escape(f"other optimiser or adapter settings ({listed})")):
+                            (dict(lora_alpha=32), "lora_alpha 8 -> 32"),
+                            (dict(use_ema=True), "use_ema False -> True")]:
+        with pytest.raises(ValueError, match=re.escape(f"other optimiser, adapter or average settings ({listed})")):
             SmPOTrainer(make_config(tmp_path, model, data, max_train_steps=5, resume_from_checkpoint="latest",
                                     **changed)).train()
     with pytest.raises(ValueError, match=r"at update 4, past this run's length of 3 updates\. Give a "
@@ -330,15 +334,79 @@ def test_fp16_loss_scaling_survives_a_skipped_update(tmp_path, demo_inputs):
     accelerator.native_amp = True
     accelerator.state._mixed_precision = "fp16"
     model, data = demo_inputs["sdxl"]
-    trainer = NaNLossOnce(make_config(tmp_path, model, data, max_train_steps=4, gradient_accumulation_steps=2),
-                          accelerator=accelerator)
+    trainer = NaNLossOnce(make_config(tmp_path, model, data, max_train_steps=4, gradient_accumulation_steps=2,
+                                      use_ema=True), accelerator=accelerator)
     trainer.train()
     assert trainer.global_step == 4 and trainer.calls == 7  # 14 pairs: the last update has one micro-batch
     assert trainer.skipped["nonfinite_updates"] == 1  # the NaN micro-batch, not mistaken for an fp16 overflow
+    assert trainer.ema.optimization_step == 3 - trainer.skipped["fp16_overflow_updates"]  # applied updates only
     # Every skipped update, ours or a genuine fp16 overflow the scaler caught, halved the scale exactly once.
     skips = trainer.skipped["nonfinite_updates"] + trainer.skipped["fp16_overflow_updates"]
     assert accelerator.scaler.get_scale() == 65536.0 * 0.5 ** skips
     assert all(torch.isfinite(p).all() for p in trainer.trainable_params)
+
+
+class RecordsUpdates(SmPOTrainer):
+    """Keeps the trainable parameters after every update, and those the UNet holds while it renders."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.initial = [p.detach().clone() for p in self.trainable_params]
+        self.after_updates, self.rendered = [], []
+        self.unwrapped_unet.register_forward_pre_hook(self._record_rendering)
+
+    def _record_rendering(self, module, args):  # validation renders in eval mode, training runs in train mode
+        if not module.training and (not self.rendered or self.rendered[-1][0] != self.global_step):
+            self.rendered.append((self.global_step, [p.detach().clone() for p in self.trainable_params]))
+
+    def _finish_update(self):
+        super()._finish_update()
+        self.after_updates.append([p.detach().clone() for p in self.trainable_params])
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_use_ema_saves_and_renders_the_average_and_trains_on(tmp_path, demo_inputs, method):
+    """--use_ema: diffusers' EMAModel takes one step per applied update, with decay min(ema_decay, (1+n)/(10+n))
+    (0 for update n = 0): recomputed here from the weights after each update. The validation images (update 2)
+    and the saved weights (update 3) are the average's; training itself goes on from the trained weights."""
+    from smpo_diffusers.models import save_lora
+
+    model, data = demo_inputs["sd"]
+    config = make_config(tmp_path, model, data, train_method=method, use_ema=True, ema_decay=0.2,
+                         max_train_steps=3, learning_rate=1e-3 if method == "lora" else 1e-4,
+                         validation_prompts=["a red circle"], validation_steps=2, validation_num_inference_steps=1)
+    trainer = RecordsUpdates(config)
+    trainer.train()
+    assert len(trainer.after_updates) == 3
+    expected, averages = [p.clone() for p in trainer.initial], []
+    for n, weights in enumerate(trainer.after_updates):
+        decay = 0.0 if n == 0 else min(0.2, (1 + n) / (10 + n))  # update 1: 2/11 < 0.2; update 2: 0.2 (capped)
+        expected = [decay * e + (1 - decay) * w for e, w in zip(expected, weights)]
+        averages.append(expected)
+
+    def close(a, b):
+        return all(torch.allclose(x, y, rtol=1e-5, atol=1e-7) for x, y in zip(a, b))
+
+    assert not close(averages[-1], trainer.after_updates[-1])  # the average is not the trained weights
+    # training goes on from (and ends with) the trained weights, not the average swapped in for the renders
+    assert all(torch.equal(p, w) for p, w in zip(trainer.trainable_params, trainer.after_updates[-1]))
+    assert [step for step, _ in trainer.rendered] == [2, 3]
+    assert close(trainer.rendered[0][1], averages[1]) and close(trainer.rendered[1][1], averages[2])
+    unet = trainer.unwrapped_unet
+    for p, value in zip(trainer.trainable_params, averages[-1]):
+        p.data.copy_(value)
+    if method == "lora":
+        save_lora(str(tmp_path / "wanted"), unet, is_sdxl=False)
+        saved, wanted = lora_weights(config.output_dir), lora_weights(tmp_path / "wanted")
+        assert saved.keys() == wanted.keys()
+        assert all(torch.allclose(saved[k], wanted[k], rtol=1e-5, atol=1e-7) for k in saved)
+    else:
+        saved = UNet2DConditionModel.from_pretrained(config.output_dir, subfolder="unet").state_dict()
+        assert all(torch.allclose(saved[k], v, rtol=1e-5, atol=1e-7) for k, v in unet.state_dict().items())
+    metrics = json.load(open(os.path.join(config.output_dir, "training_metrics.json")))
+    assert metrics["ema"] == {"decay": 0.2, "updates": 3, "last_decay": 0.2}
+    card = open(os.path.join(config.output_dir, "README.md")).read()
+    assert "exponential moving average of the trained weights (diffusers EMAModel, decay at most 0.2)" in card
 
 
 def test_every_pair_weighs_the_same_in_an_update(tmp_path, demo_inputs):

@@ -479,7 +479,7 @@ def optimizer_state_tensors(optimizer) -> list[torch.Tensor]:
     return found
 
 
-RESIDENT_CATEGORIES = ("policy_trainable", "policy_frozen", "gradients", "optimizer_state", "reference_copy",
+RESIDENT_CATEGORIES = ("policy_trainable", "policy_frozen", "gradients", "optimizer_state", "ema", "reference_copy",
                        "inversion_copy", "vae", "text_encoders")
 
 
@@ -497,6 +497,8 @@ def trainer_resident_bytes(trainer) -> dict[str, int]:
     counter.add("policy_frozen", [p for p in unet.parameters() if not p.requires_grad] + list(unet.buffers()))
     counter.add("gradients", [p.grad for p in trainable if p.grad is not None])
     counter.add("optimizer_state", optimizer_state_tensors(trainer.optimizer))
+    ema = getattr(trainer, "ema", None)  # --use_ema: an fp32 shadow of the trainable parameters
+    counter.add("ema", ema.shadow_params if ema is not None else [])
     counter.add("reference_copy", module_tensors(trainer.reference.frozen_unet))
     copy = getattr(trainer, "inversion_copy", None)  # --inversion_weight_copy: one more UNet, weight dtype
     counter.add("inversion_copy", module_tensors(copy.module if copy is not None else None))
@@ -569,7 +571,8 @@ def estimate_training_bytes(unet, vae, text_encoders: list, *, is_sdxl: bool, tr
                             optimizers: tuple[str, ...] | list[str], weight_dtype: torch.dtype, rank: int = 8,
                             lora_alpha: int | None = None,
                             target_modules: tuple[str, ...] = ("to_k", "to_q", "to_v", "to_out.0"),
-                            separate_vae: bool = False, inversion_copy: bool = False) -> dict[str, TrainingBytes]:
+                            separate_vae: bool = False, inversion_copy: bool = False,
+                            ema: bool = False) -> dict[str, TrainingBytes]:
     """Resident bytes of parameters, gradients and optimiser state of a training set-up, without training.
 
     Give the models as loaded (any device; on the meta device real sizes cost no memory). The UNet is
@@ -578,7 +581,8 @@ def estimate_training_bytes(unet, vae, text_encoders: list, *, is_sdxl: bool, tr
     reference copy in ``weight_dtype``. The VAE is fp32 for SDXL unless ``separate_vae``, else ``weight_dtype``;
     text encoders are in ``weight_dtype``. Gradients: one per trainable parameter, in its dtype. Optimiser
     state: :func:`optimizer_state_bytes`. ``inversion_copy`` (``--inversion_weight_copy``): one more UNet in
-    ``weight_dtype`` (LoRA merged into it). Activations are not included.
+    ``weight_dtype`` (LoRA merged into it). ``ema`` (``--use_ema``): an fp32 copy of the trainable parameters.
+    Activations are not included.
 
     Returns ``{optimizer: TrainingBytes}`` for each name in ``optimizers`` (categories as
     :data:`RESIDENT_CATEGORIES`).
@@ -607,6 +611,7 @@ def estimate_training_bytes(unet, vae, text_encoders: list, *, is_sdxl: bool, tr
     counter.add("policy_frozen", [p for p in policy.parameters() if not p.requires_grad] + list(policy.buffers()))
     counter.add("gradients", [torch.empty_like(p, device="meta") for p in trainable])
     counter.by_category["optimizer_state"] = 0
+    counter.by_category["ema"] = sum(p.numel() for p in trainable) * 4 if ema else 0
     counter.add("reference_copy", module_tensors(reference))
     counter.by_category["inversion_copy"] = _bytes_in_dtype(unet, weight_dtype) if inversion_copy else 0
     counter.by_category["vae"] = _bytes_in_dtype(vae, vae_dtype)

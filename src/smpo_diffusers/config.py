@@ -139,6 +139,17 @@ class SmPOConfig:
     gradient_checkpointing: bool = field(default=False, metadata=_help("Trade compute for UNet activation memory."))
     allow_tf32: bool = field(default=False, metadata=_help("Allow TF32 matmuls on Ampere+ GPUs."))
     seed: int = field(default=0, metadata=_help("Seed for data order, augmentation, timesteps and noise."))
+    use_ema: bool = field(
+        default=False,
+        metadata=_help("Keep an exponential moving average of the trained weights (diffusers' EMAModel: one more "
+                       "fp32 copy of the trainable parameters, on the accelerator) and save it as the final "
+                       "weights; validation images render it, checkpoints hold both."),
+    )
+    ema_decay: float = field(
+        default=0.9999,
+        metadata=_help("Largest decay of the --use_ema average: update n (from 0) averages with decay "
+                       "min(ema_decay, (1 + n) / (10 + n)), 0 for the first update."),
+    )
     max_consecutive_nonfinite: int = field(
         default=10,
         metadata=_help("Stop (after saving) when this many updates in a row had a non-finite loss or gradient; "
@@ -288,6 +299,11 @@ class SmPOConfig:
             raise ValueError("--cache_latents stores centre crops; a --random_crop differs every epoch. Drop one.")
         if self.latent_cache_dir is not None and not self.cache_latents:
             raise ValueError("--latent_cache_dir is only used with --cache_latents; add it or drop the folder.")
+        if not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"--ema_decay must be in (0, 1), got {self.ema_decay}; e.g. 0.999 (an average over "
+                             "about the last 1000 updates).")
+        if self._changed("ema_decay") and not self.use_ema:
+            raise ValueError("--ema_decay sets the --use_ema average's decay; add --use_ema or drop it.")
         if self.use_8bit_adam and self.use_adafactor:
             raise ValueError("--use_8bit_adam and --use_adafactor are mutually exclusive; pick one optimiser.")
         if self.noise_source == "random" and self.inversion_model != "policy":

@@ -479,6 +479,8 @@ def _hyperparameter_rows(config: dict, reward_model: str | None, metrics: dict |
         ("Learning rate", f"{learning_rate}; {config.get('lr_scheduler')} schedule, "
                           f"{config.get('lr_warmup_steps')} warm-up steps"),
         ("Optimiser", optimiser),
+        ("Saved weights", f"exponential moving average of the trained weights (diffusers EMAModel, decay at most "
+                          f"{config.get('ema_decay')})" if config.get("use_ema") else None),
         ("Mixed precision", "no (fp32)" if config.get("mixed_precision") == "no" else config.get("mixed_precision")),
         ("Resolution", config.get("resolution")),
         ("Empty-prompt fraction", config.get("proportion_empty_prompts")),

@@ -548,10 +548,31 @@ class SmPOTrainer:
         self.num_train_epochs = math.ceil(self.max_train_steps / updates_per_epoch)
         accelerator.register_save_state_pre_hook(self._save_state_hook)
         accelerator.register_load_state_pre_hook(self._load_state_hook)
+        self.ema = None
+        if config.use_ema:  # an fp32 shadow of the trainable parameters; checkpoints hold it (accelerate)
+            from diffusers.training_utils import EMAModel
+
+            self.ema = EMAModel(self.trainable_params, decay=config.ema_decay, foreach=True)
+            accelerator.register_for_checkpointing(self.ema)
 
     @property
     def unwrapped_unet(self):
         return self.accelerator.unwrap_model(self.unet)
+
+    @contextlib.contextmanager
+    def averaged_weights(self):
+        """With ``--use_ema``, the policy holds the moving average inside this block (what is saved and rendered)
+        and its trained weights again after it (the trained ones wait in CPU memory meanwhile); without, nothing
+        changes."""
+        if self.ema is None:
+            yield
+            return
+        self.ema.store(self.trainable_params)
+        self.ema.copy_to(self.trainable_params)
+        try:
+            yield
+        finally:
+            self.ema.restore(self.trainable_params)
 
     # ------------------------------------------------------------------ checkpoint hooks
     def _save_state_hook(self, models, weights, output_dir):
@@ -844,6 +865,8 @@ class SmPOTrainer:
             self.skipped["fp16_overflow_updates"] += 1
         else:
             self.lr_scheduler.step()
+            if self.ema is not None:  # applied updates only: a skipped one left the weights as they were
+                self.ema.step(self.trainable_params)
         self.optimizer.zero_grad(set_to_none=True)
         self.consecutive_nonfinite = 0
 
@@ -989,15 +1012,18 @@ class SmPOTrainer:
         return digest.hexdigest()
 
     def _restored_settings(self) -> dict:
-        """The settings a checkpoint's optimiser, LR-scheduler and adapter state carry: ``load_state`` restores
-        the checkpoint's learning rate and Adam/Adafactor hyper-parameters whatever is asked now, and the
-        adapter's weights mean something else under another alpha."""
+        """The settings a checkpoint's optimiser, LR-scheduler, adapter and average state carry: ``load_state``
+        restores the checkpoint's learning rate, Adam/Adafactor hyper-parameters and EMA decay whatever is asked
+        now, and the adapter's weights mean something else under another alpha."""
         config = self.config
         settings = {"train_method": config.train_method, "effective_learning_rate": self.learning_rate,
                     "use_adafactor": config.use_adafactor, "use_8bit_adam": config.use_8bit_adam,
                     "adam_beta1": config.adam_beta1, "adam_beta2": config.adam_beta2,
                     "adam_epsilon": config.adam_epsilon, "adam_weight_decay": config.adam_weight_decay,
-                    "fp16_loss_scaling": self.accelerator.scaler is not None}  # fp16 checkpoints hold the scaler
+                    "fp16_loss_scaling": self.accelerator.scaler is not None,  # fp16 checkpoints hold the scaler
+                    "use_ema": config.use_ema}  # the average and its decay are restored with the rest
+        if config.use_ema:
+            settings["ema_decay"] = config.ema_decay
         if config.train_method == "lora":
             settings.update(rank=config.rank, lora_alpha=config.lora_alpha_value,
                             lora_target_modules=list(config.lora_target_modules))
@@ -1025,13 +1051,17 @@ class SmPOTrainer:
                 "(processes, --train_batch_size, --gradient_accumulation_steps, --seed, the same pairs with the "
                 "same labels and --loss_type), or start a new run in a new --output_dir."
             )
-        listed = self._changed_since(state.get("restored_settings"), self._restored_settings())
+        saved = state.get("restored_settings")
+        if saved is not None:  # checkpoints written before --use_ema existed hold no average
+            saved = {"use_ema": False} | saved
+        listed = self._changed_since(saved, self._restored_settings())
         if listed:
             raise ValueError(
-                f"cannot resume from {path}: it was trained with other optimiser or adapter settings ({listed}). "
-                "Its optimiser and LR-scheduler state would bring back its own learning rate and hyper-parameters "
-                "(the records would show yours), and LoRA weights trained under another rank/alpha/targets do not "
-                "fit. Resume with the checkpoint's values (its trainer_state.json lists them under "
+                f"cannot resume from {path}: it was trained with other optimiser, adapter or average settings "
+                f"({listed}). Its optimiser and LR-scheduler state would bring back its own learning rate and "
+                "hyper-parameters (the records would show yours), LoRA weights trained under another "
+                "rank/alpha/targets do not fit, and a --use_ema average (with its decay) exists only if it was kept "
+                "from the start. Resume with the checkpoint's values (its trainer_state.json lists them under "
                 "restored_settings), or start a new run in a new --output_dir."
             )
         if state["global_step"] > self.max_train_steps:
@@ -1130,6 +1160,8 @@ class SmPOTrainer:
                 raise self._damaged_checkpoint(path, error) from error
 
         on_every_process(load, self.accelerator, f"read {path}")  # none trains on while another failed to load
+        if self.ema is not None:  # accelerate loads custom state on the CPU
+            self.ema.to(self.accelerator.device)
         self.last_metrics = dict(state.get("last_metrics") or {})
         self.consecutive_nonfinite = int(state.get("consecutive_nonfinite", 0))
         # The checkpoint holds totals over processes: the main process carries them on, the others count afresh
@@ -1206,7 +1238,7 @@ class SmPOTrainer:
         was_training = self.unet.training
         self.unet.eval()
         images = []
-        with torch.no_grad(), accelerator.autocast(), self._encoders_on_accelerator():
+        with torch.no_grad(), accelerator.autocast(), self._encoders_on_accelerator(), self.averaged_weights():
             for index, prompt in enumerate(config.validation_prompts):
                 generator = torch.Generator(device="cpu").manual_seed(config.seed + index)
                 images.append(pipeline(prompt, num_inference_steps=config.validation_num_inference_steps,
@@ -1252,7 +1284,6 @@ class SmPOTrainer:
         atomically: a crash or a full disk mid-save never leaves a truncated file under a final name."""
         accelerator = self.accelerator
         unet = self.unwrapped_unet
-        pipeline = self.pipeline_to_save() if self.config.save_full_pipeline else None
         os.makedirs(output_dir, exist_ok=True)
         for name in os.listdir(output_dir):  # what a save killed midway left
             path = os.path.join(output_dir, name)
@@ -1266,12 +1297,13 @@ class SmPOTrainer:
                     os.replace(path, replaced)
         staging = tempfile.mkdtemp(prefix=FINAL_STAGING_PREFIX, dir=output_dir)
         try:
-            if self.config.train_method == "lora":
-                save_lora(staging, unet, self.parts.is_sdxl)
-            elif pipeline is not None:
-                pipeline.save_pretrained(staging, safe_serialization=True)
-            else:
-                unet.save_pretrained(os.path.join(staging, "unet"), safe_serialization=True)
+            with self.averaged_weights():  # --use_ema: the average is what is saved
+                if self.config.train_method == "lora":
+                    save_lora(staging, unet, self.parts.is_sdxl)
+                elif self.config.save_full_pipeline:
+                    self.pipeline_to_save().save_pretrained(staging, safe_serialization=True)
+                else:
+                    unet.save_pretrained(os.path.join(staging, "unet"), safe_serialization=True)
             self._remove_other_weight_layouts(output_dir)
             publish_entries(staging, output_dir)
         finally:
@@ -1292,9 +1324,17 @@ class SmPOTrainer:
         atomic_write_json(os.path.join(output_dir, "training_config.json"), summary, default=str)
         metrics = {"global_step": getattr(self, "global_step", None), "final_metrics": self.last_metrics,
                    "unet_evaluations": evaluations, "skipped": skipped, "data": data_counts,
-                   "latent_cache": self.latent_cache_stats.as_dict() if self.latent_cache_stats else None}
+                   "latent_cache": self.latent_cache_stats.as_dict() if self.latent_cache_stats else None,
+                   "ema": self._ema_record()}
         atomic_write_json(os.path.join(output_dir, "training_metrics.json"), finite_or_none(metrics),
                           allow_nan=False)
+
+    def _ema_record(self) -> dict | None:
+        """``--use_ema``: the average's largest decay, the updates averaged and the last update's decay."""
+        if self.ema is None:
+            return None
+        return {"decay": self.ema.decay, "updates": self.ema.optimization_step,
+                "last_decay": getattr(self.ema, "cur_decay_value", None)}
 
     def _remove_other_weight_layouts(self, output_dir: str) -> None:
         """A folder holds one run's weights: drop those of another layout (a LoRA file, ``unet/``, a pipeline)
