@@ -161,8 +161,9 @@ def run_study(args) -> dict:
     eval_seeds = [50_000 + k for k in range(len(prompts))]
     base_images = _render(load_pipeline(toy_model_path()), prompts, eval_seeds)
     base_scores = score_images([reward], base_images, prompts)["toy"]
-    base_mean, base_se = mean_and_stderr(base_scores)
-    results = {"base": {"reward_mean": base_mean, "reward_stderr_images": base_se}, "variants": {},
+    base_mean, base_se = mean_and_stderr(base_scores, groups=prompts)  # one prompt's seeds are one cluster
+    results = {"base": {"reward_mean": base_mean, "reward_stderr_images": base_se, "scores": base_scores.tolist()},
+               "variants": {}, "prompts": prompts,
                "pairs": pair_summary, "num_eval_images": len(prompts), "heldout_captions": len(heldout)}
     jobs = [(name, seed) for name in args.variants for seed in args.seeds]
     options = dict(max_train_steps=args.max_train_steps, train_batch_size=args.train_batch_size,
@@ -184,7 +185,8 @@ def run_study(args) -> dict:
         images = [Image.fromarray(p) for p in pixels]
         scores = score_images([reward], images, prompts)["toy"]
         run = {"seed": seed, "scores": scores.tolist(), "reward_mean": float(scores.mean()),
-               "comparison": compare_scores(base_scores, scores), "pixel_drift": image_drift(base_images, images),
+               "comparison": compare_scores(base_scores, scores, groups=prompts),
+               "pixel_drift": image_drift(base_images, images),
                "unet_evaluations": evaluations, "unet_evaluations_total": int(sum(evaluations.values())),
                "train_seconds": train_seconds, "final_metrics": final}
         by_variant.setdefault(name, []).append(run)
@@ -192,29 +194,38 @@ def run_study(args) -> dict:
               f"drift {run['pixel_drift']:.4f}, UNet evals {run['unet_evaluations_total']}, "
               f"{train_seconds:.0f}s", flush=True)
     for name in args.variants:
-        runs = by_variant[name]
-        per_seed = [run["reward_mean"] for run in runs]
-        mean, seed_se = mean_and_stderr(per_seed)
-        pooled = win_rate(np.concatenate([run["scores"] for run in runs]), np.tile(base_scores, len(runs)))
-        gain_mean, gain_se = mean_and_stderr([run["comparison"]["difference"]["mean"] for run in runs])
-        results["variants"][name] = {
-            "config": VARIANTS[name], "reward_mean": mean, "reward_stderr_seeds": seed_se,
-            "gain_mean": gain_mean, "gain_stderr_seeds": gain_se,
-            "gain_stderr_images": float(np.mean([run["comparison"]["difference"]["stderr"] for run in runs])),
-            "win_rate": pooled, "pixel_drift": float(np.mean([run["pixel_drift"] for run in runs])),
-            "unet_evaluations": float(np.mean([run["unet_evaluations_total"] for run in runs])),
-            "runs": runs,
-        }
+        results["variants"][name] = summarise_variant(name, by_variant[name], base_scores, prompts)
     results["seconds"] = time.perf_counter() - started
     return results
+
+
+def summarise_variant(name: str, runs: list[dict], base_scores, prompts: list[str]) -> dict:
+    """A variant's row from its runs (one per training seed, each with per-image ``scores`` in ``prompts``
+    order): reward and gain with standard errors over the training seeds, the per-run image-level error of the
+    gain, and the win rate pooled over runs. All runs render the same prompts from the same seeds against the same
+    base images, so image-level errors and the pooled interval count each prompt as one cluster."""
+    per_seed = [run["reward_mean"] for run in runs]
+    mean, seed_se = mean_and_stderr(per_seed)
+    pooled = win_rate(np.concatenate([run["scores"] for run in runs]), np.tile(base_scores, len(runs)),
+                      groups=list(prompts) * len(runs))
+    gain_mean, gain_se = mean_and_stderr([run["comparison"]["difference"]["mean"] for run in runs])
+    return {
+        "config": VARIANTS[name], "reward_mean": mean, "reward_stderr_seeds": seed_se,
+        "gain_mean": gain_mean, "gain_stderr_seeds": gain_se,
+        "gain_stderr_images": float(np.mean([run["comparison"]["difference"]["stderr"] for run in runs])),
+        "win_rate": pooled, "pixel_drift": float(np.mean([run["pixel_drift"] for run in runs])),
+        "unet_evaluations": float(np.mean([run["unet_evaluations_total"] for run in runs])),
+        "runs": runs,
+    }
 
 
 def _fmt(mean, se):
     return f"{mean:.4f} ± {se:.4f}" if se is not None and math.isfinite(se) else f"{mean:.4f}"
 
 
-def format_table(results: dict, args) -> str:
-    lines = ["| variant | held-out reward (± s.e. over seeds) | gain over base | win rate vs base [95 % Wilson] "
+def format_table(results: dict) -> str:
+    lines = ["| variant | held-out reward (± s.e. over seeds) | gain over base | win rate vs base [95 % Wilson, "
+             "prompt-clustered] "
              "| pixel drift | UNet evals / run |", "|---|---|---|---|---|---|",
              f"| base | {results['base']['reward_mean']:.4f} | - | - | 0 | 0 |"]
     for name, row in results["variants"].items():
@@ -308,36 +319,47 @@ def _plot_with_pil(points: dict, base: float, path: str) -> str:
     return path
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    os.makedirs(args.output_dir, exist_ok=True)
-    results = run_study(args)
-    stem = "toy_alignment_quick" if args.quick else "toy_alignment"
-    arguments = argv if argv is not None else sys.argv[1:]
-    command = "OMP_NUM_THREADS=%s python benchmarks/toy_alignment.py %s" % (
-        os.environ.get("OMP_NUM_THREADS", "?"), " ".join(shlex.quote(a) for a in arguments))
-    results["command"] = command.strip()
-    results["settings"] = {k: v for k, v in vars(args).items() if k not in ("output_dir", "work_dir")}
-    table = format_table(results, args)
-    plot = _plot(results, os.path.join(args.output_dir, f"{stem}.png"))
-    with open(os.path.join(args.output_dir, f"{stem}.json"), "w") as handle:
+def write_report(results: dict, output_dir: str, quick: bool, note: str = "") -> str:
+    """Write ``toy_alignment[_quick].{json,md,png}`` in ``output_dir`` (``note``: a paragraph under the header);
+    returns the table."""
+    stem = "toy_alignment_quick" if quick else "toy_alignment"
+    table = format_table(results)
+    plot = _plot(results, os.path.join(output_dir, f"{stem}.png"))
+    with open(os.path.join(output_dir, f"{stem}.json"), "w") as handle:
         json.dump(results, handle, indent=2)
     settings = results["settings"]
     pairs = results["pairs"]
-    with open(os.path.join(args.output_dir, f"{stem}.md"), "w") as handle:
-        handle.write(f"# Toy alignment study{' (quick)' if args.quick else ''}\n\n")
+    with open(os.path.join(output_dir, f"{stem}.md"), "w") as handle:
+        handle.write(f"# Toy alignment study{' (quick)' if quick else ''}\n\n")
         handle.write(f"Command: `{results['command']}`  \nTotal time: {results['seconds']:.0f} s "
                      f"(torch {torch.__version__}, {torch.get_num_threads()} thread(s)).\n\n")
+        if note:
+            handle.write(f"{note}\n\n")
         handle.write(f"Pairs: {pairs['num_pairs']} toy pairs of base generations (training captions), "
                      f"{pairs['num_human_ties']} human ties dropped, human label agrees with the reward on "
                      f"{pairs['human_agrees_with_reward']:.1%} of decided pairs. Training: LoRA rank 8, "
                      f"{settings['max_train_steps']} updates x {settings['train_batch_size']} pairs, "
                      f"lr {settings['learning_rate']}, beta {settings['beta_dpo']}, seeds {settings['seeds']}. "
                      f"Evaluation: {results['num_eval_images']} generations of {results['heldout_captions']} held-out "
-                     "captions from fixed seeds, toy reward.\n\n")
+                     "captions from fixed seeds, toy reward. Every run renders the same prompts from the same seeds "
+                     "against the same base images: the win-rate interval counts each prompt as one cluster "
+                     "(its Wilson interval uses the effective sample size).\n\n")
         handle.write(table)
         handle.write(f"\n![reward vs UNet evaluations]({os.path.basename(plot)})\n")
+    return table
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    os.makedirs(args.output_dir, exist_ok=True)
+    results = run_study(args)
+    arguments = argv if argv is not None else sys.argv[1:]
+    command = "OMP_NUM_THREADS=%s python benchmarks/toy_alignment.py %s" % (
+        os.environ.get("OMP_NUM_THREADS", "?"), " ".join(shlex.quote(a) for a in arguments))
+    results["command"] = command.strip()
+    results["settings"] = {k: v for k, v in vars(args).items() if k not in ("output_dir", "work_dir")}
+    table = write_report(results, args.output_dir, quick=args.quick)
     print(table)
     return results
 

@@ -36,6 +36,38 @@ def test_wilson_interval_matches_the_textbook_value():
         wilson_interval(3, 2)
 
 
+def test_prompt_clusters_widen_errors_and_intervals():
+    """Several seeds of one prompt are correlated samples: errors and intervals count prompts as clusters."""
+    prompts = np.repeat(["a", "b", "c", "d"], 3)  # 4 prompts x 3 seeds
+    per_prompt = np.asarray([0.1, 0.4, 0.2, 0.9])
+    values = np.repeat(per_prompt, 3)  # every seed of a prompt scores alike: 4 samples' worth, not 12
+    mean, stderr = mean_and_stderr(values, prompts)
+    assert mean == pytest.approx(0.4) and stderr == pytest.approx(per_prompt.std(ddof=1) / 2)
+    assert stderr > mean_and_stderr(values)[1] * 1.5
+    assert mean_and_stderr(values, list(range(12))) == pytest.approx(mean_and_stderr(values))  # one per cluster
+    uneven, labels = np.asarray([1.0, 2.0, 4.0, 7.0]), ["x", "x", "x", "y"]  # the cluster-robust formula by hand
+    centred = uneven - uneven.mean()
+    by_hand = math.sqrt(2 / 1 * (centred[:3].sum() ** 2 + centred[3] ** 2) / 16)
+    assert mean_and_stderr(uneven, labels)[1] == pytest.approx(by_hand)
+    assert math.isnan(mean_and_stderr(uneven, ["x"] * 4)[1])  # one cluster: no error estimate
+    with pytest.raises(ValueError, match="one label per sample: got 1 labels for 2 samples"):
+        mean_and_stderr([1.0, 2.0], ["x"])
+    # 3 prompts always won, 1 always lost: the interval is the one of 4 samples (clipped at the prompt count)
+    rate = win_rate([1.0] * 9 + [0.0] * 3, [0.5] * 12, groups=prompts)
+    assert rate["rate"] == 0.75 and rate["n"] == 12 and rate["groups"] == 4
+    assert rate["n_effective"] == pytest.approx(4.0)
+    assert (rate["ci_low"], rate["ci_high"]) == pytest.approx(wilson_interval(3, 4))
+    assert win_rate([1.0] * 9 + [0.0] * 3, [0.5] * 12)["n_effective"] == 12  # without groups: independent
+    # every prompt won once and lost once: no between-prompt variation, the interval of 12 independent pairs
+    even = win_rate([1.0, 0.0] * 6, [0.5] * 12, groups=np.repeat(list("abcdef"), 2))
+    assert even["n_effective"] == 12 and (even["ci_low"], even["ci_high"]) == pytest.approx(wilson_interval(6, 12))
+    # all won: as many samples as prompts
+    won = win_rate([1.0] * 6, [0.0] * 6, groups=np.repeat(list("abc"), 2))
+    assert won["n_effective"] == 3 and (won["ci_low"], won["ci_high"]) == pytest.approx(wilson_interval(3, 3))
+    summary = compare_scores(base=[0.5] * 12, aligned=values, groups=prompts)
+    assert summary["difference"]["stderr"] == pytest.approx(stderr) and summary["win_rate"]["groups"] == 4
+
+
 def test_win_rate_counts_ties_as_half():
     rate = win_rate([0.2, 0.2, 0.5, 0.1], [0.1, 0.2, 0.3, 0.4])
     assert (rate["wins"], rate["ties"], rate["losses"], rate["n"]) == (2, 1, 1, 4)
@@ -156,7 +188,10 @@ def test_evaluate_writes_results_table_and_grid(tmp_path, monkeypatch):
         base_scores = np.asarray(saved["scores"]["base"][name])
         aligned_scores = np.asarray(saved["scores"]["aligned"][name])
         assert summary["base"]["mean"] == pytest.approx(base_scores.mean())
-        assert summary["aligned"]["stderr"] == pytest.approx(aligned_scores.std(ddof=1) / 2)
+        # sample j shows prompt j % 2: the error is clustered by prompt (2 prompts x 2 seeds)
+        prompt_means = aligned_scores.reshape(2, 2).mean(axis=0)
+        assert summary["aligned"]["stderr"] == pytest.approx(prompt_means.std(ddof=1) / math.sqrt(2))
+        assert summary["win_rate"]["groups"] == 2
         assert summary["win_rate"]["rate"] == pytest.approx(
             ((aligned_scores > base_scores).sum() + 0.5 * (aligned_scores == base_scores).sum()) / 4)
     assert saved["pixel_drift"] > 0  # a different UNet draws different pictures from the same seeds

@@ -5,7 +5,9 @@ the same seeds, scores both sets with each reward backend, and writes
 
 * ``results.json`` - per-image scores and, per reward: mean and standard error of each model, the
   paired difference, and the win rate of aligned over base with a 95 % **Wilson score** interval
-  (ties count half a win);
+  (ties count half a win). The samples of one prompt (several seeds) are correlated: errors and the interval
+  treat each prompt as one cluster (cluster-robust standard errors; the interval's sample size is the
+  effective one);
 * ``results.md`` - the same as a markdown table;
 * ``grid.png`` - base images on the top row(s), aligned images under them, same prompt/seed per column (the
   first :data:`GRID_MAX_SAMPLES` samples).
@@ -61,20 +63,47 @@ logger = logging.getLogger(__name__)
 # ----------------------------------------------------------------------------- statistics
 
 
-def mean_and_stderr(values: Sequence[float]) -> tuple[float, float]:
-    """Sample mean and its standard error ``std(ddof=1) / sqrt(n)``; the error is NaN for fewer than 2 values."""
+def _cluster_indices(groups: Sequence | None, size: int) -> np.ndarray:
+    """Cluster number of each of ``size`` samples (``groups``: any hashable label per sample, e.g. its prompt;
+    None = every sample its own cluster)."""
+    if groups is None:
+        return np.arange(size)
+    labels = list(groups)
+    if len(labels) != size:
+        raise ValueError(f"groups needs one label per sample: got {len(labels)} labels for {size} samples.")
+    numbers: dict = {}
+    return np.asarray([numbers.setdefault(label, len(numbers)) for label in labels])
+
+
+def _clustered_variance_of_mean(array: np.ndarray, clusters: np.ndarray) -> float:
+    """Cluster-robust variance of the sample mean: ``k / (k - 1) * sum_g (sum_{i in g} (x_i - mean))^2 / n^2``
+    over ``k`` clusters (with one sample per cluster: ``var(ddof=1) / n``); NaN for fewer than 2 clusters."""
+    count = int(clusters.max()) + 1
+    if count < 2:
+        return math.nan
+    sums = np.bincount(clusters, weights=array - array.mean(), minlength=count)
+    return float(count / (count - 1) * np.sum(sums ** 2) / array.size ** 2)
+
+
+def mean_and_stderr(values: Sequence[float], groups: Sequence | None = None) -> tuple[float, float]:
+    """Sample mean and its standard error: ``std(ddof=1) / sqrt(n)``, or with ``groups`` (one label per value,
+    e.g. its prompt) the cluster-robust error that treats each group as one correlated cluster (equal groups:
+    the standard error of the group means). The error is NaN for fewer than 2 values (clusters)."""
     array = np.asarray(values, dtype=np.float64)
     if array.size == 0:
         raise ValueError("mean_and_stderr needs at least one value.")
     if not np.isfinite(array).all():
         raise ValueError("mean_and_stderr got non-finite values; drop unscorable images first.")
+    if groups is not None:
+        return float(array.mean()), math.sqrt(_clustered_variance_of_mean(array, _cluster_indices(groups,
+                                                                                                  array.size)))
     stderr = float(array.std(ddof=1) / math.sqrt(array.size)) if array.size > 1 else math.nan
     return float(array.mean()), stderr
 
 
-def wilson_interval(successes: float, trials: int, z: float = Z_95) -> tuple[float, float]:
+def wilson_interval(successes: float, trials: float, z: float = Z_95) -> tuple[float, float]:
     """Wilson score interval ``(low, high)`` for a proportion ``successes / trials`` (successes may be
-    fractional, e.g. ties counted as half)."""
+    fractional, e.g. ties counted as half; trials too, for an effective sample size)."""
     if trials < 1:
         raise ValueError(f"wilson_interval needs trials >= 1, got {trials}.")
     if not 0 <= successes <= trials:
@@ -86,33 +115,54 @@ def wilson_interval(successes: float, trials: int, z: float = Z_95) -> tuple[flo
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def win_rate(aligned: Sequence[float], base: Sequence[float], tie_tolerance: float = 0.0) -> dict:
+def win_rate(aligned: Sequence[float], base: Sequence[float], tie_tolerance: float = 0.0,
+             groups: Sequence | None = None) -> dict:
     """How often ``aligned[i]`` beats ``base[i]`` (paired by prompt and seed).
 
     A pair within ``tie_tolerance`` is a tie and counts half a win. Returns ``wins``, ``ties``,
-    ``losses``, ``n``, ``rate = (wins + ties / 2) / n`` and its 95 % Wilson interval ``ci_low``, ``ci_high``."""
+    ``losses``, ``n``, ``rate = (wins + ties / 2) / n`` and its 95 % Wilson interval ``ci_low``, ``ci_high``.
+
+    ``groups`` (one label per pair, e.g. its prompt): pairs of one group are correlated, so the interval uses
+    the effective sample size ``n_effective = n / design effect`` (the cluster-robust variance of the rate over
+    the independent one), kept within [number of groups, n]; a rate of exactly 0 or 1 counts the groups. Without
+    ``groups`` (or one pair per group) ``n_effective = n``. Also returns ``n_effective`` and ``groups``."""
     aligned, base = np.asarray(aligned, dtype=np.float64), np.asarray(base, dtype=np.float64)
     if aligned.shape != base.shape or aligned.ndim != 1 or aligned.size == 0:
         raise ValueError(
             f"win_rate needs two equal-length, non-empty score lists, got {aligned.shape} and {base.shape}.")
     difference = aligned - base
-    ties = int((np.abs(difference) <= tie_tolerance).sum())
-    wins = int((difference > tie_tolerance).sum())
+    tied = np.abs(difference) <= tie_tolerance
+    won = difference > tie_tolerance
+    ties, wins = int(tied.sum()), int(won.sum())
     losses = int(difference.size - wins - ties)
     successes = wins + 0.5 * ties
-    low, high = wilson_interval(successes, difference.size)
-    return {"wins": wins, "ties": ties, "losses": losses, "n": int(difference.size),
-            "rate": successes / difference.size, "ci_low": low, "ci_high": high}
+    n = int(difference.size)
+    clusters = _cluster_indices(groups, n)
+    count = int(clusters.max()) + 1
+    n_effective = float(n)
+    if count < n:
+        outcome = won + 0.5 * tied
+        independent = outcome.var(ddof=1) / n  # the rate's variance were the pairs independent
+        clustered = _clustered_variance_of_mean(outcome, clusters)  # NaN for a single group
+        if independent == 0.0 or not math.isfinite(clustered):
+            n_effective = float(count)
+        elif clustered > 0.0:
+            n_effective = min(float(n), max(float(count), n * independent / clustered))
+    low, high = wilson_interval(min(successes / n * n_effective, n_effective), n_effective)
+    return {"wins": wins, "ties": ties, "losses": losses, "n": n, "rate": successes / n, "ci_low": low,
+            "ci_high": high, "n_effective": n_effective, "groups": count}
 
 
-def compare_scores(base: Sequence[float], aligned: Sequence[float]) -> dict:
+def compare_scores(base: Sequence[float], aligned: Sequence[float], groups: Sequence | None = None) -> dict:
     """Summary of paired scores: ``base``/``aligned`` ``{mean, stderr}``, ``difference`` (aligned - base,
-    paired) ``{mean, stderr}`` and ``win_rate`` (see :func:`win_rate`)."""
-    base_mean, base_se = mean_and_stderr(base)
-    aligned_mean, aligned_se = mean_and_stderr(aligned)
-    diff_mean, diff_se = mean_and_stderr(np.asarray(aligned, dtype=np.float64) - np.asarray(base, dtype=np.float64))
+    paired) ``{mean, stderr}`` and ``win_rate`` (see :func:`win_rate`). ``groups`` (one label per pair, e.g. its
+    prompt): errors and the interval treat each group as one cluster (:func:`mean_and_stderr`, :func:`win_rate`)."""
+    base_mean, base_se = mean_and_stderr(base, groups)
+    aligned_mean, aligned_se = mean_and_stderr(aligned, groups)
+    diff_mean, diff_se = mean_and_stderr(np.asarray(aligned, dtype=np.float64) - np.asarray(base, dtype=np.float64),
+                                         groups)
     return {"base": {"mean": base_mean, "stderr": base_se}, "aligned": {"mean": aligned_mean, "stderr": aligned_se},
-            "difference": {"mean": diff_mean, "stderr": diff_se}, "win_rate": win_rate(aligned, base)}
+            "difference": {"mean": diff_mean, "stderr": diff_se}, "win_rate": win_rate(aligned, base, groups=groups)}
 
 
 def image_drift(base_images, aligned_images) -> float:
@@ -361,6 +411,11 @@ def _fmt(mean: float, stderr: float, digits: int = 4) -> str:
     return f"{mean:.{digits}f} ± {stderr:.{digits}f}" if math.isfinite(stderr) else f"{mean:.{digits}f}"
 
 
+def _effective(rate: dict) -> str:
+    n_effective = rate.get("n_effective", rate["n"])  # absent from results written before clustering
+    return f", effective n {n_effective:.1f}" if n_effective != rate["n"] else ""
+
+
 def format_results_table(results: dict) -> str:
     """Markdown table of :func:`evaluate`'s ``results`` (one row per reward)."""
     names = results["models"]
@@ -374,12 +429,14 @@ def format_results_table(results: dict) -> str:
         lines.append(
             f"| {reward} | {_fmt(**summary['base'])} | {_fmt(**summary['aligned'])} | {_fmt(**summary['difference'])} "
             f"| {rate['rate']:.3f} [{rate['ci_low']:.3f}, {rate['ci_high']:.3f}] "
-            f"({rate['wins']}W/{rate['ties']}T/{rate['losses']}L) |"
+            f"({rate['wins']}W/{rate['ties']}T/{rate['losses']}L{_effective(rate)}) |"
         )
     lines.append("")
     lines.append(f"{results['num_samples']} samples ({results['num_prompts']} prompts x {results['seeds_per_prompt']} "
                  f"seeds), {results['num_inference_steps']} steps, guidance {results['guidance_scale']}; "
-                 f"mean absolute pixel drift from base {results['pixel_drift']:.4f}. Ties count half a win.")
+                 f"mean absolute pixel drift from base {results['pixel_drift']:.4f}. Ties count half a win. The "
+                 "samples of one prompt are correlated: standard errors are clustered by prompt and the interval "
+                 "uses the effective sample size.")
     return "\n".join(lines) + "\n"
 
 
@@ -440,9 +497,12 @@ def evaluate(base_model: str, aligned_model: str, prompts: Sequence[str], *, out
         "num_prompts": len(prompts), "seeds_per_prompt": seeds_per_prompt, "num_samples": len(all_prompts),
         "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, "seed": seed,
         "dtype": str(dtype).removeprefix("torch."),
-        "interval": "95% Wilson score interval; ties count half a win",
+        "interval": "95% Wilson score interval at the effective sample size of prompt clusters; ties count half a "
+                    "win",
+        "stderr": "cluster-robust over prompts (the samples of one prompt are one cluster)",
         "pixel_drift": image_drift(base_images, aligned_images),
-        "rewards": {name: compare_scores(base_scores[name], aligned_scores[name]) for name in base_scores},
+        "rewards": {name: compare_scores(base_scores[name], aligned_scores[name], groups=all_prompts)
+                    for name in base_scores},
         "scores": {"prompts": all_prompts, "seeds": seeds,
                    "base": {k: v.tolist() for k, v in base_scores.items()},
                    "aligned": {k: v.tolist() for k, v in aligned_scores.items()}},
