@@ -322,6 +322,21 @@ def test_demo_defaults_never_replace_typed_flags(tmp_path, monkeypatch):
     assert layouts == ["sd", "sd", "sdxl", "sdxl"]  # each script's --demo trains the toy world of its own layout
 
 
+def test_tiny_random_demo_logs_to_no_tracker_unless_report_to_is_typed(tmp_path, monkeypatch):
+    """tensorboard is not a requirement of the package: --demo --demo_world tiny-random after a plain pip install
+    must not need it. Only a typed --report_to turns a tracker on (as with the toy world)."""
+    import smpo_diffusers.demo as demo_module
+    from smpo_diffusers.cli import given_flags, prepare_demo
+
+    monkeypatch.setattr(demo_module, "build_demo_inputs", lambda folder, family, num_pairs, seed: ("m", "d"))
+    for extra, expected in (([], "none"), (["--report_to", "tensorboard"], "tensorboard")):
+        argv = ["--demo", "--demo_world", "tiny-random", "--output_dir", str(tmp_path), *extra]
+        config, demo = parse_training_args(argv)
+        prepare_demo(config, demo, "sd", given=given_flags(argv))
+        assert config.report_to == expected and config.resolution == 32
+        dataclasses.replace(config)  # validates
+
+
 def test_demo_values_are_validated_like_typed_ones(tmp_path, monkeypatch, capsys):
     """--logging_dir with --demo: the demo turns trackers off, so the directory would be ignored: an error, as when
     --report_to none is typed."""

@@ -528,7 +528,8 @@ def test_local_base_model_and_dataset_stay_out_of_metadata(tmp_path):
     text = open(os.path.join(out, "README.md")).read()
     assert str(tmp_path) not in text
     assert card.data.base_model is None and card.data.datasets is None
-    assert card.data.license == "creativeml-openrail-m"
+    # a local base's license cannot be known: not guessed from the family, the uploader is asked to state it
+    assert card.data.license == "other" and "must state the base model's license" in text
     assert card.data.tags == ["text-to-image", "diffusers", "smpo", "dpo", "full-unet", "stable-diffusion"]
     assert "`my-sd15-base`" in text and "`my-prefs`" in text and "| Reward model | pickscore |" in text
     assert ("Of its 100 pairs, 90 were used (dropped: 6 ties, 4 invalid labels, 0 non-finite rewards, 0 beyond "
@@ -705,6 +706,9 @@ def test_training_with_push_to_hub_uploads_the_final_output(tmp_path, stub_hub, 
     assert {"smpo", "dpo", "lora", "text-to-image", "diffusers"} <= set(card.data.tags)
     assert card.data.library_name == "diffusers" and "validation.png" in card.text
     assert (out / "checkpoint-2").is_dir() and not (out / "logs").exists()  # kept locally, never uploaded
+    saved = json.loads((out / "training_config.json").read_text())  # the card's record of what was local
+    assert saved[hub.LOCAL_INPUTS] == ["pretrained_model_name_or_path", "dataset_name"]
+    assert card.data.base_model is None and card.data.datasets is None and card.data.license == "other"
     assert any(name.startswith("events.out.tfevents") for _, _, names in os.walk(out / "tb-runs") for name in names)
     assert_token_in_no_file(out)
     assert all(TOKEN not in record.getMessage() for record in caplog.records)
@@ -852,3 +856,260 @@ def test_card_snippet_loads_the_base_at_the_revision_and_variant_training_read(t
     out_snapshot = write_output_folder(tmp_path / "snap", family="sd", layout="lora", validation=False,
                                        checkpoints=False, pretrained_model_name_or_path=snapshot)
     assert f'revision="{v1_commit}"' in _snippet(create_model_card(out_snapshot, repo_id="me/tiny").text)
+
+
+# ---------------------------------------------------------------------------- audit fixes
+def _chain(error):
+    """``error`` and every exception it chains (causes and contexts)."""
+    seen, pending = [], [error]
+    while pending:
+        item = pending.pop()
+        if item is not None and all(item is not other for other in seen):
+            seen.append(item)
+            pending += [item.__cause__, item.__context__]
+    return seen
+
+
+def _shows_token(error) -> bool:
+    import traceback
+
+    text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+    return TOKEN in text or any(TOKEN in str(item) or TOKEN in repr(item.args) for item in _chain(error))
+
+
+def test_a_token_with_a_trailing_newline_is_stripped_and_never_shown(tmp_path, stub_hub, monkeypatch, capsys,
+                                                                     caplog):
+    """HF_TOKEN from an env file or a mounted secret ends with a newline: sent stripped, and no error, cause,
+    log record or stderr line shows it (an HTTP client's 'Illegal header value' quotes it escaped)."""
+    caplog.set_level(logging.DEBUG)
+    monkeypatch.setenv("HF_TOKEN", TOKEN + "\n")
+    assert check_hub_credentials() == TOKEN and check_hub_credentials(f" {TOKEN}\r\n") == TOKEN
+    out = write_output_folder(tmp_path / "run")
+    push_to_hub(out, "me/newline", api=HfApi(endpoint=stub_hub.endpoint))
+    assert stub_hub.repos["me/newline"]["files"] and stub_hub.requests
+    assert all(r["headers"]["authorization"] == f"Bearer {TOKEN}" for r in stub_hub.requests)
+
+    stub_hub.fail["commit"] = 400
+    with pytest.raises(HubUploadError) as error:
+        push_to_hub(out, "me/newline", api=HfApi(endpoint=stub_hub.endpoint))
+    assert not _shows_token(error.value)
+    monkeypatch.setattr(hf_constants, "ENDPOINT", stub_hub.endpoint)
+    with pytest.raises(SystemExit) as exit_info:
+        push_main([out, "--hub_model_id", "me/newline"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "error: Uploading" in err and TOKEN not in err
+    # the pre-training check, handed the raw token: its warning (the Hub could not be asked) shows no token
+    with caplog.at_level("WARNING", logger="smpo_diffusers.hub"):
+        hub.check_private_push_target("bare-name", TOKEN + "\n")
+    assert "could not check that bare-name" in caplog.text
+    assert TOKEN not in caplog.text and not any(TOKEN in record.getMessage() for record in caplog.records)
+    # a token broken inside cannot be sent at all: refused up front, without showing it
+    monkeypatch.setenv("HF_TOKEN", f"{TOKEN[:8]}\n{TOKEN[8:]}")
+    with pytest.raises(HubAuthenticationError, match="line breaks") as refused:
+        check_hub_credentials()
+    assert TOKEN[8:] not in str(refused.value)
+
+
+def test_redaction_covers_escaped_and_stripped_forms_and_the_error_chain(tmp_path):
+    raw = TOKEN + "\n"
+    for text in (f"Illegal header value b'Bearer {TOKEN}\\n'", repr(f"Bearer {raw}"), repr(f"Bearer {raw}".encode()),
+                 f"Bearer {TOKEN}", f"Bearer {raw}"):
+        assert TOKEN not in redact(text, raw) and TOKEN not in redact(text, TOKEN), text
+
+    class LeakyApi:  # a client whose error quotes the header it refused, the way httpx does
+        def create_repo(self, *args, **kwargs):
+            try:
+                raise ConnectionError(f"sent {TOKEN!r}")
+            except ConnectionError as inner:
+                raise RuntimeError(f"Illegal header value {('Bearer ' + raw).encode()!r}") from inner
+
+    out = write_output_folder(tmp_path / "run")
+    with pytest.raises(HubUploadError, match=r"Illegal header value b'Bearer \*\*\*") as error:
+        push_to_hub(out, "me/x", token=TOKEN, api=LeakyApi())
+    assert not _shows_token(error.value)
+
+
+def test_cli_reports_hub_errors_in_one_line(tmp_path, capsys):
+    """The training CLI: no token for --push_to_hub (and a failed push) is an `error:` line and status 2, like other
+    bad input, never a traceback with the client's chained error."""
+    from smpo_diffusers.cli import run_cli, train_main
+
+    argv = ["--pretrained_model_name_or_path", str(tmp_path / "model"), "--dataset_name", str(tmp_path / "data"),
+            "--output_dir", str(tmp_path / "out"), "--push_to_hub", "--hub_model_id", "me/x", "--report_to", "none"]
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(train_main, argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("error: No Hugging Face token") and "Traceback" not in err
+
+    def failed_push():
+        try:
+            raise RuntimeError(f"client error quoting Bearer {TOKEN}")
+        except RuntimeError as cause:
+            raise HubUploadError("Uploading out failed (RuntimeError: client error quoting Bearer ***).") from cause
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(failed_push)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("error: Uploading out failed") and TOKEN not in err
+
+
+def test_card_metadata_uses_what_the_run_recorded_as_local(tmp_path, monkeypatch):
+    """Relative --pretrained_model_name_or_path/--dataset_name folders: the card written from another directory
+    still leaves them out of the metadata (they are not Hub ids), and Hub ids stay Hub ids wherever it runs."""
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    for folder in (work / "my-sdxl-base", work / "pickapic-labelled", elsewhere / "yuvalkirstain" / "pickapic_v2"):
+        folder.mkdir(parents=True)
+    monkeypatch.chdir(work)
+    out = write_output_folder(work / "run", pretrained_model_name_or_path="my-sdxl-base",
+                              dataset_name="pickapic-labelled")
+    path = os.path.join(out, "training_config.json")
+    config = json.load(open(path))
+    assert hub.local_input_names(config) == ["pretrained_model_name_or_path", "dataset_name"]  # what the run saves
+    json.dump(config | {hub.LOCAL_INPUTS: hub.local_input_names(config)}, open(path, "w"))
+    monkeypatch.chdir(elsewhere)
+    card = create_model_card(out)
+    assert card.data.base_model is None and card.data.datasets is None and card.data.license == "other"
+    assert "`my-sdxl-base`" in card.text and "`pickapic-labelled`" in card.text
+
+    hub_run = write_output_folder(tmp_path / "hub-run")  # Hub ids, recorded as such; a same-named folder here
+    path = os.path.join(hub_run, "training_config.json")
+    json.dump(json.load(open(path)) | {hub.LOCAL_INPUTS: []}, open(path, "w"))
+    assert create_model_card(hub_run).data.datasets == [PICKAPIC]
+    # a training_config.json written before the record: decided from the current directory, as before
+    old = write_output_folder(tmp_path / "old", pretrained_model_name_or_path="my-sdxl-base")
+    assert create_model_card(old).data.base_model == "my-sdxl-base"
+
+
+def test_license_is_asserted_only_for_known_public_bases(tmp_path):
+    for family, base, expected in (("sdxl", SDXL_BASE, "openrail++"), ("sd", SD_BASE, "creativeml-openrail-m"),
+                                   ("sd", "stabilityai/stable-diffusion-2-1-base", "openrail++"),
+                                   ("sdxl", "someone/sdxl-anime-finetune", "other"),
+                                   ("sd", "someone/stable-diffusion-2-nsfw-finetune", "other")):
+        out = write_output_folder(tmp_path / base.replace("/", "--"), family=family,
+                                  pretrained_model_name_or_path=base)
+        card = create_model_card(out)
+        assert card.data.license == expected, base
+        assert ("must state the base model's license" in card.text) == (expected == "other"), base
+    stated = create_model_card(out, license="apache-2.0")
+    assert stated.data.license == "apache-2.0" and "## License" not in stated.text
+
+
+def test_a_failed_push_leaves_the_local_card_as_it_was(tmp_path, stub_hub):
+    out = write_output_folder(tmp_path / "run")
+    api = HfApi(endpoint=stub_hub.endpoint)
+    stub_hub.fail["commit"] = 400
+    with pytest.raises(HubUploadError):
+        push_to_hub(out, "me/first", token=TOKEN, api=api)
+    assert not os.path.exists(os.path.join(out, "README.md"))  # the card went into the staging folder only
+    create_model_card(out, repo_id="me/old")
+    before = snapshot(out)
+    with pytest.raises(HubUploadError, match="intact"):
+        push_to_hub(out, "me/first", token=TOKEN, api=api)
+    assert snapshot(out) == before
+    del stub_hub.fail["commit"]
+    push_to_hub(out, "me/first", token=TOKEN, api=api)
+    local = open(os.path.join(out, "README.md"), "rb").read()
+    assert local == stub_hub.repos["me/first"]["files"]["README.md"] and b"me/first" in local
+
+
+def test_stale_staging_folders_are_removed_and_never_uploaded(tmp_path, stub_hub):
+    import subprocess
+    import sys
+
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished.wait()
+    out = write_output_folder(tmp_path / "run")
+    stale = [f".hub-upload-{finished.pid}-k1ll3d.tmp", ".hub-upload-oldformat.tmp"]
+    for name in stale:
+        os.makedirs(os.path.join(out, name, "unet"))
+        for relative in ("pytorch_lora_weights.safetensors", "README.md", "unet/config.json"):
+            open(os.path.join(out, name, relative), "w").write("stale")
+    assert not any(".hub-upload-" in path for path in release_files(out))
+    push_to_hub(out, "me/clean", token=TOKEN, api=HfApi(endpoint=stub_hub.endpoint))
+    assert set(stub_hub.repos["me/clean"]["files"]) == LORA_RELEASE
+    assert not [name for name in os.listdir(out) if name.startswith(".hub-upload-")]
+
+
+def _stop_init(monkeypatch, seen):
+    """Make the private-target check record the repository id it is asked about and stop the trainer there."""
+    class Stop(Exception):
+        pass
+
+    def check(repo_id, token, api=None):
+        seen.append(repo_id)
+        raise Stop
+
+    monkeypatch.setattr(hub, "check_private_push_target", check)
+    return Stop
+
+
+def test_push_target_of_a_training_run_is_checked_before_training(tmp_path, monkeypatch, demo_inputs):
+    """--push_to_hub without --hub_model_id: the folder name must be a valid id (checked before training), and the
+    private pre-check asks about that name, not the hub_model_id an earlier run's training_config.json records."""
+    from smpo_diffusers import SmPOTrainer
+
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    model, data = demo_inputs["sdxl"]
+    options = dict(pretrained_model_name_or_path=model, dataset_name=data, resolution=32, report_to="none",
+                   push_to_hub=True)
+    bad = tmp_path / "sdxl lora (K=1)"
+    with pytest.raises(ValueError, match=r"output_dir folder's name.*pass --hub_model_id your-name/model-name.*"
+                                         r"nothing was trained"):
+        SmPOTrainer(SmPOConfig(**options, output_dir=str(bad)))
+    assert not (bad / "pytorch_lora_weights.safetensors").exists()
+
+    reused = write_output_folder(tmp_path / "next-run", push_to_hub=True, hub_model_id="old-org/old-model")
+    seen = []
+    stopped = _stop_init(monkeypatch, seen)
+    with pytest.raises(stopped):
+        SmPOTrainer(SmPOConfig(**options, output_dir=reused, hub_private=True))
+    with pytest.raises(stopped):
+        SmPOTrainer(SmPOConfig(**options, output_dir=reused, hub_private=True, hub_model_id="team/chosen"))
+    assert seen == ["next-run", "team/chosen"]
+
+
+def test_a_hand_written_readme_stops_a_push_to_hub_run_before_training(tmp_path, monkeypatch, demo_inputs):
+    from smpo_diffusers import SmPOTrainer
+
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    model, data = demo_inputs["sdxl"]
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "README.md").write_text("# my notes\n")
+    config = SmPOConfig(pretrained_model_name_or_path=model, dataset_name=data, output_dir=str(out), resolution=32,
+                        report_to="none", push_to_hub=True, hub_model_id="me/x")
+    with pytest.raises(FileExistsError, match=r"--push_to_hub uploads a generated model card in its place.*"
+                                              r"without --push_to_hub.*--no_model_card`; nothing was trained"):
+        SmPOTrainer(config)
+    assert (out / "README.md").read_text() == "# my notes\n"
+
+
+def test_a_push_failing_after_training_says_the_weights_are_saved(tmp_path, stub_hub, monkeypatch):
+    """The push at the end of train() (here on a trainer without its models: only the push runs): any failure
+    says the weights are saved and gives the command that pushes them alone."""
+    from smpo_diffusers import SmPOTrainer
+
+    monkeypatch.setattr(hf_constants, "ENDPOINT", stub_hub.endpoint)
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+
+    def trainer_for(folder, **overrides):
+        out = write_output_folder(folder, push_to_hub=True, **overrides)
+        trainer = object.__new__(SmPOTrainer)
+        trainer.config = SmPOConfig(output_dir=out, push_to_hub=True, **overrides)
+        trainer.reward_statistics = None
+        return trainer, out
+
+    trainer, out = trainer_for(tmp_path / "renamed (K=1)")  # e.g. a subclass that changed output_dir
+    with pytest.raises(HubUploadError) as error:
+        trainer._push_trained_output()
+    message = str(error.value)
+    assert f"trained weights are saved in {out}" in message and "is not a valid Hub repository id" in message
+    assert "python examples/push_to_hub.py" in message and "--hub_model_id your-name/model-name" in message
+
+    trainer, out = trainer_for(tmp_path / "run", hub_model_id="me/run", hub_private=True)
+    stub_hub.fail["commit"] = 400
+    with pytest.raises(HubUploadError) as error:
+        trainer._push_trained_output()
+    message = str(error.value)
+    assert f"trained weights are saved in {out}" in message and TOKEN not in message
+    assert f"python examples/push_to_hub.py {out} --hub_model_id me/run --private" in message

@@ -17,6 +17,7 @@ from transformers import HfArgumentParser
 
 from .config import SmPOConfig
 from .distributed import OtherProcessFailed, leave_process_group, main_process_first, process_state
+from .hub import HubAuthenticationError, HubUploadError
 
 logger = logging.getLogger(__name__)
 
@@ -46,9 +47,12 @@ class DemoArguments:
             raise ValueError("--demo_world only applies with --demo; add --demo or drop it.")
 
 
-INPUT_ERRORS = (ValueError, OSError, ImportError, FloatingPointError, OtherProcessFailed)
+INPUT_ERRORS = (ValueError, OSError, ImportError, FloatingPointError, OtherProcessFailed, HubAuthenticationError,
+                HubUploadError)
 """What bad flags, paths, datasets or settings raise, each with a message that names the fix (``OSError`` covers
-missing files, unreachable Hub ids and full disks; ``OtherProcessFailed``: such an error on another process)."""
+missing files, unreachable Hub ids and full disks; ``OtherProcessFailed``: such an error on another process; the Hub
+errors: no usable token for ``--push_to_hub``, or a push that failed, with the command to push again). Only the
+message is printed, never the chained client error (which could quote request headers)."""
 
 
 def run_cli(main, *args, **kwargs):
@@ -97,17 +101,19 @@ def given_flags(argv: list[str]) -> set[str]:
 def prepare_demo(config: SmPOConfig, demo: DemoArguments, family: str, given: set[str] | None = None) -> SmPOConfig:
     """Build the demo's base model and labelled dataset under ``output_dir/demo-inputs`` and point the config
     at them. The toy demo's training defaults replace every option not in ``given`` (the flags typed, see
-    :func:`given_flags`; without it, every option still at its default). Returns the config (modified in place)."""
+    :func:`given_flags`; without it, every option still at its default). Both worlds log to no tracker unless
+    ``--report_to`` is typed (tensorboard is not among the package's requirements). Returns the config (modified
+    in place)."""
     folder = os.path.join(config.output_dir, "demo-inputs")
+    defaults = SmPOConfig()
+
+    def typed(name):
+        return name in given if given is not None else getattr(config, name) != getattr(defaults, name)
+
     if demo.demo_world == "toy":
         from .toy import build_toy_demo_inputs, toy_training_defaults
 
         model_dir, dataset_dir = build_toy_demo_inputs(folder, seed=config.seed, layout=family)
-        defaults = SmPOConfig()
-
-        def typed(name):
-            return name in given if given is not None else getattr(config, name) != getattr(defaults, name)
-
         for name, value in toy_training_defaults(family).items():
             if name == "max_train_steps" and typed("num_train_epochs"):
                 continue  # the typed epochs set the run's length
@@ -119,6 +125,8 @@ def prepare_demo(config: SmPOConfig, demo: DemoArguments, family: str, given: se
         model_dir, dataset_dir = build_demo_inputs(folder, family=family, num_pairs=64, seed=config.seed)
         if config.resolution is None:
             config.resolution = 32
+        if not typed("report_to"):  # a pipeline check after a plain pip install: no tracker to install first
+            config.report_to = "none"
     if config.pretrained_model_name_or_path is None:
         config.pretrained_model_name_or_path = model_dir
     if config.dataset_name is None:

@@ -8,17 +8,23 @@ anything else in the folder (``checkpoint-N``, tracker logs, ``demo-inputs/``, e
 run's validation grid, notes) stays local.
 
 * :func:`create_model_card` writes ``README.md`` from those files; it never touches the network.
-* :func:`push_to_hub` creates the repository and uploads the folder through ``huggingface_hub.HfApi``.
+* :func:`push_to_hub` creates the repository and uploads the folder through ``huggingface_hub.HfApi``; the card
+  it generates is uploaded from a staging folder and written to the output folder only after the upload succeeded.
 * :func:`check_hub_credentials` fails fast (before training) when no token is available.
 
-Tokens: resolved from the argument, else ``HF_TOKEN``, else the saved login (``hf auth login``). A token
-is never written to a file, never put in an error message, and while :func:`push_to_hub` runs every log
+Tokens: resolved from the argument, else ``HF_TOKEN``, else the saved login (``hf auth login``), each without
+surrounding whitespace (the trailing newline of an env file or a mounted secret). A token is never written to a
+file, never put in an error message (in any escaped form either), and while :func:`push_to_hub` runs every log
 record is passed through :func:`redact` (see :func:`redacted_logging`).
 
 Local paths in ``base_model``/``datasets`` metadata: only Hub ids are published. A local folder that
 is a Hub cache snapshot (``.../models--org--name/snapshots/<sha>``) is mapped back to its id ``org/name``;
 any other local folder is left out of the metadata and named in the card text by its folder name only,
-never by its absolute path.
+never by its absolute path. Which inputs were local is what the run recorded in ``training_config.json``
+(``local_inputs``), so a card written from another directory does not take a relative folder name for a Hub id.
+
+License: the license of a known public base (SDXL 1.0, SD 2.x, SD 1.4/1.5 of their original publishers); for any
+other base the metadata says ``license: other`` and the card asks the uploader to state the base's license.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ __all__ = [
     "base_revision",
     "check_hub_credentials",
     "check_private_push_target",
+    "check_training_card",
     "create_model_card",
     "hub_id_or_none",
     "push_main",
@@ -51,6 +58,8 @@ __all__ = [
     "redacted_logging",
     "release_files",
     "resolve_repo_id",
+    "retry_command",
+    "training_repo_id",
     "usage_snippet",
     "weights_layout",
 ]
@@ -95,7 +104,15 @@ LOGIN_HELP = (
 
 _PIPELINE_CLASSES = {"sdxl": "StableDiffusionXLPipeline", "sd": "StableDiffusionPipeline"}
 _FAMILY_TAGS = {"sdxl": "stable-diffusion-xl", "sd": "stable-diffusion"}
-_DEFAULT_LICENSES = {"sdxl": "openrail++", "sd": "creativeml-openrail-m"}
+_KNOWN_BASE_LICENSES = {
+    **dict.fromkeys(("stabilityai/stable-diffusion-xl-base-1.0", "stabilityai/stable-diffusion-xl-refiner-1.0",
+                     "stabilityai/stable-diffusion-2", "stabilityai/stable-diffusion-2-base",
+                     "stabilityai/stable-diffusion-2-1", "stabilityai/stable-diffusion-2-1-base"), "openrail++"),
+    **dict.fromkeys(("runwayml/stable-diffusion-v1-5", "stable-diffusion-v1-5/stable-diffusion-v1-5",
+                     "compvis/stable-diffusion-v1-4"), "creativeml-openrail-m"),
+}
+"""The licenses of the public SD/SDXL bases (lower-case Hub ids); any other base's license is not guessed."""
+UNKNOWN_LICENSE = "other"
 _LOCAL_DATA_SUFFIXES = (".parquet", ".json", ".jsonl", ".csv", ".arrow", ".txt")
 _HUB_CACHE_SNAPSHOT = re.compile(r"(?:^|/)(?:models|datasets)--([^/]+)/snapshots/([^/]+)/?$")
 
@@ -105,14 +122,75 @@ class HubAuthenticationError(RuntimeError):
 
 
 class HubUploadError(RuntimeError):
-    """Creating the repository or uploading the folder failed; the local output is untouched."""
+    """Creating the repository or uploading the folder failed; the files in the local output are as they were."""
 
 
 # ---------------------------------------------------------------------------- tokens and redaction
+def _token_forms(token: str) -> list[str]:
+    """The ways ``token`` can appear in a message, longest first: as is, without surrounding whitespace (the
+    token's core), and escaped as ``repr``/``ascii`` of a string or of bytes show it (an HTTP client's
+    ``Illegal header value b'Bearer hf_...\\n'`` shows a trailing newline as the two characters ``\\n``)."""
+    forms = set()
+    for value in (token, token.strip()):
+        if not value:
+            continue
+        forms |= {value, repr(value)[1:-1], ascii(value)[1:-1], value.encode("unicode_escape").decode("ascii"),
+                  repr(value.encode("utf-8", "backslashreplace"))[2:-1]}
+    return sorted((form for form in forms if form), key=len, reverse=True)
+
+
 def redact(text: Any, token: str | None) -> str:
-    """``str(text)`` with every occurrence of ``token`` replaced by ``***`` (unchanged if no token)."""
+    """``str(text)`` with every occurrence of ``token`` replaced by ``***`` (unchanged if no token): the token as
+    given, its core without surrounding whitespace, and their escaped (``repr``) forms."""
     text = str(text)
-    return text.replace(token, REDACTED) if token else text
+    if not token:
+        return text
+    for form in _token_forms(str(token)):
+        text = text.replace(form, REDACTED)
+    return text
+
+
+def _clean_token(token: str | None) -> str | None:
+    """``token`` without surrounding whitespace (the trailing newline of an env file or a mounted secret), or
+    None when nothing is left."""
+    return str(token).strip() or None if token is not None else None
+
+
+def _check_token_characters(token: str) -> str:
+    """``token``, or :class:`HubAuthenticationError` (not showing it) when it holds characters that an HTTP
+    header cannot carry: the client would refuse it and print the token in its error."""
+    if any(not "!" <= character <= "~" for character in token):
+        raise HubAuthenticationError(
+            "The Hugging Face token found holds spaces, line breaks or non-ASCII characters inside it, so it cannot "
+            "be sent (it is not shown here). Copy the token again from https://huggingface.co/settings/tokens "
+            "into HF_TOKEN, or log in again with `hf auth login`."
+        )
+    return token
+
+
+def _chain_leaks(error: BaseException, token: str) -> bool:
+    """Whether the traceback of ``error`` (with its causes and contexts) would show ``token`` in any form."""
+    import traceback
+
+    text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+    return redact(text, token) != text
+
+
+def _scrub_chain(error: BaseException, token: str) -> None:
+    """Redact ``token`` from the string arguments of ``error`` and of every exception it chains (best effort:
+    an exception that builds its message from other attributes keeps it)."""
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [error]
+    while pending:
+        item = pending.pop()
+        if item is None or id(item) in seen:
+            continue
+        seen.add(id(item))
+        try:
+            item.args = tuple(redact(arg, token) if isinstance(arg, str) else arg for arg in item.args)
+        except (AttributeError, TypeError):  # an exception type with read-only args
+            pass
+        pending += [item.__cause__, item.__context__]
 
 
 class _TokenRedactionFilter(logging.Filter):
@@ -124,11 +202,12 @@ class _TokenRedactionFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        if self.token in message:
-            record.msg, record.args = redact(message, self.token), None
+        redacted = redact(message, self.token)
+        if redacted != message:
+            record.msg, record.args = redacted, None
         if record.exc_info and not record.exc_text:
             record.exc_text = logging.Formatter().formatException(record.exc_info)
-        if record.exc_text and self.token in record.exc_text:
+        if record.exc_text:
             record.exc_text = redact(record.exc_text, self.token)
         return True
 
@@ -166,9 +245,11 @@ def check_hub_credentials(token: str | None = None, *, repo_id: str | None = Non
     """Resolve the Hub token without any network access and return it.
 
     Order: ``token``, else the ``HF_TOKEN`` environment variable, else the saved login
-    (``huggingface_hub.get_token()``). ``repo_id``, when given, is checked for a valid Hub id format.
-    Raises :class:`HubAuthenticationError` (no token, or ``HF_HUB_OFFLINE`` set) or ``ValueError``
-    (malformed ``repo_id``) with the fix. Meant to run before training when ``--push_to_hub`` is set.
+    (``huggingface_hub.get_token()``); surrounding whitespace (an env file's or a mounted secret's trailing
+    newline) is stripped from each. ``repo_id``, when given, is checked for a valid Hub id format.
+    Raises :class:`HubAuthenticationError` (no token, a token with characters an HTTP header cannot carry, or
+    ``HF_HUB_OFFLINE`` set) or ``ValueError`` (malformed ``repo_id``) with the fix. Meant to run before training
+    when ``--push_to_hub`` is set.
     """
     if _offline_mode():
         raise HubAuthenticationError(
@@ -177,14 +258,14 @@ def check_hub_credentials(token: str | None = None, *, repo_id: str | None = Non
         )
     if repo_id is not None:
         _validate_repo_id(repo_id, "--hub_model_id")
-    if token:
-        return token
-    from huggingface_hub import get_token
+    resolved = _clean_token(token) or _clean_token(os.environ.get("HF_TOKEN"))
+    if not resolved:
+        from huggingface_hub import get_token
 
-    resolved = os.environ.get("HF_TOKEN") or get_token()
+        resolved = _clean_token(get_token())
     if not resolved:
         raise HubAuthenticationError(f"No Hugging Face token found, so nothing can be pushed to the Hub. {LOGIN_HELP}")
-    return resolved
+    return _check_token_characters(resolved)
 
 
 def check_private_push_target(repo_id: str, token: str, api=None) -> None:
@@ -195,6 +276,9 @@ def check_private_push_target(repo_id: str, token: str, api=None) -> None:
     from huggingface_hub import HfApi
     from huggingface_hub.errors import RepositoryNotFoundError
 
+    token = _clean_token(token)
+    if token:
+        _check_token_characters(token)
     api = api if api is not None else HfApi()
     try:
         with redacted_logging(token):
@@ -216,16 +300,32 @@ def _public_target_message(repo_id: str, outcome: str) -> str:
             f"private=True)), or push to another repository; {outcome}.")
 
 
-def _validate_repo_id(repo_id: str, source: str) -> None:
+def _validate_repo_id(repo_id: str, source: str, fix: str | None = None) -> None:
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     try:
         validate_repo_id(repo_id)
     except HFValidationError as error:
         raise ValueError(
-            f"{source} {repo_id!r} is not a valid Hub repository id ({error}); use 'name' or 'namespace/name' "
-            "with letters, digits, '-', '_' and '.'."
+            f"{source} {repo_id!r} is not a valid Hub repository id ({error}); "
+            + (fix or "use 'name' or 'namespace/name' with letters, digits, '-', '_' and '.'.")
         ) from None
+
+
+def training_repo_id(output_dir: str, hub_model_id: str | None = None) -> str:
+    """The repository a training run's ``--push_to_hub`` pushes to: ``hub_model_id``, else the name of the
+    ``output_dir`` folder (never the ``hub_model_id`` of a ``training_config.json`` an earlier run left there: this
+    run replaces that file before it pushes). Checked for the Hub id format (``ValueError`` naming the fix), so
+    that a name the push would refuse stops the run before training."""
+    if hub_model_id:
+        _validate_repo_id(hub_model_id, "--hub_model_id", "use 'name' or 'namespace/name' with letters, digits, "
+                                                          "'-', '_' and '.'; nothing was trained.")
+        return hub_model_id
+    name = os.path.basename(os.path.normpath(os.path.abspath(output_dir)))
+    _validate_repo_id(name, "--push_to_hub without --hub_model_id pushes to the --output_dir folder's name, but",
+                      "pass --hub_model_id your-name/model-name ('name' or 'namespace/name' with letters, digits, "
+                      "'-', '_' and '.'), or choose an --output_dir with such a name; nothing was trained.")
+    return name
 
 
 # ---------------------------------------------------------------------------- reading the output folder
@@ -278,15 +378,13 @@ def weights_layout(output_dir: str, train_method: str | None = None) -> str:
     return layout
 
 
-def hub_id_or_none(name_or_path: str | None) -> str | None:
-    """The Hub id behind a ``--pretrained_model_name_or_path``/``--dataset_name`` value, or None.
+def _is_local_path(value: str) -> bool:
+    """Whether an input option's value names a local path here (rather than a Hub id)."""
+    return os.path.exists(os.path.expanduser(value)) or value.startswith((".", "~", "/")) or "\\" in value
 
-    A Hub id is returned as is; a local Hub cache snapshot folder (``.../models--org--name/snapshots/<sha>``)
-    gives ``org/name``; any other existing path, a data file name or a malformed id gives None."""
-    if not name_or_path:
-        return None
-    value = str(name_or_path)
-    if os.path.exists(value) or value.startswith((".", "~", "/")) or "\\" in value:
+
+def _hub_id_of(value: str, local: bool) -> str | None:
+    if local:
         match = _hub_cache_snapshot(value)
         return match.group(1).replace("--", "/", 1) if match else None
     if value.lower().endswith(_LOCAL_DATA_SUFFIXES):
@@ -298,6 +396,53 @@ def hub_id_or_none(name_or_path: str | None) -> str | None:
     except HFValidationError:
         return None
     return value
+
+
+def hub_id_or_none(name_or_path: str | None) -> str | None:
+    """The Hub id behind a ``--pretrained_model_name_or_path``/``--dataset_name`` value, or None.
+
+    A Hub id is returned as is; a local Hub cache snapshot folder (``.../models--org--name/snapshots/<sha>``)
+    gives ``org/name``; any other existing path (relative ones: from the current directory), a data file name or
+    a malformed id gives None. A training output's card uses what the run recorded instead (:data:`LOCAL_INPUTS`)."""
+    if not name_or_path:
+        return None
+    value = str(name_or_path)
+    return _hub_id_of(value, _is_local_path(value))
+
+
+LOCAL_INPUTS = "local_inputs"
+"""``training_config.json`` key: which of :data:`RECORDED_INPUTS` named local paths (not Hub ids) when the run
+trained, so that a card written from another directory tells a relative folder name from a Hub id."""
+RECORDED_INPUTS = ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_path", "dataset_name")
+
+
+def local_input_names(config: Any) -> list[str]:
+    """The :data:`RECORDED_INPUTS` options of ``config`` (an :class:`~smpo_diffusers.SmPOConfig` or a dict) that
+    name local paths from the current directory: what ``SmPOTrainer.save_model`` records as :data:`LOCAL_INPUTS`."""
+    def value(name):
+        return config.get(name) if isinstance(config, dict) else getattr(config, name, None)
+
+    return [name for name in RECORDED_INPUTS if value(name) and _is_local_path(str(value(name)))]
+
+
+def _input_hub_id(config: dict, name: str) -> str | None:
+    """The Hub id behind the input option ``name`` of a training config, or None: local-or-Hub as the run recorded
+    it (:data:`LOCAL_INPUTS`); a config written before that record decides from the current directory."""
+    value = config.get(name)
+    if not value:
+        return None
+    recorded = config.get(LOCAL_INPUTS)
+    if not isinstance(recorded, list):
+        return hub_id_or_none(value)
+    return _hub_id_of(str(value), name in recorded)
+
+
+def _input_public_name(config: dict, name: str) -> str | None:
+    """The input option ``name``'s Hub id, else its last path component (never the full path)."""
+    value = config.get(name)
+    if not value:
+        return None
+    return _input_hub_id(config, name) or os.path.basename(os.path.normpath(str(value))) or str(value)
 
 
 def _hub_cache_snapshot(path: str):
@@ -341,10 +486,12 @@ def _reward_model_from_dataset(dataset_name: str | None, reward_columns: list | 
 
 
 def default_license(family: str, base_model_id: str | None) -> str:
-    """``openrail++`` for SDXL and SD 2.x bases, ``creativeml-openrail-m`` for other SD (1.x) bases."""
-    if family == "sd" and base_model_id and "stable-diffusion-2" in base_model_id.lower():
-        return "openrail++"
-    return _DEFAULT_LICENSES[family]
+    """The license of a known public base (``openrail++`` for the Stability AI SDXL 1.0 and SD 2.x bases,
+    ``creativeml-openrail-m`` for SD 1.4/1.5), else ``"other"``: the license of a fine-tune, a local folder or
+    any other base cannot be known here, and the card asks the uploader to state it. ``family`` is not used
+    (kept for callers)."""
+    del family
+    return _KNOWN_BASE_LICENSES.get(str(base_model_id or "").lower(), UNKNOWN_LICENSE)
 
 
 PLACEHOLDER_REPO_ID = "your-username/smpo-model"
@@ -510,14 +657,16 @@ def _skipped_sentence(skipped: dict | None) -> str:
 
 
 def _card_body(*, config: dict, metrics: dict | None, layout: str, repo_id: str | None, base_id: str | None,
-               reward_model: str | None, has_validation: bool) -> str:
+               reward_model: str | None, has_validation: bool, license_unknown: bool = False) -> str:
     family = config["model_family"]
     base_text = (f"[{base_id}](https://huggingface.co/{base_id})" if base_id else
-                 f"a local base model folder named `{_public_name(config.get('pretrained_model_name_or_path'))}`")
+                 "a local base model folder named "
+                 f"`{_input_public_name(config, 'pretrained_model_name_or_path')}`")
     dataset = config.get("dataset_name")
-    dataset_id = hub_id_or_none(dataset)
+    dataset_id = _input_hub_id(config, "dataset_name")
     dataset_text = (f"[{dataset_id}](https://huggingface.co/datasets/{dataset_id})" if dataset_id else
-                    f"a local preference set named `{_public_name(dataset)}`" if dataset else "an unrecorded dataset")
+                    f"a local preference set named `{_input_public_name(config, 'dataset_name')}`" if dataset
+                    else "an unrecorded dataset")
     what = {"lora": "LoRA adapter weights", "unet": "a fully fine-tuned UNet",
             "pipeline": "a complete pipeline with a fully fine-tuned UNet"}[layout]
     smoothed, inverted = config.get("loss_type") == "smpo", config.get("noise_source") == "inversion"
@@ -574,30 +723,47 @@ def _card_body(*, config: dict, metrics: dict | None, layout: str, repo_id: str 
             parts += ["Prompts, left to right:", ""] + [f"{i + 1}. {p}" for i, p in enumerate(prompts)] + [""]
     snippet = usage_snippet(layout=layout, family=family, repo_id=repo_id or "REPO_ID", base_model=base_id,
                             prompt=prompts[0] if prompts else "a photo of a corgi wearing sunglasses",
-                            vae=hub_id_or_none(config.get("pretrained_vae_model_name_or_path")),
+                            vae=_input_hub_id(config, "pretrained_vae_model_name_or_path"),
                             revision=base_revision(config) if base_id else None, variant=config.get("variant"))
     parts += ["## Usage", ""]
     if layout != "pipeline" and not base_id:
         parts += ["Training used a local base model folder; set `base_model` to its Hub id or path.", ""]
     local_vae = config.get("pretrained_vae_model_name_or_path")
-    if layout != "pipeline" and local_vae and not hub_id_or_none(local_vae):
-        parts += [f"Training used a separate VAE from a local folder named `{_public_name(local_vae)}`; load it with "
+    if layout != "pipeline" and local_vae and not _input_hub_id(config, "pretrained_vae_model_name_or_path"):
+        parts += ["Training used a separate VAE from a local folder named "
+                  f"`{_input_public_name(config, 'pretrained_vae_model_name_or_path')}`; load it with "
                   "`AutoencoderKL.from_pretrained(...)` and pass `vae=` to the pipeline as well.", ""]
-    parts += ["```python", snippet, "```", "", "## Citation", "", "```bibtex", SMPO_CITATION, "```", ""]
+    parts += ["```python", snippet, "```", ""]
+    if license_unknown:
+        parts += ["## License", "",
+                  "These weights are derived from the base model and fall under its license, which `smpo_diffusers` "
+                  "does not know for this base, so the metadata says `license: other`. The uploader must state the "
+                  "base model's license: set `license:` in the metadata above (when pushing: `python "
+                  "examples/push_to_hub.py OUTPUT_DIR --license LICENSE_ID`).", ""]
+    parts += ["## Citation", "", "```bibtex", SMPO_CITATION, "```", ""]
     return "\n".join(parts)
 
 
-def _ensure_card_is_ours(output_dir: str) -> str:
-    """The card path; ``FileExistsError`` when a README.md there was not written by :func:`create_model_card`."""
+def _ensure_card_is_ours(output_dir: str, fix: str | None = None) -> str:
+    """The card path; ``FileExistsError`` when a README.md there was not written by :func:`create_model_card`
+    (its message ends with ``fix``, default: how to get a generated card or upload it with ``push_to_hub``)."""
     card_path = os.path.join(output_dir, MODEL_CARD_NAME)
+    fix = fix or ("rename it to get a generated card, or push with create_card=False (--no_model_card) to upload it "
+                  "as is.")
     if os.path.isfile(card_path):
-        with open(card_path, encoding="utf-8") as handle:
+        with open(card_path, encoding="utf-8", errors="replace") as handle:
             if CARD_MARKER not in handle.read():
-                raise FileExistsError(
-                    f"{card_path} was not written by create_model_card and is left alone; rename it to get a "
-                    "generated card, or push with create_card=False (--no_model_card) to upload it as is."
-                )
+                raise FileExistsError(f"{card_path} was not written by create_model_card and is left alone; {fix}")
     return card_path
+
+
+def check_training_card(output_dir: str) -> None:
+    """Before training, for ``--push_to_hub``: refuse an ``output_dir`` holding a README.md the user wrote, which
+    the generated card uploaded after training would have to replace (``FileExistsError`` naming the fix)."""
+    _ensure_card_is_ours(output_dir, (
+        "--push_to_hub uploads a generated model card in its place. Move or rename it and run again, or train "
+        "without --push_to_hub and upload it as is afterwards with `python examples/push_to_hub.py "
+        f"{shlex.quote(output_dir)} --no_model_card`; nothing was trained."))
 
 
 def create_model_card(output_dir: str, *, repo_id: str | None = None, reward_model: str | None = None,
@@ -610,12 +776,20 @@ def create_model_card(output_dir: str, *, repo_id: str | None = None, reward_mod
             default: :func:`resolve_repo_id`.
         reward_model: the reward model's name; default: ``reward_model`` of the local dataset folder's
             ``reward_stats.json`` when there is one.
-        license: Hub license id; default :func:`default_license` (SDXL/SD 2.x ``openrail++``, SD 1.x
-            ``creativeml-openrail-m``).
+        license: Hub license id; default :func:`default_license`: the license of a known public base
+            (Stability AI SDXL 1.0 and SD 2.x ``openrail++``, SD 1.4/1.5 ``creativeml-openrail-m``), else
+            ``other``, with a note in the card that the uploader must state the base model's license.
 
     Returns the card. Raises ``FileExistsError`` when ``README.md`` exists and was not written by this
     function (it is never overwritten), ``FileNotFoundError``/``ValueError`` for an incomplete folder.
     """
+    card, card_path = _build_model_card(output_dir, repo_id=repo_id, reward_model=reward_model, license=license)
+    atomic_write_text(card_path, str(card))
+    return card
+
+
+def _build_model_card(output_dir: str, *, repo_id: str | None, reward_model: str | None, license: str | None):
+    """:func:`create_model_card`'s card and the path it belongs at, without writing it."""
     from huggingface_hub import ModelCard, ModelCardData
 
     config, metrics = _load_training_files(output_dir)
@@ -627,28 +801,27 @@ def create_model_card(output_dir: str, *, repo_id: str | None = None, reward_mod
         except ValueError:  # a local folder name need not be a valid Hub id until someone pushes it
             repo_id = PLACEHOLDER_REPO_ID
     family = config["model_family"]
-    base_id = hub_id_or_none(config.get("pretrained_model_name_or_path"))
-    dataset_id = hub_id_or_none(config.get("dataset_name"))
+    base_id = _input_hub_id(config, "pretrained_model_name_or_path")
+    dataset_id = _input_hub_id(config, "dataset_name")
     if reward_model is None and config.get("loss_type") == "smpo":
         reward_model = _reward_model_from_dataset(config.get("dataset_name"), config.get("reward_columns"))
     tags = ["text-to-image", "diffusers", "smpo", "dpo", "lora" if layout == "lora" else "full-unet",
             _FAMILY_TAGS[family]]
+    license = license or default_license(family, base_id)
     data = ModelCardData(
         base_model=base_id,
         library_name="diffusers",
-        license=license or default_license(family, base_id),
+        license=license,
         tags=tags,
         datasets=[dataset_id] if dataset_id else None,
         pipeline_tag="text-to-image",
     )
     body = _card_body(config=config, metrics=metrics, layout=layout, repo_id=repo_id, base_id=base_id,
-                      reward_model=reward_model,
+                      reward_model=reward_model, license_unknown=license == UNKNOWN_LICENSE,
                       # a validation.png without validation prompts in this run's config is an earlier run's
                       has_validation=bool(config.get("validation_prompts"))
                       and os.path.isfile(os.path.join(output_dir, VALIDATION_IMAGE_NAME)))
-    card = ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
-    atomic_write_text(card_path, str(card))
-    return card
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}"), card_path
 
 
 # ---------------------------------------------------------------------------- upload
@@ -698,18 +871,58 @@ def public_record(value):
     return map_leaves(value, public)
 
 
+STAGING_PREFIX = ".hub-upload-"
+"""Hidden folders ``.hub-upload-<pid>-*.tmp`` in the output folder hold what a push uploads while it runs."""
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    if os.name == "nt":  # os.kill would terminate it: keep the folder
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, another user's
+        return True
+    return True
+
+
+def _remove_stale_staging(output_dir: str) -> None:
+    """Delete the staging folders that a push killed midway left in ``output_dir`` (those of a push still running
+    in a live process are kept)."""
+    for name in os.listdir(output_dir):
+        path = os.path.join(output_dir, name)
+        if not (name.startswith(STAGING_PREFIX) and name.endswith(".tmp") and os.path.isdir(path)):
+            continue
+        match = re.match(rf"{re.escape(STAGING_PREFIX)}(\d+)-", name)
+        if match and _process_alive(int(match.group(1))):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        logger.info("removed %s, left in %s by an upload that did not finish", name, output_dir)
+
+
 @contextlib.contextmanager
-def _staged_upload(output_dir: str, files: list[str]) -> Iterator[str]:
+def _staged_upload(output_dir: str, files: list[str], contents: dict[str, str] | None = None) -> Iterator[str]:
     """A hidden temporary folder inside ``output_dir`` holding exactly what is uploaded: hard links to ``files``
-    (copies where links are refused) and :data:`PUBLIC_JSON_FILES` as public records. Removed afterwards."""
-    staging = tempfile.mkdtemp(prefix=".hub-upload-", suffix=".tmp", dir=output_dir)
+    (copies where links are refused), :data:`PUBLIC_JSON_FILES` as public records and ``contents`` (relative path
+    -> text: the generated card) written there only. Removed afterwards."""
+    staging = tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", suffix=".tmp", dir=output_dir)
     try:
         for relative in files:
             source, target = os.path.join(output_dir, relative), os.path.join(staging, relative)
             os.makedirs(os.path.dirname(target), exist_ok=True)
+            if relative in (contents or {}):
+                continue
             if relative in PUBLIC_JSON_FILES:
                 with open(source) as handle:
-                    record = public_record(json.load(handle))
+                    original = json.load(handle)
+                record = public_record(original)
+                if relative == TRAINING_CONFIG_NAME and isinstance(original, dict):
+                    for name in original.get(LOCAL_INPUTS) or []:  # relative local paths too, wherever pushed from
+                        if isinstance(original.get(name), str):
+                            record[name] = _input_public_name(original, name)
                 with open(target, "w") as handle:
                     json.dump(record, handle, indent=2, sort_keys=True)
                 continue
@@ -717,16 +930,23 @@ def _staged_upload(output_dir: str, files: list[str]) -> Iterator[str]:
                 os.link(source, target)
             except OSError:
                 shutil.copy2(source, target)
+        for relative, text in (contents or {}).items():
+            os.makedirs(os.path.dirname(os.path.join(staging, relative)), exist_ok=True)
+            with open(os.path.join(staging, relative), "w", encoding="utf-8") as handle:
+                handle.write(text)
         yield staging
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _refuse_files_with_token(output_dir: str, files: list[str], token: str) -> None:
+def _refuse_files_with_token(output_dir: str, files: list[str], token: str,
+                             contents: dict[str, str] | None = None) -> None:
     needle = token.encode()
-    leaking = []
+    leaking = [relative for relative, text in (contents or {}).items() if needle in text.encode("utf-8")]
     for relative in files:
         path = os.path.join(output_dir, relative)
+        if relative in (contents or {}):
+            continue
         if relative.lower().endswith(SECRET_SCAN_SUFFIXES) and os.path.getsize(path) <= SECRET_SCAN_MAX_BYTES:
             with open(path, "rb") as handle:
                 if needle in handle.read():
@@ -738,7 +958,7 @@ def _refuse_files_with_token(output_dir: str, files: list[str], token: str) -> N
         )
 
 
-def _retry_hint(output_dir: str, repo_id: str, private: bool) -> str:
+def retry_command(output_dir: str, repo_id: str, private: bool) -> str:
     """The push command to run again, with the visibility spelled out (a run's --hub_private would otherwise
     override a --no-private push)."""
     flags = " --private" if private else " --no-private"
@@ -761,16 +981,18 @@ def push_to_hub(output_dir: str, repo_id: str | None = None, *, private: bool | 
             uploaded (make it private on the Hub first, or push elsewhere).
         token: Hub token; default ``HF_TOKEN``, else the saved login (see :func:`check_hub_credentials`).
         commit_message: the commit's summary line.
-        create_card: (re)write ``README.md`` with :func:`create_model_card` once the repository exists (so
-            a bare name's snippet shows the full id; ``reward_model`` and ``license`` are passed on); False
-            uploads the folder's README.md, if any, as is.
+        create_card: upload a card generated by :func:`create_model_card` once the repository exists (so a bare
+            name's snippet shows the full id; ``reward_model`` and ``license`` are passed on), and write it to
+            ``README.md`` in ``output_dir`` only after the upload succeeded; False uploads the folder's
+            README.md, if any, as is.
         api: a ``huggingface_hub.HfApi`` (default: one on the configured endpoint, ``HF_ENDPOINT``).
 
     Returns the commit URL. Only :func:`release_files` are uploaded (weights, the two JSON records, the card,
     the validation grid); a folder without ``training_metrics.json`` (a save that did not finish) is refused.
+    Staging folders that an earlier, killed push left in ``output_dir`` are removed first.
     Raises :class:`HubAuthenticationError` before any request when no token is found, and
     :class:`HubUploadError` (chaining the client's error, naming the retry command) when the Hub refuses or the
-    connection fails; the local folder is left as it was.
+    connection fails; the files in the local folder are then left as they were (the card too).
     """
     from huggingface_hub import HfApi
 
@@ -790,6 +1012,7 @@ def push_to_hub(output_dir: str, repo_id: str | None = None, *, private: bool | 
     private = bool(config.get("hub_private", False)) if private is None else bool(private)
     if create_card:
         _ensure_card_is_ours(output_dir)
+    _remove_stale_staging(output_dir)
     _refuse_files_with_token(output_dir, release_files(output_dir), token)
     api = api if api is not None else HfApi(library_name="smpo_diffusers", library_version=__version__)
     with _upload_errors(output_dir, repo_id, private, token):
@@ -801,14 +1024,18 @@ def push_to_hub(output_dir: str, repo_id: str | None = None, *, private: bool | 
             visibility = api.model_info(target, token=token).private
         if visibility is False:
             raise ValueError(_public_target_message(target, "nothing was uploaded"))
-    if create_card:
-        create_model_card(output_dir, repo_id=target, reward_model=reward_model, license=license)
-    files = release_files(output_dir)
-    _refuse_files_with_token(output_dir, files, token)
+    files, contents, card, card_path = release_files(output_dir), {}, None, None
+    if create_card:  # uploaded from the staging folder; README.md here is replaced only once the upload succeeded
+        card, card_path = _build_model_card(output_dir, repo_id=target, reward_model=reward_model, license=license)
+        contents[MODEL_CARD_NAME] = str(card)
+        files = sorted(set(files) | {MODEL_CARD_NAME})
+    _refuse_files_with_token(output_dir, files, token, contents)
     logger.info("uploading %d files from %s to %s (%s)", len(files), output_dir, repo_url, ", ".join(files))
-    with _upload_errors(output_dir, repo_id, private, token), _staged_upload(output_dir, files) as staging:
+    with _upload_errors(output_dir, repo_id, private, token), _staged_upload(output_dir, files, contents) as staging:
         commit = api.upload_folder(folder_path=staging, repo_id=target, repo_type="model",
                                    commit_message=commit_message, token=token)
+    if card is not None:
+        atomic_write_text(card_path, str(card))
     url = str(getattr(commit, "commit_url", None) or repo_url)
     logger.info("pushed %s to %s", output_dir, url)
     return url
@@ -816,17 +1043,22 @@ def push_to_hub(output_dir: str, repo_id: str | None = None, *, private: bool | 
 
 @contextlib.contextmanager
 def _upload_errors(output_dir: str, repo_id: str, private: bool, token: str) -> Iterator[None]:
-    """Hub calls inside: log records redacted; any error becomes a :class:`HubUploadError` with the retry command."""
+    """Hub calls inside: log records redacted; any error becomes a :class:`HubUploadError` with the retry command,
+    chaining the client's error unless, even after redaction, its traceback would still show the token."""
     with redacted_logging(token):
         try:
             yield
         except Exception as error:
             message = redact(f"{type(error).__name__}: {error}", token)
-            raise HubUploadError(
+            _scrub_chain(error, token)
+            upload_error = HubUploadError(
                 f"Uploading {output_dir} to the Hub repository {repo_id!r} failed ({message}).\n"
                 f"The local output in {output_dir} is intact. Retry when the problem is fixed with\n"
-                f"{_retry_hint(output_dir, repo_id, private)}"
-            ) from error
+                f"{retry_command(output_dir, repo_id, private)}"
+            )
+            if _chain_leaks(error, token):
+                raise upload_error from None
+            raise upload_error from error
 
 
 # ---------------------------------------------------------------------------- command line
@@ -848,7 +1080,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--reward_model", default=None,
                         help="Reward model name for the card (default: the local dataset's reward_stats.json).")
     parser.add_argument("--license", default=None,
-                        help="Hub license id (default: openrail++ for SDXL/SD 2.x, creativeml-openrail-m for SD 1.x).")
+                        help="Hub license id (default: the base's for the public SDXL 1.0 / SD 2.x (openrail++) and "
+                             "SD 1.4/1.5 (creativeml-openrail-m) bases, else 'other': state the base's license).")
     parser.add_argument("--no_model_card", action="store_true",
                         help="Do not (re)write README.md; upload the folder's own README.md, if any, as is.")
     return parser

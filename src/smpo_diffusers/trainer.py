@@ -220,11 +220,13 @@ class SmPOTrainer:
         check_inputs_outside_output(config.output_dir, self._local_inputs())
         self._check_output_dir_writable()
         if config.push_to_hub:  # fail before hours of training, not after
-            from .hub import check_hub_credentials, check_private_push_target, resolve_repo_id
+            from .hub import check_hub_credentials, check_private_push_target, check_training_card, training_repo_id
 
-            token = check_hub_credentials(repo_id=config.hub_model_id)
+            repo_id = training_repo_id(config.output_dir, config.hub_model_id)  # what the push after training uses
+            token = check_hub_credentials()
+            check_training_card(config.output_dir)  # a README.md the user wrote would block the card's upload
             if config.hub_private:  # every process asks, so that all of them stop (none waits for the others)
-                check_private_push_target(config.hub_model_id or resolve_repo_id(config.output_dir), token)
+                check_private_push_target(repo_id, token)
         if accelerator is not None:
             self._check_given_accelerator(accelerator)
         self.accelerator = accelerator or self._make_accelerator()
@@ -775,9 +777,10 @@ class SmPOTrainer:
                              "render the final validation images")
         accelerator.end_training()  # flush trackers before anything is uploaded
         if accelerator.is_main_process:
-            self._write_model_card(required=config.push_to_hub)
             if config.push_to_hub:
-                self.push_to_hub()
+                self._push_trained_output()
+            else:
+                self._write_model_card(required=False)
         return self.last_metrics
 
     def _micro_step(self, batch, generator) -> StepOutput | None:
@@ -1308,6 +1311,8 @@ class SmPOTrainer:
             publish_entries(staging, output_dir)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+        from .hub import LOCAL_INPUTS, local_input_names
+
         summary = self.config.to_dict() | {
             "model_family": "sdxl" if self.parts.is_sdxl else "sd",
             "prediction_type": self.parts.prediction_type,
@@ -1320,6 +1325,7 @@ class SmPOTrainer:
             "num_processes": accelerator.num_processes,
             "mixed_precision": accelerator.mixed_precision,
             "pairs": self.pair_statistics.as_dict(),
+            LOCAL_INPUTS: local_input_names(self.config),  # the card tells local folders from Hub ids by it
         }
         atomic_write_json(os.path.join(output_dir, "training_config.json"), summary, default=str)
         metrics = {"global_step": getattr(self, "global_step", None), "final_metrics": self.last_metrics,
@@ -1385,14 +1391,36 @@ class SmPOTrainer:
 
     def push_to_hub(self, repo_id: str | None = None, private: bool | None = None, token: str | None = None,
                     commit_message: str = "Upload SmPO-aligned weights") -> str:
-        """Upload the final output (card included; no checkpoints or logs). The token comes from ``token``,
-        ``HF_TOKEN`` or the saved login and is never written anywhere. On failure the local output is kept and
-        the error says how to retry the push alone."""
+        """Upload the final output (card included; no checkpoints or logs) to ``repo_id``, default
+        ``--hub_model_id``, else the output folder's name. The token comes from ``token``, ``HF_TOKEN`` or the
+        saved login and is never written anywhere. On failure the local output is kept and the error says how
+        to retry the push alone."""
         from .hub import push_to_hub
 
         return push_to_hub(self.config.output_dir, repo_id or self.config.hub_model_id,
                            private=self.config.hub_private if private is None else private, token=token,
                            commit_message=commit_message, reward_model=self.reward_model_name)
+
+    def _push_trained_output(self) -> None:
+        """``--push_to_hub`` after the final save (main process): the card, then the upload. Any failure is a
+        :class:`~smpo_diffusers.hub.HubUploadError` saying that the weights are saved and how to push them alone."""
+        from .hub import HubAuthenticationError, HubUploadError, retry_command, training_repo_id
+
+        config = self.config
+        try:
+            self._write_model_card(required=True)
+            repo_id = training_repo_id(config.output_dir, config.hub_model_id)
+            self.push_to_hub(repo_id)
+        except (HubAuthenticationError, HubUploadError, ValueError, OSError) as error:
+            try:
+                repo_id = training_repo_id(config.output_dir, config.hub_model_id)
+            except ValueError:
+                repo_id = "your-name/model-name"
+            retry = "" if isinstance(error, HubUploadError) else (
+                "\nPush them when the problem is fixed with\n"
+                + retry_command(config.output_dir, repo_id, bool(config.hub_private)))
+            raise HubUploadError(f"Training finished and the trained weights are saved in {config.output_dir}, but "
+                                 f"pushing them to the Hub failed: {error}{retry}") from error
 
 
 def image_grid(images: list, columns: int | None = None):
