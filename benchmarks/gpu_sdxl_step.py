@@ -18,7 +18,8 @@ with and without ``--inversion_weight_copy`` (the inversion then runs a bf16 cop
 each update, instead of the fp32 policy under autocast) and with gradient checkpointing; LoRA bf16 with and
 without the copy (the copy has the adapters merged); full + Adafactor / 8-bit Adam (if bitsandbytes imports);
 fp16 variants; LoRA + checkpointing; full without checkpointing + Adafactor. A set-up is skipped (and reported)
-when the time budget left is smaller than the longest set-up so far; out-of-memory is reported as OOM.
+when the time budget left is smaller than the longest set-up so far (not counting a ``+compile`` set-up's
+compilation); out-of-memory is reported as OOM. Bad arguments exit 2 before torch or the package is imported.
 
 FLOPs: one forward of one latent is counted with ``torch.utils.flop_counter.FlopCounterMode`` on the meta
 device (no GPU time); a forward+backward counts 3x that for the full UNet (input and weight gradients) and 2x for
@@ -47,28 +48,8 @@ import shlex
 import statistics
 import sys
 import warnings
+import weakref
 from dataclasses import dataclass
-
-import torch
-
-from smpo_diffusers import SmPOConfig, per_sample_mse, smpo_loss
-from smpo_diffusers.accounting import (
-    SDXL_UNET_CONFIG,
-    ByteCounter,
-    UNetEvaluationCounter,
-    expected_evaluations_per_pair,
-    inversion_steps,
-    module_tensors,
-    optimizer_state_tensors,
-    write_report,
-)
-from smpo_diffusers.models import (
-    InversionWeightCopy,
-    ReferenceModel,
-    add_lora_adapters,
-    inversion_scheduler_from_config,
-)
-from smpo_diffusers.testing import SDXL_SCHEDULER_CONFIG
 
 NUM_INVERSION_STEPS = 10
 NUM_RENOISE_STEPS = 1
@@ -117,11 +98,12 @@ COMPILE_ALLOWANCE_S = 180.0
 """Seconds a ``+compile`` set-up is assumed to need on top of the longest set-up so far (inductor compiling the
 SDXL UNet's forward for two shapes), so that it is skipped rather than killed by the caller's timeout."""
 SMOKE_SETUPS = [Setup("full", "bf16", True, "adafactor", inversion_copy=True), Setup("lora", "fp16", False, "adamw")]
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    # no abbreviations: gpu_check.sh refuses --time_budget_s among the arguments it passes on (its budget is its
+    # own second argument), and an abbreviation of it would slip past that check
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--output", required=True, help="Markdown file to write (a .json twin is written beside it).")
     parser.add_argument("--time_budget_s", type=float, default=420.0,
                         help="Stop starting new set-ups when less than the longest set-up so far is left.")
@@ -132,11 +114,12 @@ def parse_args(argv=None):
     parser.add_argument("--only", nargs="+", default=None, metavar="SETUP",
                         help="Run just these set-ups, by name (e.g. 'full bf16 adamw +copy +compile'), in this order.")
     parser.add_argument("--check_args", action="store_true",
-                        help="Check the arguments and exit (gpu_check.sh does this first, so that a typo fails before "
-                             "the tests spend device time).")
+                        help="Check the arguments (exit 2 if bad), then that the packages a run imports import (exit 1 "
+                             "if not), and exit; gpu_check.sh does this first, so that neither fails after the tests "
+                             "spent device time.")
     args = parser.parse_args(argv)
-    if args.timed_pairs < 1 or args.time_budget_s <= 0:
-        parser.error("--timed_pairs must be >= 1 and --time_budget_s > 0")
+    if args.timed_pairs < 1 or not 0 < args.time_budget_s < float("inf"):
+        parser.error("--timed_pairs must be >= 1 and --time_budget_s a finite number > 0")
     if args.only:
         known = {setup.name: setup for setup in SETUPS + SMOKE_SETUPS}
         unknown = [name for name in args.only if name not in known]
@@ -144,6 +127,35 @@ def parse_args(argv=None):
             parser.error(f"unknown set-up(s) {unknown}; known: {sorted(known)}")
         args.only = [known[name] for name in args.only]
     return args
+
+
+if __name__ == "__main__":
+    parse_args()  # bad arguments exit 2 here, before the imports below can fail (a missing package: exit 1)
+
+import torch
+
+from smpo_diffusers import SmPOConfig, per_sample_mse, smpo_loss
+from smpo_diffusers.accounting import (
+    SDXL_UNET_CONFIG,
+    ByteCounter,
+    UNetEvaluationCounter,
+    expected_evaluations_per_pair,
+    inversion_steps,
+    module_tensors,
+    optimizer_state_tensors,
+    write_report,
+)
+from smpo_diffusers.models import (
+    InversionWeightCopy,
+    ReferenceModel,
+    add_lora_adapters,
+    inversion_scheduler_from_config,
+)
+from smpo_diffusers.testing import SDXL_SCHEDULER_CONFIG
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+RUN_MODULES = ("diffusers", "peft", "smpo_diffusers.trainer")
+"""Imported lazily by a run (checked by ``--check_args``); bitsandbytes is optional."""
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -378,18 +390,27 @@ def run_setup(setup: Setup, config: dict, latent_size: int, device, scheduler, p
         models = StepModels(setup, config, device)
         cond = Conditioning(config, latent_size, device, models.weight_dtype)
         result["build_s"] = time.perf_counter() - started
-        # Warm-up: one step of each mode (allocator, kernels, optimiser state, compilation).
+        # Warm-up: one step of each mode (allocator, kernels, optimiser state, compilation). Its time is kept
+        # even when it fails, so that main() can leave a +compile set-up's compilation out of its estimates.
         started = time.perf_counter()
-        for mode in ("smpo", "dpo"):
-            train_step(models, scheduler, cond, pair_timesteps[-1], mode)
-        result["warmup_s"] = time.perf_counter() - started
+        try:
+            for mode in ("smpo", "dpo"):
+                train_step(models, scheduler, cond, pair_timesteps[-1], mode)
+        finally:
+            result["warmup_s"] = time.perf_counter() - started
         result["resident_gb"] = {k: v / 1e9 for k, v in models.resident_bytes().items()}
+        counter = copy_freed = None
         for mode in ("smpo", "dpo"):
             if mode == "dpo" and models.inversion_copy is not None:
                 # Diffusion-DPO never inverts (the trainer refuses the copy with random noising): time and
-                # measure the baseline without the copy's memory.
-                models.inversion_copy = None
+                # measure the baseline without the copy's memory. The SmPO counter holds the copy's module too,
+                # and compiled code may: drop both before the memory is freed and the peak reset.
+                copy_module = weakref.ref(models.inversion_copy.module)
+                counter = models.inversion_copy = None
+                if setup.compiled:
+                    torch._dynamo.reset()
                 free_memory(device)
+                copy_freed = copy_module() is None
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             records = []
@@ -412,6 +433,8 @@ def run_setup(setup: Setup, config: dict, latent_size: int, device, scheduler, p
                 "nonfinite_steps": sum(not r["finite"] for r in records),
                 "resident_gb": {k: v / 1e9 for k, v in models.resident_bytes().items()},
             }
+            if mode == "dpo" and copy_freed is not None:
+                result["modes"][mode]["inversion_copy_freed"] = copy_freed  # False: its peak includes the copy
         result["smpo_over_dpo"] = result["modes"]["smpo"]["s_per_pair_mean"] / result["modes"]["dpo"]["s_per_pair_mean"]
         result["flop_ratio"] = result["modes"]["smpo"]["tflop_per_pair"] / result["modes"]["dpo"]["tflop_per_pair"]
     except torch.cuda.OutOfMemoryError as error:
@@ -486,6 +509,10 @@ def render(report: dict) -> str:
                 + " | ".join(f"{m['stage_ms'][k]:.0f}" for k in (
                     "inversion", "reference_and_policy_forward", "policy_backward", "optimizer"))
                 + f" | {m['nonfinite_steps']} | {ratios} |")
+    kept = [r["setup"] for r in report["results"]
+            if r["status"] == "ok" and r["modes"]["dpo"].get("inversion_copy_freed") is False]
+    if kept:
+        lines += ["", f"The inversion copy was still alive during the DPO steps of {kept}: their DPO peak includes it."]
     return "\n".join(lines) + "\n"
 
 
@@ -495,10 +522,22 @@ def write(report: dict, output: str, echo: bool) -> None:
         json.dump(report, handle, indent=2, default=str)
 
 
+def estimate_s(result: dict) -> float:
+    """Seconds a run set-up took, as the estimate of what a later one needs (``longest`` in main()). A ``+compile``
+    set-up's warm-up is mostly compilation, which eager set-ups do not pay and COMPILE_ALLOWANCE_S covers for
+    compiled ones: it counts as an eager warm-up would, one step of each mode (from its timed steps)."""
+    seconds = result["wall_s"]
+    if result.get("compiled") and "warmup_s" in result:
+        seconds += sum(m["s_per_pair_mean"] for m in result.get("modes", {}).values()) - result["warmup_s"]
+    return seconds
+
+
 def main(argv=None) -> dict | None:
     args = parse_args(argv)
     if args.check_args:
-        print("gpu_sdxl_step: arguments ok")
+        for name in RUN_MODULES:
+            importlib.import_module(name)  # a missing package fails here (exit 1), not in the run
+        print("gpu_sdxl_step: arguments ok; torch", torch.__version__, "and", ", ".join(RUN_MODULES), "import")
         return None
     began = PROCESS_START if argv is None else time.perf_counter()
     warnings.filterwarnings("ignore")
@@ -506,7 +545,7 @@ def main(argv=None) -> dict | None:
         message = ("gpu_sdxl_step: no CUDA device; nothing measured. Run it on a GPU machine, or pass --smoke for the "
                    "tiny CPU check.")
         print(message)
-        write_report(f"# SDXL step benchmark\n\n{message}\n", args.output, echo=False)
+        write_report(f"# SDXL step benchmark\n\n{message}\n\n    {command_line(argv)}\n", args.output, echo=False)
         return None
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     config = unet_config(args.smoke)
@@ -545,7 +584,7 @@ def main(argv=None) -> dict | None:
         started = time.perf_counter()
         result = run_setup(setup, config, latent_size, device, scheduler, pair_timesteps, flops, strict=args.smoke)
         result["wall_s"] = time.perf_counter() - started
-        longest = max(longest, result["wall_s"])
+        longest = max(longest, estimate_s(result))
         report["results"].append(result)
         print(f"   {result['status']} in {result['wall_s']:.0f} s", flush=True)
         report["wall_s"] = time.perf_counter() - began

@@ -3,10 +3,15 @@
 Timings are never asserted.
 """
 
+import gc
 import json
 import math
 import os
+import shlex
+import subprocess
 import sys
+import types
+import weakref
 
 import pytest
 import torch
@@ -248,9 +253,29 @@ def test_memory_script_computes_real_sd15_on_meta_and_renders(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------- GPU script
-def test_gpu_sdxl_step_smoke_runs_on_cpu(tmp_path):
+def test_gpu_sdxl_step_smoke_runs_on_cpu(tmp_path, monkeypatch):
     gpu = load_benchmark("gpu_sdxl_step")
     output = tmp_path / "gpu.md"
+    # Watch the +copy set-up's inversion copy: once the DPO baseline drops it, it must be gone when the memory is
+    # freed and the peak reset (free_memory), and during every later DPO step.
+    copies, alive_after_free, alive_in_dpo_steps = {}, [], []
+    real_train_step, real_free_memory = gpu.train_step, gpu.free_memory
+
+    def watched_train_step(models, scheduler, cond, pair_timestep, mode):
+        if models.inversion_copy is not None:
+            copies.setdefault(id(models.inversion_copy), weakref.ref(models.inversion_copy.module))
+        elif copies and mode == "dpo" and models.setup.inversion_copy:
+            gc.collect()
+            alive_in_dpo_steps.append(any(ref() is not None for ref in copies.values()))
+        return real_train_step(models, scheduler, cond, pair_timestep, mode)
+
+    def watched_free_memory(device):
+        real_free_memory(device)  # collects garbage
+        if copies:
+            alive_after_free.append(any(ref() is not None for ref in copies.values()))
+
+    monkeypatch.setattr(gpu, "train_step", watched_train_step)
+    monkeypatch.setattr(gpu, "free_memory", watched_free_memory)
     report = gpu.main(["--smoke", "--timed_pairs", "1", "--output", str(output)])
     assert [r["status"] for r in report["results"]] == ["ok"] * len(gpu.SMOKE_SETUPS)
     assert report["timed_pairs"] == 1 and len(report["pair_timesteps"]) == 2  # rounded up to a cycle of 2
@@ -264,7 +289,10 @@ def test_gpu_sdxl_step_smoke_runs_on_cpu(tmp_path):
     assert all(result["warmup_s"] > 0 for result in report["results"])
     copied = report["results"][0]  # the +copy set-up: the DPO baseline runs without the copy it cannot use
     assert copied["modes"]["smpo"]["resident_gb"]["inversion_copy"] > 0
-    assert copied["modes"]["dpo"]["resident_gb"].get("inversion_copy", 0) == 0
+    assert len(copies) == 1 and alive_in_dpo_steps == [False] * 2  # the timed DPO steps (the warm-up's had it)
+    assert alive_after_free and not any(alive_after_free)  # already when dropped, before the DPO peak is reset
+    assert copied["modes"]["dpo"]["inversion_copy_freed"] is True  # the script's own check (JSON), for the GPU
+    assert "inversion_copy_freed" not in copied["modes"]["smpo"]
     assert report["forward_tflop"] > 0
     saved = json.loads((tmp_path / "gpu.json").read_text())
     assert saved["device"].startswith("CPU") or torch.cuda.is_available()
@@ -291,32 +319,148 @@ def test_gpu_sdxl_step_without_cuda_exits_cleanly(tmp_path, monkeypatch):
     gpu = load_benchmark("gpu_sdxl_step")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     output = tmp_path / "gpu.md"
-    assert gpu.main(["--output", str(output)]) is None
+    assert gpu.main(["--output", str(output), "--timed_pairs", "2"]) is None
     assert "no CUDA device" in output.read_text()
+    assert f"python benchmarks/gpu_sdxl_step.py --output {output} --timed_pairs 2" in output.read_text()
+
+
+def fake_missing_torch(tmp_path):
+    """A PYTHONPATH entry whose torch fails to import as a missing one does."""
+    fake = tmp_path / "no_torch"
+    (fake / "torch").mkdir(parents=True)
+    (fake / "torch" / "__init__.py").write_text(
+        "raise ModuleNotFoundError(\"No module named 'torch'\", name='torch')\n")
+    return str(fake)
+
+
+def test_gpu_sdxl_step_checks_arguments_before_importing_torch(tmp_path, capsys):
+    """A bad argument exits 2 (argparse) even where torch is missing; with good arguments --check_args then fails
+    on the missing package with its own error (exit 1), so gpu_check.sh can tell the two apart."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([fake_missing_torch(tmp_path), "src"])}
+
+    def script(*argv):
+        return subprocess.run([sys.executable, "benchmarks/gpu_sdxl_step.py", "--output", str(tmp_path / "x.md"),
+                               *argv], cwd=os.path.dirname(BENCHMARKS), env=env, capture_output=True, text=True,
+                              timeout=120)
+
+    bad = script("--only", "full bf16 warp-drive", "--check_args")
+    assert bad.returncode == 2 and "unknown set-up(s) ['full bf16 warp-drive']" in bad.stderr, bad.stderr
+    missing = script("--only", "full bf16 adamw +copy", "--check_args")
+    assert missing.returncode == 1 and "No module named 'torch'" in missing.stderr, missing.stderr
+    assert not (tmp_path / "x.md").exists()
+    gpu = load_benchmark("gpu_sdxl_step")
+    # no abbreviations (gpu_check.sh refuses --time_budget_s among the arguments it passes on); finite budgets
+    assert "unrecognized arguments: --time_budget 5" in refusal(capsys, gpu.parse_args,
+                                                                ["--output", "x.md", "--time_budget", "5"])
+    for budget in ("nan", "inf", "0"):
+        assert "--time_budget_s a finite number > 0" in refusal(capsys, gpu.parse_args,
+                                                                ["--output", "x.md", "--time_budget_s", budget])
+
+
+def test_gpu_sdxl_step_leaves_compilation_out_of_the_longest_setup(tmp_path, monkeypatch):
+    """A +compile set-up's warm-up (compilation) does not make main() skip the eager set-ups after it: ``longest``
+    counts its build and timed steps, plus an eager warm-up (one step per mode). Times come from a fake clock."""
+    gpu = load_benchmark("gpu_sdxl_step")
+    now = [0.0]
+    monkeypatch.setattr(gpu, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+
+    def fake_run_setup(setup, *args, **kwargs):
+        warmup = 55.0 if setup.compiled else 1.5
+        now[0] += 3.5 + warmup + 6 * 1.0 + 6 * 0.5  # build, warm-up, 6 timed pairs of SmPO (1 s) and DPO (0.5 s)
+        return {"setup": setup.name, **setup.__dict__, "status": "faked", "warmup_s": warmup,
+                "modes": {"smpo": {"s_per_pair_mean": 1.0}, "dpo": {"s_per_pair_mean": 0.5}}}
+
+    monkeypatch.setattr(gpu, "run_setup", fake_run_setup)
+    names = ["full bf16 adamw +copy +compile", "full bf16 adamw +copy", "full bf16 adamw", "lora bf16 adamw"]
+    report = gpu.main(["--smoke", "--time_budget_s", "100", "--output", str(tmp_path / "gpu.md"), "--only", *names])
+    # compiled: 67.5 s of which 14 s count; then 14 s each: 67.5 + 14 + 14 < 100, and the fourth would pass 100
+    assert [r["status"] for r in report["results"]][:3] == ["faked"] * 3, report["results"]
+    assert report["results"][3]["status"].startswith("skipped (time budget: 96 s used, ~14 s needed")
+    assert gpu.estimate_s({"wall_s": 10.0, "compiled": False, "warmup_s": 5.0}) == 10.0
+    assert gpu.estimate_s({"wall_s": 10.0, "compiled": True, "warmup_s": 5.0, "modes": {}}) == 5.0  # failed timing
+
+
+def run_gpu_check(tmp_path, *args, stub_pytest=False, pythonpath="", limit=None):
+    """``bash benchmarks/gpu_check.sh ARGS`` from a folder mirroring the repository (no .whl/ wheels to install),
+    with this interpreter as python3; ``stub_pytest``: the cuda tests (``python3 -m pytest``) only echo their
+    arguments. Returns the finished process."""
+    root = os.path.dirname(BENCHMARKS)
+    mirror = tmp_path / "repo"
+    if not mirror.exists():
+        mirror.mkdir()
+        for name in ("src", "benchmarks", "tests"):
+            (mirror / name).symlink_to(os.path.join(root, name))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    stub = 'if [ "$1 $2" = "-m pytest" ]; then echo "stub pytest $*"; exit 0; fi\n' if stub_pytest else ""
+    (bin_dir / "python3").write_text(f'#!/usr/bin/env bash\n{stub}exec {shlex.quote(sys.executable)} "$@"\n')
+    (bin_dir / "python3").chmod(0o755)
+    env = {**os.environ, "PYTHONPATH": pythonpath, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env.pop("GPU_CHECK_LIMIT_S", None)
+    if limit is not None:
+        env["GPU_CHECK_LIMIT_S"] = limit
+    return subprocess.run(["bash", "benchmarks/gpu_check.sh", *args], cwd=mirror, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+GPU_CHECK_REFUSALS = [
+    (["300s"], "BUDGET_S must be a whole number of seconds >= 0, got '300s'"),
+    (["1e-9"], "got '1e-9'"),
+    (["0.5"], "got '0.5'"),
+    ([""], "got ''"),
+    (["--only", "full bf16 adamw +copy"], "got '--only' (BUDGET_S forgotten before the benchmark arguments?)"),
+    (["301"], "BUDGET_S 301 + 300 s (installs and imports 60 s, tests 150 s, the benchmark's last set-up 90 s) "
+              "exceeds the 600 s limit of one command: use BUDGET_S <= 300"),
+    (["300", "--timed_pairs", "2", "--time_budget_s", "100"], "--time_budget_s is BUDGET_S, the second argument"),
+    (["300", "--time_budget_s=100"], "--time_budget_s is BUDGET_S"),
+    (["0", "--only", "full bf16 adamw"], "BUDGET_S 0 runs the tests alone: the benchmark arguments"),
+]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the script's plumbing on a machine without CUDA")
+@pytest.mark.parametrize("args,message", GPU_CHECK_REFUSALS,
+                         ids=[" ".join(args) or "empty" for args, _ in GPU_CHECK_REFUSALS])
+def test_gpu_check_script_refuses_a_bad_budget_before_anything_runs(tmp_path, args, message):
+    """Each of these once ran the tests and skipped (or mis-budgeted) the benchmark, reporting success."""
+    checked = run_gpu_check(tmp_path, str(tmp_path / "out"), *args, stub_pytest=True)
+    assert checked.returncode == 2 and message in checked.stderr, checked.stdout + checked.stderr
+    assert "usage: bash benchmarks/gpu_check.sh OUT_DIR [BUDGET_S [BENCHMARK_ARGS...]]" in checked.stderr
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the script's plumbing on a machine without CUDA")
 def test_gpu_check_script_passes_benchmark_arguments_on(tmp_path):
-    """benchmarks/gpu_check.sh OUT BUDGET [ARGS...]: ARGS reach gpu_sdxl_step.py and a bad set-up name fails before
-    the tests spend device time. Run from a folder mirroring the repository (no .whl/ wheels to install)."""
-    import subprocess
+    """benchmarks/gpu_check.sh OUT BUDGET [ARGS...]: ARGS reach gpu_sdxl_step.py's run (here without CUDA, which
+    writes its command line and exits 0), after the cuda tests (stubbed); the limit is for one command only."""
+    out = tmp_path / "out"
+    only = ["full bf16 adamw +copy", "full bf16 adamw +copy +compile"]
+    ran = run_gpu_check(tmp_path, str(out), "301", "--timed_pairs", "2", "--only", *only, stub_pytest=True, limit="0")
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    assert "gpu_sdxl_step: arguments ok" in ran.stdout and "cuda tests exit 0; benchmark exit 0" in ran.stdout
+    assert "stub pytest -m pytest -m cuda tests/test_cuda.py" in (out / "cuda_tests.log").read_text()
+    assert "torch " + torch.__version__ in (out / "environment.txt").read_text()
+    assert "no CUDA device" in (out / "gpu_sdxl_step.log").read_text()
+    assert (f"--output {out / 'gpu_sdxl_step.md'} --time_budget_s 301 --timed_pairs 2 --only "
+            f"'{only[0]}' '{only[1]}'\n") in (out / "gpu_sdxl_step.md").read_text()
 
-    root = os.path.dirname(BENCHMARKS)
-    mirror = tmp_path / "repo"
-    mirror.mkdir()
-    for name in ("src", "benchmarks", "tests"):
-        (mirror / name).symlink_to(os.path.join(root, name))
-    bin_dir = os.path.dirname(sys.executable)  # the script calls python3: this interpreter (a venv's, say)
-    if not os.path.exists(os.path.join(bin_dir, "python3")):
-        bin_dir = tmp_path / "bin"
-        bin_dir.mkdir()
-        (bin_dir / "python3").symlink_to(sys.executable)
-    env = {**os.environ, "PYTHONPATH": "", "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
 
-    bad = subprocess.run(["bash", "benchmarks/gpu_check.sh", str(tmp_path / "out"), "1", "--only",
-                          "full bf16 warp-drive"], cwd=mirror, env=env, capture_output=True, text=True, timeout=300)
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the script's plumbing on a machine without CUDA")
+def test_gpu_check_script_fails_early_on_bad_arguments_or_a_missing_package(tmp_path):
+    """A bad set-up name exits 2, and a missing package 1 with its own error and a word on .whl/ (once both were
+    "bad benchmark arguments"), after the environment is written and before the tests spend device time."""
+    out = tmp_path / "out"
+    bad = run_gpu_check(tmp_path, str(out), "1", "--only", "full bf16 warp-drive")
     assert bad.returncode == 2 and "unknown set-up(s) ['full bf16 warp-drive']" in bad.stderr, bad.stdout + bad.stderr
-    assert not (tmp_path / "out" / "cuda_tests.log").exists()
+    assert "bad benchmark arguments: --only full bf16 warp-drive" in bad.stdout
+    assert (out / "environment.txt").exists() and not (out / "cuda_tests.log").exists()
+
+    missing = run_gpu_check(tmp_path, str(out), "1", "--only", "full bf16 adamw +copy",
+                            pythonpath=fake_missing_torch(tmp_path))
+    assert missing.returncode == 1, missing.stdout + missing.stderr
+    assert "No module named 'torch'" in missing.stderr and "bad benchmark arguments" not in missing.stdout
+    assert "A missing package must be carried as a wheel in .whl/ (no .whl/ was carried" in missing.stdout
+    assert "torch unavailable: No module named 'torch'" in (out / "environment.txt").read_text()
+    assert not (out / "cuda_tests.log").exists()
 
 
 def test_gpu_sdxl_step_balanced_timesteps_and_optimizer():
