@@ -343,7 +343,8 @@ def write_report(results: dict, output_dir: str, quick: bool, note: str = "") ->
                      f"Evaluation: {results['num_eval_images']} generations of {results['heldout_captions']} held-out "
                      "captions from fixed seeds, toy reward. Every run renders the same prompts from the same seeds "
                      "against the same base images: the win-rate interval counts each prompt as one cluster "
-                     "(its Wilson interval uses the effective sample size).\n\n")
+                     "(its Wilson interval uses the effective sample size); it pools the runs, so the variation "
+                     "between training seeds is in the ± over seeds, not in it.\n\n")
         handle.write(table)
         handle.write(f"\n![reward vs UNet evaluations]({os.path.basename(plot)})\n")
     return table
