@@ -238,3 +238,22 @@ def test_revision_and_cache_dir_read_that_snapshot_of_a_hub_model(tmp_path, demo
     saved = StableDiffusionPipeline.from_pretrained(str(tmp_path / "out"))
     assert same_weights(saved.vae, snapshots["v1"].vae) and same_weights(saved.text_encoder,
                                                                          snapshots["v1"].text_encoder)
+
+
+def test_parameters_swapped_exchanges_storages_and_always_swaps_back():
+    from smpo_diffusers.models import parameters_swapped
+
+    params = [torch.nn.Parameter(torch.tensor([1.0, 2.0])), torch.nn.Parameter(torch.tensor([3.0]))]
+    others = [torch.tensor([10.0, 20.0]), torch.tensor([30.0])]
+    storage = params[0].data_ptr()
+    with parameters_swapped(params, others):
+        assert params[0].tolist() == [10.0, 20.0] and params[1].tolist() == [30.0]
+        assert others[0].tolist() == [1.0, 2.0] and others[0].data_ptr() == storage  # moved, not copied
+    assert params[0].tolist() == [1.0, 2.0] and others[1].tolist() == [30.0] and params[0].data_ptr() == storage
+    with pytest.raises(RuntimeError, match="inside"), parameters_swapped(params, others):
+        raise RuntimeError("a failure inside")
+    assert params[1].tolist() == [3.0] and others[0].tolist() == [10.0, 20.0]
+    with pytest.raises(ValueError):  # one replacement per parameter
+        with parameters_swapped(params, others[:1]):
+            pass
+    assert params[0].tolist() == [1.0, 2.0] and params[1].tolist() == [3.0]

@@ -190,6 +190,16 @@ def test_resume_mid_epoch_equals_an_uninterrupted_run(tmp_path, demo_inputs, cac
     assert run_with_interrupt(interrupted, stop_after_checkpoint=5) is None
     state = json.load(open(os.path.join(interrupted.output_dir, "checkpoint-5", "trainer_state.json")))
     assert (state["epoch"], state["next_batch"]) == (1, 2)
+    checkpoint_files = os.listdir(os.path.join(interrupted.output_dir, "checkpoint-5"))
+    assert ("ema.safetensors" in checkpoint_files) == (not cached)  # the average: safetensors, no pickle
+    assert not [name for name in checkpoint_files if name.startswith("custom_checkpoint")]
+    if not cached:  # a checkpoint without the average (or with another one) cannot resume an --use_ema run
+        damaged = tmp_path / "no-average"
+        shutil.copytree(os.path.join(interrupted.output_dir, "checkpoint-5"), damaged / "checkpoint-5")
+        os.remove(damaged / "checkpoint-5" / "ema.safetensors")
+        with pytest.raises(ValueError, match=r"with --use_ema: it holds no average \(ema\.safetensors"):
+            SmPOTrainer(make_config(damaged, model, data, resume_from_checkpoint=str(damaged / "checkpoint-5"),
+                                    output_dir=str(damaged), **common)).train()
     resumed = make_config(tmp_path / "b", model, data, resume_from_checkpoint="latest", **common)
     trainer = run_with_interrupt(resumed)
     assert trainer.global_step == 6

@@ -19,6 +19,10 @@ from .schedulers import InversionScheduler
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "EMA_WEIGHTS_NAME",
+    "load_ema_state",
+    "parameters_swapped",
+    "save_ema_state",
     "DiffusionParts",
     "PromptEmbeddings",
     "InversionWeightCopy",
@@ -354,3 +358,64 @@ class InversionWeightCopy:
                 self.module.get_submodule(name).weight.copy_(merged)
             self.stale = False
         return self.module
+
+
+EMA_WEIGHTS_NAME = "ema.safetensors"
+"""A checkpoint's ``--use_ema`` average: one fp32 tensor per trainable parameter, by name, and the average's
+update count and last decay in the metadata."""
+
+
+def save_ema_state(folder: str, ema, names: list[str]) -> None:
+    """Write ``ema`` (diffusers ``EMAModel`` over the parameters called ``names``, in order) to
+    ``folder/ema.safetensors``: safetensors, not a pickle."""
+    from safetensors.torch import save_file
+
+    if len(names) != len(ema.shadow_params):
+        raise ValueError(f"{len(names)} names for the {len(ema.shadow_params)} averaged parameters.")
+    metadata = {"optimization_step": str(ema.optimization_step), "decay": repr(float(ema.decay)),
+                "cur_decay_value": repr(ema.cur_decay_value)}
+    save_file({name: tensor.detach().contiguous() for name, tensor in zip(names, ema.shadow_params)},
+              os.path.join(folder, EMA_WEIGHTS_NAME), metadata=metadata)
+
+
+def load_ema_state(folder: str, ema, names: list[str]) -> None:
+    """Read ``folder/ema.safetensors`` into ``ema`` in place, one tensor at a time (no second copy of the average
+    in host memory); a file of other parameters raises ``RuntimeError("Missing key(s) ...")``."""
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(folder, EMA_WEIGHTS_NAME), framework="pt", device="cpu") as handle:
+        stored = set(handle.keys())
+        missing, unexpected = sorted(set(names) - stored), sorted(stored - set(names))
+        if missing or unexpected:
+            raise RuntimeError(f"Error(s) in loading state_dict for the --use_ema average: Missing key(s): "
+                               f"{missing[:3]} ({len(missing)}), Unexpected key(s): {unexpected[:3]} "
+                               f"({len(unexpected)})")
+        for name, shadow in zip(names, ema.shadow_params):
+            value = handle.get_tensor(name)
+            if value.shape != shadow.shape:
+                raise RuntimeError(f"size mismatch for {name} in the --use_ema average: {tuple(value.shape)} in the "
+                                   f"checkpoint, {tuple(shadow.shape)} now")
+            shadow.copy_(value)
+        metadata = handle.metadata() or {}
+    ema.optimization_step = int(metadata["optimization_step"])
+    last = metadata.get("cur_decay_value", "None")
+    ema.cur_decay_value = None if last == "None" else float(last)
+
+
+@contextlib.contextmanager
+def parameters_swapped(parameters: list[torch.Tensor], replacements: list[torch.Tensor]):
+    """Inside the block each parameter holds its replacement's values and the replacement the parameter's (their
+    storages are exchanged: exact, no copy); after it, both are as before, also when the block raises. Same
+    shapes, dtypes and devices."""
+    if len(parameters) != len(replacements):
+        raise ValueError(f"{len(replacements)} replacements for {len(parameters)} parameters.")
+
+    def exchange():
+        for parameter, replacement in zip(parameters, replacements):
+            parameter.data, replacement.data = replacement.data, parameter.data
+
+    exchange()
+    try:
+        yield
+    finally:
+        exchange()

@@ -46,6 +46,7 @@ from .data import (
 )
 from .losses import per_sample_mse, smpo_loss
 from .models import (
+    EMA_WEIGHTS_NAME,
     InversionWeightCopy,
     PromptEmbeddings,
     ReferenceModel,
@@ -53,8 +54,11 @@ from .models import (
     encode_images,
     encode_prompts,
     load_diffusion_parts,
+    load_ema_state,
     load_lora_state_into_unet,
+    parameters_swapped,
     sample_latents,
+    save_ema_state,
     save_lora,
     sdxl_time_ids,
 )
@@ -551,11 +555,11 @@ class SmPOTrainer:
         accelerator.register_save_state_pre_hook(self._save_state_hook)
         accelerator.register_load_state_pre_hook(self._load_state_hook)
         self.ema = None
-        if config.use_ema:  # an fp32 shadow of the trainable parameters; checkpoints hold it (accelerate)
+        if config.use_ema:  # an fp32 shadow of the trainable parameters; checkpoints hold it (ema.safetensors)
             from diffusers.training_utils import EMAModel
 
-            self.ema = EMAModel(self.trainable_params, decay=config.ema_decay, foreach=True)
-            accelerator.register_for_checkpointing(self.ema)
+            # one parameter at a time: foreach would hold a temporary as large as the whole average
+            self.ema = EMAModel(self.trainable_params, decay=config.ema_decay, foreach=False)
 
     @property
     def unwrapped_unet(self):
@@ -564,17 +568,18 @@ class SmPOTrainer:
     @contextlib.contextmanager
     def averaged_weights(self):
         """With ``--use_ema``, the policy holds the moving average inside this block (what is saved and rendered)
-        and its trained weights again after it (the trained ones wait in CPU memory meanwhile); without, nothing
+        and its trained weights again after it (the two exchange storages: exact, no copy); without, nothing
         changes."""
         if self.ema is None:
             yield
             return
-        self.ema.store(self.trainable_params)
-        self.ema.copy_to(self.trainable_params)
-        try:
+        with parameters_swapped(self.trainable_params, self.ema.shadow_params):
             yield
-        finally:
-            self.ema.restore(self.trainable_params)
+
+    @property
+    def _trainable_names(self) -> list[str]:
+        """Names of the trainable parameters, in :attr:`trainable_params` order (the average's file keys)."""
+        return [name for name, p in self.unwrapped_unet.named_parameters() if p.requires_grad]
 
     # ------------------------------------------------------------------ checkpoint hooks
     def _save_state_hook(self, models, weights, output_dir):
@@ -587,10 +592,14 @@ class SmPOTrainer:
                     unwrapped.save_pretrained(os.path.join(output_dir, "unet"), safe_serialization=True)
                 if weights:
                     weights.pop()
+            if self.ema is not None:
+                save_ema_state(output_dir, self.ema, self._trainable_names)
 
     def _load_state_hook(self, models, input_dir):
         if getattr(self, "inversion_copy", None) is not None:
             self.inversion_copy.mark_stale()
+        if self.ema is not None:  # in place, on the accelerator
+            load_ema_state(input_dir, self.ema, self._trainable_names)
         while models:
             model = self.accelerator.unwrap_model(models.pop())
             if self.config.train_method == "lora":
@@ -864,13 +873,14 @@ class SmPOTrainer:
         self.optimizer.step()
         if self.inversion_copy is not None:
             self.inversion_copy.mark_stale()
-        if accelerator.optimizer_step_was_skipped:
-            self.skipped["fp16_overflow_updates"] += 1
-        else:
+        applied = not accelerator.optimizer_step_was_skipped
+        if applied:
             self.lr_scheduler.step()
-            if self.ema is not None:  # applied updates only: a skipped one left the weights as they were
-                self.ema.step(self.trainable_params)
+        else:
+            self.skipped["fp16_overflow_updates"] += 1
         self.optimizer.zero_grad(set_to_none=True)
+        if applied and self.ema is not None:  # after the gradients are freed; a skipped update moved nothing
+            self.ema.step(self.trainable_params)
         self.consecutive_nonfinite = 0
 
     def _summed_over_processes(self, value: float) -> float:
@@ -1067,6 +1077,10 @@ class SmPOTrainer:
                 "from the start. Resume with the checkpoint's values (its trainer_state.json lists them under "
                 "restored_settings), or start a new run in a new --output_dir."
             )
+        if self.config.use_ema and not os.path.isfile(os.path.join(path, EMA_WEIGHTS_NAME)):
+            raise ValueError(
+                f"cannot resume from {path} with --use_ema: it holds no average ({EMA_WEIGHTS_NAME}; it was trained "
+                "without --use_ema). Resume without --use_ema, or start a new run in a new --output_dir.")
         if state["global_step"] > self.max_train_steps:
             raise ValueError(
                 f"cannot resume from {path}: it is at update {state['global_step']}, past this run's length of "
@@ -1163,8 +1177,6 @@ class SmPOTrainer:
                 raise self._damaged_checkpoint(path, error) from error
 
         on_every_process(load, self.accelerator, f"read {path}")  # none trains on while another failed to load
-        if self.ema is not None:  # accelerate loads custom state on the CPU
-            self.ema.to(self.accelerator.device)
         self.last_metrics = dict(state.get("last_metrics") or {})
         self.consecutive_nonfinite = int(state.get("consecutive_nonfinite", 0))
         # The checkpoint holds totals over processes: the main process carries them on, the others count afresh
