@@ -239,6 +239,23 @@ def test_checkpoint_limit_and_partial_checkpoints_are_ignored(tmp_path, demo_inp
     assert not any(name.endswith((".bin", ".pt", ".pkl")) and "model" in name for name in os.listdir(ckpt))
 
 
+def test_intervals_a_run_never_reaches_are_reported_before_training(tmp_path, demo_inputs, caplog):
+    model, data = demo_inputs["sd"]
+    config = make_config(tmp_path, model, data, max_train_steps=2, checkpoints_total_limit=2,
+                         validation_prompts=["a red circle"], validation_steps=2)
+    with caplog.at_level("WARNING", logger="smpo_diffusers"):
+        SmPOTrainer(config)
+    messages = " ".join(record.getMessage() for record in caplog.records)
+    assert "--checkpoints_total_limit 2 has nothing to prune: --checkpointing_steps 1000 is more than this run's 2 " \
+           "updates" in messages
+    assert "--validation_steps 2 is not below this run's 2 updates: only the final validation images" in messages
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="smpo_diffusers"):
+        SmPOTrainer(make_config(tmp_path, model, data, max_train_steps=3, checkpointing_steps=3,
+                                checkpoints_total_limit=2, validation_prompts=["a red circle"], validation_steps=2))
+    assert "nothing to prune" not in caplog.text and "--validation_steps" not in caplog.text
+
+
 def test_checkpoints_of_another_run_and_a_changed_data_layout_are_refused(tmp_path, demo_inputs):
     """Resuming from an older checkpoint (or starting afresh) beside a later run's checkpoints would let 'latest'
     and the checkpoint limit confuse the two runs; resuming under another batch layout would point the saved

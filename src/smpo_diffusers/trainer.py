@@ -552,6 +552,7 @@ class SmPOTrainer:
         )
         updates_per_epoch = math.ceil(len(self.train_dataloader) / config.gradient_accumulation_steps)
         self.num_train_epochs = math.ceil(self.max_train_steps / updates_per_epoch)
+        self._warn_about_unreached_intervals()
         accelerator.register_save_state_pre_hook(self._save_state_hook)
         accelerator.register_load_state_pre_hook(self._load_state_hook)
         self.ema = None
@@ -560,6 +561,17 @@ class SmPOTrainer:
 
             # one parameter at a time: foreach would hold a temporary as large as the whole average
             self.ema = EMAModel(self.trainable_params, decay=config.ema_decay, foreach=False)
+
+    def _warn_about_unreached_intervals(self) -> None:
+        """Options whose interval this run never reaches do nothing: say so before training, not after."""
+        config, steps = self.config, self.max_train_steps
+        if config.checkpoints_total_limit is not None and config.checkpointing_steps > steps:
+            logger.warning("--checkpoints_total_limit %d has nothing to prune: --checkpointing_steps %d is more than "
+                           "this run's %d updates, so no checkpoint is written (lower --checkpointing_steps to "
+                           "checkpoint this run)", config.checkpoints_total_limit, config.checkpointing_steps, steps)
+        if config.validation_steps is not None and config.validation_steps >= steps:
+            logger.warning("--validation_steps %d is not below this run's %d updates: only the final validation "
+                           "images are rendered", config.validation_steps, steps)
 
     @property
     def unwrapped_unet(self):
