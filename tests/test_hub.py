@@ -804,6 +804,12 @@ def test_card_takes_the_reward_model_only_from_statistics_of_the_trained_columns
     assert "| Reward model | clip |" in create_model_card(out).text
     json.dump(config | {"reward_columns": ["ps_score_0", "ps_score_1"]}, open(path, "w"))
     assert "| Reward model | not recorded |" in create_model_card(out).text
+    # what training recorded wins, wherever the dataset folder is now (the card may be written from anywhere)
+    json.dump(config | {"reward_model": "hpsv2", "dataset_name": "moved-away"}, open(path, "w"))
+    assert "| Reward model | hpsv2 |" in create_model_card(out).text
+    json.dump(config | {"reward_model": "/home/someone/rewards/my-reward"}, open(path, "w"))  # a local checkpoint
+    text = create_model_card(out).text
+    assert "| Reward model | my-reward |" in text and "/home/someone" not in text
 
 
 def test_card_mentions_a_local_vae_the_snippet_cannot_name(tmp_path):

@@ -46,6 +46,8 @@ def test_sdxl_lora_trains_saves_and_loads_into_the_pipeline(tmp_path, demo_input
         assert os.path.isfile(os.path.join(out, name)), name
     saved = json.load(open(os.path.join(out, "training_config.json")))
     assert saved["model_family"] == "sdxl" and saved["reward_scale_source"].endswith("reward_stats.json")
+    labelled_with = json.load(open(os.path.join(data, "reward_stats.json")))["reward_model"]
+    assert labelled_with and saved["reward_model"] == labelled_with  # the card names it from any folder
     assert saved["num_inversion_steps"] == 10 and saved["beta_dpo"] == 5000.0
 
     pipe = StableDiffusionXLPipeline.from_pretrained(model)

@@ -468,6 +468,13 @@ def _public_name(name_or_path: str | None) -> str | None:
     return hub_id or os.path.basename(os.path.normpath(str(name_or_path))) or str(name_or_path)
 
 
+def _local_path_hidden(name: str | None) -> str | None:
+    """A name as is, unless it is an absolute or home-relative path: then its last component."""
+    if name and (os.path.isabs(name) or name.startswith("~")):
+        return os.path.basename(os.path.normpath(name))
+    return name
+
+
 def _reward_model_from_dataset(dataset_name: str | None, reward_columns: list | None) -> str | None:
     """The reward model named by the dataset's ``reward_stats.json``, if it describes the columns the run
     trained on."""
@@ -608,7 +615,7 @@ def _hyperparameter_rows(config: dict, reward_model: str | None, metrics: dict |
         ]
     if smpo:
         rows += [
-            ("Reward model", reward_model or "not recorded"),
+            ("Reward model", _local_path_hidden(reward_model) or "not recorded"),
             ("Reward columns", ", ".join(config.get("reward_columns") or []) or None),
             ("Reward scale s", f"{_fmt(scale)} (from {source})" if scale is not None else None),
         ]
@@ -803,8 +810,9 @@ def _build_model_card(output_dir: str, *, repo_id: str | None, reward_model: str
     family = config["model_family"]
     base_id = _input_hub_id(config, "pretrained_model_name_or_path")
     dataset_id = _input_hub_id(config, "dataset_name")
-    if reward_model is None and config.get("loss_type") == "smpo":
-        reward_model = _reward_model_from_dataset(config.get("dataset_name"), config.get("reward_columns"))
+    if reward_model is None and config.get("loss_type") == "smpo":  # what training recorded, else the dataset's
+        reward_model = config.get("reward_model") or _reward_model_from_dataset(config.get("dataset_name"),
+                                                                                config.get("reward_columns"))
     tags = ["text-to-image", "diffusers", "smpo", "dpo", "lora" if layout == "lora" else "full-unet",
             _FAMILY_TAGS[family]]
     license = license or default_license(family, base_id)

@@ -1343,6 +1343,7 @@ class SmPOTrainer:
             "reward_columns": list(self.reward_columns) if self.reward_columns else None,
             "reward_scale": self.reward_scale,
             "reward_scale_source": self.reward_scale_source,
+            "reward_model": self.reward_model_name if self.config.loss_type == "smpo" else None,  # for the card
             "effective_learning_rate": self.learning_rate,
             "effective_batch_size": self.config.train_batch_size * self.config.gradient_accumulation_steps
             * accelerator.num_processes,
