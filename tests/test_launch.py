@@ -109,14 +109,18 @@ def read_records(folder):
 def test_two_processes_disjoint_data_identical_weights_and_resume(tmp_path, demo_inputs):
     model, data = demo_inputs["sdxl"]
     script = ROOT / "tests" / "scripts" / "record_training.py"
-    # Uninterrupted: 6 updates on 2 processes, a checkpoint after 5 (in the second epoch).
+    # Uninterrupted: 6 updates on 2 processes, a checkpoint after 5 (in the second epoch), keeping an --use_ema
+    # average (each process steps its own from the same weights; the main process checkpoints it).
     full_out = tmp_path / "full"
+    average = dict(use_ema=True, ema_decay=0.5)
     result = launch([script, tmp_path / "rec-full", *common_flags(model, data, full_out, max_train_steps=6,
-                                                                  checkpointing_steps=5)], processes=2)
+                                                                  checkpointing_steps=5, **average)], processes=2)
     full = read_records(tmp_path / "rec-full")
     for step in range(6):  # each micro-batch: the two ranks hold different pairs
         assert not set(full[0]["seen"][step]) & set(full[1]["seen"][step])
     assert full[0]["weights_sha256"] == full[1]["weights_sha256"]
+    assert full[0]["ema_sha256"] == full[1]["ema_sha256"] and full[0]["ema_updates"] == 6
+    assert (full_out / "checkpoint-5" / "ema.safetensors").is_file()
     # Only the main process writes: one save line per checkpoint, no per-rank output files.
     assert result.stderr.count(f"saved {full_out / 'checkpoint-5'}") == 1
     assert sorted(p.name for p in full_out.iterdir()) == [
@@ -131,7 +135,8 @@ def test_two_processes_disjoint_data_identical_weights_and_resume(tmp_path, demo
     resumed_out = tmp_path / "resumed"
     shutil.copytree(full_out / "checkpoint-5", resumed_out / "checkpoint-5")
     launch([script, tmp_path / "rec-b", *common_flags(model, data, resumed_out, max_train_steps=6,
-                                                      checkpointing_steps=5, resume_from_checkpoint="latest")],
+                                                      checkpointing_steps=5, resume_from_checkpoint="latest",
+                                                      **average)],
            processes=2)
     resumed = read_records(tmp_path / "rec-b")
     assert resumed[0]["global_step"] == 6
@@ -139,6 +144,8 @@ def test_two_processes_disjoint_data_identical_weights_and_resume(tmp_path, demo
     for rank in (0, 1):
         assert resumed[rank]["seen"] == full[rank]["seen"][5:]
     assert resumed[0]["weights_sha256"] == resumed[1]["weights_sha256"] == full[0]["weights_sha256"]
+    assert resumed[0]["ema_sha256"] == resumed[1]["ema_sha256"] == full[0]["ema_sha256"]
+    assert resumed[0]["ema_updates"] == 6
 
 
 @pytest.mark.slow

@@ -2,7 +2,8 @@
 
 Usage: accelerate launch ... tests/scripts/record_training.py RECORD_DIR [--probe_loss] [SmPOConfig flags]
 Writes RECORD_DIR/rank{R}.json with the pair indices of every micro-batch ([] when it held none) and a digest
-of the final trainable weights as that rank holds them. Everything else is the ordinary library code path.
+of the final trainable weights as that rank holds them (and of its --use_ema average). Everything else is the
+ordinary library code path.
 
 --probe_loss adds to each micro-batch's loss a term whose gradient is known: on the first trainable tensor,
 ones times the mean over the micro-batch's pairs of (pair index + 1); the SmPO loss itself is kept at weight
@@ -63,13 +64,20 @@ def main():
         if param.requires_grad:
             digest.update(name.encode())
             digest.update(param.detach().cpu().contiguous().numpy().tobytes())
+    average = None
+    if trainer.ema is not None:  # --use_ema: the average as this rank holds it
+        average = hashlib.sha256()
+        for tensor in trainer.ema.shadow_params:
+            average.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate's wrapper holds it
     steps = {int(state["step"]) for state in optimizer.state.values() if "step" in state}
     record = {"rank": trainer.accelerator.process_index, "num_processes": trainer.accelerator.num_processes,
               "optimizer_steps": max(steps, default=0),
               "seen": trainer.seen, "micro_batch_sizes": trainer.micro_batch_sizes,
               "step_gradients": trainer.step_gradients,
-              "weights_sha256": digest.hexdigest(), "global_step": trainer.global_step}
+              "weights_sha256": digest.hexdigest(), "global_step": trainer.global_step,
+              "ema_sha256": average.hexdigest() if average else None,
+              "ema_updates": trainer.ema.optimization_step if trainer.ema is not None else None}
     os.makedirs(record_dir, exist_ok=True)
     with open(os.path.join(record_dir, f"rank{record['rank']}.json"), "w") as handle:
         json.dump(record, handle)
