@@ -1289,9 +1289,10 @@ class SmPOTrainer:
         return path
 
     def save_model(self, output_dir: str | None = None) -> None:
-        """Write diffusers-loadable weights (LoRA safetensors, ``unet/`` or the whole pipeline),
-        ``training_config.json`` and ``training_metrics.json``; safetensors only. Every process calls it (the
-        counts are summed over processes); the main process writes, and a failure there stops every process.
+        """Write diffusers-loadable weights (LoRA safetensors, ``unet/`` or the whole pipeline; with ``--use_ema``
+        the average's), ``training_config.json`` and ``training_metrics.json``; safetensors only. Every process
+        calls it (the counts are summed over processes); the main process writes, and a failure there stops every
+        process.
         With several processes, call it before :meth:`train` returns (train saves the final model itself, then
         closes the process group)."""
         if self.accelerator.num_processes > 1 and not torch.distributed.is_initialized():
