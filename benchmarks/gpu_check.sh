@@ -10,7 +10,9 @@
 # BUDGET_S (default 300) is the benchmark's --time_budget_s, in whole seconds (so not among BENCHMARK_ARGS). The
 # whole run must fit one command of a lent machine: BUDGET_S plus 300 s (60 s for installs, environment and
 # imports, 150 s of tests, 90 s for the benchmark's last set-up) may not exceed GPU_CHECK_LIMIT_S (default 600;
-# 0: no limit, for a machine of one's own). Bad arguments exit 2 before anything runs.
+# 0: no limit, for a machine of one's own). A bad BUDGET_S or GPU_CHECK_LIMIT_S, or --time_budget_s among the
+# benchmark arguments, exits 2 before anything runs; other bad benchmark arguments (e.g. a mistyped --only name) exit
+# 2 after environment.txt is written, before the tests.
 #
 # Packages missing on the machine may be put beside the repository as wheels in .whl/ (installed with --no-deps
 # into /tmp/site, which then goes first on PYTHONPATH); the package itself is used from src/.

@@ -195,7 +195,8 @@ def test_evaluate_writes_results_table_and_grid(tmp_path, monkeypatch):
         assert summary["win_rate"]["rate"] == pytest.approx(
             ((aligned_scores > base_scores).sum() + 0.5 * (aligned_scores == base_scores).sum()) / 4)
     assert saved["pixel_drift"] > 0  # a different UNet draws different pictures from the same seeds
-    assert "| toy |" in open(tmp_path / "eval" / "results.md").read()
+    table = open(tmp_path / "eval" / "results.md").read()
+    assert "| toy |" in table and "Only 2 prompts: the seeds of one prompt are correlated" in table
     assert Image.open(tmp_path / "eval" / "grid.png").size == (2 * 64, 2 * 64 + 2)  # one block of two
     with pytest.raises(ValueError, match="comma-separated ensemble is for labelling.*--reward_models toy toy"):
         evaluate(base, str(aligned), prompts, output_dir=str(tmp_path / "ensemble"), reward_names=["toy,toy"])
@@ -222,6 +223,7 @@ def test_evaluate_writes_results_table_and_grid(tmp_path, monkeypatch):
     same = evaluate(base, base, prompts[:1], output_dir=str(tmp_path / "same"), num_inference_steps=2,
                     guidance_scale=1.0, resolution=32, progress=False)
     assert same["pixel_drift"] == 0.0 and same["rewards"]["toy"]["win_rate"]["ties"] == 1
+    assert "Only 1 prompt" not in open(tmp_path / "same" / "results.md").read()  # one seed: nothing is clustered
 
 
 def test_guidance_scale_reaches_the_pipeline(tmp_path, monkeypatch):

@@ -810,6 +810,14 @@ def test_card_takes_the_reward_model_only_from_statistics_of_the_trained_columns
     json.dump(config | {"reward_model": "/home/someone/rewards/my-reward"}, open(path, "w"))  # a local checkpoint
     text = create_model_card(out).text
     assert "| Reward model | my-reward |" in text and "/home/someone" not in text
+    for relative in ("../../alice/ckpts/rm", "ckpts/alice/rm"):
+        json.dump(config | {"reward_model": relative}, open(path, "w"))
+        assert "| Reward model | rm |" in create_model_card(out).text
+    json.dump(config | {"reward_model": "yuvalkirstain/PickScore_v1"}, open(path, "w"))  # a Hub id stays whole
+    assert "| Reward model | yuvalkirstain/PickScore_v1 |" in create_model_card(out).text
+    json.dump(config | {"reward_model": "../../alice/ckpts/rm"}, open(path, "w"))  # the upload names it as the card
+    with hub._staged_upload(out, ["training_config.json"]) as staging:
+        assert json.load(open(os.path.join(staging, "training_config.json")))["reward_model"] == "rm"
 
 
 def test_card_mentions_a_local_vae_the_snippet_cannot_name(tmp_path):

@@ -196,6 +196,9 @@ def test_resume_mid_epoch_equals_an_uninterrupted_run(tmp_path, demo_inputs, cac
     assert ("ema.safetensors" in checkpoint_files) == (not cached)  # the average: safetensors, no pickle
     assert not [name for name in checkpoint_files if name.startswith("custom_checkpoint")]
     if not cached:  # a checkpoint without the average (or with another one) cannot resume an --use_ema run
+        with pytest.raises(ValueError, match=re.escape("average settings (ema_decay 0.5 -> 0.9)")):
+            SmPOTrainer(make_config(tmp_path / "b", model, data, resume_from_checkpoint="latest",
+                                    **(common | {"ema_decay": 0.9}))).train()
         damaged = tmp_path / "no-average"
         shutil.copytree(os.path.join(interrupted.output_dir, "checkpoint-5"), damaged / "checkpoint-5")
         os.remove(damaged / "checkpoint-5" / "ema.safetensors")

@@ -54,6 +54,10 @@ Z_95 = 1.959963984540054
 BUILTIN_PROMPT_SETS = ("toy-heldout", "toy-train", "toy-all")
 """Prompt-list names :func:`read_prompts` understands besides files and datasets."""
 
+FEW_PROMPTS = 10
+"""Below this many prompts (with several seeds each) the prompt-clustered errors and intervals rest on too few
+clusters to mean much: :func:`evaluate` says so."""
+
 GRID_MAX_SAMPLES = 64
 """Samples shown in ``grid.png`` (64 SDXL pairs at 1024 px make a 16384 x 8200 image already); all are scored."""
 
@@ -411,6 +415,12 @@ def _fmt(mean: float, stderr: float, digits: int = 4) -> str:
     return f"{mean:.{digits}f} ± {stderr:.{digits}f}" if math.isfinite(stderr) else f"{mean:.{digits}f}"
 
 
+def _few_prompts_note(count: int) -> str:
+    return (f"Only {count} prompt{'s' if count != 1 else ''}: the seeds of one prompt are correlated, so the errors "
+            f"and intervals count prompts, not images{' (one prompt: no error estimate)' if count == 1 else ''}; "
+            f"evaluate on at least {FEW_PROMPTS} prompts for meaningful ones.")
+
+
 def _effective(rate: dict) -> str:
     n_effective = rate.get("n_effective", rate["n"])  # absent from results written before clustering
     return f", effective n {n_effective:.1f}" if n_effective != rate["n"] else ""
@@ -437,6 +447,8 @@ def format_results_table(results: dict) -> str:
                  f"mean absolute pixel drift from base {results['pixel_drift']:.4f}. Ties count half a win. The "
                  "samples of one prompt are correlated: standard errors are clustered by prompt and the interval "
                  "uses the effective sample size.")
+    if results["seeds_per_prompt"] > 1 and results["num_prompts"] < FEW_PROMPTS:
+        lines.append(_few_prompts_note(results["num_prompts"]))
     return "\n".join(lines) + "\n"
 
 
@@ -476,6 +488,8 @@ def evaluate(base_model: str, aligned_model: str, prompts: Sequence[str], *, out
     if seeds_per_prompt < 1:
         raise ValueError(f"seeds_per_prompt must be >= 1, got {seeds_per_prompt}.")
     aligned_layout(aligned_model)  # a wrong path fails now, not after the base images are rendered
+    if seeds_per_prompt > 1 and len(prompts) < FEW_PROMPTS:
+        logger.warning("%s", _few_prompts_note(len(prompts)))
     reward_models = resolve_reward_models(reward_names, device=device, cache_dir=cache_dir)
     os.makedirs(output_dir, exist_ok=True)
     all_prompts = prompts * seeds_per_prompt

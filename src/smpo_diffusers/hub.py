@@ -469,8 +469,9 @@ def _public_name(name_or_path: str | None) -> str | None:
 
 
 def _local_path_hidden(name: str | None) -> str | None:
-    """A name as is, unless it is an absolute or home-relative path: then its last component."""
-    if name and (os.path.isabs(name) or name.startswith("~")):
+    """A name as is, unless it reads as a local path (absolute, home- or dot-relative, or with more folders than a
+    Hub id's one ``/``): then its last component."""
+    if name and (os.path.isabs(name) or name.startswith(("~", ".")) or name.count("/") > 1):
         return os.path.basename(os.path.normpath(name))
     return name
 
@@ -931,6 +932,8 @@ def _staged_upload(output_dir: str, files: list[str], contents: dict[str, str] |
                     for name in original.get(LOCAL_INPUTS) or []:  # relative local paths too, wherever pushed from
                         if isinstance(original.get(name), str):
                             record[name] = _input_public_name(original, name)
+                    if isinstance(original.get("reward_model"), str):  # as the card names it
+                        record["reward_model"] = _local_path_hidden(original["reward_model"])
                 with open(target, "w") as handle:
                     json.dump(record, handle, indent=2, sort_keys=True)
                 continue

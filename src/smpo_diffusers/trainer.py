@@ -571,7 +571,8 @@ class SmPOTrainer:
                            "checkpoint this run)", config.checkpoints_total_limit, config.checkpointing_steps, steps)
         if config.validation_steps is not None and config.validation_steps >= steps:
             logger.warning("--validation_steps %d is not below this run's %d updates: only the final validation "
-                           "images are rendered", config.validation_steps, steps)
+                           "images are rendered (give a --validation_steps below %d for intermediate ones, or drop "
+                           "it)", config.validation_steps, steps, steps)
 
     @property
     def unwrapped_unet(self):
@@ -917,9 +918,10 @@ class SmPOTrainer:
             self.save_model(self.config.output_dir)
             if self.accelerator.is_main_process:  # a card an earlier run left would describe other weights
                 self._write_model_card(required=False)
+            saved = "the --use_ema average of the finite updates" if self.ema is not None else "the last finite weights"
             raise FloatingPointError(
                 f"{self.consecutive_nonfinite} consecutive updates had a non-finite loss or gradient; stopped after "
-                f"saving the last finite weights to {self.config.output_dir}. Try --mixed_precision bf16 (or no) "
+                f"saving {saved} to {self.config.output_dir}. Try --mixed_precision bf16 (or no) "
                 "instead of fp16, a smaller --beta_dpo, or a lower --learning_rate / --max_grad_norm."
             )
 
