@@ -100,3 +100,37 @@ def test_compiled_inversion_copy_on_gpu(tmp_path, demo_inputs):
         if use_compile:
             assert 1 <= counters["stats"]["unique_graphs"] <= 2 and not counters["graph_break"]
     assert abs(losses[True] - losses[False]) <= 0.05 * abs(losses[False]) + 1e-3, losses
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_ema_with_fp16_loss_scaling_and_resume_on_gpu(tmp_path, demo_inputs, method):
+    """--use_ema under accelerate's real CUDA GradScaler (fp16): the average steps once per applied update (an
+    fp16-overflow skip while the scaler calibrates is not averaged), lives on the GPU in fp32, is checkpointed
+    and resumed, and is what the run saves (full: as a whole pipeline, --save_full_pipeline)."""
+    model, data = demo_inputs["sdxl"]
+    extra = {"save_full_pipeline": True} if method == "full" else {}
+    common = dict(pretrained_model_name_or_path=model, dataset_name=data, output_dir=str(tmp_path / "out"),
+                  resolution=32, train_batch_size=2, report_to="none", mixed_precision="fp16",
+                  train_method=method, learning_rate=1e-4, use_ema=True, ema_decay=0.9, checkpointing_steps=2,
+                  **extra)
+    trainer = SmPOTrainer(SmPOConfig(**common, max_train_steps=2))
+    assert trainer.accelerator.scaler is not None
+    trainer.train()
+    first_skips = trainer.skipped["fp16_overflow_updates"] + trainer.skipped["nonfinite_updates"]
+    assert trainer.ema.optimization_step == 2 - first_skips
+    assert all(p.is_cuda and p.dtype == torch.float32 for p in trainer.ema.shadow_params)
+    assert (tmp_path / "out" / "checkpoint-2" / "ema.safetensors").is_file()
+
+    resumed = SmPOTrainer(SmPOConfig(**common, max_train_steps=4, resume_from_checkpoint="latest"))
+    metrics = resumed.train()
+    assert np.isfinite(metrics["loss"]) and resumed.global_step == 4
+    all_skips = resumed.skipped["fp16_overflow_updates"] + resumed.skipped["nonfinite_updates"]  # carried on
+    assert all_skips >= first_skips and resumed.ema.optimization_step == 4 - all_skips
+    if method == "lora":
+        saved = load_file(os.path.join(common["output_dir"], "pytorch_lora_weights.safetensors"))
+        assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in saved.values())
+    else:
+        from diffusers import StableDiffusionXLPipeline
+
+        pipeline = StableDiffusionXLPipeline.from_pretrained(common["output_dir"])
+        assert all(torch.isfinite(p).all() for p in pipeline.unet.parameters())
