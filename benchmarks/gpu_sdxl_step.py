@@ -90,7 +90,7 @@ SETUPS = [
     Setup("full", "fp16", True, "adafactor"),
     Setup("lora", "bf16", True, "adamw"),
     Setup("full", "bf16", False, "adafactor"),
-    # Experiments towards the 1.3 s/pair goal (run when the budget allows, or pick them with --only):
+    # Experiments towards the 1.3 s/pair goal (results/gpu_sdxl_step_h200_compile.md; or pick them with --only):
     Setup("full", "bf16", False, "adamw", inversion_copy=True, channels_last=True),
     Setup("full", "bf16", False, "adamw", inversion_copy=True, compiled=True),
 ]
