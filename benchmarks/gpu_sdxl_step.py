@@ -378,6 +378,18 @@ def peak_gb(device):
     return torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
 
 
+def gpu_state(device) -> dict | None:
+    """The GPU's SM clock (MHz), temperature (C) and power draw (W) now, read through NVML (``nvidia-ml-py``),
+    so that a slowdown across set-ups can be told from clocks or power; None without CUDA or NVML."""
+    if device.type != "cuda":
+        return None
+    try:
+        return {"sm_clock_mhz": torch.cuda.clock_rate(device), "temperature_c": torch.cuda.temperature(device),
+                "power_w": torch.cuda.power_draw(device) / 1e3}
+    except Exception:  # noqa: BLE001 - NVML missing or refused (e.g. in a sandbox): report nothing, time on
+        return None
+
+
 def run_setup(setup: Setup, config: dict, latent_size: int, device, scheduler, pair_timesteps: list[int],
               flops_forward: int, strict: bool) -> dict:
     """Build one set-up, warm up, time SmPO and DPO steps. Out-of-memory is reported as the set-up's status;
@@ -432,6 +444,7 @@ def run_setup(setup: Setup, config: dict, latent_size: int, device, scheduler, p
                              for k in ("inversion", "reference_and_policy_forward", "policy_backward", "optimizer")},
                 "nonfinite_steps": sum(not r["finite"] for r in records),
                 "resident_gb": {k: v / 1e9 for k, v in models.resident_bytes().items()},
+                "gpu_state": gpu_state(device),  # right after the timed steps
             }
             if mode == "dpo" and copy_freed is not None:
                 result["modes"][mode]["inversion_copy_freed"] = copy_freed  # False: its peak includes the copy
@@ -485,16 +498,17 @@ def render(report: dict) -> str:
         "resident weights, optimiser state and gradients). Resident = parameters + optimiser state + gradients "
         "(counted from the tensors after the warm-up; gradients as allocated during backward). Non-finite steps: "
         "loss or gradient norm not finite (with fp16 the grad scaler then skips the update while it calibrates). "
-        "Warm-up s: the untimed first SmPO and DPO steps (includes compilation for +compile).",
+        "Warm-up s: the untimed first SmPO and DPO steps (includes compilation for +compile). GPU state: SM clock "
+        "MHz / temperature C / power W read through NVML right after the mode's timed steps ('-' without NVML).",
         "",
         "| set-up | status | mode | s/pair (mean) | s/pair (median) | evals/pair grad / no-grad | TFLOP/pair | "
         "achieved TFLOP/s | peak GB | resident GB | inversion (DPO: noising) ms | ref+policy fwd ms | backward ms | "
-        "optimiser ms | non-finite steps | SmPO/DPO time | SmPO/DPO FLOPs | warm-up s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "optimiser ms | non-finite steps | SmPO/DPO time | SmPO/DPO FLOPs | warm-up s | GPU state |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["results"]:
         if r["status"] != "ok":
-            lines.append(f"| {r['setup']} | {r['status']} |" + " - |" * 16)
+            lines.append(f"| {r['setup']} | {r['status']} |" + " - |" * 17)
             continue
         for mode, m in r["modes"].items():
             resident = sum(m["resident_gb"].values())
@@ -508,12 +522,18 @@ def render(report: dict) -> str:
                 f"{m['achieved_tflops']:.3g} | {peak} | {resident:.3g} | "
                 + " | ".join(f"{m['stage_ms'][k]:.0f}" for k in (
                     "inversion", "reference_and_policy_forward", "policy_backward", "optimizer"))
-                + f" | {m['nonfinite_steps']} | {ratios} |")
+                + f" | {m['nonfinite_steps']} | {ratios} | {render_gpu_state(m.get('gpu_state'))} |")
     kept = [r["setup"] for r in report["results"]
             if r["status"] == "ok" and r["modes"]["dpo"].get("inversion_copy_freed") is False]
     if kept:
         lines += ["", f"The inversion copy was still alive during the DPO steps of {kept}: their DPO peak includes it."]
     return "\n".join(lines) + "\n"
+
+
+def render_gpu_state(state: dict | None) -> str:
+    if not state:
+        return "-"
+    return f"{state['sm_clock_mhz']:.0f} / {state['temperature_c']:.0f} / {state['power_w']:.0f}"
 
 
 def write(report: dict, output: str, echo: bool) -> None:

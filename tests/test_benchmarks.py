@@ -299,6 +299,31 @@ def test_gpu_sdxl_step_smoke_runs_on_cpu(tmp_path, monkeypatch):
     text = output.read_text()
     assert "| full bf16 +ckpt adafactor +copy | ok | smpo |" in text  # copy evaluations counted too
     assert "the 2 timed pairs per mode (--timed_pairs 1, rounded up to a whole cycle)" in text
+    if not torch.cuda.is_available():
+        assert all(m["gpu_state"] is None for r in report["results"] for m in r["modes"].values())
+        rows = [line for line in text.splitlines() if line.startswith(("| full", "| lora"))]
+        assert len(rows) == 2 * len(gpu.SMOKE_SETUPS)
+        assert all(row.endswith("| - |") and row.count("|") == 20 for row in rows)  # 19 cells, no GPU state
+
+
+def test_gpu_sdxl_step_records_the_gpu_state_when_nvml_answers(monkeypatch):
+    """After each mode's timed steps the SM clock, temperature and power are read (through torch.cuda's NVML
+    helpers), so that a slowdown across set-ups can be told apart from clocks or power; without NVML: nothing."""
+    gpu = load_benchmark("gpu_sdxl_step")
+    cuda = torch.device("cuda")
+    assert gpu.gpu_state(torch.device("cpu")) is None
+    monkeypatch.setattr(torch.cuda, "clock_rate", lambda device: 1980)
+    monkeypatch.setattr(torch.cuda, "temperature", lambda device: 47)
+    monkeypatch.setattr(torch.cuda, "power_draw", lambda device: 612_400)  # milliwatts
+    state = gpu.gpu_state(cuda)
+    assert state == {"sm_clock_mhz": 1980, "temperature_c": 47, "power_w": pytest.approx(612.4)}
+    assert gpu.render_gpu_state(state) == "1980 / 47 / 612"
+
+    def no_nvml(device):
+        raise ModuleNotFoundError("pynvml does not seem to be installed or it can't be imported.")
+
+    monkeypatch.setattr(torch.cuda, "temperature", no_nvml)
+    assert gpu.gpu_state(cuda) is None and gpu.render_gpu_state(None) == "-"
 
 
 def test_gpu_sdxl_step_runs_chosen_setups_and_refuses_unknown_names(tmp_path):
