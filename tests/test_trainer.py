@@ -693,6 +693,24 @@ def test_update_metrics_average_per_pair_across_micro_batches():
     assert "inversion_residual" not in logs and logs["loss"] == 0.5
 
 
+def test_inversion_residual_is_logged_for_both_images_of_a_pair(tmp_path, demo_inputs):
+    """The logged ReNoise residual of a pair is the mean of its winner's and its loser's, not the winner's alone."""
+    model, data = demo_inputs["sd"]
+    trainer = SmPOTrainer(make_config(tmp_path, model, data, train_batch_size=3, max_train_steps=1))
+    inversions, original = [], trainer._invert
+
+    def recording(*args, **kwargs):
+        inversions.append(original(*args, **kwargs))
+        return inversions[-1]
+
+    trainer._invert = recording
+    batch = next(iter(trainer.train_dataloader))
+    step = trainer.compute_loss(batch, torch.Generator().manual_seed(0))
+    residual = inversions[0].renoise_residual.cpu()
+    assert residual.shape == (6,) and torch.isfinite(residual).all() and not torch.equal(residual[:3], residual[3:])
+    torch.testing.assert_close(step.inversion_residual, (residual[:3] + residual[3:]) / 2)
+
+
 def test_an_update_no_process_trained_takes_no_step_and_unscales_nothing(tmp_path, demo_inputs, monkeypatch):
     """With several processes an all-empty update arrives with the placeholder's zero gradients: no optimiser step
     (AdamW's decay would move the weights) and no clipping (clipping unscales fp16 gradients, and a scaler left

@@ -655,7 +655,8 @@ class SmPOTrainer:
         else:
             inversion = self._invert(x0, timesteps, conditioning)
             noisy, noise = inversion.latents, inversion.epsilon
-            residual = inversion.renoise_residual[:num_pairs].cpu()
+            # per pair: the mean of its two images' last ReNoise correction (NaN where K = 0)
+            residual = inversion.renoise_residual.view(2, num_pairs).mean(0).cpu()
             inversion_evaluations = inversion.num_model_evaluations
         target = noise if parts.prediction_type == "epsilon" else scheduler.get_velocity(x0, noise, timesteps)
 
