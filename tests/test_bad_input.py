@@ -62,7 +62,7 @@ def test_a_dataset_of_undecodable_images_fails_instead_of_training_nothing(tmp_p
     trainer = SmPOTrainer(config(tmp_path, demo_inputs["sdxl"][0], max_train_steps=4, train_batch_size=2),
                           dataset=dataset)
     expected = r"(?s)None of the 4 updates.*4 undecodable pairs.*jpg_0/jpg_1"
-    with caplog.at_level(logging.WARNING), pytest.raises(RuntimeError, match=expected):
+    with caplog.at_level(logging.WARNING), pytest.raises(ValueError, match=expected):  # an input error (CLIs: status 2)
         trainer.train()
     assert trainer.skipped["empty_updates"] == 4 and trainer.skipped["empty_batches"] == 4
     assert "update 1 trained nothing" in caplog.text

@@ -302,9 +302,21 @@ def test_checkpoints_of_another_run_and_a_changed_data_layout_are_refused(tmp_pa
     with pytest.raises(ValueError, match=r"at update 4, past this run's length of 3 updates\. Give a "
                                          r"--max_train_steps of at least 4"):
         SmPOTrainer(make_config(tmp_path, model, data, max_train_steps=3, resume_from_checkpoint="latest")).train()
-    resumed = SmPOTrainer(make_config(tmp_path, model, data, max_train_steps=5, resume_from_checkpoint="latest"))
+    # A base of the same shape loads without complaint, but the policy would go on from the checkpoint's base
+    # while the reference and the latents come from the other one.
+    other_base = save_tiny_pipeline(tmp_path / "other-base", "sdxl", seed=1)
+    with pytest.raises(ValueError, match=re.escape(f"another base model or VAE (pretrained_model_name_or_path "
+                                                   f"{os.path.abspath(model)} -> {os.path.abspath(other_base)})")):
+        SmPOTrainer(make_config(tmp_path, model, data, max_train_steps=5, resume_from_checkpoint="latest",
+                                pretrained_model_name_or_path=other_base)).train()
+    # the same base under a relative path is the same base
+    resumed = SmPOTrainer(make_config(tmp_path, model, data, max_train_steps=5, resume_from_checkpoint="latest",
+                                      pretrained_model_name_or_path=os.path.relpath(model)))
     resumed.train()
     assert resumed.global_step == 5
+    recorded = json.load(open(os.path.join(first.output_dir, "training_config.json")))
+    assert recorded["pretrained_model_name_or_path"] == os.path.abspath(model)  # evaluate.py finds it from anywhere
+    assert recorded["dataset_name"] == os.path.abspath(data)
     metrics = json.load(open(os.path.join(first.output_dir, "training_metrics.json")))
     assert metrics["unet_evaluations"]["policy"] == 5 * 2 * 2  # 5 updates x 2 pairs x 2 images, carried over
 

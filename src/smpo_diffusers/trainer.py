@@ -788,7 +788,7 @@ class SmPOTrainer:
         progress.close()
         accelerator.wait_for_everyone()
         if global_step > start_step and trained_updates == 0:
-            raise RuntimeError(
+            raise ValueError(  # bad data: the CLIs print it as an input error
                 f"None of the {global_step - start_step} updates trained anything: no pair could be decoded "
                 f"({self.count_totals()[1]['undecodable_pairs']} undecodable pairs). Check the image columns "
                 "(jpg_0/jpg_1: encoded image bytes, {'bytes': ..., 'path': ...} cells or PIL images); no weights "
@@ -980,7 +980,7 @@ class SmPOTrainer:
         def publish():  # main process: the trainer state, then every file on disk before the rename shows it
             state = {"global_step": global_step, "epoch": epoch, "next_batch": next_batch,
                      "data_layout": self._data_layout(), "restored_settings": self._restored_settings(),
-                     "unet_evaluations": evaluations, "skipped": skipped,
+                     "base_model": self._base_model_record(), "unet_evaluations": evaluations, "skipped": skipped,
                      "data_counts": data_counts, "last_metrics": self.last_metrics,
                      "consecutive_nonfinite": self.consecutive_nonfinite}
             with open(os.path.join(partial, TRAINER_STATE_NAME), "w") as handle:
@@ -1039,6 +1039,23 @@ class SmPOTrainer:
             digest.update(f"{caption}\0".encode())
         return digest.hexdigest()
 
+    def _base_model_record(self) -> dict:
+        """Which base the run trains from: the policy in a checkpoint continues that base's training, while the
+        reference and the latents come from the base loaded now. Local paths are made absolute (not resolved
+        through links, so a moved folder can be given under its old path by a link); ``--variant`` is left out
+        (the same weights stored in another precision)."""
+        from .hub import _is_local_path
+
+        def named(value):
+            if value and _is_local_path(str(value)):
+                return os.path.abspath(os.path.expanduser(str(value)))
+            return value
+
+        config = self.config
+        return {"pretrained_model_name_or_path": named(config.pretrained_model_name_or_path),
+                "revision": config.revision,
+                "pretrained_vae_model_name_or_path": named(config.pretrained_vae_model_name_or_path)}
+
     def _restored_settings(self) -> dict:
         """The settings a checkpoint's optimiser, LR-scheduler, adapter and average state carry: ``load_state``
         restores the checkpoint's learning rate, Adam/Adafactor hyper-parameters and EMA decay whatever is asked
@@ -1078,6 +1095,15 @@ class SmPOTrainer:
                 "point at other pairs, silently skipping or repeating some. Resume with the checkpoint's settings "
                 "(processes, --train_batch_size, --gradient_accumulation_steps, --seed, the same pairs with the "
                 "same labels and --loss_type), or start a new run in a new --output_dir."
+            )
+        listed = self._changed_since(state.get("base_model"), self._base_model_record())
+        if listed:
+            raise ValueError(
+                f"cannot resume from {path}: it was trained from another base model or VAE ({listed}). The policy "
+                "would go on from that base's training while the frozen reference the loss compares against, and "
+                "the latents, come from this one. Resume with the checkpoint's --pretrained_model_name_or_path, "
+                "--revision and --pretrained_vae_model_name_or_path (a folder that moved: give its old path, e.g. "
+                "through a link), or start a new run in a new --output_dir."
             )
         saved = state.get("restored_settings")
         if saved is not None:  # checkpoints written before --use_ema existed hold no average
@@ -1356,6 +1382,11 @@ class SmPOTrainer:
             "pairs": self.pair_statistics.as_dict(),
             LOCAL_INPUTS: local_input_names(self.config),  # the card tells local folders from Hub ids by it
         }
+        # Local inputs as absolute paths, so that evaluate.py finds the base from any directory (the card and the
+        # uploaded record name local folders by their last component only).
+        for name in [*summary[LOCAL_INPUTS], "cache_dir", "latent_cache_dir"]:
+            if summary.get(name):
+                summary[name] = os.path.abspath(os.path.expanduser(str(summary[name])))
         atomic_write_json(os.path.join(output_dir, "training_config.json"), summary, default=str)
         metrics = {"global_step": getattr(self, "global_step", None), "final_metrics": self.last_metrics,
                    "unet_evaluations": evaluations, "skipped": skipped, "data": data_counts,
