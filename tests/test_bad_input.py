@@ -96,6 +96,15 @@ def test_empty_after_filtering_lists_the_reasons(tmp_path, demo_inputs):
         SmPOTrainer(config(tmp_path), dataset=nan)
 
 
+def test_an_empty_data_file_is_named_before_models_load(tmp_path, demo_inputs):
+    """--dataset_name a data file without rows: an error naming it (datasets said 'Instruction "train" corresponds
+    to no data!')."""
+    empty = str(tmp_path / "empty.parquet")
+    labelled(demo_inputs).select([]).to_parquet(empty)
+    with pytest.raises(ValueError, match=f"split 'train' is empty: the data file '{empty}' holds no rows"):
+        SmPOTrainer(config(tmp_path, dataset_name=empty))
+
+
 def test_nonfinite_rewards_are_dropped_and_counted(tmp_path, demo_inputs):
     base = labelled(demo_inputs)
     some = base.map(lambda row, i: {"reward_1": float("inf") if i < 2 else row["reward_1"]}, with_indices=True)

@@ -138,6 +138,40 @@ def test_load_local_errors(tmp_path):
         load_preference_dataset(str(tmp_path / "saved"), revision="main")
 
 
+def test_data_files_without_rows_are_named(tmp_path, caplog):
+    """A data file holding no rows (0-row parquet, CSV header alone, empty JSON) is an error naming the file and
+    saying so (datasets' own error named neither); among files with rows it is skipped with a warning."""
+    ds = make_preference_dataset(num_pairs=3, seed=1)
+    ds.select([]).to_parquet(str(tmp_path / "empty.parquet"))
+    ds.to_parquet(str(tmp_path / "full.parquet"))
+    (tmp_path / "header.csv").write_text("caption,label_0\n")
+    (tmp_path / "blank.json").write_text("")
+    (tmp_path / "list.json").write_text("[]\n")
+    (tmp_path / "blank.jsonl").write_text("\n\n")
+    cache = str(tmp_path / "cache")
+    for name in ("empty.parquet", "header.csv", "blank.json", "list.json", "blank.jsonl"):
+        path = str(tmp_path / name)
+        with pytest.raises(ValueError, match=rf"The dataset split 'train' is empty: the data file '{path}' holds no "
+                                             r"rows \(a header or schema alone, or nothing\)\. Check how it was "
+                                             "written, or pass --dataset_name data that holds rows"):
+            load_preference_dataset(path, cache_dir=cache)
+    (tmp_path / "more.csv").write_text("caption,label_0\n\n")
+    with pytest.raises(ValueError, match=r"split 'train' of '.*\*\.csv' is empty: the data files \[.*header\.csv', "
+                                         r"'.*more\.csv'\] hold no rows"):
+        load_preference_dataset(str(tmp_path / "*.csv"), cache_dir=cache)
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    ds.select([]).to_parquet(str(folder / "train.parquet"))
+    with pytest.raises(ValueError, match=r"split 'train' of the data folder '.*folder' is empty: the data file "
+                                         r"'.*train\.parquet' holds no rows"):
+        load_preference_dataset(str(folder), cache_dir=cache)
+    with caplog.at_level("WARNING", logger="smpo_diffusers.data"):
+        mixed = load_preference_dataset([str(tmp_path / "empty.parquet"), str(tmp_path / "full.parquet")],
+                                        cache_dir=cache)
+    assert mixed["caption"] == ds["caption"]
+    assert f"skipping 1 data file(s) that hold no rows: ['{tmp_path / 'empty.parquet'}']" in caplog.text
+
+
 def test_hub_id_goes_to_load_dataset_without_remote_code(monkeypatch, tmp_path):
     calls = []
 

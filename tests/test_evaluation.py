@@ -456,3 +456,101 @@ def test_evaluate_cli_names_a_damaged_training_config(tmp_path):
         evaluate_main(["--aligned_model", str(aligned), "--base_model", "toy", "--base_revision", "v1",
                        "--output_dir", str(tmp_path / "e")])
     assert not (tmp_path / "e").exists()
+
+
+def _sdxl_run_outputs(tmp_path, sdxl_base):
+    """An SDXL LoRA run and an SDXL full-UNet run (each with training_config.json recording ``sdxl_base``)."""
+    from smpo_diffusers.models import add_lora_adapters, save_lora
+    from smpo_diffusers.testing import tiny_sd_pipeline
+
+    lora, full = tmp_path / "sdxl-lora", tmp_path / "sdxl-full"
+    pipe = tiny_sd_pipeline("sdxl", seed=1)
+    add_lora_adapters(pipe.unet, rank=2, alpha=2, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    save_lora(str(lora), pipe.unet, is_sdxl=True)
+    os.makedirs(full)
+    os.symlink(os.path.join(sdxl_base, "unet"), full / "unet")
+    for run in (lora, full):
+        (run / "training_config.json").write_text(json.dumps({"pretrained_model_name_or_path": sdxl_base}))
+    return str(lora), str(full)
+
+
+def test_weights_that_do_not_fit_the_base_name_the_base_to_pass(tmp_path, capsys):
+    """An SDXL run evaluated on an SD base: a ValueError naming both models and --base_model (the recorded base
+    when training_config.json has it), not a state_dict size mismatch or a crash while rendering."""
+    from smpo_diffusers.cli import run_cli
+
+    sd_base = save_tiny_pipeline(str(tmp_path / "sd"), kind="sd", seed=0)
+    sdxl_base = save_tiny_pipeline(str(tmp_path / "sdxl"), kind="sdxl", seed=0)
+    lora, full = _sdxl_run_outputs(tmp_path, sdxl_base)
+    recorded = f"it was trained on '{sdxl_base}'.*pass --base_model {sdxl_base}"
+    with pytest.raises(ValueError, match=f"the LoRA weights {lora}/pytorch_lora_weights.safetensors do not fit the SD "
+                                         rf"base model {sd_base} \(size mismatch for .*{recorded}") as raised:
+        load_pipeline(sd_base, lora)
+    assert isinstance(raised.value.__cause__, RuntimeError)  # the loader's own error, chained
+    with pytest.raises(ValueError, match=f"--aligned_model {full} holds an SDXL UNet that does not fit the SD base "
+                                         f"model {sd_base} .*cross_attention_dim 64 vs 32.*addition_embed_type "
+                                         f"'text_time' vs None.*{recorded}"):
+        load_pipeline(sd_base, full)
+    assert load_pipeline(sdxl_base, full).unet.config.addition_embed_type == "text_time"  # the right base: fine
+    load_pipeline(sdxl_base, lora)
+    # without a record, the advice names the kind of base to pass
+    for run in (lora, full):
+        os.remove(os.path.join(run, "training_config.json"))
+    with pytest.raises(ValueError, match="pass --base_model the pipeline it was trained from .*toy-sdxl"):
+        load_pipeline(sd_base, full)
+    with pytest.raises(ValueError, match="do not fit the SD base model .*pass --base_model the pipeline it was "
+                                         "trained from"):
+        load_pipeline(sd_base, lora)
+    # examples/evaluate.py: `error: ...`, status 2, before any image is rendered
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle on a blue background\n")
+    capsys.readouterr()
+    for run in (lora, full):
+        with pytest.raises(SystemExit) as ended:
+            run_cli(evaluate_main, ["--base_model", sd_base, "--aligned_model", run, "--prompts", str(prompts),
+                                    "--num_inference_steps", "1", "--output_dir", str(tmp_path / "eval")])
+        err = capsys.readouterr().err
+        assert ended.value.code == 2 and "Traceback" not in err
+        assert err.strip().splitlines()[-1].startswith("error: ") and "--base_model" in err.strip().splitlines()[-1]
+    assert not os.listdir(tmp_path / "eval")
+
+
+def test_an_older_record_of_a_relative_base_path_is_read_from_here_or_refused(tmp_path, monkeypatch, capsys,
+                                                                              caplog):
+    """Training now records local inputs as absolute paths; a record from before names the base relative to the
+    directory training ran in. evaluate.py reads it from the current directory when it exists there (and says so),
+    else stops naming --base_model instead of taking the path for a Hub id."""
+    from smpo_diffusers.cli import run_cli
+
+    monkeypatch.chdir(tmp_path)
+    sdxl_base = save_tiny_pipeline(str(tmp_path / "work" / "base"), kind="sdxl", seed=0)
+    lora, _ = _sdxl_run_outputs(tmp_path, sdxl_base)
+    record = {"pretrained_model_name_or_path": os.path.join("work", "base"),
+              "local_inputs": ["pretrained_model_name_or_path"]}
+    (tmp_path / "sdxl-lora" / "training_config.json").write_text(json.dumps(record))
+    assert evaluation.trained_base_settings(lora)["relative_paths"] == ["base_model"]
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle on a blue background\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as ended:
+        run_cli(evaluate_main, ["--aligned_model", lora, "--prompts", str(prompts), "--num_inference_steps", "1",
+                                "--output_dir", str(tmp_path / "eval")])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert ended.value.code == 2 and last.startswith("error: ")
+    assert f"base model as the relative path 'work{os.sep}base'" in last and "pass --base_model" in last
+    # from the directory training ran in, the relative record is read there, with a warning
+    monkeypatch.chdir(tmp_path)
+    arguments = ["--aligned_model", lora, "--prompts", str(prompts), "--num_inference_steps", "1", "--guidance_scale",
+                 "1", "--resolution", "32", "--output_dir", str(tmp_path / "eval")]
+    with caplog.at_level("WARNING", logger="smpo_diffusers"):
+        results = evaluate_main(arguments)
+    assert results["base_model"] == os.path.join("work", "base") and "read from the current directory" in caplog.text
+    # with an absolute record (what training writes now) the base is found from anywhere
+    record["pretrained_model_name_or_path"] = sdxl_base
+    (tmp_path / "sdxl-lora" / "training_config.json").write_text(json.dumps(record))
+    assert evaluation.trained_base_settings(lora)["relative_paths"] == []
+    monkeypatch.chdir(elsewhere)
+    assert evaluate_main(arguments)["base_model"] == sdxl_base

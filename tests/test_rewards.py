@@ -291,6 +291,33 @@ def test_callable_backend(tmp_path, monkeypatch, caplog):
     assert "does not apply to the reward function my_rewards:brightness" in caplog.text
 
 
+def test_mistyped_import_paths_name_the_fix(tmp_path, monkeypatch):
+    """A 'module:function' spec naming a missing attribute, a value that cannot score or a missing module: a
+    ValueError naming the spec, what is wrong and the expected form (close names suggested), not a traceback."""
+    form = r"name 'package\.module:function' \(a function fn\(images, prompts\) returning one score per image\)"
+    with pytest.raises(ValueError, match=r"reward model 'smpo_diffusers\.toy:toy_reward_scorez': module "
+                                         r"'smpo_diffusers\.toy' has no attribute 'toy_reward_scorez' \(close "
+                                         rf"matches: toy_reward_scores\); {form}"):
+        R.load_reward_model("smpo_diffusers.toy:toy_reward_scorez", device="cpu")
+    with pytest.raises(ValueError, match=r"'smpo_diffusers\.toy:toy_reward_scores' has no attribute 'nope'; name"):
+        R.load_reward_model("smpo_diffusers.toy:toy_reward_scores.nope", device="cpu")
+    with pytest.raises(ValueError, match=r"reward model 'smpo_diffusers\.toy:TOY_COLOURS' is a tuple \(\('red', "
+                                         rf".*neither a RewardModel nor a callable; {form} or "
+                                         r"'package\.module:INSTANCE' \(a RewardModel\)"):
+        R.load_reward_model("smpo_diffusers.toy:TOY_COLOURS", device="cpu")
+    for spec, missing in (("nonexist_mod:fn", "nonexist_mod"),
+                          ("smpo_diffusers.nonexist:fn", "smpo_diffusers.nonexist")):
+        with pytest.raises(ValueError, match=rf"reward model '{spec}': no module named '{missing}' .*{form}"):
+            R.load_reward_model(spec, device="cpu")
+    # a module that exists but imports a missing package keeps Python's error, which names that package
+    (tmp_path / "needs_a_package.py").write_text("import package_that_is_not_installed\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ModuleNotFoundError, match="package_that_is_not_installed"):
+        R.load_reward_model("needs_a_package:fn", device="cpu")
+    assert R.load_reward_model("smpo_diffusers.toy:toy_reward_scores", device="cpu").name == (
+        "smpo_diffusers.toy:toy_reward_scores")
+
+
 @pytest.mark.parametrize(
     "name, module, pip_package",
     [
@@ -719,6 +746,28 @@ def _run_example(argv):  # examples/label_rewards.py's entry point (also the smp
     from smpo_diffusers.cli import label_main
 
     return label_main(argv)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--reward_model", "smpo_diffusers.toy:toy_reward_scorez"],
+     "error: reward model 'smpo_diffusers.toy:toy_reward_scorez': module 'smpo_diffusers.toy' has no attribute"),
+    (["--reward_model", "smpo_diffusers.toy:TOY_COLOURS"],
+     "error: reward model 'smpo_diffusers.toy:TOY_COLOURS' is a tuple"),
+    (["--dataset_name", "EMPTY"], "error: The dataset split 'train' is empty: the data file 'EMPTY' holds no rows"),
+])
+def test_cli_reports_a_mistyped_reward_model_or_an_empty_file(tmp_path, saved_dataset, capsys, flags, message):
+    """examples/label_rewards.py: `error: <message>` and status 2."""
+    from smpo_diffusers.cli import label_main, run_cli
+
+    empty = str(tmp_path / "empty.parquet")
+    make_preference_dataset(num_pairs=2).select([]).to_parquet(empty)
+    argv = ["--dataset_name", saved_dataset, "--reward_model", "smpo_diffusers.toy:toy_reward_scores",
+            "--output_dir", str(tmp_path / "out")] + [empty if flag == "EMPTY" else flag for flag in flags]
+    with pytest.raises(SystemExit) as ended:
+        run_cli(label_main, argv)
+    err = capsys.readouterr().err
+    assert ended.value.code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith(message.replace("EMPTY", empty)), err[-2000:]
 
 
 def test_cli_labels_a_saved_dataset_end_to_end(tmp_path, saved_dataset, clip_dir, pickscore, capsys):

@@ -270,6 +270,17 @@ def evaluate_main(argv: list[str] | None = None) -> dict:
                          "the two models would differ in VAE as well as UNet. Drop --vae (the base then uses the "
                          "separate VAE training recorded, the one the pipeline holds).")
     recorded = evaluation.trained_base_settings(args.aligned_model) or {}
+    for key, flag, given in (("base_model", "--base_model", args.base_model), ("vae", "--vae", args.vae)):
+        value = recorded.get(key)
+        if given is None and key in recorded.get("relative_paths", []):
+            if not os.path.exists(os.path.expanduser(value)):
+                raise ValueError(
+                    f"the training_config.json of {args.aligned_model} records the {key.replace('_', ' ')} as "
+                    f"the relative path {value!r} (an older run's record), which does not exist from here "
+                    f"({os.getcwd()}): run evaluate.py from the directory training ran in, or pass {flag} with its "
+                    "path.")
+            logger.warning("the %s recorded as the relative path %r is read from the current directory (%s); pass "
+                           "%s if training ran elsewhere", key.replace("_", " "), value, os.getcwd(), flag)
     base_model = args.base_model or recorded.get("base_model")
     if base_model is None:
         raise ValueError(f"no training_config.json in or beside {args.aligned_model} records its base model; pass "

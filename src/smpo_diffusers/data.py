@@ -77,6 +77,68 @@ def _builder_for_files(files: Sequence[str], source: str) -> str:
     return builders.pop()
 
 
+def _holds_no_rows(path: str, builder: str) -> bool:
+    """True when the data file ``path`` certainly holds no rows: a parquet file whose metadata counts none, an empty
+    (or whitespace-only) file, a CSV file with a header line only, a JSON file holding ``[]`` or ``{}``. False when
+    it holds rows or that cannot be told cheaply (``datasets`` reads it then)."""
+    import csv
+    import json
+
+    try:
+        if builder == "parquet":
+            import pyarrow.parquet as pq
+
+            return pq.ParquetFile(path).metadata.num_rows == 0
+        if builder == "csv":
+            with open(path, encoding="utf-8-sig", errors="replace", newline="") as handle:
+                records = (row for row in csv.reader(handle) if row)  # pandas skips blank lines
+                return next(records, None) is None or next(records, None) is None  # nothing, or a header alone
+        if os.path.getsize(path) > 1 << 16:
+            return False
+        with open(path, encoding="utf-8-sig", errors="replace") as handle:
+            text = handle.read().strip()
+        return not text or (text[0] in "[{" and json.loads(text) in ([], {}))
+    except Exception:  # unreadable or malformed: datasets reports it
+        return False
+
+
+def _without_empty_files(files: Sequence[str], builder: str, split: str, source: str | None, flag: str) -> list[str]:
+    """``files`` less those that hold no rows (:func:`_holds_no_rows`; ``datasets`` fails on them, with an error
+    that names neither the file nor the cause), with a warning naming them; ``ValueError`` when none is left."""
+    empty = [f for f in files if _holds_no_rows(f, builder)]
+    if len(empty) == len(files):
+        raise _no_rows_error(files, split, source, flag)
+    if empty:
+        import logging
+
+        logging.getLogger(__name__).warning("skipping %d data file(s) that hold no rows%s: %s", len(empty),
+                                            f" in {source}" if source else "", empty)
+    return [f for f in files if f not in empty]
+
+
+def _no_rows_error(files: Sequence[str], split: str, source: str | None, flag: str) -> ValueError:
+    what = f"the data file {files[0]!r} holds" if len(files) == 1 else f"the data files {list(files)} hold"
+    return ValueError(
+        f"The dataset split {split!r}{f' of {source}' if source else ''} is empty: {what} no rows (a header or "
+        f"schema alone, or nothing). Check how {'it was' if len(files) == 1 else 'they were'} written, or pass "
+        f"{flag} data that holds rows."
+    )
+
+
+def _load_data_files(builder: str, files: Sequence[str], split: str, source: str | None, flag: str, cache_dir):
+    """``datasets.load_dataset(builder, ...)`` on ``files`` as split ``split``, empty files skipped (all empty:
+    ``ValueError`` naming them)."""
+    import datasets
+
+    files = _without_empty_files(files, builder, split, source, flag)
+    try:
+        return datasets.load_dataset(builder, data_files={split: files}, split=split, cache_dir=cache_dir)
+    except ValueError as error:  # rows the checks above cannot see missing (e.g. a JSON object without rows)
+        if "corresponds to no data" not in str(error):
+            raise
+        raise _no_rows_error(files, split, source, flag) from None
+
+
 def _select_split(dataset_dict, split: str, source: str):
     if split not in dataset_dict:
         raise ValueError(
@@ -109,7 +171,7 @@ def _load_data_folder(folder: str, split: str, cache_dir: str | None):
         )
     files = _select_split(files_by_split, split, f"data folder {folder!r}")
     builder = _builder_for_files(files, folder)
-    return datasets.load_dataset(builder, data_files={split: files}, split=split, cache_dir=cache_dir)
+    return _load_data_files(builder, files, split, f"the data folder {folder!r}", "--dataset_name", cache_dir)
 
 
 def load_preference_dataset(
@@ -189,7 +251,9 @@ def load_preference_dataset(
             "splits (train-*.parquet, data/test.csv...)."
         )
     builder = _builder_for_files(local_files, str(names))
-    return datasets.load_dataset(builder, data_files={"train": local_files}, split="train", cache_dir=cache_dir)
+    globs = [name for name in names if glob.has_magic(name) and not os.path.isfile(os.path.expanduser(name))]
+    source = None if not globs else repr(globs[0]) if len(names) == 1 else str(names)  # else the files name it
+    return _load_data_files(builder, local_files, "train", source, "--dataset_name", cache_dir)
 
 
 # ----------------------------------------------------------------------------- validation

@@ -33,6 +33,7 @@ from .json_records import finite_or_none, read_json_record
 __all__ = [
     "BUILTIN_PROMPT_SETS",
     "GRID_MAX_SAMPLES",
+    "UNET_INTERFACE_FIELDS",
     "compare_scores",
     "evaluate",
     "format_results_table",
@@ -209,9 +210,10 @@ def aligned_layout(aligned_model: str) -> str:
 def trained_base_settings(aligned_model: str) -> dict | None:
     """How a training run read its base, from its ``training_config.json`` (for a LoRA ``.safetensors`` file:
     the one beside it): ``base_model``, ``revision`` (as :func:`smpo_diffusers.hub.base_revision` resolves
-    it), ``variant``, ``vae`` (``--pretrained_vae_model_name_or_path``) and ``cache_dir``, or None without a
-    record."""
-    from .hub import base_revision
+    it), ``variant``, ``vae`` (``--pretrained_vae_model_name_or_path``), ``cache_dir`` and ``relative_paths``
+    (which of ``base_model``/``vae`` are local paths recorded relative to the directory training ran in: records
+    written before training made them absolute), or None without a record."""
+    from .hub import LOCAL_INPUTS, base_revision
 
     folder = os.path.dirname(aligned_model) if os.path.isfile(aligned_model) else aligned_model
     path = os.path.join(folder, "training_config.json")
@@ -220,15 +222,130 @@ def trained_base_settings(aligned_model: str) -> dict | None:
     config = read_json_record(path, "it was not written whole by a training run. Move it away and pass "
                                     "--base_model (with the --base_revision, --base_variant and --vae training "
                                     "used), or save the run again.")
+    local = config.get(LOCAL_INPUTS) or []
+    relative = [key for key, name in (("base_model", "pretrained_model_name_or_path"),
+                                      ("vae", "pretrained_vae_model_name_or_path"))
+                if name in local and config.get(name) and not os.path.isabs(os.path.expanduser(config[name]))]
     return {"base_model": config.get("pretrained_model_name_or_path"), "revision": base_revision(config),
             "variant": config.get("variant"), "vae": config.get("pretrained_vae_model_name_or_path"),
-            "cache_dir": config.get("cache_dir")}
+            "cache_dir": config.get("cache_dir"), "relative_paths": relative}
 
 
 def trained_base_model(aligned_model: str) -> str | None:
     """The ``pretrained_model_name_or_path`` recorded in a training output's ``training_config.json`` (for a
     LoRA ``.safetensors`` file: the one beside it), or None."""
     return (trained_base_settings(aligned_model) or {}).get("base_model")
+
+
+UNET_INTERFACE_FIELDS = ("in_channels", "out_channels", "cross_attention_dim", "addition_embed_type",
+                         "addition_time_embed_dim", "projection_class_embeddings_input_dim", "class_embed_type",
+                         "encoder_hid_dim_type", "block_out_channels")
+"""UNet config fields a trained UNet must share with the base pipeline's to render in it: the latent channels (the
+VAE's), the text conditioning (the text encoders' width), SDXL's added size/time conditioning, and the block widths
+(a full-UNet run starts from its base's UNet, so a different width means another base)."""
+
+
+def _unet_kind(config) -> str:
+    return "SDXL" if config.get("addition_embed_type") == "text_time" else "SD"
+
+
+def _config_value(config, field: str):
+    """``config[field]`` (a missing field: the class default, as diffusers reads it), lists as tuples."""
+    if field in config:
+        value = config[field]
+    else:
+        import inspect
+
+        from diffusers import UNet2DConditionModel
+
+        parameter = inspect.signature(UNet2DConditionModel.__init__).parameters.get(field)
+        value = None if parameter is None else parameter.default
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _base_advice(base_model: str, aligned_model: str, kind: str | None = None) -> str:
+    """What to pass as ``--base_model`` for ``aligned_model``: the base its training_config.json records, if any."""
+    try:
+        recorded = trained_base_model(aligned_model)
+    except ValueError:  # a damaged record: the advice falls back to the general one
+        recorded = None
+    if recorded and recorded != base_model:
+        return (f"it was trained on {recorded!r} (its training_config.json): pass --base_model {recorded} (or leave "
+                "--base_model out to use the recorded base).")
+    if recorded:
+        return ("its training_config.json records this base, so the base has changed since training or the weights "
+                "come from another run: pass --base_model the pipeline the run was trained from.")
+    example = {"SDXL": " (e.g. toy-sdxl, or an SDXL pipeline such as stabilityai/stable-diffusion-xl-base-1.0)",
+               "SD": " (e.g. toy, or an SD 1.x/2.x pipeline)"}.get(
+                   kind, " (e.g. its Hub id, or toy / toy-sdxl for a run on a shipped toy pipeline)")
+    return f"pass --base_model the pipeline it was trained from{example}."
+
+
+def _check_unet_fits_base(base_unet_config, aligned_unet_config, base_model: str, aligned_model: str) -> None:
+    """Raise ``ValueError`` naming both models, the disagreeing :data:`UNET_INTERFACE_FIELDS` and the
+    ``--base_model`` to pass, when a full-UNet run's UNet cannot stand in for the base pipeline's."""
+    pairs = {field: (_config_value(aligned_unet_config, field), _config_value(base_unet_config, field))
+             for field in UNET_INTERFACE_FIELDS}
+    differences = [f"{field} {trained!r} vs {base!r}" for field, (trained, base) in pairs.items() if trained != base]
+    if differences:
+        kind, base_kind = _unet_kind(aligned_unet_config), _unet_kind(base_unet_config)
+        raise ValueError(
+            f"--aligned_model {aligned_model} holds an {kind} UNet that does not fit the "
+            f"{base_kind} base model {base_model} ({'; '.join(differences)}; trained UNet vs base): a full-UNet run "
+            f"renders in the pipeline it was trained from; {_base_advice(base_model, aligned_model, kind)}")
+
+
+class _LoraLoadReport(logging.Filter):
+    """Logging filter for diffusers' LoRA loading: keeps back (and records) its report of a failed load, which
+    :func:`load_pipeline` turns into its own error, and its warning of LoRA keys the model has no place for (a
+    LoRA loaded in part), which it refuses."""
+
+    def __init__(self):
+        super().__init__()
+        self.unhandled: list[str] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message.startswith("Loading adapter weights from state_dict led to"):
+            self.unhandled.append(message)
+            return False
+        return not (message.startswith("Loading ") and " was unsuccessful with the following error" in message)
+
+
+def _first_reason(message: str, limit: int = 300) -> str:
+    """The telling line of a loading error: torch's "Error(s) in loading state_dict..." heads a list whose first
+    ``size mismatch``/``Missing``/``Unexpected`` line says what went wrong; cut at ``limit`` characters."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    telling = [line for line in lines if line.startswith(("size mismatch", "Missing key", "Unexpected key"))]
+    reason = (telling or lines or [""])[0]
+    return reason if len(reason) <= limit else reason[:limit] + "..."
+
+
+def _load_lora(pipeline, lora_file: str, base_model: str, aligned_model: str) -> None:
+    """``pipeline.load_lora_weights(lora_file)``; weights that do not fit the base (other shapes, modules the base
+    lacks) raise ``ValueError`` with the ``--base_model`` to pass."""
+    report = _LoraLoadReport()
+    loggers = [logging.getLogger(name) for name in ("diffusers.loaders.peft", "diffusers.utils.peft_utils")]
+    notices = logging.getLogger("diffusers.loaders.lora_base")
+    notices.addFilter(_no_text_encoder_lora_notice)  # our LoRAs adapt the UNet only
+    for logger_ in loggers:
+        logger_.addFilter(report)
+    problem = None
+    try:
+        pipeline.load_lora_weights(os.path.dirname(lora_file) or ".", weight_name=os.path.basename(lora_file))
+    except (RuntimeError, ValueError, KeyError) as error:
+        problem, cause = _first_reason(str(error)) or type(error).__name__, error
+    finally:
+        notices.removeFilter(_no_text_encoder_lora_notice)
+        for logger_ in loggers:
+            logger_.removeFilter(report)
+    if problem is None and report.unhandled:
+        problem, cause = _first_reason(report.unhandled[0]), None
+    if problem is not None:
+        kind = f"{_unet_kind(pipeline.unet.config)} " if getattr(pipeline, "unet", None) is not None else ""
+        raise ValueError(
+            f"the LoRA weights {lora_file} do not fit the {kind}base model {base_model} ({problem}): a LoRA "
+            f"applies to the UNet it was trained on; {_base_advice(base_model, aligned_model)}") from cause
 
 
 def _no_text_encoder_lora_notice(record: logging.LogRecord) -> bool:
@@ -248,6 +365,9 @@ def load_pipeline(base_model: str, aligned_model: str | None = None, *, device: 
     * a folder with ``model_index.json`` -> loaded as a pipeline of its own (``revision``/``variant`` and
       ``vae`` are the base's and do not apply: the saved pipeline holds the VAE training used).
 
+    A LoRA or UNet that does not fit the base (another architecture: e.g. an SDXL run on an SD base) raises
+    ``ValueError`` naming the ``--base_model`` to pass (the recorded one, when ``training_config.json`` has it).
+
     ``vae``: a separate VAE folder or Hub id that replaces the base pipeline's (training's
     ``--pretrained_vae_model_name_or_path``). ``cache_dir``: the Hub cache to read Hub ids from (default: the
     usual one). Returns the pipeline on ``device``, progress bar disabled."""
@@ -265,14 +385,14 @@ def load_pipeline(base_model: str, aligned_model: str | None = None, *, device: 
         if layout == "lora":
             lora_file = aligned_model if aligned_model.endswith(".safetensors") else os.path.join(
                 aligned_model, "pytorch_lora_weights.safetensors")
-            notices = logging.getLogger("diffusers.loaders.lora_base")
-            notices.addFilter(_no_text_encoder_lora_notice)  # our LoRAs adapt the UNet only
-            try:
-                pipeline.load_lora_weights(os.path.dirname(lora_file) or ".",
-                                           weight_name=os.path.basename(lora_file))
-            finally:
-                notices.removeFilter(_no_text_encoder_lora_notice)
+            _load_lora(pipeline, lora_file, base_model, aligned_model)
         elif layout == "unet":
+            if getattr(pipeline, "unet", None) is None:
+                raise ValueError(f"the base model {base_model} has no UNet for the full-UNet run {aligned_model} to "
+                                 f"replace; {_base_advice(base_model, aligned_model)}")
+            _check_unet_fits_base(pipeline.unet.config,
+                                  UNet2DConditionModel.load_config(aligned_model, subfolder="unet"),
+                                  base_model, aligned_model)
             pipeline.unet = UNet2DConditionModel.from_pretrained(aligned_model, subfolder="unet", **read_kwargs)
     if hasattr(pipeline, "safety_checker"):
         pipeline.safety_checker = None
@@ -310,7 +430,8 @@ def read_prompts(source: str, column: str = "caption", split: str = "train", lim
         try:
             dataset = load_preference_dataset(source, split)
         except ValueError as error:  # the loader names the training flag; this one is evaluate's
-            raise ValueError(str(error).replace("--dataset_split_name", "--prompt_split")) from error
+            raise ValueError(str(error).replace("--dataset_split_name", "--prompt_split").replace(
+                "--dataset_name", "--prompts")) from error
         if column not in dataset.column_names:
             raise ValueError(
                 f"{source!r} has no column {column!r} (columns: {dataset.column_names}); pass --prompt_column.")
@@ -498,10 +619,11 @@ def evaluate(base_model: str, aligned_model: str, prompts: Sequence[str], *, out
                   width=resolution, batch_size=batch_size, progress=progress)
     loading = dict(device=device, dtype=dtype, revision=base_revision, variant=base_variant, vae=vae,
                    cache_dir=cache_dir)
-    base_images = generate_images(load_pipeline(base_model, **loading), all_prompts, seeds,
-                                  desc=f"{model_names[0]} images", **common)
+    # the aligned model first: weights that do not fit the base fail before any image is rendered
     aligned_images = generate_images(load_pipeline(base_model, aligned_model, **loading),
                                      all_prompts, seeds, desc=f"{model_names[1]} images", **common)
+    base_images = generate_images(load_pipeline(base_model, **loading), all_prompts, seeds,
+                                  desc=f"{model_names[0]} images", **common)
     base_scores = score_images(reward_models, base_images, all_prompts)
     aligned_scores = score_images(reward_models, aligned_images, all_prompts)
     results = {

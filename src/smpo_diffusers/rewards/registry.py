@@ -64,13 +64,49 @@ def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
         raise ValueError(f"Unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}.") from None
 
 
+_EXPECTED_FORM = ("'package.module:function' (a function fn(images, prompts) returning one score per image) or "
+                  "'package.module:INSTANCE' (a RewardModel)")
+
+
+def _close_names(obj, name: str) -> str:
+    """`` (close matches: a, b)`` for the public names of ``obj`` that look like ``name``, else ``""``."""
+    import difflib
+
+    try:
+        names = [n for n in dir(obj) if not n.startswith("_")]
+    except Exception:  # an object whose __dir__ fails: no suggestions
+        return ""
+    matches = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
+    return f" (close matches: {', '.join(matches)})" if matches else ""
+
+
 def _import_object(spec: str):
+    """The object ``spec`` (``"package.module:attribute[.attribute...]"``) names; a malformed spec or a missing
+    module or attribute raises ``ValueError`` naming it (a module that fails to import for another reason, e.g. a
+    package it imports is missing, raises its own error)."""
     module_name, _, attribute = spec.partition(":")
     if not module_name or not attribute:
         raise ValueError(f"Expected 'package.module:attribute', got {spec!r}.")
-    obj = importlib.import_module(module_name)
-    for part in attribute.split("."):
-        obj = getattr(obj, part)
+    try:
+        obj = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        prefixes = {".".join(module_name.split(".")[:n]) for n in range(1, module_name.count(".") + 2)}
+        if error.name not in prefixes:  # the module exists but needs a package that is missing: Python's error says
+            raise
+        raise ValueError(
+            f"reward model {spec!r}: no module named {error.name!r} (is the package installed, or the folder that "
+            f"holds it on PYTHONPATH?); name {_EXPECTED_FORM}."
+        ) from None
+    parts = attribute.split(".")
+    for index, part in enumerate(parts):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            owner = f"module {module_name!r}" if index == 0 else repr(f"{module_name}:{'.'.join(parts[:index])}")
+            raise ValueError(
+                f"reward model {spec!r}: {owner} has no attribute {part!r}{_close_names(obj, part)}; name "
+                f"{_EXPECTED_FORM}."
+            ) from None
     return obj
 
 
@@ -152,7 +188,9 @@ def load_reward_model(
         if isinstance(obj, RewardModel):
             return _configured_instance(obj, label, device, dtype, preprocess_threads)
         if not callable(obj):
-            raise TypeError(f"{name!r} is neither a RewardModel nor a callable.")
+            raise ValueError(
+                f"reward model {name!r} is {_describe(obj)}, neither a RewardModel nor a callable; name "
+                f"{_EXPECTED_FORM}.")
         if dtype not in (None, torch.float32):
             logger.warning("dtype %s does not apply to the reward function %s: it scores in whatever precision "
                            "it computes in.", dtype, label or obj)
@@ -179,6 +217,12 @@ def load_reward_model(
         max_batch_size=max_batch_size,
         preprocess_threads=built_threads,
     )
+
+
+def _describe(obj) -> str:
+    """``a tuple ('red', 'green', ...)``: the type and a short repr of a value that cannot score."""
+    text = repr(obj)
+    return f"a {type(obj).__name__} ({text if len(text) <= 60 else text[:57] + '...'})"
 
 
 def _configured_instance(model: RewardModel, label: str, device, dtype: torch.dtype | None,
