@@ -339,11 +339,18 @@ def test_a_damaged_checkpoint_is_reported_with_the_one_to_resume_from(tmp_path, 
         with pytest.raises(OSError, match=pattern):
             SmPOTrainer(make_config(tmp_path, model, data, output_dir=str(copy), resume_from_checkpoint="latest",
                                     **options)).train()
-    # an intact checkpoint of another base model is not called damaged (moving it away would lose it)
+    # an intact checkpoint of another base model is not called damaged (moving it away would lose it): its
+    # record names the other base; a checkpoint written before that record fails to load, and says why
+    other_base = demo_inputs["sdxl"][0]
+    with pytest.raises(ValueError, match=r"checkpoint-4: it was trained from another base model or VAE"):
+        SmPOTrainer(make_config(tmp_path, other_base, data, resume_from_checkpoint="latest", **options)).train()
+    state_file = out / "checkpoint-4" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    del state["base_model"]
+    state_file.write_text(json.dumps(state))
     with pytest.raises(ValueError, match=r"checkpoint .*checkpoint-4 does not fit this run's model \(RuntimeError: "
                                          r".*\): it was trained from another base model"):
-        SmPOTrainer(make_config(tmp_path, demo_inputs["sdxl"][0], data, resume_from_checkpoint="latest",
-                                **options)).train()
+        SmPOTrainer(make_config(tmp_path, other_base, data, resume_from_checkpoint="latest", **options)).train()
     # an explicit older checkpoint that is damaged names only earlier ones
     damaged = out / "checkpoint-2" / "optimizer.bin"
     damaged.write_bytes(damaged.read_bytes()[:100])
