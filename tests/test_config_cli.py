@@ -176,6 +176,7 @@ def test_installed_commands_are_the_example_scripts(capsys, monkeypatch):
     ({"validation_steps": 5}, "--validation_steps needs --validation_prompts"),
     ({"save_full_pipeline": True}, "--save_full_pipeline applies to --train_method full"),
     ({"resume_from_checkpoint": "/no/such/checkpoint"}, "is not a folder"),
+    ({"resume_from_checkpoint": "checkpoint-7"}, "'checkpoint-7' is not a folder (neither here nor in --output_dir"),
     ({"mixed_precision": "fp8"}, "--mixed_precision"),
     ({"max_grad_norm": float("nan")}, "--max_grad_norm must be a finite number >= 0"),
     ({"adam_beta1": 1.5}, "--adam_beta1 must be in [0, 1)"),

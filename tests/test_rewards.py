@@ -754,6 +754,11 @@ def _run_example(argv):  # examples/label_rewards.py's entry point (also the smp
     (["--reward_model", "smpo_diffusers.toy:TOY_COLOURS"],
      "error: reward model 'smpo_diffusers.toy:TOY_COLOURS' is a tuple"),
     (["--dataset_name", "EMPTY"], "error: The dataset split 'train' is empty: the data file 'EMPTY' holds no rows"),
+    # a local folder that is not there (transformers would call it a malformed Hub id)
+    (["--reward_model", "clip", "--reward_model_name_or_path", "/nonexistent/clip"],
+     "error: the clip reward model path '/nonexistent/clip' does not exist"),
+    (["--reward_model", "pickscore", "--reward_processor_name_or_path", "./missing-processor"],
+     "error: the pickscore reward processor path './missing-processor' does not exist"),
 ])
 def test_cli_reports_a_mistyped_reward_model_or_an_empty_file(tmp_path, saved_dataset, capsys, flags, message):
     """examples/label_rewards.py: `error: <message>` and status 2."""

@@ -278,6 +278,10 @@ def test_checkpoints_of_another_run_and_a_changed_data_layout_are_refused(tmp_pa
     older = os.path.join(first.output_dir, "checkpoint-2")
     with pytest.raises(ValueError, match=r"checkpoints past update 2 \(checkpoint-4\) from another run"):
         SmPOTrainer(make_config(tmp_path, model, data, resume_from_checkpoint=older, **options)).train()
+    # a bare checkpoint name is looked up in --output_dir, as in diffusers' scripts
+    assert make_config(tmp_path, model, data, resume_from_checkpoint="checkpoint-2").resume_from_checkpoint == older
+    with pytest.raises(ValueError, match=r"checkpoints past update 2 \(checkpoint-4\) from another run"):
+        SmPOTrainer(make_config(tmp_path, model, data, resume_from_checkpoint="checkpoint-2", **options)).train()
     with pytest.raises(ValueError, match=r"past update 0 \(checkpoint-2, checkpoint-4\).*--resume_from_checkpoint"):
         SmPOTrainer(make_config(tmp_path, model, data, **options)).train()
     with pytest.raises(ValueError, match=r"data layout changed \(train_batch_size 2 -> 4\)"):

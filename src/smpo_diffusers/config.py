@@ -214,7 +214,8 @@ class SmPOConfig:
     checkpointing_steps: int = field(default=500, metadata=_help("Save a resumable checkpoint every N updates."))
     checkpoints_total_limit: int | None = field(default=None, metadata=_help("Keep at most this many checkpoints."))
     resume_from_checkpoint: str | None = field(
-        default=None, metadata=_help("'latest' or a checkpoint folder to resume from.")
+        default=None, metadata=_help("'latest', a checkpoint folder, or the name of one in --output_dir "
+                                     "(e.g. checkpoint-500) to resume from.")
     )
     validation_prompts: list[str] | None = field(
         default=None, metadata=_help("Prompts rendered with fixed seeds during and after training.")
@@ -377,11 +378,21 @@ class SmPOConfig:
                 f"--revision {self.revision!r} selects a Hub revision, but --pretrained_model_name_or_path "
                 f"{self.pretrained_model_name_or_path!r} is a local folder, whose files are read as they are. Drop "
                 "--revision (or check that revision out into the folder, or pass the Hub id).")
-        if self.resume_from_checkpoint not in (None, "latest") and not os.path.isdir(self.resume_from_checkpoint):
-            raise ValueError(
-                f"--resume_from_checkpoint {self.resume_from_checkpoint!r} is not a folder; pass 'latest' or the "
-                "path of a checkpoint-N folder."
-            )
+        if self.resume_from_checkpoint not in (None, "latest"):
+            self.resume_from_checkpoint = self._checkpoint_folder(self.resume_from_checkpoint)
+
+    def _checkpoint_folder(self, value: str) -> str:
+        """The folder ``--resume_from_checkpoint value`` names: a bare name (``checkpoint-500``) is looked up in
+        ``--output_dir`` first, as diffusers' training scripts do, then here; a path is taken as it is."""
+        inside = os.path.join(self.output_dir, value)
+        if os.sep not in value.rstrip(os.sep) and os.path.isdir(inside):
+            return inside
+        if os.path.isdir(value):
+            return value
+        raise ValueError(
+            f"--resume_from_checkpoint {value!r} is not a folder (neither here nor in --output_dir "
+            f"{self.output_dir!r}); pass 'latest', the name of a checkpoint-N folder in --output_dir, or its path."
+        )
 
     # ------------------------------------------------------------------
     def resolve_model_defaults(self, is_sdxl: bool) -> "SmPOConfig":

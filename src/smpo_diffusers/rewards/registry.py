@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 from typing import Callable, Sequence
 
 import torch
@@ -208,6 +209,8 @@ def load_reward_model(
             f"Unknown reward model {name!r}. Available: {', '.join(available_reward_models())}, a "
             "'module:function' import path, or a comma-separated list for an ensemble."
         )
+    for what, value in (("model", model_name_or_path), ("processor", processor_name_or_path)):
+        _check_local_path(value, what, name)
     return _REGISTRY[key](
         model_name_or_path or None,
         processor_name_or_path or None,
@@ -217,6 +220,16 @@ def load_reward_model(
         max_batch_size=max_batch_size,
         preprocess_threads=built_threads,
     )
+
+
+def _check_local_path(value: str | None, what: str, name: str) -> None:
+    """A reward ``what`` (model or processor) path that names a local folder (``/``, ``.`` or ``~`` first, or a
+    backslash) must exist: ``from_pretrained`` would take it for a malformed Hub id and say only that."""
+    text = str(value or "")
+    if (text.startswith(("/", ".", "~")) or "\\" in text) and not os.path.exists(os.path.expanduser(text)):
+        raise ValueError(
+            f"the {name} reward {what} path {text!r} does not exist (from {os.getcwd()}): pass an existing folder "
+            f"(--reward_{what}_name_or_path when labelling) or a Hub id, e.g. that of the model's default weights.")
 
 
 def _describe(obj) -> str:
