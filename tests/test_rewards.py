@@ -941,6 +941,16 @@ def _columns(path):
     return {name: table[name][:] for name in table.column_names}
 
 
+def _assert_same_labels(folder, reference_folder):
+    labelled, reference = _columns(folder), _columns(reference_folder)
+    assert labelled.keys() == reference.keys()
+    for name in labelled:
+        if name.startswith("reward_"):
+            np.testing.assert_array_equal(np.array(labelled[name]), np.array(reference[name]))  # NaN == NaN here
+        else:
+            assert labelled[name] == reference[name], name
+
+
 def test_interrupted_run_resumes_without_rescoring(tmp_path, saved_dataset):
     def args(out, **extra):
         return R.LabelingArguments(
@@ -973,15 +983,7 @@ def test_interrupted_run_resumes_without_rescoring(tmp_path, saved_dataset):
         and summary["pairs_scored"] == 4
     )
 
-    resumed, reference = _columns(tmp_path / "resumed"), _columns(tmp_path / "uninterrupted")
-    assert resumed.keys() == reference.keys()
-    for name in resumed:
-        if name.startswith("reward_"):
-            np.testing.assert_array_equal(
-                np.array(resumed[name]), np.array(reference[name])
-            )  # NaN == NaN here
-        else:
-            assert resumed[name] == reference[name], name
+    _assert_same_labels(tmp_path / "resumed", tmp_path / "uninterrupted")
 
     idle = CountingScorer()
     again = R.label_dataset(args(tmp_path / "resumed"), reward_model=R.CallableRewardModel(idle, name="toy"))
@@ -991,6 +993,15 @@ def test_interrupted_run_resumes_without_rescoring(tmp_path, saved_dataset):
     renamed = CountingScorer()  # other settings (reward model name) -> nothing is reused
     R.label_dataset(args(tmp_path / "resumed"), reward_model=R.CallableRewardModel(renamed, name="other"))
     assert renamed.calls == 4
+
+    # a trial on the first pairs, then all of them: the shards holding the same rows are reused
+    trial = CountingScorer()
+    R.label_dataset(args(tmp_path / "grown", max_samples=7), reward_model=R.CallableRewardModel(trial, name="toy"))
+    assert trial.calls == 3  # shards of 3, 3, 1 pairs
+    grown = CountingScorer()
+    summary = R.label_dataset(args(tmp_path / "grown"), reward_model=R.CallableRewardModel(grown, name="toy"))
+    assert summary["num_shards_resumed"] == 2 and grown.calls == 2  # rows 6-8 (the old shard held 6 only), 9
+    _assert_same_labels(tmp_path / "grown", tmp_path / "uninterrupted")
     assert not [p for p in shards.iterdir() if ".tmp-" in p.name or ".stale-" in p.name]
 
 
@@ -1284,7 +1295,7 @@ def test_label_dataset_max_samples_and_batch_size_shape_the_scoring_calls(tmp_pa
     labelled = datasets.load_from_disk(args.output_dir)
     assert labelled.num_rows == 7 and labelled["caption"] == datasets.load_from_disk(saved_dataset)["caption"][:7]
     assert summary["num_pairs"] == 7 and summary["pairs_scored"] == 7 and summary["num_invalid_pairs"] == 1
-    assert _shard_fingerprint(tmp_path / "out")["num_pairs"] == 7
+    assert (_shard_fingerprint(tmp_path / "out")["start"], _shard_fingerprint(tmp_path / "out")["stop"]) == (0, 7)
 
 
 def test_label_dataset_split_cache_dir_processor_and_threads_reach_their_users(

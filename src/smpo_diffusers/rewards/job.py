@@ -439,8 +439,7 @@ def label_dataset(args: LabelingArguments, reward_model: RewardModel | None = No
         "fp16": _runs_in_float16(reward_model),  # what runs, not what was asked (CPU, functions, instances)
         "dataset_name": _dataset_identity(args.dataset_name),
         "dataset_split_name": args.dataset_split_name,
-        "dataset_fingerprint": source_fingerprint,
-        "num_pairs": len(source),
+        "dataset_fingerprint": source_fingerprint,  # with each shard's start/stop: its rows, whatever --max_samples
         "shard_size": args.shard_size,
     }
     if unhashed and state.is_main_process:
@@ -457,8 +456,8 @@ def label_dataset(args: LabelingArguments, reward_model: RewardModel | None = No
             " Drop --ensemble_calibration_pairs.")
     if isinstance(reward_model, EnsembleRewardModel):  # what the ensemble's scores depend on besides its name
         settings["ensemble_weights"] = list(reward_model.weights)
-        if calibrate:
-            settings["ensemble_calibration_pairs"] = args.ensemble_calibration_pairs
+        if calibrate:  # its sample is drawn from all the pairs labelled: another --max_samples, other statistics
+            settings.update(ensemble_calibration_pairs=args.ensemble_calibration_pairs, num_pairs=len(source))
         else:  # statistics given by the caller are used as they are
             settings["ensemble_statistics"] = [{"mean": s["mean"], "std": s["std"]} for s in reward_model.statistics]
     os.makedirs(shards_dir, exist_ok=True)
